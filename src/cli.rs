@@ -1,0 +1,253 @@
+//! The agent's command line (the only lexopt user): the `Args` it parses to
+//! and the hand-written `--help`. Parsing is pure, so every form is a test.
+
+use crate::error::{Error, Result};
+use lexopt::prelude::*;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// What to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// One upgrade cycle (what cron calls).
+    Run,
+    /// Dry run: what would change.
+    Check,
+    /// A table of every managed binary.
+    Status,
+    /// Write a starter manifest.
+    Init,
+    /// Put `PATH.bak` back for this binary.
+    Rollback(String),
+    /// Clear this binary's quarantine.
+    Retry(String),
+    /// Print help.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// Parsed arguments; `None` means "not given" so that env and manifest can fill in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Args {
+    /// The subcommand.
+    pub command: Command,
+    /// `--config PATH`
+    pub config: Option<PathBuf>,
+    /// `--api URL`
+    pub api: Option<String>,
+    /// `--download-url URL`
+    pub download_url: Option<String>,
+    /// `--timeout SECS` for API requests.
+    pub timeout: u64,
+    /// `--download-timeout SECS` for a whole download.
+    pub download_timeout: u64,
+    /// `--max-size BYTES`
+    pub max_size: u64,
+    /// `--splay SECS`
+    pub splay: u64,
+    /// `--every SECS`
+    pub every: Option<u64>,
+    /// `--only NAME` (repeatable)
+    pub only: Vec<String>,
+    /// `--quiet`
+    pub quiet: bool,
+    /// `--verbose`
+    pub verbose: bool,
+}
+
+impl Default for Args {
+    fn default() -> Args {
+        Args {
+            command: Command::Run,
+            config: None,
+            api: None,
+            download_url: None,
+            timeout: 30,
+            download_timeout: 1800,
+            max_size: 2 << 30,
+            splay: 0,
+            every: None,
+            only: Vec::new(),
+            quiet: false,
+            verbose: false,
+        }
+    }
+}
+
+/// The `--help` text.
+pub const HELP: &str = concat!(
+    "bin-proxy ",
+    env!("CARGO_PKG_VERSION"),
+    "
+Keeps this host's binaries on the builds published by bin-manager. Each run
+checks in with the server, compares the md5 of every binary in the manifest
+with the published one, downloads what changed, verifies it, swaps it in
+atomically (keeping PATH.bak), restarts its service through supervisorctl,
+confirms it runs, rolls back when it does not, and reports the result.
+
+USAGE:
+    bin-proxy [OPTIONS]                 one run (put this in cron)
+    bin-proxy check [OPTIONS]           show what a run would change; change nothing
+    bin-proxy status [OPTIONS]          table of recorded, actual and published hashes
+    bin-proxy rollback NAME [OPTIONS]   put NAME's PATH.bak back, restart, record it
+    bin-proxy retry NAME [OPTIONS]      forget that NAME's published build failed here
+    bin-proxy init [OPTIONS]            write a starter manifest (never overwrites)
+
+OPTIONS:
+    -c, --config PATH        The manifest. Default: $BIN_PROXY_CONFIG, else
+                             /etc/bin-proxy/bin-manifests.json.
+        --api URL            bin-manager's API base. Default: $BIN_MANAGER_API, else
+                             the manifest's manager.api, else http://127.0.0.1:8081/api/v1.
+        --download-url URL   Base URL binaries are downloaded from. Default:
+                             $BIN_DOWNLOAD_URL, else manager.downloadUrl, else API/download.
+        --timeout SECS       Deadline for each API request. Default: 30.
+        --download-timeout SECS
+                             Deadline for each whole download. Default: 1800.
+        --max-size SIZE      Refuse downloads larger than this (suffixes K, M, G).
+                             Default: 2G.
+        --splay SECS         Sleep a per-node fixed 0..SECS seconds before starting, so
+                             a fleet's cron minute does not hit the server at one instant.
+        --every SECS         Do not exit: run again every SECS seconds (for containers).
+        --only NAME          Handle only this binary (repeat for more).
+    -q, --quiet              Print only warnings and errors.
+    -v, --verbose            Print every request and decision.
+    -h, --help               Print this help.
+    -V, --version            Print the version.
+
+ENVIRONMENT:
+    BIN_MANAGER_TOKEN        Bearer token for the server (else manager.tokenFile). Never printed.
+    BIN_PROXY_SUPERVISORCTL  The supervisorctl command, e.g. \"supervisorctl -c /etc/s.conf\".
+
+EXIT STATUS:
+    0  nothing failed (also: another run holds the lock)
+    1  at least one binary failed, or the server could not be reached
+    2  bad command line or invalid manifest; nothing was changed
+
+Logs go to stderr, one line per event, UTC timestamps. Manifest format, install
+and the server: see README.md.
+"
+);
+
+/// Parses the arguments after the program name.
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
+    let mut out = Args::default();
+    let mut command: Option<Command> = None;
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Args { command: Command::Help, ..out }),
+            Short('V') | Long("version") => return Ok(Args { command: Command::Version, ..out }),
+            Short('c') | Long("config") => out.config = Some(parser.value().map_err(usage)?.into()),
+            Long("api") => out.api = Some(string(&mut parser, "--api")?),
+            Long("download-url") => out.download_url = Some(string(&mut parser, "--download-url")?),
+            Long("timeout") => out.timeout = seconds(&mut parser, "--timeout")?.max(1),
+            Long("download-timeout") => out.download_timeout = seconds(&mut parser, "--download-timeout")?.max(1),
+            Long("max-size") => out.max_size = size(&string(&mut parser, "--max-size")?)?,
+            Long("splay") => out.splay = seconds(&mut parser, "--splay")?,
+            Long("every") => out.every = Some(seconds(&mut parser, "--every")?.max(1)),
+            Long("only") => out.only.push(string(&mut parser, "--only")?),
+            Short('q') | Long("quiet") => out.quiet = true,
+            Short('v') | Long("verbose") => out.verbose = true,
+            Value(word) if command.is_none() => {
+                let word = word.into_string().map_err(|w| Error::Usage(format!("unknown command {w:?}")))?;
+                command = Some(match word.as_str() {
+                    "run" => Command::Run,
+                    "check" => Command::Check,
+                    "status" => Command::Status,
+                    "init" => Command::Init,
+                    "rollback" | "retry" => {
+                        let name = match parser.next().map_err(usage)? {
+                            Some(Value(name)) => name.into_string().map_err(|_| Error::Usage("NAME must be UTF-8".into()))?,
+                            _ => return Err(Error::Usage(format!("{word} needs the NAME of a binary"))),
+                        };
+                        if word == "rollback" { Command::Rollback(name) } else { Command::Retry(name) }
+                    }
+                    other => return Err(Error::Usage(format!("unknown command \"{other}\""))),
+                });
+            }
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    out.command = command.unwrap_or(Command::Run);
+    if out.quiet && out.verbose {
+        return Err(Error::Usage("--quiet and --verbose exclude each other".into()));
+    }
+    Ok(out)
+}
+
+fn usage(e: lexopt::Error) -> Error {
+    Error::Usage(e.to_string())
+}
+
+fn string(parser: &mut lexopt::Parser, flag: &str) -> Result<String> {
+    let v = parser.value().map_err(usage)?;
+    let v = v.into_string().map_err(|_| Error::Usage(format!("{flag} must be UTF-8")))?;
+    if v.trim().is_empty() {
+        return Err(Error::Usage(format!("{flag} must not be empty")));
+    }
+    Ok(v)
+}
+
+fn seconds(parser: &mut lexopt::Parser, flag: &str) -> Result<u64> {
+    let v = string(parser, flag)?;
+    v.parse().map_err(|_| Error::Usage(format!("{flag} takes whole seconds, not \"{v}\"")))
+}
+
+/// `1048576`, `512K`, `100M`, `2G` (powers of 1024).
+fn size(v: &str) -> Result<u64> {
+    let (digits, shift) = match v.trim_end_matches(['B', 'b', 'i']).to_ascii_uppercase() {
+        s if s.ends_with('K') => (s[..s.len() - 1].to_string(), 10),
+        s if s.ends_with('M') => (s[..s.len() - 1].to_string(), 20),
+        s if s.ends_with('G') => (s[..s.len() - 1].to_string(), 30),
+        s => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| Error::Usage(format!("--max-size takes a size like 500M or 2G, not \"{v}\"")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(args: &[&str], expected: Args) {
+        assert_eq!(parse(args.iter().map(OsString::from)).unwrap(), expected, "{args:?}");
+    }
+
+    fn check_err(args: &[&str], msg: &str) {
+        let e = parse(args.iter().map(OsString::from)).unwrap_err();
+        assert_eq!(e.to_string(), format!("{msg} (see --help)"), "{args:?}");
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn forms() {
+        check(&[], Args::default());
+        check(&["check", "-c", "/m.json"], Args { command: Command::Check, config: Some("/m.json".into()), ..Args::default() });
+        check(&["--api=http://a/api/v1", "status", "--timeout", "5"], Args { command: Command::Status, api: Some("http://a/api/v1".into()), timeout: 5, ..Args::default() });
+        check(&["rollback", "myapp", "-q"], Args { command: Command::Rollback("myapp".into()), quiet: true, ..Args::default() });
+        check(&["retry", "myapp"], Args { command: Command::Retry("myapp".into()), ..Args::default() });
+        check(&["--only", "a", "--only", "b", "--splay", "30", "--every", "60"], Args { only: vec!["a".into(), "b".into()], splay: 30, every: Some(60), ..Args::default() });
+        check(&["--max-size", "100M"], Args { max_size: 100 << 20, ..Args::default() });
+        check(&["--max-size", "1GiB"], Args { max_size: 1 << 30, ..Args::default() });
+        check(&["--max-size", "1000"], Args { max_size: 1000, ..Args::default() });
+        check(&["status", "--help"], Args { command: Command::Help, ..Args::default() });
+        check(&["-V"], Args { command: Command::Version, ..Args::default() });
+    }
+
+    #[test]
+    fn mistakes() {
+        check_err(&["--timeout", "soon"], "--timeout takes whole seconds, not \"soon\"");
+        check_err(&["--max-size", "lots"], "--max-size takes a size like 500M or 2G, not \"lots\"");
+        check_err(&["frobnicate"], "unknown command \"frobnicate\"");
+        check_err(&["rollback"], "rollback needs the NAME of a binary");
+        check_err(&["--bogus"], "invalid option '--bogus'");
+        check_err(&["check", "extra"], "unexpected argument \"extra\"");
+        check_err(&["--api"], "missing argument for option '--api'");
+        check_err(&["-q", "-v"], "--quiet and --verbose exclude each other");
+    }
+}

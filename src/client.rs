@@ -1,0 +1,272 @@
+//! The bin-manager client (the only minreq user): the protocol's five calls,
+//! with timeouts, a bearer token that never leaves its origin, at most three
+//! redirects followed by hand, JSON answers capped at 1 MiB, and downloads
+//! streamed to a sink with their length checked.
+
+use crate::error::{Error, Result};
+use crate::json::Value;
+use crate::protocol::{self, BinInfo, Registration};
+use minreq::{Method, Request, ResponseLazy};
+use std::io::Read;
+
+/// Redirects followed before giving up.
+pub const MAX_REDIRECTS: usize = 3;
+/// Largest JSON answer read.
+pub const MAX_JSON: usize = 1 << 20;
+/// Largest response header block accepted.
+const MAX_HEADERS: usize = 64 * 1024;
+/// Download read size.
+const CHUNK: usize = 64 * 1024;
+
+/// Where and how to talk to bin-manager.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// API base, without a trailing slash: `http://127.0.0.1:8081/api/v1`.
+    pub api: String,
+    /// Download base, without a trailing slash.
+    pub download_base: String,
+    /// Bearer token (never logged).
+    pub token: Option<String>,
+    /// Deadline in seconds for each API request (connect, send, answer).
+    pub timeout: u64,
+    /// Deadline in seconds for each whole download.
+    pub download_timeout: u64,
+    /// This node's cpuArch, sent as `arch=` so the server can pick a build.
+    pub arch: String,
+}
+
+/// A response whose body has not been read yet.
+pub struct Response {
+    /// The URL finally answered (after redirects).
+    pub url: String,
+    /// HTTP status.
+    pub status: i32,
+    /// `Content-Length`, if given.
+    pub length: Option<u64>,
+    inner: ResponseLazy,
+}
+
+impl Client {
+    /// `GET keepalive?node=`: `Some` when the server knows this node, `None` on 404.
+    pub fn keepalive_get(&self, node: &str) -> Result<Option<Value>> {
+        let url = format!("{}/keepalive?node={}", self.api, protocol::encode(node));
+        let resp = self.send(Method::Get, &url, None, self.timeout)?;
+        if resp.status == 404 {
+            return Ok(None);
+        }
+        self.json(resp).map(Some)
+    }
+
+    /// `POST keepalive?node=` with the registration body.
+    pub fn keepalive_post(&self, reg: &Registration) -> Result<()> {
+        let url = format!("{}/keepalive?node={}", self.api, protocol::encode(&reg.name));
+        let resp = self.send(Method::Post, &url, Some(reg.to_json()), self.timeout)?;
+        self.json(resp).map(drop)
+    }
+
+    /// `GET bins/NAME`: what the server publishes for this binary.
+    pub fn bin_info(&self, name: &str, version: Option<&str>) -> Result<BinInfo> {
+        let url = format!("{}/bins/{}{}", self.api, protocol::encode(name), self.query(version));
+        let resp = self.send(Method::Get, &url, None, self.timeout)?;
+        let url = resp.url.clone();
+        protocol::bin_info(&url, &self.json(resp)?)
+    }
+
+    /// `POST bins/NAME`: reports the hash this node now runs.
+    pub fn report_hash(&self, name: &str, md5: &str) -> Result<()> {
+        let url = format!("{}/bins/{}", self.api, protocol::encode(name));
+        let resp = self.send(Method::Post, &url, Some(protocol::hash_report(md5)), self.timeout)?;
+        self.json(resp).map(drop)
+    }
+
+    /// The URL a binary is downloaded from: its own `downloadUrl`, else the
+    /// download base with the name (and `arch=`/`version=` for bin-manager).
+    pub fn download_url(&self, name: &str, own: Option<&str>, version: Option<&str>) -> String {
+        match own {
+            Some(url) => url.to_string(),
+            None => format!("{}/{}{}", self.download_base, protocol::encode(name), self.query(version)),
+        }
+    }
+
+    /// Streams `url` into `sink` in blocks; refuses bodies over `max` bytes
+    /// and bodies shorter than their `Content-Length`. `on_start` learns the
+    /// announced length before the first block. Returns the byte count.
+    pub fn download(
+        &self,
+        url: &str,
+        max: u64,
+        on_start: &mut dyn FnMut(Option<u64>),
+        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+    ) -> Result<u64> {
+        let mut resp = self.send(Method::Get, url, None, self.download_timeout)?;
+        if !(200..300).contains(&resp.status) {
+            let body = read_capped(&mut resp, 4096).unwrap_or_default();
+            let msg = protocol::unwrap_answer(&resp.url, resp.status, &resp.inner.reason_phrase, &body);
+            return Err(msg.err().unwrap_or_else(|| Error::Server {
+                url: resp.url.clone(),
+                status: resp.status,
+                message: resp.inner.reason_phrase.clone(),
+            }));
+        }
+        if let Some(len) = resp.length.filter(|&len| len > max) {
+            return Err(Error::Size {
+                url: resp.url,
+                msg: format!("announces {} ({len} bytes), over the limit of {}", crate::log::size(len), crate::log::size(max)),
+            });
+        }
+        on_start(resp.length);
+        let mut buf = vec![0u8; CHUNK];
+        let mut total: u64 = 0;
+        loop {
+            let n = resp.inner.read(&mut buf).map_err(|e| self.transfer_error(&resp.url, total, e))?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            if total > max {
+                return Err(Error::Size {
+                    url: resp.url,
+                    msg: format!("body exceeds the limit of {}", crate::log::size(max)),
+                });
+            }
+            sink(&buf[..n])?;
+        }
+        match resp.length {
+            Some(len) if total != len => Err(Error::Size {
+                url: resp.url,
+                msg: format!("truncated: got {total} of {len} bytes"),
+            }),
+            _ => Ok(total),
+        }
+    }
+
+    fn query(&self, version: Option<&str>) -> String {
+        let mut q = format!("?arch={}", protocol::encode(&self.arch));
+        if let Some(v) = version {
+            q.push_str(&format!("&version={}", protocol::encode(v)));
+        }
+        q
+    }
+
+    /// Reads a JSON answer (≤ 1 MiB) and unwraps its envelope.
+    fn json(&self, mut resp: Response) -> Result<Value> {
+        let body = read_capped(&mut resp, MAX_JSON + 1)?;
+        if body.len() > MAX_JSON {
+            return Err(Error::Protocol { url: resp.url, msg: "answer larger than 1 MiB".into() });
+        }
+        protocol::unwrap_answer(&resp.url, resp.status, &resp.inner.reason_phrase, &body)
+    }
+
+    /// Sends one request, following up to [`MAX_REDIRECTS`] redirects. The
+    /// token goes only to the origin it was configured for.
+    fn send(&self, method: Method, url: &str, body: Option<String>, timeout: u64) -> Result<Response> {
+        let origin = origin(url).to_string();
+        let mut url = url.to_string();
+        let mut method = method;
+        for _ in 0..=MAX_REDIRECTS {
+            crate::debug!("{method:?} {url}");
+            let mut req = Request::new(method.clone(), url.as_str())
+                .with_timeout(timeout.max(1))
+                .with_follow_redirects(false)
+                .with_max_headers_size(MAX_HEADERS)
+                .with_max_status_line_length(8 * 1024)
+                .with_header("User-Agent", concat!("bin-proxy/", env!("CARGO_PKG_VERSION")));
+            if let Some(token) = self.token.as_ref().filter(|_| origin == self::origin(&url)) {
+                req = req.with_header("Authorization", format!("Bearer {token}"));
+            }
+            if let Some(body) = &body {
+                req = req.with_header("Content-Type", "application/json").with_body(body.clone());
+            }
+            let inner = req.send_lazy().map_err(|e| http_error(&url, timeout, e))?;
+            let status = inner.status_code;
+            if matches!(status, 301 | 302 | 303 | 307 | 308) {
+                let Some(location) = inner.headers.get("location") else {
+                    return Err(Error::Http { url, msg: format!("redirect {status} without a Location") });
+                };
+                url = resolve(&url, location).ok_or_else(|| Error::Http {
+                    url: url.clone(),
+                    msg: format!("redirect to an unsupported location \"{}\"", protocol::one_line(location, 200)),
+                })?;
+                if status == 303 {
+                    method = Method::Get;
+                }
+                continue;
+            }
+            let length = inner.headers.get("content-length").and_then(|v| v.trim().parse().ok());
+            return Ok(Response { url, status, length, inner });
+        }
+        Err(Error::Http { url, msg: format!("more than {MAX_REDIRECTS} redirects") })
+    }
+
+    fn transfer_error(&self, url: &str, got: u64, e: std::io::Error) -> Error {
+        let msg = if is_timeout(&e) {
+            format!("download did not finish within {} s (got {got} bytes)", self.download_timeout)
+        } else {
+            format!("connection broke after {got} bytes: {e}")
+        };
+        Error::Http { url: url.to_string(), msg }
+    }
+}
+
+fn read_capped(resp: &mut Response, cap: usize) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    Read::take(&mut resp.inner, cap as u64)
+        .read_to_end(&mut body)
+        .map_err(|e| Error::Http { url: resp.url.clone(), msg: format!("reading the answer: {e}") })?;
+    Ok(body)
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
+        || e.to_string().contains("timeout")
+}
+
+fn http_error(url: &str, timeout: u64, e: minreq::Error) -> Error {
+    let msg = match &e {
+        minreq::Error::IoError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused (is bin-manager running and the address right?)".to_string()
+        }
+        minreq::Error::IoError(io) if is_timeout(io) => format!("no answer within {timeout} s"),
+        minreq::Error::AddressNotFound => "could not resolve the host name".to_string(),
+        other => other.to_string(),
+    };
+    Error::Http { url: url.to_string(), msg }
+}
+
+/// `scheme://host:port` of a URL (the part a token is bound to).
+fn origin(url: &str) -> &str {
+    let rest = url.find("://").map_or(0, |i| i + 3);
+    let end = url[rest..].find(['/', '?', '#']).map_or(url.len(), |i| rest + i);
+    &url[..end]
+}
+
+/// Resolves a redirect `Location` against the URL that answered.
+fn resolve(base: &str, location: &str) -> Option<String> {
+    let location = location.trim();
+    if location.starts_with("http://") || location.starts_with("https://") {
+        Some(location.to_string())
+    } else if location.starts_with("//") {
+        let scheme = &base[..base.find("://")?];
+        Some(format!("{scheme}:{location}"))
+    } else if location.starts_with('/') {
+        Some(format!("{}{location}", origin(base)))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_and_redirects() {
+        assert_eq!(origin("http://h:1/api/v1?x"), "http://h:1");
+        assert_eq!(origin("https://h"), "https://h");
+        assert_eq!(resolve("http://h:1/a/b", "/c?d").as_deref(), Some("http://h:1/c?d"));
+        assert_eq!(resolve("https://h/a", "//o/p").as_deref(), Some("https://o/p"));
+        assert_eq!(resolve("http://h/a", "http://o/p").as_deref(), Some("http://o/p"));
+        assert_eq!(resolve("http://h/a", "ftp://o/p"), None);
+        assert_eq!(resolve("http://h/a", "relative"), None);
+    }
+}

@@ -1,0 +1,137 @@
+//! The one error type of both binaries. Every variant carries the context an
+//! operator needs to act on it (the path, URL or binary name), and its message
+//! reads as a sentence fragment: subject first, lowercase, expected vs actual.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong, with its context.
+#[derive(Debug)]
+pub enum Error {
+    /// The command line was wrong; the message says how. Exit code 2.
+    Usage(String),
+    /// A configuration file (manifest, server config) is invalid. Exit code 2.
+    Config {
+        /// The file that holds the mistake.
+        path: PathBuf,
+        /// What is wrong and where (entry, key, line/column).
+        msg: String,
+    },
+    /// A filesystem operation failed.
+    Io {
+        /// What we were doing, e.g. "renaming the new file into place".
+        what: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The operating system's answer.
+        source: io::Error,
+    },
+    /// The HTTP exchange itself failed: connection refused, timeout, TLS, bad framing.
+    Http {
+        /// The URL asked for (never with credentials).
+        url: String,
+        /// What went wrong.
+        msg: String,
+    },
+    /// The server answered, but with an error status or envelope code.
+    Server {
+        /// The URL asked for.
+        url: String,
+        /// The HTTP status.
+        status: i32,
+        /// The server's own message, or the reason phrase.
+        message: String,
+    },
+    /// The server's answer could not be understood (bad JSON, missing field, bad hash).
+    Protocol {
+        /// The URL asked for.
+        url: String,
+        /// What was wrong with the answer.
+        msg: String,
+    },
+    /// A downloaded file did not hash to what the server published.
+    HashMismatch {
+        /// Which hash ("md5" or "sha256").
+        algo: &'static str,
+        /// What the server promised.
+        expected: String,
+        /// What the bytes hash to.
+        got: String,
+    },
+    /// A download was refused or cut short because of its size.
+    Size {
+        /// The URL downloaded.
+        url: String,
+        /// What went wrong: too large, or shorter than announced.
+        msg: String,
+    },
+    /// A hook or restart command failed.
+    Command {
+        /// The command line as configured.
+        cmd: String,
+        /// Its exit status or the reason it could not run, with its output.
+        msg: String,
+    },
+    /// The service did not come up as RUNNING after a restart.
+    Service {
+        /// The supervisor program name.
+        service: String,
+        /// What supervisorctl said.
+        msg: String,
+    },
+    /// A failure a caller wants to describe in its own words (rollback, lock, state).
+    Other(String),
+}
+
+impl Error {
+    /// Shorthand for [`Error::Io`].
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
+        Error::Io { what, path: path.into(), source }
+    }
+
+    /// The process exit code this error maps to: 2 for usage and configuration
+    /// mistakes (nothing was attempted), 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) | Error::Config { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Usage(msg) => write!(f, "{msg} (see --help)"),
+            Error::Config { path, msg } => write!(f, "{}: {msg}", path.display()),
+            Error::Io { what, path, source } => {
+                write!(f, "{what} \"{}\": {source}", path.display())
+            }
+            Error::Http { url, msg } => write!(f, "{url}: {msg}"),
+            Error::Server { url, status, message } => {
+                write!(f, "{url}: server answered {status}: {message}")
+            }
+            Error::Protocol { url, msg } => write!(f, "{url}: unexpected answer: {msg}"),
+            Error::HashMismatch { algo, expected, got } => {
+                write!(f, "{algo} mismatch: expected {expected}, got {got}")
+            }
+            Error::Size { url, msg } => write!(f, "{url}: {msg}"),
+            Error::Command { cmd, msg } => write!(f, "\"{cmd}\" {msg}"),
+            Error::Service { service, msg } => write!(f, "service \"{service}\": {msg}"),
+            Error::Other(msg) => f.write_str(msg),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

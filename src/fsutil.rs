@@ -1,0 +1,154 @@
+//! Crash-safe file replacement shared by the manifest, the agent's state file
+//! and the installer: write a temp file beside the target, fsync it, rename it
+//! over the target, fsync the directory. A reader (or a crash) sees the whole
+//! old file or the whole new one, never a mix.
+
+use crate::error::{Error, Result};
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Every temp file this program creates ends with this, so that a later run
+/// can recognise and sweep the leftovers of a killed one.
+pub const TEMP_SUFFIX: &str = ".bin-proxy-tmp";
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A temp path beside `target`, unique to this process:
+/// `/usr/local/bin/.myapp.4242.bin-proxy-tmp`. Hidden, so that it does not
+/// show up in `ls` or shell completion while it exists.
+pub fn temp_path(target: &Path, tag: &str) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    parent(target).join(format!(".{name}.{}{tag}{TEMP_SUFFIX}", std::process::id()))
+}
+
+/// Creates a new file exclusively: fails if anything, even a dangling
+/// symlink, already has that name (`O_CREAT|O_EXCL` never follows links).
+pub fn create_exclusive(path: &Path, mode: u32) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::io("creating", path, e))
+}
+
+/// Removes the temp files that runs of this program left beside `target`
+/// when they were killed. Only call it while holding the run lock. Returns
+/// how many were removed.
+pub fn sweep_temps(target: &Path) -> usize {
+    let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return 0;
+    };
+    let prefix = format!(".{name}.");
+    let Ok(dir) = fs::read_dir(parent(target)) else { return 0 };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if file.starts_with(&prefix)
+            && file.ends_with(TEMP_SUFFIX)
+            && fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// fsyncs a directory, making the renames and links in it durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("syncing directory", dir, e))
+}
+
+/// Replaces `path` with `bytes` atomically and durably. An existing file
+/// keeps its mode and owner; a new one gets `new_mode`.
+pub fn atomic_write(path: &Path, bytes: &[u8], new_mode: u32) -> Result<()> {
+    let old = fs::metadata(path).ok();
+    let tmp = temp_path(path, "");
+    let result = (|| {
+        let mut file = create_exclusive(&tmp, new_mode)?;
+        file.write_all(bytes).map_err(|e| Error::io("writing", &tmp, e))?;
+        if let Some(old) = &old {
+            // Owner first: chown clears set-id bits, chmod then restores them.
+            if old.uid() != file_owner(&file).0 || old.gid() != file_owner(&file).1 {
+                std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
+                    .map_err(|e| Error::io("setting the owner of", &tmp, e))?;
+            }
+            file.set_permissions(Permissions::from_mode(old.mode() & 0o7777))
+                .map_err(|e| Error::io("setting the mode of", &tmp, e))?;
+        }
+        file.sync_all().map_err(|e| Error::io("syncing", &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| Error::io("renaming into place", path, e))?;
+        sync_dir(parent(path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn file_owner(file: &File) -> (u32, u32) {
+    file.metadata().map_or((u32::MAX, u32::MAX), |m| (m.uid(), m.gid()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("bin-proxy-fsutil-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn atomic_write_keeps_mode_and_leaves_no_temp() {
+        let dir = scratch("write");
+        let path = dir.join("m.json");
+        atomic_write(&path, b"one", 0o600).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o600);
+        fs::set_permissions(&path, Permissions::from_mode(0o640)).unwrap();
+        atomic_write(&path, b"two", 0o600).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o640);
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sweep_removes_only_our_temps_for_that_target() {
+        let dir = scratch("sweep");
+        let target = dir.join("app");
+        for name in [".app.1.bin-proxy-tmp", ".app.2dl.bin-proxy-tmp", ".other.1.bin-proxy-tmp", "app", ".app.notes"] {
+            fs::write(dir.join(name), b"x").unwrap();
+        }
+        assert_eq!(sweep_temps(&target), 2);
+        let mut left: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(left, [".app.notes", ".other.1.bin-proxy-tmp", "app"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn exclusive_create_refuses_a_planted_symlink() {
+        let dir = scratch("symlink");
+        let outside = dir.join("outside");
+        fs::write(&outside, b"precious").unwrap();
+        let planted = dir.join(".app.1.bin-proxy-tmp");
+        std::os::unix::fs::symlink(&outside, &planted).unwrap();
+        assert!(create_exclusive(&planted, 0o600).is_err());
+        assert_eq!(fs::read(&outside).unwrap(), b"precious");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,85 @@
+//! Hashing: the protocol's md5 (hex, lowercase), computed in one streaming
+//! pass — over a file on disk, or over bytes as they are being downloaded.
+
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+/// Read size for hashing files: large enough to amortise syscalls, small
+/// enough to keep the agent's memory flat.
+pub const BLOCK: usize = 256 * 1024;
+
+/// A running md5.
+pub struct Md5(md5::Context);
+
+impl Md5 {
+    /// A fresh hash.
+    pub fn new() -> Md5 {
+        Md5(md5::Context::new())
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.consume(bytes);
+    }
+
+    /// The lowercase hex digest.
+    pub fn hex(self) -> String {
+        format!("{:x}", self.0.finalize())
+    }
+}
+
+impl Default for Md5 {
+    fn default() -> Self {
+        Md5::new()
+    }
+}
+
+/// The md5 of a file's contents.
+pub fn md5_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| Error::io("reading", path, e))?;
+    let mut md5 = Md5::new();
+    let mut buf = vec![0u8; BLOCK];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok(md5.hex()),
+            Ok(n) => md5.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("reading", path, e)),
+        }
+    }
+}
+
+/// Whether `s` is an md5 in hex (32 hex digits, either case).
+pub fn is_md5(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Hashes compare case-insensitively (servers differ in the case they print).
+pub fn same(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_digests() {
+        assert_eq!(Md5::new().hex(), "d41d8cd98f00b204e9800998ecf8427e");
+        let mut h = Md5::new();
+        h.update(b"hello ");
+        h.update(b"world\n");
+        assert_eq!(h.hex(), "6f5902ac237024bdd0c176cb93063dc4");
+    }
+
+    #[test]
+    fn md5_shape_and_comparison() {
+        assert!(is_md5("D41D8CD98F00B204E9800998ECF8427E"));
+        assert!(!is_md5("d41d8cd98f00b204e9800998ecf8427"));
+        assert!(!is_md5("g41d8cd98f00b204e9800998ecf8427e"));
+        assert!(same("ABCdef", "abcDEF"));
+        assert!(!same("abc", "abd"));
+    }
+}

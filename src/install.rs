@@ -1,0 +1,189 @@
+//! Putting a new build in place without ever exposing a partial file:
+//! download into a temp file in the target's own directory (so the final
+//! rename is atomic), hash while writing, verify, copy the old file's owner and
+//! mode, fsync, keep the old file as `PATH.bak` (a hard link), rename over the
+//! target (a running executable is never written to), fsync the directory.
+//! Rollback renames the backup back the same way.
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::fsutil::{self, create_exclusive, sync_dir};
+use crate::hash::{self, Md5};
+use crate::log;
+use std::fs::{self, File, Permissions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Downloads are attempted this many times (transport errors, 5xx, truncation).
+const ATTEMPTS: u32 = 3;
+/// Files at least this large get progress lines…
+const PROGRESS_MIN: u64 = 8 << 20;
+/// …this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// A verified download waiting beside its target. Dropping it removes the file.
+pub struct Staged {
+    /// The temp file.
+    pub tmp: PathBuf,
+    /// Its md5.
+    pub md5: String,
+    /// Its size.
+    pub size: u64,
+    /// How long the download took.
+    pub elapsed: Duration,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}
+
+/// The path that is actually replaced: a symlink at the managed path is
+/// followed, so the link keeps pointing where the operator made it point.
+pub fn real_target(path: &Path) -> PathBuf {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Downloads `url` into a temp file beside `target` and checks it against
+/// `md5` (retrying transport failures with back-off).
+pub fn stage(client: &Client, name: &str, url: &str, target: &Path, md5: &str, max: u64) -> Result<Staged> {
+    let dir = fsutil::parent(target);
+    if !dir.is_dir() {
+        fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+    }
+    let mut attempt = 1;
+    loop {
+        match stage_once(client, name, url, target, md5, max) {
+            Ok(staged) => return Ok(staged),
+            Err(e) if attempt < ATTEMPTS && retryable(&e) => {
+                let wait = Duration::from_secs(1 << (attempt - 1));
+                crate::warn!("{name}: download attempt {attempt} of {ATTEMPTS} failed: {e}; retrying in {} s", wait.as_secs());
+                std::thread::sleep(wait);
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn retryable(e: &Error) -> bool {
+    match e {
+        Error::Http { .. } => true,
+        Error::Server { status, .. } => *status >= 500 || *status == 429,
+        Error::Size { msg, .. } => msg.starts_with("truncated"),
+        _ => false,
+    }
+}
+
+fn stage_once(client: &Client, name: &str, url: &str, target: &Path, md5: &str, max: u64) -> Result<Staged> {
+    let tmp = fsutil::temp_path(target, "dl");
+    let mut file = create_exclusive(&tmp, 0o600)?;
+    // From here on the temp file is removed on every exit path.
+    let mut staged = Staged { tmp, md5: String::new(), size: 0, elapsed: Duration::ZERO };
+    let started = Instant::now();
+    let mut digest = Md5::new();
+    let total_len = std::cell::Cell::new(None);
+    let mut last_report = started;
+    let mut done: u64 = 0;
+    let tmp = staged.tmp.clone();
+    let size = client.download(
+        url,
+        max,
+        &mut |len| total_len.set(len),
+        &mut |block| {
+            file.write_all(block).map_err(|e| Error::io("writing", &tmp, e))?;
+            digest.update(block);
+            done += block.len() as u64;
+            if total_len.get().unwrap_or(done) >= PROGRESS_MIN && last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                let of = total_len.get().map(|t| format!(" of {}", log::size(t))).unwrap_or_default();
+                crate::info!("{name}: downloading, {}{of} ({})", log::size(done), log::rate(done, started.elapsed()));
+            }
+            Ok(())
+        },
+    )?;
+    staged.size = size;
+    staged.md5 = digest.hex();
+    staged.elapsed = started.elapsed();
+    if !hash::same(&staged.md5, md5) {
+        return Err(Error::HashMismatch { algo: "md5", expected: md5.to_string(), got: staged.md5.clone() });
+    }
+    file.sync_all().map_err(|e| Error::io("syncing", &staged.tmp, e))?;
+    Ok(staged)
+}
+
+/// Gives the staged file the old file's owner and mode (0755 for a fresh
+/// install), keeps the old file as `backup`, and renames the new one over
+/// `target`. Returns whether a backup was made.
+pub fn swap(staged: &Staged, target: &Path, backup: &Path) -> Result<bool> {
+    let file = File::open(&staged.tmp).map_err(|e| Error::io("opening", &staged.tmp, e))?;
+    let old = match fs::metadata(target) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io("inspecting", target, e)),
+    };
+    let mode = match &old {
+        Some(old) => {
+            // Owner first: chown clears set-id bits, the chmod below restores them.
+            let mine = file.metadata().map_err(|e| Error::io("inspecting", &staged.tmp, e))?;
+            if (mine.uid(), mine.gid()) != (old.uid(), old.gid()) {
+                std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
+                    .map_err(|e| Error::io("giving the new file the old owner", &staged.tmp, e))?;
+            }
+            old.mode() & 0o7777
+        }
+        None => 0o755,
+    };
+    file.set_permissions(Permissions::from_mode(mode))
+        .map_err(|e| Error::io("setting the mode of", &staged.tmp, e))?;
+    file.sync_all().map_err(|e| Error::io("syncing", &staged.tmp, e))?;
+    drop(file);
+
+    if old.is_some() {
+        keep_backup(target, backup)?;
+    }
+    fs::rename(&staged.tmp, target).map_err(|e| Error::io("renaming the new file over", target, e))?;
+    sync_dir(fsutil::parent(target))?;
+    Ok(old.is_some())
+}
+
+/// Makes `backup` a hard link to the current `target`, replacing an older
+/// backup atomically (link to a temp name, rename over). Falls back to a copy
+/// on filesystems without hard links.
+fn keep_backup(target: &Path, backup: &Path) -> Result<()> {
+    let tmp = fsutil::temp_path(backup, "bak");
+    let _ = fs::remove_file(&tmp);
+    if fs::hard_link(target, &tmp).is_err() {
+        fs::copy(target, &tmp).map_err(|e| Error::io("copying the old file to", &tmp, e))?;
+    }
+    // rename(2) between two names of one inode succeeds and does nothing: if the
+    // backup already is the current file, the temp link would stay behind.
+    let result = fs::rename(&tmp, backup).map_err(|e| Error::io("keeping the old file as", backup, e));
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// Puts `backup` back over `target` atomically. Refuses (changing nothing)
+/// when there is no backup or the backup is the current file.
+pub fn restore(target: &Path, backup: &Path) -> Result<()> {
+    let bak = fs::metadata(backup).map_err(|e| Error::io("finding the backup", backup, e))?;
+    if !bak.is_file() {
+        return Err(Error::Other(format!("backup \"{}\" is not a regular file; nothing restored", backup.display())));
+    }
+    if let Ok(cur) = fs::metadata(target) {
+        if (cur.dev(), cur.ino()) == (bak.dev(), bak.ino()) {
+            return Err(Error::Other(format!(
+                "backup \"{}\" is the running file itself; nothing to restore",
+                backup.display()
+            )));
+        }
+    }
+    fs::rename(backup, target).map_err(|e| Error::io("restoring the backup over", target, e))?;
+    sync_dir(fsutil::parent(target))
+}

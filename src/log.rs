@@ -1,0 +1,156 @@
+//! Log lines on stderr — a cron job's only voice. One event per line:
+//! `2026-11-24T08:00:01Z INFO myapp: upgraded 1f3a2b4c…→9c0d1e2f… (12.4 MiB, 48.0 MiB/s)`.
+//! Also the small formatters every message uses: UTC timestamps, sizes, rates
+//! and shortened hashes.
+
+use std::fmt;
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How much to say.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Level {
+    /// Failures only.
+    Error = 0,
+    /// Failures and warnings.
+    Warn = 1,
+    /// Every change (the default).
+    Info = 2,
+    /// Every request and decision.
+    Debug = 3,
+}
+
+static MAX: AtomicU8 = AtomicU8::new(Level::Info as u8);
+
+/// Sets the most detailed level that is printed.
+pub fn set_level(level: Level) {
+    MAX.store(level as u8, Ordering::Relaxed);
+}
+
+/// Whether a line at `level` would be printed.
+pub fn enabled(level: Level) -> bool {
+    level as u8 <= MAX.load(Ordering::Relaxed)
+}
+
+/// Writes one line at `level` (use the macros).
+pub fn write(level: Level, args: fmt::Arguments<'_>) {
+    if !enabled(level) {
+        return;
+    }
+    let tag = match level {
+        Level::Error => "ERROR",
+        Level::Warn => "WARN",
+        Level::Info => "INFO",
+        Level::Debug => "DEBUG",
+    };
+    // One write per line so that lines of concurrent runs do not interleave.
+    let line = format!("{} {tag} {args}\n", utc_now());
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Logs at error level.
+#[macro_export]
+macro_rules! error { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } }
+/// Logs at warning level.
+#[macro_export]
+macro_rules! warn { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Warn, format_args!($($t)*)) } }
+/// Logs at info level.
+#[macro_export]
+macro_rules! info { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Info, format_args!($($t)*)) } }
+/// Logs at debug level (`--verbose`).
+#[macro_export]
+macro_rules! debug { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Debug, format_args!($($t)*)) } }
+
+/// The current time as RFC 3339 UTC with second precision: `2026-11-24T08:00:01Z`.
+pub fn utc_now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+/// Formats a time as RFC 3339 UTC with second precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
+/// calendar (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A byte count for people: `512 B`, `12.4 KiB`, `1.0 GiB`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// A transfer rate for people: `48.0 MiB/s`.
+pub fn rate(bytes: u64, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    format!("{}/s", size((bytes as f64 / secs) as u64))
+}
+
+/// A hash shortened for log lines: the first 8 hex digits and an ellipsis;
+/// `none` for an empty one.
+pub fn short(hash: &str) -> String {
+    match hash.get(..8) {
+        Some(head) if hash.len() > 8 => format!("{head}…"),
+        _ if hash.is_empty() => "none".to_string(),
+        _ => hash.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_time(secs: u64, expected: &str) {
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(secs)), expected);
+    }
+
+    #[test]
+    fn timestamps() {
+        check_time(0, "1970-01-01T00:00:00Z");
+        check_time(951_782_400, "2000-02-29T00:00:00Z");
+        check_time(1_795_507_201, "2026-11-24T08:00:01Z");
+        check_time(4_107_542_399, "2100-02-28T23:59:59Z");
+    }
+
+    #[test]
+    fn sizes_and_hashes() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1536), "1.5 KiB");
+        assert_eq!(size(13_002_342), "12.4 MiB");
+        assert_eq!(size(1 << 30), "1.0 GiB");
+        assert_eq!(rate(48 << 20, Duration::from_secs(1)), "48.0 MiB/s");
+        assert_eq!(short("1f3a2b4c5d6e7f8091a2b3c4d5e6f708"), "1f3a2b4c…");
+        assert_eq!(short(""), "none");
+    }
+}

@@ -1,0 +1,367 @@
+//! `bin-manifests.json`: the seed's format plus optional keys. Loading is
+//! strict — an unknown key, a duplicate, a relative path or a malformed hash
+//! is an error that names the file, the entry and the key — because a typo in
+//! a file that drives root-owned binary swaps must never be guessed around.
+//! Saving is atomic and pretty-printed so that people can keep using vim on it.
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::hash;
+use crate::json::{self, Value};
+use std::path::{Path, PathBuf};
+
+/// The default manifest location.
+pub const DEFAULT_PATH: &str = "/etc/bin-proxy/bin-manifests.json";
+
+/// The whole manifest.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Manifest {
+    /// Where the server is (all optional; flags and env win).
+    pub manager: Manager,
+    /// This node's facts as written (empty ones are detected at run time).
+    pub node: Node,
+    /// The managed binaries, in file order.
+    pub binaries: Vec<Binary>,
+}
+
+/// The `manager` object.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Manager {
+    /// `api`: base URL of the bin-manager API.
+    pub api: Option<String>,
+    /// `downloadUrl`: base URL downloads are fetched from.
+    pub download_url: Option<String>,
+    /// `tokenFile`: file holding the bearer token.
+    pub token_file: Option<PathBuf>,
+}
+
+/// The `node` object. Missing and empty values are filled from the host.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Node {
+    /// `name`
+    pub name: Option<String>,
+    /// `cpuArch`
+    pub cpu_arch: Option<String>,
+    /// `osRelease`
+    pub os_release: Option<String>,
+    /// `proxyVersion` (kept as written; the agent always reports its own).
+    pub proxy_version: Option<String>,
+}
+
+/// One managed binary.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Binary {
+    /// `name`: the name the server publishes it under.
+    pub name: String,
+    /// `version`: "latest" (or absent) follows the newest build; anything else pins.
+    pub version: Option<String>,
+    /// `hash`: md5 of the build last installed here; "" when none yet.
+    pub hash: String,
+    /// `path`: absolute path of the executable on this host.
+    pub path: PathBuf,
+    /// `downloadUrl`: where to fetch it instead of the download base.
+    pub download_url: Option<String>,
+    /// `service`: supervisor program to restart (default: `name`).
+    pub service: Option<String>,
+    /// `restart`: "supervisor", "none", or a command line.
+    pub restart: Option<String>,
+    /// `preUpgrade`: command run before the swap; non-zero aborts.
+    pub pre_upgrade: Option<String>,
+    /// `postUpgrade`: command run after the restart; non-zero rolls back.
+    pub post_upgrade: Option<String>,
+}
+
+impl Binary {
+    /// The supervisor program name.
+    pub fn service(&self) -> &str {
+        self.service.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The pinned version, if any (`latest` and empty mean "follow the newest").
+    pub fn pinned_version(&self) -> Option<&str> {
+        self.version.as_deref().filter(|v| !v.is_empty() && *v != "latest")
+    }
+
+    /// `PATH.bak`, where the previous build is kept.
+    pub fn backup_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".bak");
+        PathBuf::from(p)
+    }
+}
+
+const TOP_KEYS: &[&str] = &["manager", "node", "binaries"];
+const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile"];
+const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion"];
+const BINARY_KEYS: &[&str] = &[
+    "name", "version", "hash", "path", "downloadUrl", "service", "restart", "preUpgrade", "postUpgrade",
+];
+
+impl Manifest {
+    /// Reads and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read(path).map_err(|e| Error::io("reading manifest", path, e))?;
+        let text = String::from_utf8(text).map_err(|_| Error::Config {
+            path: path.to_path_buf(),
+            msg: "not valid UTF-8".to_string(),
+        })?;
+        Manifest::parse(&text).map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+    }
+
+    /// Parses and validates manifest text; the error names the entry and key.
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        let doc = json::parse(text).map_err(|e| format!("invalid JSON at {e}"))?;
+        let top = object(&doc, "the top level", TOP_KEYS)?;
+        let mut m = Manifest::default();
+        if let Some(v) = top.get("manager") {
+            let o = object(v, "\"manager\"", MANAGER_KEYS)?;
+            m.manager.api = o.opt_str("api")?;
+            m.manager.download_url = o.opt_str("downloadUrl")?;
+            m.manager.token_file = o.opt_str("tokenFile")?.map(PathBuf::from);
+            if let Some(f) = &m.manager.token_file {
+                if !f.is_absolute() {
+                    return Err(o.bad("tokenFile", "must be an absolute path"));
+                }
+            }
+        }
+        if let Some(v) = top.get("node") {
+            let o = object(v, "\"node\"", NODE_KEYS)?;
+            m.node = Node {
+                name: o.opt_str("name")?,
+                cpu_arch: o.opt_str("cpuArch")?,
+                os_release: o.opt_str("osRelease")?,
+                proxy_version: o.opt_str("proxyVersion")?,
+            };
+        }
+        let Some(list) = top.get("binaries") else {
+            return Err("missing key \"binaries\" (a list, may be empty: \"binaries\": [])".to_string());
+        };
+        let Value::Arr(items) = list else {
+            return Err(format!("\"binaries\" must be a list, not {}", list.kind()));
+        };
+        for (i, item) in items.iter().enumerate() {
+            let b = binary(item, i)?;
+            if let Some(j) = m.binaries.iter().position(|o| o.name == b.name) {
+                return Err(format!(
+                    "binaries[{i}]: duplicate name \"{}\" (also binaries[{j}])",
+                    b.name
+                ));
+            }
+            if let Some(j) = m.binaries.iter().position(|o| o.path == b.path || o.backup_path() == b.path || b.backup_path() == o.path) {
+                return Err(format!(
+                    "binaries[{i}] (\"{}\"): path \"{}\" collides with binaries[{j}] (\"{}\")",
+                    b.name,
+                    b.path.display(),
+                    m.binaries[j].name
+                ));
+            }
+            m.binaries.push(b);
+        }
+        Ok(m)
+    }
+
+    /// The manifest as pretty JSON, keys in the documented order, absent
+    /// optional keys left out.
+    pub fn to_json(&self) -> String {
+        let opt = |entries: &mut Vec<(String, Value)>, key: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                entries.push((key.to_string(), Value::str(v.clone())));
+            }
+        };
+        let mut top = Vec::new();
+        let mg = &self.manager;
+        if mg.api.is_some() || mg.download_url.is_some() || mg.token_file.is_some() {
+            let mut o = Vec::new();
+            opt(&mut o, "api", &mg.api);
+            opt(&mut o, "downloadUrl", &mg.download_url);
+            let token = mg.token_file.as_ref().map(|p| p.display().to_string());
+            opt(&mut o, "tokenFile", &token);
+            top.push(("manager".to_string(), Value::Obj(o)));
+        }
+        let n = &self.node;
+        let mut o = Vec::new();
+        opt(&mut o, "name", &n.name);
+        opt(&mut o, "cpuArch", &n.cpu_arch);
+        opt(&mut o, "osRelease", &n.os_release);
+        opt(&mut o, "proxyVersion", &n.proxy_version);
+        top.push(("node".to_string(), Value::Obj(o)));
+        let bins = self.binaries.iter().map(|b| {
+            let mut o = vec![("name".to_string(), Value::str(b.name.clone()))];
+            opt(&mut o, "version", &b.version);
+            o.push(("hash".to_string(), Value::str(b.hash.clone())));
+            o.push(("path".to_string(), Value::str(b.path.display().to_string())));
+            opt(&mut o, "downloadUrl", &b.download_url);
+            opt(&mut o, "service", &b.service);
+            opt(&mut o, "restart", &b.restart);
+            opt(&mut o, "preUpgrade", &b.pre_upgrade);
+            opt(&mut o, "postUpgrade", &b.post_upgrade);
+            Value::Obj(o)
+        });
+        top.push(("binaries".to_string(), Value::Arr(bins.collect())));
+        Value::Obj(top).to_pretty()
+    }
+
+    /// Replaces the manifest file atomically, keeping its mode and owner.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        fsutil::atomic_write(path, self.to_json().as_bytes(), 0o644)
+    }
+}
+
+/// A validated JSON object with a label for error messages.
+struct Obj<'a> {
+    entries: &'a [(String, Value)],
+    label: String,
+}
+
+fn object<'a>(v: &'a Value, label: &str, allowed: &[&str]) -> Result<Obj<'a>, String> {
+    let Value::Obj(entries) = v else {
+        return Err(format!("{label} must be an object, not {}", v.kind()));
+    };
+    for (i, (key, _)) in entries.iter().enumerate() {
+        if !allowed.contains(&key.as_str()) {
+            return Err(format!(
+                "{label}: unknown key \"{key}\" (known keys: {})",
+                allowed.join(", ")
+            ));
+        }
+        if entries[..i].iter().any(|(k, _)| k == key) {
+            return Err(format!("{label}: key \"{key}\" appears twice"));
+        }
+    }
+    Ok(Obj { entries, label: label.to_string() })
+}
+
+impl Obj<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.entries.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    fn bad(&self, key: &str, what: &str) -> String {
+        format!("{}: key \"{key}\" {what}", self.label)
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<String>, String> {
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Str(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.bad(key, &format!("must be a string, not {}", v.kind()))),
+        }
+    }
+
+    fn req_str(&self, key: &str) -> Result<String, String> {
+        match self.opt_str(key)? {
+            Some(s) if !s.trim().is_empty() => Ok(s),
+            Some(_) => Err(self.bad(key, "must not be empty")),
+            None => Err(format!("{}: missing key \"{key}\"", self.label)),
+        }
+    }
+}
+
+fn binary(v: &Value, i: usize) -> Result<Binary, String> {
+    let name = v.get("name").and_then(Value::as_str).unwrap_or("");
+    let label = if name.is_empty() { format!("binaries[{i}]") } else { format!("binaries[{i}] (\"{name}\")") };
+    let o = object(v, &label, BINARY_KEYS)?;
+    let name = o.req_str("name")?;
+    if name.chars().any(|c| c.is_control() || c == '/') {
+        return Err(o.bad("name", "must not contain '/' or control characters"));
+    }
+    let hash = o.opt_str("hash")?.unwrap_or_default();
+    if !hash.is_empty() && !hash::is_md5(&hash) {
+        return Err(o.bad("hash", &format!("must be 32 hex digits (an md5) or \"\", not \"{hash}\"")));
+    }
+    let path = PathBuf::from(o.req_str("path")?);
+    if !path.is_absolute() {
+        return Err(o.bad("path", &format!("must be an absolute path, not \"{}\"", path.display())));
+    }
+    if path.file_name().is_none() || path.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(o.bad("path", &format!("must name a file, not \"{}\"", path.display())));
+    }
+    let restart = o.opt_str("restart")?;
+    if restart.as_deref().is_some_and(|r| r.trim().is_empty()) {
+        return Err(o.bad("restart", "must be \"supervisor\", \"none\" or a command"));
+    }
+    Ok(Binary {
+        name,
+        version: o.opt_str("version")?,
+        hash: hash.to_ascii_lowercase(),
+        path,
+        download_url: o.opt_str("downloadUrl")?,
+        service: o.opt_str("service")?,
+        restart,
+        pre_upgrade: o.opt_str("preUpgrade")?,
+        post_upgrade: o.opt_str("postUpgrade")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"{
+  "node": {
+    "name": "web-server-01",
+    "cpuArch": "x86_64",
+    "osRelease": "Ubuntu 20.04.6 LTS",
+    "proxyVersion": "1.0.0"
+  },
+  "binaries": [
+    {
+      "name": "myapp",
+      "version": "latest",
+      "hash": "d41d8cd98f00b204e9800998ecf8427e",
+      "path": "/usr/local/bin/myapp"
+    }
+  ]
+}
+"#;
+
+    fn check_err(text: &str, expected: &str) {
+        match Manifest::parse(text) {
+            Ok(m) => panic!("accepted {text}: {m:?}"),
+            Err(e) => assert_eq!(e, expected),
+        }
+    }
+
+    fn with_binary(fields: &str) -> String {
+        format!(r#"{{"binaries":[{{"name":"a","path":"/x/a"}}, {{{fields}}}]}}"#)
+    }
+
+    #[test]
+    fn seed_manifest_round_trips_byte_for_byte() {
+        let m = Manifest::parse(SEED).unwrap();
+        assert_eq!(m.binaries[0].name, "myapp");
+        assert_eq!(m.binaries[0].path, PathBuf::from("/usr/local/bin/myapp"));
+        assert_eq!(m.binaries[0].pinned_version(), None);
+        assert_eq!(m.to_json(), SEED);
+    }
+
+    #[test]
+    fn every_optional_key() {
+        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},
+            "binaries":[{"name":"a","version":"1.2","hash":"D41D8CD98F00B204E9800998ECF8427E","path":"/x/a",
+            "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check"}]}"#;
+        let m = Manifest::parse(text).unwrap();
+        let b = &m.binaries[0];
+        assert_eq!((b.service(), b.pinned_version(), b.hash.as_str()), ("svc", Some("1.2"), "d41d8cd98f00b204e9800998ecf8427e"));
+        assert_eq!(m.manager.token_file, Some(PathBuf::from("/etc/t")));
+        assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        check_err("{\"binaries\": [}", "invalid JSON at line 1, column 15: expected a value");
+        check_err(r#"{"binaries":[],"nodes":{}}"#, "the top level: unknown key \"nodes\" (known keys: manager, node, binaries)");
+        check_err(r#"{"node":{}}"#, "missing key \"binaries\" (a list, may be empty: \"binaries\": [])");
+        check_err(&with_binary(r#""name":"b","pth":"/x/b""#), "binaries[1] (\"b\"): unknown key \"pth\" (known keys: name, version, hash, path, downloadUrl, service, restart, preUpgrade, postUpgrade)");
+        check_err(&with_binary(r#""name":"a","path":"/x/b""#), "binaries[1]: duplicate name \"a\" (also binaries[0])");
+        check_err(&with_binary(r#""name":"b","path":"/x/a""#), "binaries[1] (\"b\"): path \"/x/a\" collides with binaries[0] (\"a\")");
+        check_err(&with_binary(r#""name":"b","path":"/x/a.bak""#), "binaries[1] (\"b\"): path \"/x/a.bak\" collides with binaries[0] (\"a\")");
+        check_err(&with_binary(r#""name":"b","path":"bin/b""#), "binaries[1] (\"b\"): key \"path\" must be an absolute path, not \"bin/b\"");
+        check_err(&with_binary(r#""name":"b","path":"/x/b","hash":"abc""#), "binaries[1] (\"b\"): key \"hash\" must be 32 hex digits (an md5) or \"\", not \"abc\"");
+        check_err(&with_binary(r#""name":"b","path":7"#), "binaries[1] (\"b\"): key \"path\" must be a string, not a number");
+        check_err(&with_binary(r#""path":"/x/b""#), "binaries[1]: missing key \"name\"");
+        check_err(&with_binary(r#""name":"b","path":"/x/b","name":"c""#), "binaries[1] (\"c\"): key \"name\" appears twice");
+        check_err(r#"{"binaries":{}}"#, "\"binaries\" must be a list, not an object");
+        check_err(r#"{"binaries":[],"manager":{"tokenFile":"t"}}"#, "\"manager\": key \"tokenFile\" must be an absolute path");
+    }
+}

@@ -1,0 +1,259 @@
+//! The wire protocol of the seed document, shared by the agent and the
+//! server: the `{"code","message","data"}` envelope, the `bins/NAME` answer,
+//! the keepalive registration body and the hash report. Agents are liberal in
+//! what they accept (extra fields, a missing envelope, code 200 or 0 for
+//! success) and exact in what they send (RFC 3339 `lastSeen`, `binaries` as
+//! a list of `{name, version, hash}` objects).
+
+use crate::error::{Error, Result};
+use crate::hash;
+use crate::json::{self, Value};
+
+/// What `GET bins/NAME` says about the published build.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BinInfo {
+    /// The version label the server gives (informational).
+    pub version: String,
+    /// md5 of the published file, lowercase hex.
+    pub hash: String,
+    /// sha256 of the published file, when the server offers it (lowercase hex).
+    pub sha256: Option<String>,
+    /// Size in bytes, when the server offers it.
+    pub size: Option<u64>,
+}
+
+/// One entry of the registration's `binaries` list.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BinaryFact {
+    /// Binary name.
+    pub name: String,
+    /// Version as in the manifest ("latest" when unpinned).
+    pub version: String,
+    /// md5 this node now runs ("" when not installed).
+    pub hash: String,
+}
+
+/// A failed upgrade, reported in the keepalive body (an extension field that
+/// a seed-only server ignores).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailureFact {
+    /// Binary name.
+    pub name: String,
+    /// The hash that failed to install or to run.
+    pub hash: String,
+    /// What went wrong, one line.
+    pub error: String,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+}
+
+/// The `POST keepalive` body.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Registration {
+    /// Node name.
+    pub name: String,
+    /// `uname -m`.
+    pub cpu_arch: String,
+    /// `/etc/os-release` PRETTY_NAME.
+    pub os_release: String,
+    /// The agent's own version.
+    pub proxy_version: String,
+    /// What this node runs.
+    pub binaries: Vec<BinaryFact>,
+    /// Now, RFC 3339 UTC.
+    pub last_seen: String,
+    /// Failures of this run (omitted when empty).
+    pub failures: Vec<FailureFact>,
+}
+
+impl Registration {
+    /// The JSON body.
+    pub fn to_json(&self) -> String {
+        let bins = self.binaries.iter().map(|b| {
+            Value::obj([
+                ("name", Value::str(&b.name)),
+                ("version", Value::str(&b.version)),
+                ("hash", Value::str(&b.hash)),
+            ])
+        });
+        let mut top = vec![
+            ("name", Value::str(&self.name)),
+            ("cpuArch", Value::str(&self.cpu_arch)),
+            ("osRelease", Value::str(&self.os_release)),
+            ("proxyVersion", Value::str(&self.proxy_version)),
+            ("binaries", Value::Arr(bins.collect())),
+            ("lastSeen", Value::str(&self.last_seen)),
+        ];
+        if !self.failures.is_empty() {
+            let failures = self.failures.iter().map(|f| {
+                Value::obj([
+                    ("name", Value::str(&f.name)),
+                    ("hash", Value::str(&f.hash)),
+                    ("error", Value::str(&f.error)),
+                    ("at", Value::str(&f.at)),
+                ])
+            });
+            top.push(("failures", Value::Arr(failures.collect())));
+        }
+        Value::obj(top).to_compact()
+    }
+}
+
+/// The `POST bins/NAME` body: `{"hash":"…"}`.
+pub fn hash_report(md5: &str) -> String {
+    Value::obj([("hash", Value::str(md5))]).to_compact()
+}
+
+/// Interprets an answer: an HTTP status outside 2xx, or an envelope `code`
+/// other than 200 or 0, is an error carrying the server's message. Returns
+/// the `data` of an envelope, or the whole document when there is none.
+pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Result<Value> {
+    let text = String::from_utf8_lossy(body);
+    let doc = if text.trim().is_empty() { Ok(Value::Null) } else { json::parse(&text) };
+    if !(200..300).contains(&status) {
+        let message = match &doc {
+            Ok(v) => v.get("message").and_then(Value::as_str).map(str::to_string),
+            Err(_) => None,
+        };
+        let message = message.unwrap_or_else(|| match text.trim() {
+            "" => reason.to_string(),
+            t => one_line(t, 200),
+        });
+        return Err(Error::Server { url: url.to_string(), status, message });
+    }
+    let doc = doc.map_err(|e| Error::Protocol { url: url.to_string(), msg: format!("invalid JSON at {e}") })?;
+    if doc.get("code").is_none() && doc.get("data").is_none() {
+        return Ok(doc); // no envelope: the object is the data
+    }
+    if let Some(code) = doc.get("code") {
+        let ok = matches!(code.as_f64(), Some(c) if c == 200.0 || c == 0.0);
+        if !ok {
+            let message = doc.get("message").and_then(Value::as_str).unwrap_or("no message");
+            return Err(Error::Server {
+                url: url.to_string(),
+                status,
+                message: format!("code {}: {message}", code.to_compact()),
+            });
+        }
+    }
+    Ok(doc.get("data").cloned().unwrap_or(Value::Null))
+}
+
+/// Reads the `bins/NAME` data object.
+pub fn bin_info(url: &str, data: &Value) -> Result<BinInfo> {
+    let bad = |msg: String| Error::Protocol { url: url.to_string(), msg };
+    let hash = match data.get("hash") {
+        Some(Value::Str(h)) if hash::is_md5(h) => h.to_ascii_lowercase(),
+        Some(Value::Str(h)) if h.is_empty() => return Err(bad("the server publishes no build (empty hash)".into())),
+        Some(Value::Str(h)) => return Err(bad(format!("\"hash\" is not an md5: \"{}\"", one_line(h, 80)))),
+        Some(v) => return Err(bad(format!("\"hash\" must be a string, not {}", v.kind()))),
+        None if matches!(data, Value::Null) => return Err(bad("no \"data\" in the answer".into())),
+        None => return Err(bad("no \"hash\" in the answer".into())),
+    };
+    let sha256 = match data.get("sha256") {
+        None | Some(Value::Null) => None,
+        Some(Value::Str(s)) if s.is_empty() => None,
+        Some(Value::Str(s)) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(s.to_ascii_lowercase())
+        }
+        Some(_) => return Err(bad("\"sha256\" is not 64 hex digits".into())),
+    };
+    let version = data.get("version").and_then(Value::as_str).unwrap_or("").to_string();
+    let size = data.get("size").and_then(Value::as_f64).filter(|s| *s >= 0.0).map(|s| s as u64);
+    Ok(BinInfo { version, hash, sha256, size })
+}
+
+/// `s` cut to `max` characters on one line, for quoting server text in errors.
+pub fn one_line(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(max).collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+/// Percent-encodes a path segment or query value (everything but RFC 3986
+/// unreserved characters).
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "9e107d9d372bb6826bd81d3542a419d6";
+
+    fn answer(status: i32, body: &str) -> Result<Value> {
+        unwrap_answer("http://m/api/v1/bins/a", status, "Reason", body.as_bytes())
+    }
+
+    fn check_info(body: &str, expected: Result<(&str, Option<&str>), &str>) {
+        let got = answer(200, body).and_then(|d| bin_info("u", &d));
+        match (got, expected) {
+            (Ok(info), Ok((hash, sha))) => {
+                assert_eq!(info.hash, hash);
+                assert_eq!(info.sha256.as_deref(), sha);
+            }
+            (Err(e), Err(msg)) => assert!(e.to_string().contains(msg), "{body}: {e}"),
+            (got, want) => panic!("{body}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn both_success_styles_and_no_envelope() {
+        check_info(&format!(r#"{{"code":200,"message":"Success","data":{{"name":"a","version":"latest","hash":"{H}"}}}}"#), Ok((H, None)));
+        check_info(&format!(r#"{{"code":0,"message":"success","data":{{"hash":"{}"}}}}"#, H.to_uppercase()), Ok((H, None)));
+        check_info(&format!(r#"{{"name":"a","hash":"{H}","extra":[1,2]}}"#), Ok((H, None)));
+        let sha = "a".repeat(64);
+        check_info(&format!(r#"{{"data":{{"hash":"{H}","sha256":"{sha}","size":12}}}}"#), Ok((H, Some(&sha))));
+    }
+
+    #[test]
+    fn errors_carry_the_servers_message() {
+        check_info(r#"{"code":1,"message":"binary not found","data":null}"#, Err("server answered 200: code 1: binary not found"));
+        check_info(r#"{"code":500,"message":"boom"}"#, Err("code 500: boom"));
+        check_info(r#"{"code":200,"data":{"hash": "#, Err("unexpected answer: invalid JSON at line 1"));
+        check_info(r#"{"code":200,"data":{"hash":"../../etc"}}"#, Err("\"hash\" is not an md5"));
+        check_info(r#"{"code":200,"data":null}"#, Err("no \"data\""));
+        check_info(r#"{"code":200,"data":{"hash":""}}"#, Err("publishes no build"));
+        let e = answer(404, r#"{"code":404,"message":"binary not found"}"#).unwrap_err();
+        assert_eq!(e.to_string(), "http://m/api/v1/bins/a: server answered 404: binary not found");
+        let e = answer(502, "<html>bad gateway</html>").unwrap_err();
+        assert!(e.to_string().ends_with("server answered 502: <html>bad gateway</html>"), "{e}");
+        let e = answer(500, "").unwrap_err();
+        assert!(e.to_string().ends_with("server answered 500: Reason"), "{e}");
+    }
+
+    #[test]
+    fn registration_body_is_what_the_original_server_binds() {
+        let r = Registration {
+            name: "web-01".into(),
+            cpu_arch: "x86_64".into(),
+            os_release: "Debian \"12\"".into(),
+            proxy_version: "1.0.0".into(),
+            binaries: vec![BinaryFact { name: "a".into(), version: "latest".into(), hash: H.into() }],
+            last_seen: "2026-11-24T08:00:01Z".into(),
+            failures: vec![],
+        };
+        assert_eq!(
+            r.to_json(),
+            format!(r#"{{"name":"web-01","cpuArch":"x86_64","osRelease":"Debian \"12\"","proxyVersion":"1.0.0","binaries":[{{"name":"a","version":"latest","hash":"{H}"}}],"lastSeen":"2026-11-24T08:00:01Z"}}"#)
+        );
+        assert_eq!(hash_report(H), format!(r#"{{"hash":"{H}"}}"#));
+    }
+
+    #[test]
+    fn encoding() {
+        assert_eq!(encode("my app/../x"), "my%20app%2F..%2Fx");
+        assert_eq!(encode("a-b_c.d~e"), "a-b_c.d~e");
+    }
+}

@@ -1,0 +1,278 @@
+//! Running other programs: the supervisorctl restart and its RUNNING
+//! confirmation, a custom restart command, and the pre/post upgrade hooks.
+//! Always an argument list (never a shell), always with a deadline, output
+//! captured for the error message.
+
+use crate::error::{Error, Result};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a restart or status call may take.
+const SUPERVISOR_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a hook may take.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What a finished command did.
+#[derive(Debug)]
+pub struct Output {
+    /// Exit code (`None` when killed by a signal).
+    pub code: Option<i32>,
+    /// stdout and stderr, stdout first.
+    pub text: String,
+}
+
+/// Splits a command line into words: whitespace separates, single and double
+/// quotes group, backslash escapes the next character outside single quotes.
+/// No variables, globs or pipes — there is no shell.
+pub fn split(cmd: &str) -> Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = cmd.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => words.extend(word.take()),
+            '\'' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => w.push(c),
+                        None => return Err(Error::Command { cmd: cmd.into(), msg: "has an unclosed quote".into() }),
+                    }
+                }
+            }
+            '"' => {
+                let w = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => w.extend(chars.next()),
+                        Some(c) => w.push(c),
+                        None => return Err(Error::Command { cmd: cmd.into(), msg: "has an unclosed quote".into() }),
+                    }
+                }
+            }
+            '\\' => word.get_or_insert_with(String::new).extend(chars.next()),
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    if words.is_empty() {
+        return Err(Error::Command { cmd: cmd.into(), msg: "is empty".into() });
+    }
+    Ok(words)
+}
+
+/// Runs `argv` with extra environment, killing it after `timeout`.
+pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result<Output> {
+    let shown = argv.join(" ");
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Command { cmd: shown.clone(), msg: format!("could not start: {e}") })?;
+    // Drain both pipes on threads so that a chatty child cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.by_ref().take(64 * 1024).read_to_end(&mut text);
+                let _ = std::io::copy(&mut p, &mut std::io::sink());
+            }
+            text
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Command { cmd: shown, msg: format!("did not finish within {} s and was killed", timeout.as_secs()) });
+            }
+            Err(e) => return Err(Error::Command { cmd: shown, msg: format!("could not be waited for: {e}") }),
+        }
+    };
+    let mut text = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
+    text.push_str(&String::from_utf8_lossy(&err.join().unwrap_or_default()));
+    Ok(Output { code: status.code(), text })
+}
+
+/// Runs a hook command; a non-zero exit is an error quoting its last output line.
+pub fn run_hook(cmd: &str, env: &[(&str, String)]) -> Result<()> {
+    let out = run(&split(cmd)?, env, HOOK_TIMEOUT)?;
+    match out.code {
+        Some(0) => Ok(()),
+        code => Err(Error::Command { cmd: cmd.to_string(), msg: failure(code, &out.text) }),
+    }
+}
+
+fn failure(code: Option<i32>, text: &str) -> String {
+    let status = code.map_or("was killed by a signal".to_string(), |c| format!("exited with status {c}"));
+    match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        Some(last) => format!("{status}: {}", crate::protocol::one_line(last, 200)),
+        None => status,
+    }
+}
+
+/// How a binary's service is restarted after a swap.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Restart {
+    /// `supervisorctl restart SERVICE`, confirmed by `status`.
+    Supervisor,
+    /// Nothing is restarted.
+    Nothing,
+    /// A command line, e.g. `systemctl restart myapp`.
+    Command(String),
+}
+
+impl Restart {
+    /// The policy from the manifest's `restart` key (default: supervisor).
+    pub fn from_manifest(value: Option<&str>) -> Restart {
+        match value.map(str::trim) {
+            None | Some("supervisor") => Restart::Supervisor,
+            Some("none") => Restart::Nothing,
+            Some(cmd) => Restart::Command(cmd.to_string()),
+        }
+    }
+}
+
+/// What a restart did, for the log line.
+#[derive(Debug, PartialEq)]
+pub enum Restarted {
+    /// Restarted and confirmed; the text is supervisor's status (`RUNNING pid 42, uptime 0:00:01`).
+    Confirmed(String),
+    /// Restarted by a custom command that exited 0.
+    Commanded,
+    /// Not restarted, and why (policy "none", no supervisorctl).
+    Skipped(&'static str),
+}
+
+/// The supervisorctl command: `BIN_PROXY_SUPERVISORCTL` (e.g.
+/// `supervisorctl -c /etc/supervisor/other.conf`), else `supervisorctl`.
+pub fn supervisorctl() -> Result<Vec<String>> {
+    match std::env::var("BIN_PROXY_SUPERVISORCTL") {
+        Ok(cmd) if !cmd.trim().is_empty() => split(&cmd),
+        _ => Ok(vec!["supervisorctl".to_string()]),
+    }
+}
+
+/// Whether a program can be found (a path that exists, or a name on `PATH`).
+pub fn exists(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).is_file();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Restarts a service by policy and confirms it runs.
+pub fn restart(policy: &Restart, service: &str, env: &[(&str, String)]) -> Result<Restarted> {
+    match policy {
+        Restart::Nothing => Ok(Restarted::Skipped("restart is \"none\"")),
+        Restart::Command(cmd) => run_hook(cmd, env).map(|()| Restarted::Commanded),
+        Restart::Supervisor => {
+            let ctl = supervisorctl()?;
+            if !exists(&ctl[0]) {
+                return Ok(Restarted::Skipped("supervisorctl not found"));
+            }
+            supervisor_restart(&ctl, service)?;
+            confirm_running(&ctl, service).map(Restarted::Confirmed)
+        }
+    }
+}
+
+fn supervisor(ctl: &[String], args: &[&str]) -> Result<Output> {
+    let mut argv = ctl.to_vec();
+    argv.extend(args.iter().map(|a| a.to_string()));
+    run(&argv, &[], SUPERVISOR_TIMEOUT)
+}
+
+fn supervisor_restart(ctl: &[String], service: &str) -> Result<()> {
+    let out = supervisor(ctl, &["restart", service])?;
+    // supervisor before 4.0 exits 0 even on failure: read what it says.
+    let says_error = out.text.lines().any(|l| l.contains("ERROR") || l.contains("no such process"));
+    if out.code != Some(0) || says_error {
+        return Err(Error::Service {
+            service: service.to_string(),
+            msg: format!("restart failed: {}", failure(out.code, &out.text)),
+        });
+    }
+    Ok(())
+}
+
+fn confirm_running(ctl: &[String], service: &str) -> Result<String> {
+    let out = supervisor(ctl, &["status", service])?;
+    match parse_status(&out.text, service) {
+        Some(("RUNNING", detail)) => Ok(format!("RUNNING {detail}").trim_end().to_string()),
+        Some((state, detail)) => Err(Error::Service {
+            service: service.to_string(),
+            msg: format!("is {state} after the restart, not RUNNING: {}", crate::protocol::one_line(detail, 200)),
+        }),
+        None => Err(Error::Service {
+            service: service.to_string(),
+            msg: format!("status did not report it: {}", failure(out.code, &out.text)),
+        }),
+    }
+}
+
+/// Finds `SERVICE  STATE  detail` in `supervisorctl status` output.
+pub fn parse_status<'a>(text: &'a str, service: &str) -> Option<(&'a str, &'a str)> {
+    text.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let name = parts.next()?;
+        // A group member shows as group:name.
+        if name != service && name.rsplit(':').next() != Some(service) {
+            return None;
+        }
+        let state = parts.next()?;
+        let detail = line.split_once(state).map_or("", |(_, rest)| rest.trim());
+        Some((state, detail))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitting() {
+        assert_eq!(split("a  b\tc").unwrap(), ["a", "b", "c"]);
+        assert_eq!(split(r#"sh -c 'echo "hi there"' x"#).unwrap(), ["sh", "-c", "echo \"hi there\"", "x"]);
+        assert_eq!(split(r#"a "b \" c" d\ e ''"#).unwrap(), ["a", "b \" c", "d e", ""]);
+        assert!(split("a 'b").is_err());
+        assert!(split("   ").is_err());
+    }
+
+    #[test]
+    fn status_lines() {
+        let out = "myapp                            RUNNING   pid 4242, uptime 0:00:05\n";
+        assert_eq!(parse_status(out, "myapp"), Some(("RUNNING", "pid 4242, uptime 0:00:05")));
+        assert_eq!(parse_status("grp:myapp  BACKOFF  Exited too quickly", "myapp"), Some(("BACKOFF", "Exited too quickly")));
+        assert_eq!(parse_status("myapp: ERROR (no such process)", "myapp"), None);
+        assert_eq!(parse_status("other RUNNING pid 1", "myapp"), None);
+    }
+
+    #[test]
+    fn commands_run_with_deadline_and_output() {
+        let ok = run(&split("sh -c 'echo out; echo err >&2; exit 3'").unwrap(), &[], Duration::from_secs(5)).unwrap();
+        assert_eq!(ok.code, Some(3));
+        assert_eq!(ok.text, "out\nerr\n");
+        let slow = run(&split("sleep 5").unwrap(), &[], Duration::from_millis(200)).unwrap_err();
+        assert!(slow.to_string().contains("did not finish within 0 s and was killed"), "{slow}");
+        let e = run_hook("sh -c 'echo failing check; exit 4'", &[]).unwrap_err();
+        assert_eq!(e.to_string(), "\"sh -c 'echo failing check; exit 4'\" exited with status 4: failing check");
+        let e = run_hook("/nonexistent/hook", &[]).unwrap_err();
+        assert!(e.to_string().contains("could not start"), "{e}");
+    }
+}

@@ -1,0 +1,252 @@
+//! The agent's own small state file, beside the manifest
+//! (`bin-manifests.json.state`): a cache of file hashes keyed by what `stat`
+//! says, so that an idle run does not re-read every binary every minute, and
+//! the quarantine of builds that failed here. Losing it costs one re-hash and
+//! one retry, never correctness, so a damaged file is logged and ignored.
+
+use crate::error::Result;
+use crate::fsutil;
+use crate::hash;
+use crate::json::{self, Value};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// What `stat` said about a file when it was hashed. Any change to size,
+/// inode, mtime or ctime (which no tool can set back) means "hash again".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    size: u64,
+    ino: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    /// The stamp of a file as it is now.
+    pub fn of(meta: &fs::Metadata) -> Stamp {
+        Stamp {
+            size: meta.size(),
+            ino: meta.ino(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// A build that failed on this node; not retried until the server publishes
+/// another hash or an operator runs `bin-proxy retry NAME`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Quarantined {
+    /// Binary name.
+    pub name: String,
+    /// The failed md5.
+    pub hash: String,
+    /// Why, one line.
+    pub error: String,
+    /// When, RFC 3339 UTC.
+    pub at: String,
+}
+
+/// The state file's contents.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct State {
+    files: Vec<(PathBuf, Stamp, String)>,
+    /// Failed builds.
+    pub quarantine: Vec<Quarantined>,
+    dirty: bool,
+}
+
+impl State {
+    /// The state file that belongs to a manifest.
+    pub fn path_for(manifest: &Path) -> PathBuf {
+        let mut p = manifest.as_os_str().to_owned();
+        p.push(".state");
+        PathBuf::from(p)
+    }
+
+    /// Loads the state; a missing file is an empty state, a damaged one is
+    /// logged and replaced.
+    pub fn load(path: &Path) -> State {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return State::default(),
+            Err(e) => {
+                crate::warn!("ignoring state file \"{}\": {e}", path.display());
+                return State::default();
+            }
+        };
+        match json::parse(&text).ok().and_then(|v| State::from_json(&v)) {
+            Some(state) => state,
+            None => {
+                crate::warn!("ignoring damaged state file \"{}\"; hashes will be recomputed", path.display());
+                State { dirty: true, ..State::default() }
+            }
+        }
+    }
+
+    /// Writes the state atomically if anything changed.
+    pub fn save_if_changed(&mut self, path: &Path) -> Result<()> {
+        if self.dirty {
+            fsutil::atomic_write(path, self.to_json().to_pretty().as_bytes(), 0o600)?;
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The md5 of the file at `path`, from the cache when `stat` shows it
+    /// unchanged, else read and remembered. `None` when there is no file.
+    pub fn actual_hash(&mut self, path: &Path) -> Result<Option<String>> {
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.forget(path);
+                return Ok(None);
+            }
+            Err(e) => return Err(crate::error::Error::io("inspecting", path, e)),
+        };
+        let stamp = Stamp::of(&meta);
+        if let Some((_, _, md5)) = self.files.iter().find(|(p, s, _)| p == path && *s == stamp) {
+            return Ok(Some(md5.clone()));
+        }
+        let md5 = hash::md5_file(path)?;
+        self.remember(path, stamp, &md5);
+        Ok(Some(md5))
+    }
+
+    /// Like [`State::actual_hash`] but never changes the cache (for dry runs).
+    pub fn peek_hash(&self, path: &Path) -> Result<Option<String>> {
+        let mut scratch = self.clone();
+        scratch.actual_hash(path)
+    }
+
+    /// Records the hash of a file just written (so it is not read again).
+    pub fn remember(&mut self, path: &Path, stamp: Stamp, md5: &str) {
+        self.forget(path);
+        self.files.push((path.to_path_buf(), stamp, md5.to_string()));
+        self.dirty = true;
+    }
+
+    /// Drops the cached hash of `path`.
+    pub fn forget(&mut self, path: &Path) {
+        let before = self.files.len();
+        self.files.retain(|(p, _, _)| p != path);
+        self.dirty |= self.files.len() != before;
+    }
+
+    /// The quarantine entry for a binary, if its failed hash is `hash`.
+    pub fn quarantined(&self, name: &str, hash: &str) -> Option<&Quarantined> {
+        self.quarantine.iter().find(|q| q.name == name && hash::same(&q.hash, hash))
+    }
+
+    /// Quarantines a failed build (replacing an older entry for that binary).
+    pub fn add_quarantine(&mut self, q: Quarantined) {
+        self.quarantine.retain(|o| o.name != q.name);
+        self.quarantine.push(q);
+        self.dirty = true;
+    }
+
+    /// Clears a binary's quarantine; returns whether there was one.
+    pub fn clear_quarantine(&mut self, name: &str) -> bool {
+        let before = self.quarantine.len();
+        self.quarantine.retain(|q| q.name != name);
+        let changed = self.quarantine.len() != before;
+        self.dirty |= changed;
+        changed
+    }
+
+    fn to_json(&self) -> Value {
+        let num = |n: i64| Value::Num(n as f64);
+        let files = self.files.iter().map(|(p, s, md5)| {
+            Value::obj([
+                ("path", Value::str(p.display().to_string())),
+                ("md5", Value::str(md5)),
+                ("size", Value::Num(s.size as f64)),
+                ("ino", Value::Num(s.ino as f64)),
+                ("mtime", num(s.mtime.0)),
+                ("mtimeNs", num(s.mtime.1)),
+                ("ctime", num(s.ctime.0)),
+                ("ctimeNs", num(s.ctime.1)),
+            ])
+        });
+        let quarantine = self.quarantine.iter().map(|q| {
+            Value::obj([
+                ("name", Value::str(&q.name)),
+                ("hash", Value::str(&q.hash)),
+                ("error", Value::str(&q.error)),
+                ("at", Value::str(&q.at)),
+            ])
+        });
+        Value::obj([("files", Value::Arr(files.collect())), ("quarantine", Value::Arr(quarantine.collect()))])
+    }
+
+    fn from_json(v: &Value) -> Option<State> {
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+        let list = |k: &str| match v.get(k) {
+            Some(Value::Arr(items)) => Some(items.clone()),
+            None => Some(Vec::new()),
+            _ => None,
+        };
+        let mut state = State::default();
+        for f in list("files")? {
+            let stamp = Stamp {
+                size: n(&f, "size")? as u64,
+                ino: n(&f, "ino")? as u64,
+                mtime: (n(&f, "mtime")? as i64, n(&f, "mtimeNs")? as i64),
+                ctime: (n(&f, "ctime")? as i64, n(&f, "ctimeNs")? as i64),
+            };
+            state.files.push((PathBuf::from(s(&f, "path")?), stamp, s(&f, "md5")?));
+        }
+        for q in list("quarantine")? {
+            state.quarantine.push(Quarantined {
+                name: s(&q, "name")?,
+                hash: s(&q, "hash")?,
+                error: s(&q, "error").unwrap_or_default(),
+                at: s(&q, "at").unwrap_or_default(),
+            });
+        }
+        Some(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_round_trips_and_notices_changes() {
+        let dir = std::env::temp_dir().join(format!("bin-proxy-state-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("app");
+        let state_path = dir.join("m.json.state");
+        fs::write(&file, b"hello world\n").unwrap();
+
+        let mut state = State::load(&state_path);
+        assert_eq!(state.actual_hash(&file).unwrap().as_deref(), Some("6f5902ac237024bdd0c176cb93063dc4"));
+        state.add_quarantine(Quarantined { name: "app".into(), hash: "AB".into(), error: "e".into(), at: "t".into() });
+        state.save_if_changed(&state_path).unwrap();
+
+        let mut loaded = State::load(&state_path);
+        assert_eq!(loaded.files, state.files);
+        assert!(loaded.quarantined("app", "ab").is_some());
+        // Same size, different bytes: mtime/ctime give it away.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(&file, b"HELLO WORLD\n").unwrap();
+        assert_ne!(loaded.actual_hash(&file).unwrap().as_deref(), Some("6f5902ac237024bdd0c176cb93063dc4"));
+        fs::remove_file(&file).unwrap();
+        assert_eq!(loaded.actual_hash(&file).unwrap(), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_file_is_ignored() {
+        let dir = std::env::temp_dir().join(format!("bin-proxy-state-bad-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s");
+        fs::write(&p, b"{not json").unwrap();
+        assert!(State::load(&p).quarantine.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
