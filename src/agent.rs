@@ -70,18 +70,43 @@ pub fn main(args: &Args) -> u8 {
 
 /// The manifest path: `--config`, else `BIN_PROXY_CONFIG`, else the default.
 pub fn config_path(args: &Args, env: Env) -> PathBuf {
-    args.config.clone().or_else(|| env("BIN_PROXY_CONFIG").map(PathBuf::from)).unwrap_or_else(|| DEFAULT_PATH.into())
+    args.config
+        .clone()
+        .or_else(|| env("BIN_PROXY_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| DEFAULT_PATH.into())
 }
 
 /// Builds the client from flag > env > manifest > default.
-pub fn client_for(args: &Args, env: Env, manifest: &Manifest, config: &Path, arch: &str) -> Result<Client> {
-    let api = args.api.clone().or_else(|| env("BIN_MANAGER_API")).or_else(|| manifest.manager.api.clone());
-    let api = api.unwrap_or_else(|| DEFAULT_API.to_string()).trim_end_matches('/').to_string();
-    let download = args.download_url.clone().or_else(|| env("BIN_DOWNLOAD_URL")).or_else(|| manifest.manager.download_url.clone());
-    let download_base = download.unwrap_or_else(|| format!("{api}/download")).trim_end_matches('/').to_string();
+pub fn client_for(
+    args: &Args,
+    env: Env,
+    manifest: &Manifest,
+    config: &Path,
+    arch: &str,
+) -> Result<Client> {
+    let api = args
+        .api
+        .clone()
+        .or_else(|| env("BIN_MANAGER_API"))
+        .or_else(|| manifest.manager.api.clone());
+    let api = api
+        .unwrap_or_else(|| DEFAULT_API.to_string())
+        .trim_end_matches('/')
+        .to_string();
+    let download = args
+        .download_url
+        .clone()
+        .or_else(|| env("BIN_DOWNLOAD_URL"))
+        .or_else(|| manifest.manager.download_url.clone());
+    let download_base = download
+        .unwrap_or_else(|| format!("{api}/download"))
+        .trim_end_matches('/')
+        .to_string();
     for (what, url) in [("API", &api), ("download", &download_base)] {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(Error::Usage(format!("the {what} URL must start with http:// or https://, not \"{url}\"")));
+            return Err(Error::Usage(format!(
+                "the {what} URL must start with http:// or https://, not \"{url}\""
+            )));
         }
     }
     let token = match (env("BIN_MANAGER_TOKEN"), &manifest.manager.token_file) {
@@ -89,7 +114,10 @@ pub fn client_for(args: &Args, env: Env, manifest: &Manifest, config: &Path, arc
         (None, Some(file)) => {
             let t = fs::read_to_string(file).map_err(|e| Error::Config {
                 path: config.to_path_buf(),
-                msg: format!("manager.tokenFile \"{}\" cannot be read: {e}", file.display()),
+                msg: format!(
+                    "manager.tokenFile \"{}\" cannot be read: {e}",
+                    file.display()
+                ),
             })?;
             Some(t.trim().to_string()).filter(|t| !t.is_empty())
         }
@@ -108,7 +136,10 @@ pub fn client_for(args: &Args, env: Env, manifest: &Manifest, config: &Path, arc
 /// The node facts to report: the manifest's, with empty ones detected.
 fn node_facts(manifest: &Manifest) -> (String, String, String) {
     let pick = |v: &Option<String>, detect: fn() -> String| {
-        v.as_deref().map(str::trim).filter(|s| !s.is_empty()).map_or_else(detect, str::to_string)
+        v.as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map_or_else(detect, str::to_string)
     };
     (
         pick(&manifest.node.name, host::hostname),
@@ -166,7 +197,10 @@ struct Run<'a> {
 /// One upgrade cycle.
 fn run(args: &Args, config: &Path) -> Result<u8> {
     let Some(_lock) = lock(config)? else {
-        info!("another bin-proxy run holds the lock on \"{}\"; exiting", config.display());
+        info!(
+            "another bin-proxy run holds the lock on \"{}\"; exiting",
+            config.display()
+        );
         return Ok(0);
     };
     let manifest = Manifest::load(config)?;
@@ -179,7 +213,14 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         std::thread::sleep(Duration::from_secs(secs));
     }
     let state_path = State::path_for(config);
-    let mut run = Run { args, config, state: State::load(&state_path), state_path, manifest, client };
+    let mut run = Run {
+        args,
+        config,
+        state: State::load(&state_path),
+        state_path,
+        manifest,
+        client,
+    };
 
     let registered = match run.client.keepalive_get(&node) {
         Ok(found) => found.is_some(),
@@ -196,7 +237,13 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     }
 
     let (mut up_to_date, mut changed, mut failed, mut skipped) = (0, 0, 0, 0);
-    let bins: Vec<Binary> = run.manifest.binaries.iter().filter(|b| selected(args, b)).cloned().collect();
+    let bins: Vec<Binary> = run
+        .manifest
+        .binaries
+        .iter()
+        .filter(|b| selected(args, b))
+        .cloned()
+        .collect();
     for bin in &bins {
         match run.binary(bin) {
             Ok(Outcome::UpToDate) => up_to_date += 1,
@@ -232,8 +279,14 @@ fn selected(args: &Args, bin: &Binary) -> bool {
 }
 
 fn check_only(args: &Args, manifest: &Manifest) -> Result<()> {
-    match args.only.iter().find(|n| !manifest.binaries.iter().any(|b| &&b.name == n)) {
-        Some(n) => Err(Error::Usage(format!("--only \"{n}\": no such binary in the manifest"))),
+    match args
+        .only
+        .iter()
+        .find(|n| !manifest.binaries.iter().any(|b| &&b.name == n))
+    {
+        Some(n) => Err(Error::Usage(format!(
+            "--only \"{n}\": no such binary in the manifest"
+        ))),
         None => Ok(()),
     }
 }
@@ -280,7 +333,8 @@ impl Run<'_> {
     }
 
     fn report(&self, name: &str, md5: &str) {
-        if let Err(e) = self.client.report_hash(name, md5) {
+        let (node, _, _) = node_facts(&self.manifest);
+        if let Err(e) = self.client.report_hash(&node, name, md5) {
             warn!("{name}: reporting hash {}: {e}", log::short(md5));
         }
     }
@@ -288,17 +342,35 @@ impl Run<'_> {
     fn binary(&mut self, bin: &Binary) -> Result<Outcome> {
         let remote = self.client.bin_info(&bin.name, bin.pinned_version())?;
         let target = install::real_target(&bin.path);
-        let swept = crate::fsutil::sweep_temps(&target) + crate::fsutil::sweep_temps(&backup_of(&target));
+        let swept =
+            crate::fsutil::sweep_temps(&target) + crate::fsutil::sweep_temps(&backup_of(&target));
         if swept > 0 {
-            info!("{}: removed {swept} temp file(s) left by an interrupted run", bin.name);
+            info!(
+                "{}: removed {swept} temp file(s) left by an interrupted run",
+                bin.name
+            );
         }
         let actual = self.state.actual_hash(&target)?;
-        if self.state.quarantine.iter().any(|q| q.name == bin.name && !hash::same(&q.hash, &remote.hash)) {
+        if self
+            .state
+            .quarantine
+            .iter()
+            .any(|q| q.name == bin.name && !hash::same(&q.hash, &remote.hash))
+        {
             self.state.clear_quarantine(&bin.name);
-            info!("{}: a new build {} is published; its quarantine is lifted", bin.name, log::short(&remote.hash));
+            info!(
+                "{}: a new build {} is published; its quarantine is lifted",
+                bin.name,
+                log::short(&remote.hash)
+            );
         }
         let quarantine = self.state.quarantined(&bin.name, &remote.hash).cloned();
-        match plan::decide(&bin.hash, actual.as_deref(), &remote.hash, quarantine.is_some()) {
+        match plan::decide(
+            &bin.hash,
+            actual.as_deref(),
+            &remote.hash,
+            quarantine.is_some(),
+        ) {
             Action::UpToDate { record: false } => {
                 debug!("{}: up to date ({})", bin.name, log::short(&remote.hash));
                 Ok(Outcome::UpToDate)
@@ -306,7 +378,11 @@ impl Run<'_> {
             Action::UpToDate { record: true } => {
                 self.record(&bin.name, &remote.hash)?;
                 self.report(&bin.name, &remote.hash);
-                info!("{}: file already is the published build {}; recorded it", bin.name, log::short(&remote.hash));
+                info!(
+                    "{}: file already is the published build {}; recorded it",
+                    bin.name,
+                    log::short(&remote.hash)
+                );
                 Ok(Outcome::Changed)
             }
             Action::Quarantined => {
@@ -317,33 +393,66 @@ impl Run<'_> {
                 );
                 Ok(Outcome::Skipped)
             }
-            Action::Install(reason) => self.install(bin, &target, actual.as_deref(), &remote, reason),
+            Action::Install(reason) => {
+                self.install(bin, &target, actual.as_deref(), &remote, reason)
+            }
         }
     }
 
-    fn install(&mut self, bin: &Binary, target: &Path, actual: Option<&str>, remote: &BinInfo, reason: Reason) -> Result<Outcome> {
+    fn install(
+        &mut self,
+        bin: &Binary,
+        target: &Path,
+        actual: Option<&str>,
+        remote: &BinInfo,
+        reason: Reason,
+    ) -> Result<Outcome> {
         let from = actual.unwrap_or("");
-        let url = self.client.download_url(&bin.name, bin.download_url.as_deref(), bin.pinned_version());
-        info!("{}: {}; installing {}→{} from {url}", bin.name, reason.describe(), log::short(from), log::short(&remote.hash));
+        let url =
+            self.client
+                .download_url(&bin.name, bin.download_url.as_deref(), bin.pinned_version());
+        info!(
+            "{}: {}; installing {}→{} from {url}",
+            bin.name,
+            reason.describe(),
+            log::short(from),
+            log::short(&remote.hash)
+        );
         if remote.sha256.is_some() {
-            debug!("{}: the server offers a sha256; this build verifies md5 only", bin.name);
+            debug!(
+                "{}: the server offers a sha256; this build verifies md5 only",
+                bin.name
+            );
         }
-        let staged = install::stage(&self.client, &bin.name, &url, target, &remote.hash, self.args.max_size)?;
+        let staged = install::stage(
+            &self.client,
+            &bin.name,
+            &url,
+            target,
+            remote,
+            self.args.max_size,
+        )?;
         let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
         if let Some(cmd) = &bin.pre_upgrade {
-            service::run_hook(cmd, &env).map_err(|e| Error::Other(format!("preUpgrade failed, nothing changed: {e}")))?;
+            service::run_hook(cmd, &env)
+                .map_err(|e| Error::Other(format!("preUpgrade failed, nothing changed: {e}")))?;
         }
         let backup = backup_of(target);
         let had_backup = install::swap(&staged, target, &backup)?;
         if let Ok(meta) = fs::metadata(target) {
             self.state.remember(target, Stamp::of(&meta), &staged.md5);
         }
-        let transfer = format!("{}, {}", log::size(staged.size), log::rate(staged.size, staged.elapsed));
+        let transfer = format!(
+            "{}, {}",
+            log::size(staged.size),
+            log::rate(staged.size, staged.elapsed)
+        );
         let env = hook_env(bin, target, from, &remote.hash, None);
         let policy = Restart::from_manifest(bin.restart.as_deref());
         let started = service::restart(&policy, bin.service(), &env).and_then(|r| {
             if let Some(cmd) = &bin.post_upgrade {
-                service::run_hook(cmd, &env).map_err(|e| Error::Other(format!("postUpgrade failed: {e}")))?;
+                service::run_hook(cmd, &env)
+                    .map_err(|e| Error::Other(format!("postUpgrade failed: {e}")))?;
             }
             Ok(r)
         });
@@ -359,11 +468,20 @@ impl Run<'_> {
                 if matches!(restarted, Restarted::Skipped("supervisorctl not found")) {
                     warn!("{}: supervisorctl not found; the new build is in place but service \"{}\" was not restarted", bin.name, bin.service());
                 }
-                info!("{}: upgraded {}→{} ({transfer}), {how}", bin.name, log::short(from), log::short(&staged.md5));
+                info!(
+                    "{}: upgraded {}→{} ({transfer}), {how}",
+                    bin.name,
+                    log::short(from),
+                    log::short(&staged.md5)
+                );
                 Ok(Outcome::Changed)
             }
             Err(e) => {
-                error!("{}: {} did not come up: {e}", bin.name, log::short(&staged.md5));
+                error!(
+                    "{}: {} did not come up: {e}",
+                    bin.name,
+                    log::short(&staged.md5)
+                );
                 self.undo(bin, target, &backup, had_backup, &policy, &env);
                 self.state.add_quarantine(Quarantined {
                     name: bin.name.clone(),
@@ -378,22 +496,50 @@ impl Run<'_> {
 
     /// Takes a failed build out of service: the backup goes back (or, for a
     /// fresh install, the new file goes away) and the service is restarted.
-    fn undo(&mut self, bin: &Binary, target: &Path, backup: &Path, had_backup: bool, policy: &Restart, env: &[(&str, String)]) {
+    fn undo(
+        &mut self,
+        bin: &Binary,
+        target: &Path,
+        backup: &Path,
+        had_backup: bool,
+        policy: &Restart,
+        env: &[(&str, String)],
+    ) {
         self.state.forget(target);
         if !had_backup {
             match fs::remove_file(target) {
-                Ok(()) => warn!("{}: removed the failed fresh install \"{}\"", bin.name, target.display()),
-                Err(e) => error!("{}: could not remove the failed install \"{}\": {e}", bin.name, target.display()),
+                Ok(()) => warn!(
+                    "{}: removed the failed fresh install \"{}\"",
+                    bin.name,
+                    target.display()
+                ),
+                Err(e) => error!(
+                    "{}: could not remove the failed install \"{}\": {e}",
+                    bin.name,
+                    target.display()
+                ),
             }
             return;
         }
         if let Err(e) = install::restore(target, backup) {
-            error!("{}: ROLLBACK FAILED, the failed build is still in place: {e}", bin.name);
+            error!(
+                "{}: ROLLBACK FAILED, the failed build is still in place: {e}",
+                bin.name
+            );
             return;
         }
         match service::restart(policy, bin.service(), env) {
-            Ok(r) => warn!("{}: rolled back to {} ({})", bin.name, log::short(&bin.hash), describe(&r)),
-            Err(e) => error!("{}: rolled back to {}, but the restart failed too: {e}", bin.name, log::short(&bin.hash)),
+            Ok(r) => warn!(
+                "{}: rolled back to {} ({})",
+                bin.name,
+                log::short(&bin.hash),
+                describe(&r)
+            ),
+            Err(e) => error!(
+                "{}: rolled back to {}, but the restart failed too: {e}",
+                bin.name,
+                log::short(&bin.hash)
+            ),
         }
     }
 }
@@ -414,7 +560,13 @@ fn backup_of(target: &Path) -> PathBuf {
 }
 
 /// What hooks and restart commands learn about the upgrade.
-fn hook_env(bin: &Binary, target: &Path, old: &str, new: &str, staged: Option<&Staged>) -> Vec<(&'static str, String)> {
+fn hook_env(
+    bin: &Binary,
+    target: &Path,
+    old: &str,
+    new: &str,
+    staged: Option<&Staged>,
+) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("BIN_PROXY_NAME", bin.name.clone()),
         ("BIN_PROXY_PATH", target.display().to_string()),
@@ -435,7 +587,8 @@ fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
     let client = client_for(args, &process_env, &manifest, config, &arch)?;
     let state = State::load(&State::path_for(config));
     let mut failed = false;
-    let mut rows = vec![["NAME", "PATH", "RECORDED", "ACTUAL", "REMOTE", "STATE"].map(String::from)];
+    let mut rows =
+        vec![["NAME", "PATH", "RECORDED", "ACTUAL", "REMOTE", "STATE"].map(String::from)];
     for bin in manifest.binaries.iter().filter(|b| selected(args, b)) {
         let target = install::real_target(&bin.path);
         let actual = state.peek_hash(&target);
@@ -443,16 +596,43 @@ fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
         let (line, state_word) = match (&actual, &remote) {
             (Err(e), _) | (_, Err(e)) => {
                 failed = true;
-                (format!("{}: cannot check: {e}", bin.name), "error".to_string())
+                (
+                    format!("{}: cannot check: {e}", bin.name),
+                    "error".to_string(),
+                )
             }
             (Ok(actual), Ok(remote)) => {
                 let q = state.quarantined(&bin.name, &remote.hash);
                 match plan::decide(&bin.hash, actual.as_deref(), &remote.hash, q.is_some()) {
-                    Action::UpToDate { record: false } => (format!("{}: up to date ({})", bin.name, log::short(&remote.hash)), "up to date".into()),
-                    Action::UpToDate { record: true } => (format!("{}: would record {} (the file already matches)", bin.name, log::short(&remote.hash)), "unrecorded".into()),
-                    Action::Quarantined => (format!("{}: would hold back {} (failed here: {})", bin.name, log::short(&remote.hash), q.map_or("", |q| &q.error)), "quarantined".into()),
+                    Action::UpToDate { record: false } => (
+                        format!("{}: up to date ({})", bin.name, log::short(&remote.hash)),
+                        "up to date".into(),
+                    ),
+                    Action::UpToDate { record: true } => (
+                        format!(
+                            "{}: would record {} (the file already matches)",
+                            bin.name,
+                            log::short(&remote.hash)
+                        ),
+                        "unrecorded".into(),
+                    ),
+                    Action::Quarantined => (
+                        format!(
+                            "{}: would hold back {} (failed here: {})",
+                            bin.name,
+                            log::short(&remote.hash),
+                            q.map_or("", |q| &q.error)
+                        ),
+                        "quarantined".into(),
+                    ),
                     Action::Install(reason) => (
-                        format!("{}: would install {}→{} ({})", bin.name, log::short(actual.as_deref().unwrap_or("")), log::short(&remote.hash), reason.describe()),
+                        format!(
+                            "{}: would install {}→{} ({})",
+                            bin.name,
+                            log::short(actual.as_deref().unwrap_or("")),
+                            log::short(&remote.hash),
+                            reason.describe()
+                        ),
                         match reason {
                             Reason::Fresh => "not installed",
                             Reason::Missing => "missing",
@@ -470,7 +650,11 @@ fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
                 bin.name.clone(),
                 bin.path.display().to_string(),
                 log::short(&bin.hash),
-                match &actual { Ok(Some(h)) => log::short(h), Ok(None) => "missing".into(), Err(_) => "?".into() },
+                match &actual {
+                    Ok(Some(h)) => log::short(h),
+                    Ok(None) => "missing".into(),
+                    Err(_) => "?".into(),
+                },
                 short(remote.as_ref().ok().map(|r| r.hash.as_str())),
                 state_word,
             ]);
@@ -492,7 +676,11 @@ fn print_table(rows: &[[String; 6]]) {
         }
     }
     for row in rows {
-        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", line.join("  ").trim_end());
     }
 }
@@ -500,11 +688,18 @@ fn print_table(rows: &[[String; 6]]) {
 /// `init`: a starter manifest with this host's facts; never overwrites.
 fn init(args: &Args, config: &Path) -> Result<u8> {
     if fs::symlink_metadata(config).is_ok() {
-        return Err(Error::Other(format!("\"{}\" already exists; not overwriting it", config.display())));
+        return Err(Error::Other(format!(
+            "\"{}\" already exists; not overwriting it",
+            config.display()
+        )));
     }
     let dir = crate::fsutil::parent(config);
     fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
-    let api = args.api.clone().or_else(|| process_env("BIN_MANAGER_API")).unwrap_or_else(|| DEFAULT_API.into());
+    let api = args
+        .api
+        .clone()
+        .or_else(|| process_env("BIN_MANAGER_API"))
+        .unwrap_or_else(|| DEFAULT_API.into());
     let mut m = Manifest::default();
     m.manager.api = Some(api);
     m.node.name = Some(host::hostname());
@@ -514,7 +709,10 @@ fn init(args: &Args, config: &Path) -> Result<u8> {
     let file = crate::fsutil::create_exclusive(config, 0o644)?;
     drop(file);
     m.save(config)?;
-    info!("wrote a starter manifest to \"{}\"; add your binaries to its \"binaries\" list", config.display());
+    info!(
+        "wrote a starter manifest to \"{}\"; add your binaries to its \"binaries\" list",
+        config.display()
+    );
     Ok(0)
 }
 
@@ -522,16 +720,33 @@ fn init(args: &Args, config: &Path) -> Result<u8> {
 /// back from (so the next cron run does not reinstall it), record and report.
 fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let Some(_lock) = lock(config)? else {
-        return Err(Error::Other("another bin-proxy run holds the lock; try again in a moment".into()));
+        return Err(Error::Other(
+            "another bin-proxy run holds the lock; try again in a moment".into(),
+        ));
     };
     let manifest = Manifest::load(config)?;
-    let bin = manifest.binaries.iter().find(|b| b.name == name).cloned().ok_or_else(|| {
-        Error::Usage(format!("no binary named \"{name}\" in \"{}\"", config.display()))
-    })?;
+    let bin = manifest
+        .binaries
+        .iter()
+        .find(|b| b.name == name)
+        .cloned()
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "no binary named \"{name}\" in \"{}\"",
+                config.display()
+            ))
+        })?;
     let (_, arch, _) = node_facts(&manifest);
     let client = client_for(args, &process_env, &manifest, config, &arch)?;
     let state_path = State::path_for(config);
-    let mut run = Run { args, config, state: State::load(&state_path), state_path, manifest, client };
+    let mut run = Run {
+        args,
+        config,
+        state: State::load(&state_path),
+        state_path,
+        manifest,
+        client,
+    };
     let target = install::real_target(&bin.path);
     let backup = backup_of(&target);
     let from = run.state.actual_hash(&target)?.unwrap_or_default();
@@ -547,7 +762,11 @@ fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
         });
     }
     let env = hook_env(&bin, &target, &from, &to, None);
-    let restarted = service::restart(&Restart::from_manifest(bin.restart.as_deref()), bin.service(), &env);
+    let restarted = service::restart(
+        &Restart::from_manifest(bin.restart.as_deref()),
+        bin.service(),
+        &env,
+    );
     run.record(name, &to)?;
     run.state.save_if_changed(&run.state_path)?;
     run.report(name, &to);
@@ -560,7 +779,11 @@ fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
             Ok(0)
         }
         Err(e) => {
-            error!("{name}: rolled back {}→{}, but the restart failed: {e}", log::short(&from), log::short(&to));
+            error!(
+                "{name}: rolled back {}→{}, but the restart failed: {e}",
+                log::short(&from),
+                log::short(&to)
+            );
             Ok(1)
         }
     }
@@ -569,11 +792,16 @@ fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
 /// `retry NAME`: forget that a build failed here, so the next run tries it again.
 fn retry(config: &Path, name: &str) -> Result<u8> {
     let Some(_lock) = lock(config)? else {
-        return Err(Error::Other("another bin-proxy run holds the lock; try again in a moment".into()));
+        return Err(Error::Other(
+            "another bin-proxy run holds the lock; try again in a moment".into(),
+        ));
     };
     let manifest = Manifest::load(config)?;
     if !manifest.binaries.iter().any(|b| b.name == name) {
-        return Err(Error::Usage(format!("no binary named \"{name}\" in \"{}\"", config.display())));
+        return Err(Error::Usage(format!(
+            "no binary named \"{name}\" in \"{}\"",
+            config.display()
+        )));
     }
     let state_path = State::path_for(config);
     let mut state = State::load(&state_path);
@@ -591,7 +819,12 @@ mod tests {
     use super::*;
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -600,26 +833,59 @@ mod tests {
         let cfg = Path::new("/m.json");
         let none = env_of(&[]);
         let c = client_for(&Args::default(), &none, &m, cfg, "x86_64").unwrap();
-        assert_eq!((c.api.as_str(), c.download_base.as_str()), (DEFAULT_API, "http://127.0.0.1:8081/api/v1/download"));
+        assert_eq!(
+            (c.api.as_str(), c.download_base.as_str()),
+            (DEFAULT_API, "http://127.0.0.1:8081/api/v1/download")
+        );
         m.manager.api = Some("http://manifest/api/v1/".into());
         let c = client_for(&Args::default(), &none, &m, cfg, "x86_64").unwrap();
-        assert_eq!((c.api.as_str(), c.download_base.as_str()), ("http://manifest/api/v1", "http://manifest/api/v1/download"));
-        let env = env_of(&[("BIN_MANAGER_API", "http://env/api"), ("BIN_DOWNLOAD_URL", "http://cdn/"), ("BIN_MANAGER_TOKEN", " s3cret\n")]);
+        assert_eq!(
+            (c.api.as_str(), c.download_base.as_str()),
+            ("http://manifest/api/v1", "http://manifest/api/v1/download")
+        );
+        let env = env_of(&[
+            ("BIN_MANAGER_API", "http://env/api"),
+            ("BIN_DOWNLOAD_URL", "http://cdn/"),
+            ("BIN_MANAGER_TOKEN", " s3cret\n"),
+        ]);
         let c = client_for(&Args::default(), &env, &m, cfg, "x86_64").unwrap();
-        assert_eq!((c.api.as_str(), c.download_base.as_str(), c.token.as_deref()), ("http://env/api", "http://cdn", Some("s3cret")));
-        let args = Args { api: Some("https://flag/api".into()), ..Args::default() };
+        assert_eq!(
+            (c.api.as_str(), c.download_base.as_str(), c.token.as_deref()),
+            ("http://env/api", "http://cdn", Some("s3cret"))
+        );
+        let args = Args {
+            api: Some("https://flag/api".into()),
+            ..Args::default()
+        };
         let c = client_for(&args, &env, &m, cfg, "x86_64").unwrap();
         assert_eq!(c.api, "https://flag/api");
-        let args = Args { api: Some("ftp://x".into()), ..Args::default() };
-        assert_eq!(client_for(&args, &none, &m, cfg, "x").unwrap_err().exit_code(), 2);
+        let args = Args {
+            api: Some("ftp://x".into()),
+            ..Args::default()
+        };
+        assert_eq!(
+            client_for(&args, &none, &m, cfg, "x")
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
     }
 
     #[test]
     fn config_path_precedence() {
         let env = env_of(&[("BIN_PROXY_CONFIG", "/env.json")]);
-        assert_eq!(config_path(&Args::default(), &env_of(&[])), PathBuf::from(DEFAULT_PATH));
-        assert_eq!(config_path(&Args::default(), &env), PathBuf::from("/env.json"));
-        let args = Args { config: Some("/flag.json".into()), ..Args::default() };
+        assert_eq!(
+            config_path(&Args::default(), &env_of(&[])),
+            PathBuf::from(DEFAULT_PATH)
+        );
+        assert_eq!(
+            config_path(&Args::default(), &env),
+            PathBuf::from("/env.json")
+        );
+        let args = Args {
+            config: Some("/flag.json".into()),
+            ..Args::default()
+        };
         assert_eq!(config_path(&args, &env), PathBuf::from("/flag.json"));
     }
 
@@ -627,6 +893,12 @@ mod tests {
     fn splay_is_fixed_per_node_and_bounded() {
         assert_eq!(splay("web-01", 30), splay("web-01", 30));
         assert!((0..200).all(|i| splay(&format!("n{i}"), 30) <= 30));
-        assert!((0..200).map(|i| splay(&format!("n{i}"), 30)).collect::<std::collections::HashSet<_>>().len() > 10);
+        assert!(
+            (0..200)
+                .map(|i| splay(&format!("n{i}"), 30))
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 10
+        );
     }
 }

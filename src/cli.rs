@@ -136,13 +136,25 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next().map_err(usage)? {
         match arg {
-            Short('h') | Long("help") => return Ok(Args { command: Command::Help, ..out }),
-            Short('V') | Long("version") => return Ok(Args { command: Command::Version, ..out }),
+            Short('h') | Long("help") => {
+                return Ok(Args {
+                    command: Command::Help,
+                    ..out
+                })
+            }
+            Short('V') | Long("version") => {
+                return Ok(Args {
+                    command: Command::Version,
+                    ..out
+                })
+            }
             Short('c') | Long("config") => out.config = Some(parser.value().map_err(usage)?.into()),
             Long("api") => out.api = Some(string(&mut parser, "--api")?),
             Long("download-url") => out.download_url = Some(string(&mut parser, "--download-url")?),
             Long("timeout") => out.timeout = seconds(&mut parser, "--timeout")?.max(1),
-            Long("download-timeout") => out.download_timeout = seconds(&mut parser, "--download-timeout")?.max(1),
+            Long("download-timeout") => {
+                out.download_timeout = seconds(&mut parser, "--download-timeout")?.max(1)
+            }
             Long("max-size") => out.max_size = size(&string(&mut parser, "--max-size")?)?,
             Long("splay") => out.splay = seconds(&mut parser, "--splay")?,
             Long("every") => out.every = Some(seconds(&mut parser, "--every")?.max(1)),
@@ -150,7 +162,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
             Short('q') | Long("quiet") => out.quiet = true,
             Short('v') | Long("verbose") => out.verbose = true,
             Value(word) if command.is_none() => {
-                let word = word.into_string().map_err(|w| Error::Usage(format!("unknown command {w:?}")))?;
+                let word = word
+                    .into_string()
+                    .map_err(|w| Error::Usage(format!("unknown command {w:?}")))?;
                 command = Some(match word.as_str() {
                     "run" => Command::Run,
                     "check" => Command::Check,
@@ -158,10 +172,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
                     "init" => Command::Init,
                     "rollback" | "retry" => {
                         let name = match parser.next().map_err(usage)? {
-                            Some(Value(name)) => name.into_string().map_err(|_| Error::Usage("NAME must be UTF-8".into()))?,
-                            _ => return Err(Error::Usage(format!("{word} needs the NAME of a binary"))),
+                            Some(Value(name)) => name
+                                .into_string()
+                                .map_err(|_| Error::Usage("NAME must be UTF-8".into()))?,
+                            _ => {
+                                return Err(Error::Usage(format!(
+                                    "{word} needs the NAME of a binary"
+                                )))
+                            }
                         };
-                        if word == "rollback" { Command::Rollback(name) } else { Command::Retry(name) }
+                        if word == "rollback" {
+                            Command::Rollback(name)
+                        } else {
+                            Command::Retry(name)
+                        }
                     }
                     other => return Err(Error::Usage(format!("unknown command \"{other}\""))),
                 });
@@ -171,7 +195,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
     }
     out.command = command.unwrap_or(Command::Run);
     if out.quiet && out.verbose {
-        return Err(Error::Usage("--quiet and --verbose exclude each other".into()));
+        return Err(Error::Usage(
+            "--quiet and --verbose exclude each other".into(),
+        ));
     }
     Ok(out)
 }
@@ -182,7 +208,9 @@ fn usage(e: lexopt::Error) -> Error {
 
 fn string(parser: &mut lexopt::Parser, flag: &str) -> Result<String> {
     let v = parser.value().map_err(usage)?;
-    let v = v.into_string().map_err(|_| Error::Usage(format!("{flag} must be UTF-8")))?;
+    let v = v
+        .into_string()
+        .map_err(|_| Error::Usage(format!("{flag} must be UTF-8")))?;
     if v.trim().is_empty() {
         return Err(Error::Usage(format!("{flag} must not be empty")));
     }
@@ -191,7 +219,8 @@ fn string(parser: &mut lexopt::Parser, flag: &str) -> Result<String> {
 
 fn seconds(parser: &mut lexopt::Parser, flag: &str) -> Result<u64> {
     let v = string(parser, flag)?;
-    v.parse().map_err(|_| Error::Usage(format!("{flag} takes whole seconds, not \"{v}\"")))
+    v.parse()
+        .map_err(|_| Error::Usage(format!("{flag} takes whole seconds, not \"{v}\"")))
 }
 
 /// `1048576`, `512K`, `100M`, `2G` (powers of 1024).
@@ -207,7 +236,11 @@ fn size(v: &str) -> Result<u64> {
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
         .filter(|&n| n > 0)
-        .ok_or_else(|| Error::Usage(format!("--max-size takes a size like 500M or 2G, not \"{v}\"")))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "--max-size takes a size like 500M or 2G, not \"{v}\""
+            ))
+        })
 }
 
 #[cfg(test)]
@@ -215,7 +248,11 @@ mod tests {
     use super::*;
 
     fn check(args: &[&str], expected: Args) {
-        assert_eq!(parse(args.iter().map(OsString::from)).unwrap(), expected, "{args:?}");
+        assert_eq!(
+            parse(args.iter().map(OsString::from)).unwrap(),
+            expected,
+            "{args:?}"
+        );
     }
 
     fn check_err(args: &[&str], msg: &str) {
@@ -227,22 +264,96 @@ mod tests {
     #[test]
     fn forms() {
         check(&[], Args::default());
-        check(&["check", "-c", "/m.json"], Args { command: Command::Check, config: Some("/m.json".into()), ..Args::default() });
-        check(&["--api=http://a/api/v1", "status", "--timeout", "5"], Args { command: Command::Status, api: Some("http://a/api/v1".into()), timeout: 5, ..Args::default() });
-        check(&["rollback", "myapp", "-q"], Args { command: Command::Rollback("myapp".into()), quiet: true, ..Args::default() });
-        check(&["retry", "myapp"], Args { command: Command::Retry("myapp".into()), ..Args::default() });
-        check(&["--only", "a", "--only", "b", "--splay", "30", "--every", "60"], Args { only: vec!["a".into(), "b".into()], splay: 30, every: Some(60), ..Args::default() });
-        check(&["--max-size", "100M"], Args { max_size: 100 << 20, ..Args::default() });
-        check(&["--max-size", "1GiB"], Args { max_size: 1 << 30, ..Args::default() });
-        check(&["--max-size", "1000"], Args { max_size: 1000, ..Args::default() });
-        check(&["status", "--help"], Args { command: Command::Help, ..Args::default() });
-        check(&["-V"], Args { command: Command::Version, ..Args::default() });
+        check(
+            &["check", "-c", "/m.json"],
+            Args {
+                command: Command::Check,
+                config: Some("/m.json".into()),
+                ..Args::default()
+            },
+        );
+        check(
+            &["--api=http://a/api/v1", "status", "--timeout", "5"],
+            Args {
+                command: Command::Status,
+                api: Some("http://a/api/v1".into()),
+                timeout: 5,
+                ..Args::default()
+            },
+        );
+        check(
+            &["rollback", "myapp", "-q"],
+            Args {
+                command: Command::Rollback("myapp".into()),
+                quiet: true,
+                ..Args::default()
+            },
+        );
+        check(
+            &["retry", "myapp"],
+            Args {
+                command: Command::Retry("myapp".into()),
+                ..Args::default()
+            },
+        );
+        check(
+            &[
+                "--only", "a", "--only", "b", "--splay", "30", "--every", "60",
+            ],
+            Args {
+                only: vec!["a".into(), "b".into()],
+                splay: 30,
+                every: Some(60),
+                ..Args::default()
+            },
+        );
+        check(
+            &["--max-size", "100M"],
+            Args {
+                max_size: 100 << 20,
+                ..Args::default()
+            },
+        );
+        check(
+            &["--max-size", "1GiB"],
+            Args {
+                max_size: 1 << 30,
+                ..Args::default()
+            },
+        );
+        check(
+            &["--max-size", "1000"],
+            Args {
+                max_size: 1000,
+                ..Args::default()
+            },
+        );
+        check(
+            &["status", "--help"],
+            Args {
+                command: Command::Help,
+                ..Args::default()
+            },
+        );
+        check(
+            &["-V"],
+            Args {
+                command: Command::Version,
+                ..Args::default()
+            },
+        );
     }
 
     #[test]
     fn mistakes() {
-        check_err(&["--timeout", "soon"], "--timeout takes whole seconds, not \"soon\"");
-        check_err(&["--max-size", "lots"], "--max-size takes a size like 500M or 2G, not \"lots\"");
+        check_err(
+            &["--timeout", "soon"],
+            "--timeout takes whole seconds, not \"soon\"",
+        );
+        check_err(
+            &["--max-size", "lots"],
+            "--max-size takes a size like 500M or 2G, not \"lots\"",
+        );
         check_err(&["frobnicate"], "unknown command \"frobnicate\"");
         check_err(&["rollback"], "rollback needs the NAME of a binary");
         check_err(&["--bogus"], "invalid option '--bogus'");

@@ -59,23 +59,43 @@ impl Client {
 
     /// `POST keepalive?node=` with the registration body.
     pub fn keepalive_post(&self, reg: &Registration) -> Result<()> {
-        let url = format!("{}/keepalive?node={}", self.api, protocol::encode(&reg.name));
+        let url = format!(
+            "{}/keepalive?node={}",
+            self.api,
+            protocol::encode(&reg.name)
+        );
         let resp = self.send(Method::Post, &url, Some(reg.to_json()), self.timeout)?;
         self.json(resp).map(drop)
     }
 
     /// `GET bins/NAME`: what the server publishes for this binary.
     pub fn bin_info(&self, name: &str, version: Option<&str>) -> Result<BinInfo> {
-        let url = format!("{}/bins/{}{}", self.api, protocol::encode(name), self.query(version));
+        let url = format!(
+            "{}/bins/{}{}",
+            self.api,
+            protocol::encode(name),
+            self.query(version)
+        );
         let resp = self.send(Method::Get, &url, None, self.timeout)?;
         let url = resp.url.clone();
         protocol::bin_info(&url, &self.json(resp)?)
     }
 
-    /// `POST bins/NAME`: reports the hash this node now runs.
-    pub fn report_hash(&self, name: &str, md5: &str) -> Result<()> {
-        let url = format!("{}/bins/{}", self.api, protocol::encode(name));
-        let resp = self.send(Method::Post, &url, Some(protocol::hash_report(md5)), self.timeout)?;
+    /// `POST bins/NAME?node=NODE`: reports the hash this node now runs
+    /// (`node=` is an extension a seed-only server ignores).
+    pub fn report_hash(&self, node: &str, name: &str, md5: &str) -> Result<()> {
+        let url = format!(
+            "{}/bins/{}?node={}",
+            self.api,
+            protocol::encode(name),
+            protocol::encode(node)
+        );
+        let resp = self.send(
+            Method::Post,
+            &url,
+            Some(protocol::hash_report(md5)),
+            self.timeout,
+        )?;
         self.json(resp).map(drop)
     }
 
@@ -84,7 +104,12 @@ impl Client {
     pub fn download_url(&self, name: &str, own: Option<&str>, version: Option<&str>) -> String {
         match own {
             Some(url) => url.to_string(),
-            None => format!("{}/{}{}", self.download_base, protocol::encode(name), self.query(version)),
+            None => format!(
+                "{}/{}{}",
+                self.download_base,
+                protocol::encode(name),
+                self.query(version)
+            ),
         }
     }
 
@@ -101,7 +126,8 @@ impl Client {
         let mut resp = self.send(Method::Get, url, None, self.download_timeout)?;
         if !(200..300).contains(&resp.status) {
             let body = read_capped(&mut resp, 4096).unwrap_or_default();
-            let msg = protocol::unwrap_answer(&resp.url, resp.status, &resp.inner.reason_phrase, &body);
+            let msg =
+                protocol::unwrap_answer(&resp.url, resp.status, &resp.inner.reason_phrase, &body);
             return Err(msg.err().unwrap_or_else(|| Error::Server {
                 url: resp.url.clone(),
                 status: resp.status,
@@ -111,14 +137,21 @@ impl Client {
         if let Some(len) = resp.length.filter(|&len| len > max) {
             return Err(Error::Size {
                 url: resp.url,
-                msg: format!("announces {} ({len} bytes), over the limit of {}", crate::log::size(len), crate::log::size(max)),
+                msg: format!(
+                    "announces {} ({len} bytes), over the limit of {}",
+                    crate::log::size(len),
+                    crate::log::size(max)
+                ),
             });
         }
         on_start(resp.length);
         let mut buf = vec![0u8; CHUNK];
         let mut total: u64 = 0;
         loop {
-            let n = resp.inner.read(&mut buf).map_err(|e| self.transfer_error(&resp.url, total, e))?;
+            let n = resp
+                .inner
+                .read(&mut buf)
+                .map_err(|e| self.transfer_error(&resp.url, total, e))?;
             if n == 0 {
                 break;
             }
@@ -152,14 +185,23 @@ impl Client {
     fn json(&self, mut resp: Response) -> Result<Value> {
         let body = read_capped(&mut resp, MAX_JSON + 1)?;
         if body.len() > MAX_JSON {
-            return Err(Error::Protocol { url: resp.url, msg: "answer larger than 1 MiB".into() });
+            return Err(Error::Protocol {
+                url: resp.url,
+                msg: "answer larger than 1 MiB".into(),
+            });
         }
         protocol::unwrap_answer(&resp.url, resp.status, &resp.inner.reason_phrase, &body)
     }
 
     /// Sends one request, following up to [`MAX_REDIRECTS`] redirects. The
     /// token goes only to the origin it was configured for.
-    fn send(&self, method: Method, url: &str, body: Option<String>, timeout: u64) -> Result<Response> {
+    fn send(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<String>,
+        timeout: u64,
+    ) -> Result<Response> {
         let origin = origin(url).to_string();
         let mut url = url.to_string();
         let mut method = method;
@@ -170,41 +212,69 @@ impl Client {
                 .with_follow_redirects(false)
                 .with_max_headers_size(MAX_HEADERS)
                 .with_max_status_line_length(8 * 1024)
-                .with_header("User-Agent", concat!("bin-proxy/", env!("CARGO_PKG_VERSION")));
+                .with_header(
+                    "User-Agent",
+                    concat!("bin-proxy/", env!("CARGO_PKG_VERSION")),
+                );
             if let Some(token) = self.token.as_ref().filter(|_| origin == self::origin(&url)) {
                 req = req.with_header("Authorization", format!("Bearer {token}"));
             }
             if let Some(body) = &body {
-                req = req.with_header("Content-Type", "application/json").with_body(body.clone());
+                req = req
+                    .with_header("Content-Type", "application/json")
+                    .with_body(body.clone());
             }
             let inner = req.send_lazy().map_err(|e| http_error(&url, timeout, e))?;
             let status = inner.status_code;
             if matches!(status, 301 | 302 | 303 | 307 | 308) {
                 let Some(location) = inner.headers.get("location") else {
-                    return Err(Error::Http { url, msg: format!("redirect {status} without a Location") });
+                    return Err(Error::Http {
+                        url,
+                        msg: format!("redirect {status} without a Location"),
+                    });
                 };
                 url = resolve(&url, location).ok_or_else(|| Error::Http {
                     url: url.clone(),
-                    msg: format!("redirect to an unsupported location \"{}\"", protocol::one_line(location, 200)),
+                    msg: format!(
+                        "redirect to an unsupported location \"{}\"",
+                        protocol::one_line(location, 200)
+                    ),
                 })?;
                 if status == 303 {
                     method = Method::Get;
                 }
                 continue;
             }
-            let length = inner.headers.get("content-length").and_then(|v| v.trim().parse().ok());
-            return Ok(Response { url, status, length, inner });
+            let length = inner
+                .headers
+                .get("content-length")
+                .and_then(|v| v.trim().parse().ok());
+            return Ok(Response {
+                url,
+                status,
+                length,
+                inner,
+            });
         }
-        Err(Error::Http { url, msg: format!("more than {MAX_REDIRECTS} redirects") })
+        Err(Error::Http {
+            url,
+            msg: format!("more than {MAX_REDIRECTS} redirects"),
+        })
     }
 
     fn transfer_error(&self, url: &str, got: u64, e: std::io::Error) -> Error {
         let msg = if is_timeout(&e) {
-            format!("download did not finish within {} s (got {got} bytes)", self.download_timeout)
+            format!(
+                "download did not finish within {} s (got {got} bytes)",
+                self.download_timeout
+            )
         } else {
             format!("connection broke after {got} bytes: {e}")
         };
-        Error::Http { url: url.to_string(), msg }
+        Error::Http {
+            url: url.to_string(),
+            msg,
+        }
     }
 }
 
@@ -212,13 +282,18 @@ fn read_capped(resp: &mut Response, cap: usize) -> Result<Vec<u8>> {
     let mut body = Vec::new();
     Read::take(&mut resp.inner, cap as u64)
         .read_to_end(&mut body)
-        .map_err(|e| Error::Http { url: resp.url.clone(), msg: format!("reading the answer: {e}") })?;
+        .map_err(|e| Error::Http {
+            url: resp.url.clone(),
+            msg: format!("reading the answer: {e}"),
+        })?;
     Ok(body)
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)
-        || e.to_string().contains("timeout")
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    ) || e.to_string().contains("timeout")
 }
 
 fn http_error(url: &str, timeout: u64, e: minreq::Error) -> Error {
@@ -230,13 +305,18 @@ fn http_error(url: &str, timeout: u64, e: minreq::Error) -> Error {
         minreq::Error::AddressNotFound => "could not resolve the host name".to_string(),
         other => other.to_string(),
     };
-    Error::Http { url: url.to_string(), msg }
+    Error::Http {
+        url: url.to_string(),
+        msg,
+    }
 }
 
 /// `scheme://host:port` of a URL (the part a token is bound to).
 fn origin(url: &str) -> &str {
     let rest = url.find("://").map_or(0, |i| i + 3);
-    let end = url[rest..].find(['/', '?', '#']).map_or(url.len(), |i| rest + i);
+    let end = url[rest..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| rest + i);
     &url[..end]
 }
 
@@ -263,9 +343,18 @@ mod tests {
     fn origins_and_redirects() {
         assert_eq!(origin("http://h:1/api/v1?x"), "http://h:1");
         assert_eq!(origin("https://h"), "https://h");
-        assert_eq!(resolve("http://h:1/a/b", "/c?d").as_deref(), Some("http://h:1/c?d"));
-        assert_eq!(resolve("https://h/a", "//o/p").as_deref(), Some("https://o/p"));
-        assert_eq!(resolve("http://h/a", "http://o/p").as_deref(), Some("http://o/p"));
+        assert_eq!(
+            resolve("http://h:1/a/b", "/c?d").as_deref(),
+            Some("http://h:1/c?d")
+        );
+        assert_eq!(
+            resolve("https://h/a", "//o/p").as_deref(),
+            Some("https://o/p")
+        );
+        assert_eq!(
+            resolve("http://h/a", "http://o/p").as_deref(),
+            Some("http://o/p")
+        );
         assert_eq!(resolve("http://h/a", "ftp://o/p"), None);
         assert_eq!(resolve("http://h/a", "relative"), None);
     }

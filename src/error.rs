@@ -87,7 +87,11 @@ pub enum Error {
 impl Error {
     /// Shorthand for [`Error::Io`].
     pub fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Error {
-        Error::Io { what, path: path.into(), source }
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
     }
 
     /// The process exit code this error maps to: 2 for usage and configuration
@@ -109,11 +113,19 @@ impl fmt::Display for Error {
                 write!(f, "{what} \"{}\": {source}", path.display())
             }
             Error::Http { url, msg } => write!(f, "{url}: {msg}"),
-            Error::Server { url, status, message } => {
+            Error::Server {
+                url,
+                status,
+                message,
+            } => {
                 write!(f, "{url}: server answered {status}: {message}")
             }
             Error::Protocol { url, msg } => write!(f, "{url}: unexpected answer: {msg}"),
-            Error::HashMismatch { algo, expected, got } => {
+            Error::HashMismatch {
+                algo,
+                expected,
+                got,
+            } => {
                 write!(f, "{algo} mismatch: expected {expected}, got {got}")
             }
             Error::Size { url, msg } => write!(f, "{url}: {msg}"),

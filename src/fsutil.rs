@@ -25,7 +25,10 @@ pub fn parent(path: &Path) -> &Path {
 /// `/usr/local/bin/.myapp.4242.bin-proxy-tmp`. Hidden, so that it does not
 /// show up in `ls` or shell completion while it exists.
 pub fn temp_path(target: &Path, tag: &str) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     parent(target).join(format!(".{name}.{}{tag}{TEMP_SUFFIX}", std::process::id()))
 }
 
@@ -48,7 +51,9 @@ pub fn sweep_temps(target: &Path) -> usize {
         return 0;
     };
     let prefix = format!(".{name}.");
-    let Ok(dir) = fs::read_dir(parent(target)) else { return 0 };
+    let Ok(dir) = fs::read_dir(parent(target)) else {
+        return 0;
+    };
     let mut removed = 0;
     for entry in dir.flatten() {
         let file = entry.file_name();
@@ -77,7 +82,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8], new_mode: u32) -> Result<()> {
     let tmp = temp_path(path, "");
     let result = (|| {
         let mut file = create_exclusive(&tmp, new_mode)?;
-        file.write_all(bytes).map_err(|e| Error::io("writing", &tmp, e))?;
+        file.write_all(bytes)
+            .map_err(|e| Error::io("writing", &tmp, e))?;
         if let Some(old) = &old {
             // Owner first: chown clears set-id bits, chmod then restores them.
             if old.uid() != file_owner(&file).0 || old.gid() != file_owner(&file).1 {
@@ -98,7 +104,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8], new_mode: u32) -> Result<()> {
 }
 
 fn file_owner(file: &File) -> (u32, u32) {
-    file.metadata().map_or((u32::MAX, u32::MAX), |m| (m.uid(), m.gid()))
+    file.metadata()
+        .map_or((u32::MAX, u32::MAX), |m| (m.uid(), m.gid()))
 }
 
 #[cfg(test)]
@@ -106,7 +113,8 @@ mod tests {
     use super::*;
 
     fn scratch(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("bin-proxy-fsutil-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-fsutil-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
@@ -130,11 +138,20 @@ mod tests {
     fn sweep_removes_only_our_temps_for_that_target() {
         let dir = scratch("sweep");
         let target = dir.join("app");
-        for name in [".app.1.bin-proxy-tmp", ".app.2dl.bin-proxy-tmp", ".other.1.bin-proxy-tmp", "app", ".app.notes"] {
+        for name in [
+            ".app.1.bin-proxy-tmp",
+            ".app.2dl.bin-proxy-tmp",
+            ".other.1.bin-proxy-tmp",
+            "app",
+            ".app.notes",
+        ] {
             fs::write(dir.join(name), b"x").unwrap();
         }
         assert_eq!(sweep_temps(&target), 2);
-        let mut left: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         left.sort();
         assert_eq!(left, [".app.notes", ".other.1.bin-proxy-tmp", "app"]);
         fs::remove_dir_all(&dir).unwrap();

@@ -36,6 +36,53 @@ impl Default for Md5 {
     }
 }
 
+/// A running sha256 (for builds whose server offers one).
+pub struct Sha256(sha2::Sha256);
+
+impl Sha256 {
+    /// A fresh hash.
+    pub fn new() -> Sha256 {
+        use sha2::Digest;
+        Sha256(sha2::Sha256::new())
+    }
+
+    /// Feeds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        sha2::Digest::update(&mut self.0, bytes);
+    }
+
+    /// The lowercase hex digest.
+    pub fn hex(self) -> String {
+        let digest = sha2::Digest::finalize(self.0);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl Default for Sha256 {
+    fn default() -> Self {
+        Sha256::new()
+    }
+}
+
+/// The md5 and sha256 of everything `reader` yields, and its length, in one pass.
+pub fn digest_all(mut reader: impl Read, what: &Path) -> Result<(String, String, u64)> {
+    let (mut md5, mut sha) = (Md5::new(), Sha256::new());
+    let mut buf = vec![0u8; BLOCK];
+    let mut len = 0u64;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok((md5.hex(), sha.hex(), len)),
+            Ok(n) => {
+                md5.update(&buf[..n]);
+                sha.update(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("reading", what, e)),
+        }
+    }
+}
+
 /// The md5 of a file's contents.
 pub fn md5_file(path: &Path) -> Result<String> {
     let mut file = File::open(path).map_err(|e| Error::io("reading", path, e))?;
@@ -72,6 +119,12 @@ mod tests {
         h.update(b"hello ");
         h.update(b"world\n");
         assert_eq!(h.hex(), "6f5902ac237024bdd0c176cb93063dc4");
+        let mut s = Sha256::new();
+        s.update(b"abc");
+        assert_eq!(s.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let (md5, sha, len) = digest_all(&b"abc"[..], Path::new("-")).unwrap();
+        assert_eq!((md5.as_str(), len), ("900150983cd24fb0d6963f7d28e17f72", 3));
+        assert_eq!(sha, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

@@ -33,7 +33,9 @@ pub fn os_release() -> String {
 }
 
 fn pretty_name(os_release: &str) -> Option<String> {
-    let line = os_release.lines().find_map(|l| l.trim().strip_prefix("PRETTY_NAME="))?;
+    let line = os_release
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("PRETTY_NAME="))?;
     let value = line.trim().trim_matches(|c| c == '"' || c == '\'');
     (!value.is_empty()).then(|| value.to_string())
 }
@@ -44,8 +46,14 @@ mod tests {
 
     #[test]
     fn pretty_name_forms() {
-        assert_eq!(pretty_name("NAME=x\nPRETTY_NAME=\"Ubuntu 20.04.6 LTS\"\n").as_deref(), Some("Ubuntu 20.04.6 LTS"));
-        assert_eq!(pretty_name("PRETTY_NAME='Alpine Linux v3.19'").as_deref(), Some("Alpine Linux v3.19"));
+        assert_eq!(
+            pretty_name("NAME=x\nPRETTY_NAME=\"Ubuntu 20.04.6 LTS\"\n").as_deref(),
+            Some("Ubuntu 20.04.6 LTS")
+        );
+        assert_eq!(
+            pretty_name("PRETTY_NAME='Alpine Linux v3.19'").as_deref(),
+            Some("Alpine Linux v3.19")
+        );
         assert_eq!(pretty_name("PRETTY_NAME=Plain").as_deref(), Some("Plain"));
         assert_eq!(pretty_name("NAME=x"), None);
         assert_eq!(pretty_name("PRETTY_NAME=\"\""), None);

@@ -8,7 +8,8 @@
 use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, create_exclusive, sync_dir};
-use crate::hash::{self, Md5};
+use crate::hash::{self, Md5, Sha256};
+use crate::protocol::BinInfo;
 use crate::log;
 use std::fs::{self, File, Permissions};
 use std::io::Write;
@@ -45,21 +46,31 @@ impl Drop for Staged {
 /// followed, so the link keeps pointing where the operator made it point.
 pub fn real_target(path: &Path) -> PathBuf {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        Ok(m) if m.file_type().is_symlink() => {
+            fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+        }
         _ => path.to_path_buf(),
     }
 }
 
 /// Downloads `url` into a temp file beside `target` and checks it against
-/// `md5` (retrying transport failures with back-off).
-pub fn stage(client: &Client, name: &str, url: &str, target: &Path, md5: &str, max: u64) -> Result<Staged> {
+/// the published md5 (and sha256, when offered), retrying transport
+/// failures with back-off.
+pub fn stage(
+    client: &Client,
+    name: &str,
+    url: &str,
+    target: &Path,
+    want: &BinInfo,
+    max: u64,
+) -> Result<Staged> {
     let dir = fsutil::parent(target);
     if !dir.is_dir() {
         fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
     }
     let mut attempt = 1;
     loop {
-        match stage_once(client, name, url, target, md5, max) {
+        match stage_once(client, name, url, target, want, max) {
             Ok(staged) => return Ok(staged),
             Err(e) if attempt < ATTEMPTS && retryable(&e) => {
                 let wait = Duration::from_secs(1 << (attempt - 1));
@@ -81,40 +92,72 @@ fn retryable(e: &Error) -> bool {
     }
 }
 
-fn stage_once(client: &Client, name: &str, url: &str, target: &Path, md5: &str, max: u64) -> Result<Staged> {
+fn stage_once(
+    client: &Client,
+    name: &str,
+    url: &str,
+    target: &Path,
+    want: &BinInfo,
+    max: u64,
+) -> Result<Staged> {
     let tmp = fsutil::temp_path(target, "dl");
     let mut file = create_exclusive(&tmp, 0o600)?;
     // From here on the temp file is removed on every exit path.
-    let mut staged = Staged { tmp, md5: String::new(), size: 0, elapsed: Duration::ZERO };
+    let mut staged = Staged {
+        tmp,
+        md5: String::new(),
+        size: 0,
+        elapsed: Duration::ZERO,
+    };
     let started = Instant::now();
     let mut digest = Md5::new();
+    let mut sha = want.sha256.as_ref().map(|_| Sha256::new());
     let total_len = std::cell::Cell::new(None);
     let mut last_report = started;
     let mut done: u64 = 0;
     let tmp = staged.tmp.clone();
-    let size = client.download(
-        url,
-        max,
-        &mut |len| total_len.set(len),
-        &mut |block| {
-            file.write_all(block).map_err(|e| Error::io("writing", &tmp, e))?;
-            digest.update(block);
-            done += block.len() as u64;
-            if total_len.get().unwrap_or(done) >= PROGRESS_MIN && last_report.elapsed() >= PROGRESS_EVERY {
-                last_report = Instant::now();
-                let of = total_len.get().map(|t| format!(" of {}", log::size(t))).unwrap_or_default();
-                crate::info!("{name}: downloading, {}{of} ({})", log::size(done), log::rate(done, started.elapsed()));
-            }
-            Ok(())
-        },
-    )?;
+    let size = client.download(url, max, &mut |len| total_len.set(len), &mut |block| {
+        file.write_all(block)
+            .map_err(|e| Error::io("writing", &tmp, e))?;
+        digest.update(block);
+        if let Some(sha) = sha.as_mut() {
+            sha.update(block);
+        }
+        done += block.len() as u64;
+        if total_len.get().unwrap_or(done) >= PROGRESS_MIN
+            && last_report.elapsed() >= PROGRESS_EVERY
+        {
+            last_report = Instant::now();
+            let of = total_len
+                .get()
+                .map(|t| format!(" of {}", log::size(t)))
+                .unwrap_or_default();
+            crate::info!(
+                "{name}: downloading, {}{of} ({})",
+                log::size(done),
+                log::rate(done, started.elapsed())
+            );
+        }
+        Ok(())
+    })?;
     staged.size = size;
     staged.md5 = digest.hex();
     staged.elapsed = started.elapsed();
-    if !hash::same(&staged.md5, md5) {
-        return Err(Error::HashMismatch { algo: "md5", expected: md5.to_string(), got: staged.md5.clone() });
+    if !hash::same(&staged.md5, &want.hash) {
+        return Err(Error::HashMismatch {
+            algo: "md5",
+            expected: want.hash.clone(),
+            got: staged.md5.clone(),
+        });
     }
-    file.sync_all().map_err(|e| Error::io("syncing", &staged.tmp, e))?;
+    if let (Some(expected), Some(sha)) = (&want.sha256, sha) {
+        let got = sha.hex();
+        if !hash::same(&got, expected) {
+            return Err(Error::HashMismatch { algo: "sha256", expected: expected.clone(), got });
+        }
+    }
+    file.sync_all()
+        .map_err(|e| Error::io("syncing", &staged.tmp, e))?;
     Ok(staged)
 }
 
@@ -131,7 +174,9 @@ pub fn swap(staged: &Staged, target: &Path, backup: &Path) -> Result<bool> {
     let mode = match &old {
         Some(old) => {
             // Owner first: chown clears set-id bits, the chmod below restores them.
-            let mine = file.metadata().map_err(|e| Error::io("inspecting", &staged.tmp, e))?;
+            let mine = file
+                .metadata()
+                .map_err(|e| Error::io("inspecting", &staged.tmp, e))?;
             if (mine.uid(), mine.gid()) != (old.uid(), old.gid()) {
                 std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
                     .map_err(|e| Error::io("giving the new file the old owner", &staged.tmp, e))?;
@@ -142,13 +187,15 @@ pub fn swap(staged: &Staged, target: &Path, backup: &Path) -> Result<bool> {
     };
     file.set_permissions(Permissions::from_mode(mode))
         .map_err(|e| Error::io("setting the mode of", &staged.tmp, e))?;
-    file.sync_all().map_err(|e| Error::io("syncing", &staged.tmp, e))?;
+    file.sync_all()
+        .map_err(|e| Error::io("syncing", &staged.tmp, e))?;
     drop(file);
 
     if old.is_some() {
         keep_backup(target, backup)?;
     }
-    fs::rename(&staged.tmp, target).map_err(|e| Error::io("renaming the new file over", target, e))?;
+    fs::rename(&staged.tmp, target)
+        .map_err(|e| Error::io("renaming the new file over", target, e))?;
     sync_dir(fsutil::parent(target))?;
     Ok(old.is_some())
 }
@@ -164,7 +211,8 @@ fn keep_backup(target: &Path, backup: &Path) -> Result<()> {
     }
     // rename(2) between two names of one inode succeeds and does nothing: if the
     // backup already is the current file, the temp link would stay behind.
-    let result = fs::rename(&tmp, backup).map_err(|e| Error::io("keeping the old file as", backup, e));
+    let result =
+        fs::rename(&tmp, backup).map_err(|e| Error::io("keeping the old file as", backup, e));
     let _ = fs::remove_file(&tmp);
     result
 }
@@ -174,7 +222,10 @@ fn keep_backup(target: &Path, backup: &Path) -> Result<()> {
 pub fn restore(target: &Path, backup: &Path) -> Result<()> {
     let bak = fs::metadata(backup).map_err(|e| Error::io("finding the backup", backup, e))?;
     if !bak.is_file() {
-        return Err(Error::Other(format!("backup \"{}\" is not a regular file; nothing restored", backup.display())));
+        return Err(Error::Other(format!(
+            "backup \"{}\" is not a regular file; nothing restored",
+            backup.display()
+        )));
     }
     if let Ok(cur) = fs::metadata(target) {
         if (cur.dev(), cur.ino()) == (bak.dev(), bak.ino()) {

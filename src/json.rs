@@ -41,7 +41,11 @@ pub struct SyntaxError {
 
 impl std::fmt::Display for SyntaxError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "line {}, column {}: {}", self.line, self.column, self.msg)
+        write!(
+            f,
+            "line {}, column {}: {}",
+            self.line, self.column, self.msg
+        )
     }
 }
 
@@ -178,7 +182,11 @@ fn write_str(out: &mut String, s: &str) {
 
 /// Parses one JSON document; anything after it but whitespace is an error.
 pub fn parse(text: &str) -> Result<Value, SyntaxError> {
-    let mut p = Parser { s: DeJsonState::default(), chars: text.chars(), pos: (1, 1) };
+    let mut p = Parser {
+        s: DeJsonState::default(),
+        chars: text.chars(),
+        pos: (1, 1),
+    };
     p.s.next(&mut p.chars);
     p.advance()?;
     let value = p.value(0)?;
@@ -255,19 +263,31 @@ impl Parser<'_> {
             self.s.next(&mut self.chars);
         }
         // At the end of input the tokenizer stops counting: the end is one past.
-        let col = if self.s.cur == '\0' { self.s.col + 1 } else { self.s.col.max(1) };
+        let col = if self.s.cur == '\0' {
+            self.s.col + 1
+        } else {
+            self.s.col.max(1)
+        };
         self.pos = (self.s.line + 1, col);
         self.s.next_tok(&mut self.chars).map_err(|e| {
             let msg = match e.msg {
                 DeJsonErrReason::CannotParse(what) => format!("invalid {what}"),
                 _ => "invalid character".to_string(),
             };
-            SyntaxError { line: self.pos.0, column: self.pos.1, msg }
+            SyntaxError {
+                line: self.pos.0,
+                column: self.pos.1,
+                msg,
+            }
         })
     }
 
     fn error(&self, msg: &str) -> SyntaxError {
-        SyntaxError { line: self.pos.0, column: self.pos.1, msg: msg.to_string() }
+        SyntaxError {
+            line: self.pos.0,
+            column: self.pos.1,
+            msg: msg.to_string(),
+        }
     }
 }
 
@@ -278,7 +298,11 @@ mod tests {
     fn check(text: &str, expected_compact: &str) {
         let v = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(v.to_compact(), expected_compact);
-        assert_eq!(parse(&v.to_pretty()).unwrap(), v, "pretty output parses back");
+        assert_eq!(
+            parse(&v.to_pretty()).unwrap(),
+            v,
+            "pretty output parses back"
+        );
     }
 
     fn check_err(text: &str, line: usize, column: usize, msg_part: &str) {
@@ -289,8 +313,14 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        check(r#"{"a": [1, -2, 3.5, true, null], "b": {}}"#, r#"{"a":[1,-2,3.5,true,null],"b":{}}"#);
-        check(r#" "tab\there \"q\" \u00e9 \u0001" "#, r#""tab\there \"q\" é \u0001""#);
+        check(
+            r#"{"a": [1, -2, 3.5, true, null], "b": {}}"#,
+            r#"{"a":[1,-2,3.5,true,null],"b":{}}"#,
+        );
+        check(
+            r#" "tab\there \"q\" \u00e9 \u0001" "#,
+            r#""tab\there \"q\" é \u0001""#,
+        );
         check("[]", "[]");
         check(r#"{"k":1,"k":2}"#, r#"{"k":1,"k":2}"#);
     }
@@ -298,7 +328,10 @@ mod tests {
     #[test]
     fn pretty_is_indented() {
         let v = parse(r#"{"node":{"name":"a"},"binaries":[]}"#).unwrap();
-        assert_eq!(v.to_pretty(), "{\n  \"node\": {\n    \"name\": \"a\"\n  },\n  \"binaries\": []\n}\n");
+        assert_eq!(
+            v.to_pretty(),
+            "{\n  \"node\": {\n    \"name\": \"a\"\n  },\n  \"binaries\": []\n}\n"
+        );
     }
 
     #[test]
@@ -321,7 +354,12 @@ mod tests {
     fn lookups() {
         let v = parse(r#"{"code":200,"data":{"hash":"ab"}}"#).unwrap();
         assert_eq!(v.get("code").and_then(Value::as_f64), Some(200.0));
-        assert_eq!(v.get("data").and_then(|d| d.get("hash")).and_then(Value::as_str), Some("ab"));
+        assert_eq!(
+            v.get("data")
+                .and_then(|d| d.get("hash"))
+                .and_then(Value::as_str),
+            Some("ab")
+        );
         assert_eq!(v.get("missing"), None);
     }
 }

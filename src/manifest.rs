@@ -79,7 +79,9 @@ impl Binary {
 
     /// The pinned version, if any (`latest` and empty mean "follow the newest").
     pub fn pinned_version(&self) -> Option<&str> {
-        self.version.as_deref().filter(|v| !v.is_empty() && *v != "latest")
+        self.version
+            .as_deref()
+            .filter(|v| !v.is_empty() && *v != "latest")
     }
 
     /// `PATH.bak`, where the previous build is kept.
@@ -94,7 +96,15 @@ const TOP_KEYS: &[&str] = &["manager", "node", "binaries"];
 const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile"];
 const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion"];
 const BINARY_KEYS: &[&str] = &[
-    "name", "version", "hash", "path", "downloadUrl", "service", "restart", "preUpgrade", "postUpgrade",
+    "name",
+    "version",
+    "hash",
+    "path",
+    "downloadUrl",
+    "service",
+    "restart",
+    "preUpgrade",
+    "postUpgrade",
 ];
 
 impl Manifest {
@@ -105,7 +115,10 @@ impl Manifest {
             path: path.to_path_buf(),
             msg: "not valid UTF-8".to_string(),
         })?;
-        Manifest::parse(&text).map_err(|msg| Error::Config { path: path.to_path_buf(), msg })
+        Manifest::parse(&text).map_err(|msg| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        })
     }
 
     /// Parses and validates manifest text; the error names the entry and key.
@@ -134,7 +147,9 @@ impl Manifest {
             };
         }
         let Some(list) = top.get("binaries") else {
-            return Err("missing key \"binaries\" (a list, may be empty: \"binaries\": [])".to_string());
+            return Err(
+                "missing key \"binaries\" (a list, may be empty: \"binaries\": [])".to_string(),
+            );
         };
         let Value::Arr(items) = list else {
             return Err(format!("\"binaries\" must be a list, not {}", list.kind()));
@@ -147,7 +162,9 @@ impl Manifest {
                     b.name
                 ));
             }
-            if let Some(j) = m.binaries.iter().position(|o| o.path == b.path || o.backup_path() == b.path || b.backup_path() == o.path) {
+            if let Some(j) = m.binaries.iter().position(|o| {
+                o.path == b.path || o.backup_path() == b.path || b.backup_path() == o.path
+            }) {
                 return Err(format!(
                     "binaries[{i}] (\"{}\"): path \"{}\" collides with binaries[{j}] (\"{}\")",
                     b.name,
@@ -228,7 +245,10 @@ fn object<'a>(v: &'a Value, label: &str, allowed: &[&str]) -> Result<Obj<'a>, St
             return Err(format!("{label}: key \"{key}\" appears twice"));
         }
     }
-    Ok(Obj { entries, label: label.to_string() })
+    Ok(Obj {
+        entries,
+        label: label.to_string(),
+    })
 }
 
 impl Obj<'_> {
@@ -259,7 +279,11 @@ impl Obj<'_> {
 
 fn binary(v: &Value, i: usize) -> Result<Binary, String> {
     let name = v.get("name").and_then(Value::as_str).unwrap_or("");
-    let label = if name.is_empty() { format!("binaries[{i}]") } else { format!("binaries[{i}] (\"{name}\")") };
+    let label = if name.is_empty() {
+        format!("binaries[{i}]")
+    } else {
+        format!("binaries[{i}] (\"{name}\")")
+    };
     let o = object(v, &label, BINARY_KEYS)?;
     let name = o.req_str("name")?;
     if name.chars().any(|c| c.is_control() || c == '/') {
@@ -267,14 +291,23 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
     }
     let hash = o.opt_str("hash")?.unwrap_or_default();
     if !hash.is_empty() && !hash::is_md5(&hash) {
-        return Err(o.bad("hash", &format!("must be 32 hex digits (an md5) or \"\", not \"{hash}\"")));
+        return Err(o.bad(
+            "hash",
+            &format!("must be 32 hex digits (an md5) or \"\", not \"{hash}\""),
+        ));
     }
     let path = PathBuf::from(o.req_str("path")?);
     if !path.is_absolute() {
-        return Err(o.bad("path", &format!("must be an absolute path, not \"{}\"", path.display())));
+        return Err(o.bad(
+            "path",
+            &format!("must be an absolute path, not \"{}\"", path.display()),
+        ));
     }
     if path.file_name().is_none() || path.as_os_str().to_string_lossy().ends_with('/') {
-        return Err(o.bad("path", &format!("must name a file, not \"{}\"", path.display())));
+        return Err(o.bad(
+            "path",
+            &format!("must name a file, not \"{}\"", path.display()),
+        ));
     }
     let restart = o.opt_str("restart")?;
     if restart.as_deref().is_some_and(|r| r.trim().is_empty()) {
@@ -342,26 +375,68 @@ mod tests {
             "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check"}]}"#;
         let m = Manifest::parse(text).unwrap();
         let b = &m.binaries[0];
-        assert_eq!((b.service(), b.pinned_version(), b.hash.as_str()), ("svc", Some("1.2"), "d41d8cd98f00b204e9800998ecf8427e"));
+        assert_eq!(
+            (b.service(), b.pinned_version(), b.hash.as_str()),
+            ("svc", Some("1.2"), "d41d8cd98f00b204e9800998ecf8427e")
+        );
         assert_eq!(m.manager.token_file, Some(PathBuf::from("/etc/t")));
         assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
     }
 
     #[test]
     fn mistakes_are_named() {
-        check_err("{\"binaries\": [}", "invalid JSON at line 1, column 15: expected a value");
-        check_err(r#"{"binaries":[],"nodes":{}}"#, "the top level: unknown key \"nodes\" (known keys: manager, node, binaries)");
-        check_err(r#"{"node":{}}"#, "missing key \"binaries\" (a list, may be empty: \"binaries\": [])");
+        check_err(
+            "{\"binaries\": [}",
+            "invalid JSON at line 1, column 15: expected a value",
+        );
+        check_err(
+            r#"{"binaries":[],"nodes":{}}"#,
+            "the top level: unknown key \"nodes\" (known keys: manager, node, binaries)",
+        );
+        check_err(
+            r#"{"node":{}}"#,
+            "missing key \"binaries\" (a list, may be empty: \"binaries\": [])",
+        );
         check_err(&with_binary(r#""name":"b","pth":"/x/b""#), "binaries[1] (\"b\"): unknown key \"pth\" (known keys: name, version, hash, path, downloadUrl, service, restart, preUpgrade, postUpgrade)");
-        check_err(&with_binary(r#""name":"a","path":"/x/b""#), "binaries[1]: duplicate name \"a\" (also binaries[0])");
-        check_err(&with_binary(r#""name":"b","path":"/x/a""#), "binaries[1] (\"b\"): path \"/x/a\" collides with binaries[0] (\"a\")");
-        check_err(&with_binary(r#""name":"b","path":"/x/a.bak""#), "binaries[1] (\"b\"): path \"/x/a.bak\" collides with binaries[0] (\"a\")");
-        check_err(&with_binary(r#""name":"b","path":"bin/b""#), "binaries[1] (\"b\"): key \"path\" must be an absolute path, not \"bin/b\"");
-        check_err(&with_binary(r#""name":"b","path":"/x/b","hash":"abc""#), "binaries[1] (\"b\"): key \"hash\" must be 32 hex digits (an md5) or \"\", not \"abc\"");
-        check_err(&with_binary(r#""name":"b","path":7"#), "binaries[1] (\"b\"): key \"path\" must be a string, not a number");
-        check_err(&with_binary(r#""path":"/x/b""#), "binaries[1]: missing key \"name\"");
-        check_err(&with_binary(r#""name":"b","path":"/x/b","name":"c""#), "binaries[1] (\"c\"): key \"name\" appears twice");
-        check_err(r#"{"binaries":{}}"#, "\"binaries\" must be a list, not an object");
-        check_err(r#"{"binaries":[],"manager":{"tokenFile":"t"}}"#, "\"manager\": key \"tokenFile\" must be an absolute path");
+        check_err(
+            &with_binary(r#""name":"a","path":"/x/b""#),
+            "binaries[1]: duplicate name \"a\" (also binaries[0])",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/a""#),
+            "binaries[1] (\"b\"): path \"/x/a\" collides with binaries[0] (\"a\")",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/a.bak""#),
+            "binaries[1] (\"b\"): path \"/x/a.bak\" collides with binaries[0] (\"a\")",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"bin/b""#),
+            "binaries[1] (\"b\"): key \"path\" must be an absolute path, not \"bin/b\"",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","hash":"abc""#),
+            "binaries[1] (\"b\"): key \"hash\" must be 32 hex digits (an md5) or \"\", not \"abc\"",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":7"#),
+            "binaries[1] (\"b\"): key \"path\" must be a string, not a number",
+        );
+        check_err(
+            &with_binary(r#""path":"/x/b""#),
+            "binaries[1]: missing key \"name\"",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","name":"c""#),
+            "binaries[1] (\"c\"): key \"name\" appears twice",
+        );
+        check_err(
+            r#"{"binaries":{}}"#,
+            "\"binaries\" must be a list, not an object",
+        );
+        check_err(
+            r#"{"binaries":[],"manager":{"tokenFile":"t"}}"#,
+            "\"manager\": key \"tokenFile\" must be an absolute path",
+        );
     }
 }

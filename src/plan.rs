@@ -48,7 +48,9 @@ pub enum Action {
 /// Decides what to do. `actual` is `None` when the file does not exist.
 pub fn decide(recorded: &str, actual: Option<&str>, remote: &str, quarantined: bool) -> Action {
     if let Some(actual) = actual.filter(|a| same(a, remote)) {
-        return Action::UpToDate { record: !same(recorded, actual) };
+        return Action::UpToDate {
+            record: !same(recorded, actual),
+        };
     }
     if quarantined {
         return Action::Quarantined;
@@ -65,8 +67,18 @@ pub fn decide(recorded: &str, actual: Option<&str>, remote: &str, quarantined: b
 mod tests {
     use super::*;
 
-    fn check(recorded: &str, actual: Option<&str>, remote: &str, quarantined: bool, expected: Action) {
-        assert_eq!(decide(recorded, actual, remote, quarantined), expected, "{recorded:?} {actual:?} {remote:?} {quarantined}");
+    fn check(
+        recorded: &str,
+        actual: Option<&str>,
+        remote: &str,
+        quarantined: bool,
+        expected: Action,
+    ) {
+        assert_eq!(
+            decide(recorded, actual, remote, quarantined),
+            expected,
+            "{recorded:?} {actual:?} {remote:?} {quarantined}"
+        );
     }
 
     #[test]

@@ -109,7 +109,11 @@ pub fn hash_report(md5: &str) -> String {
 /// the `data` of an envelope, or the whole document when there is none.
 pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Result<Value> {
     let text = String::from_utf8_lossy(body);
-    let doc = if text.trim().is_empty() { Ok(Value::Null) } else { json::parse(&text) };
+    let doc = if text.trim().is_empty() {
+        Ok(Value::Null)
+    } else {
+        json::parse(&text)
+    };
     if !(200..300).contains(&status) {
         let message = match &doc {
             Ok(v) => v.get("message").and_then(Value::as_str).map(str::to_string),
@@ -119,16 +123,26 @@ pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Resul
             "" => reason.to_string(),
             t => one_line(t, 200),
         });
-        return Err(Error::Server { url: url.to_string(), status, message });
+        return Err(Error::Server {
+            url: url.to_string(),
+            status,
+            message,
+        });
     }
-    let doc = doc.map_err(|e| Error::Protocol { url: url.to_string(), msg: format!("invalid JSON at {e}") })?;
+    let doc = doc.map_err(|e| Error::Protocol {
+        url: url.to_string(),
+        msg: format!("invalid JSON at {e}"),
+    })?;
     if doc.get("code").is_none() && doc.get("data").is_none() {
         return Ok(doc); // no envelope: the object is the data
     }
     if let Some(code) = doc.get("code") {
         let ok = matches!(code.as_f64(), Some(c) if c == 200.0 || c == 0.0);
         if !ok {
-            let message = doc.get("message").and_then(Value::as_str).unwrap_or("no message");
+            let message = doc
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("no message");
             return Err(Error::Server {
                 url: url.to_string(),
                 status,
@@ -141,11 +155,21 @@ pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Resul
 
 /// Reads the `bins/NAME` data object.
 pub fn bin_info(url: &str, data: &Value) -> Result<BinInfo> {
-    let bad = |msg: String| Error::Protocol { url: url.to_string(), msg };
+    let bad = |msg: String| Error::Protocol {
+        url: url.to_string(),
+        msg,
+    };
     let hash = match data.get("hash") {
         Some(Value::Str(h)) if hash::is_md5(h) => h.to_ascii_lowercase(),
-        Some(Value::Str(h)) if h.is_empty() => return Err(bad("the server publishes no build (empty hash)".into())),
-        Some(Value::Str(h)) => return Err(bad(format!("\"hash\" is not an md5: \"{}\"", one_line(h, 80)))),
+        Some(Value::Str(h)) if h.is_empty() => {
+            return Err(bad("the server publishes no build (empty hash)".into()))
+        }
+        Some(Value::Str(h)) => {
+            return Err(bad(format!(
+                "\"hash\" is not an md5: \"{}\"",
+                one_line(h, 80)
+            )))
+        }
         Some(v) => return Err(bad(format!("\"hash\" must be a string, not {}", v.kind()))),
         None if matches!(data, Value::Null) => return Err(bad("no \"data\" in the answer".into())),
         None => return Err(bad("no \"hash\" in the answer".into())),
@@ -158,14 +182,31 @@ pub fn bin_info(url: &str, data: &Value) -> Result<BinInfo> {
         }
         Some(_) => return Err(bad("\"sha256\" is not 64 hex digits".into())),
     };
-    let version = data.get("version").and_then(Value::as_str).unwrap_or("").to_string();
-    let size = data.get("size").and_then(Value::as_f64).filter(|s| *s >= 0.0).map(|s| s as u64);
-    Ok(BinInfo { version, hash, sha256, size })
+    let version = data
+        .get("version")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let size = data
+        .get("size")
+        .and_then(Value::as_f64)
+        .filter(|s| *s >= 0.0)
+        .map(|s| s as u64);
+    Ok(BinInfo {
+        version,
+        hash,
+        sha256,
+        size,
+    })
 }
 
 /// `s` cut to `max` characters on one line, for quoting server text in errors.
 pub fn one_line(s: &str, max: usize) -> String {
-    let mut out: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(max).collect();
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
     if s.chars().count() > max {
         out.push('…');
     }
@@ -210,27 +251,66 @@ mod tests {
 
     #[test]
     fn both_success_styles_and_no_envelope() {
-        check_info(&format!(r#"{{"code":200,"message":"Success","data":{{"name":"a","version":"latest","hash":"{H}"}}}}"#), Ok((H, None)));
-        check_info(&format!(r#"{{"code":0,"message":"success","data":{{"hash":"{}"}}}}"#, H.to_uppercase()), Ok((H, None)));
-        check_info(&format!(r#"{{"name":"a","hash":"{H}","extra":[1,2]}}"#), Ok((H, None)));
+        check_info(
+            &format!(
+                r#"{{"code":200,"message":"Success","data":{{"name":"a","version":"latest","hash":"{H}"}}}}"#
+            ),
+            Ok((H, None)),
+        );
+        check_info(
+            &format!(
+                r#"{{"code":0,"message":"success","data":{{"hash":"{}"}}}}"#,
+                H.to_uppercase()
+            ),
+            Ok((H, None)),
+        );
+        check_info(
+            &format!(r#"{{"name":"a","hash":"{H}","extra":[1,2]}}"#),
+            Ok((H, None)),
+        );
         let sha = "a".repeat(64);
-        check_info(&format!(r#"{{"data":{{"hash":"{H}","sha256":"{sha}","size":12}}}}"#), Ok((H, Some(&sha))));
+        check_info(
+            &format!(r#"{{"data":{{"hash":"{H}","sha256":"{sha}","size":12}}}}"#),
+            Ok((H, Some(&sha))),
+        );
     }
 
     #[test]
     fn errors_carry_the_servers_message() {
-        check_info(r#"{"code":1,"message":"binary not found","data":null}"#, Err("server answered 200: code 1: binary not found"));
+        check_info(
+            r#"{"code":1,"message":"binary not found","data":null}"#,
+            Err("server answered 200: code 1: binary not found"),
+        );
         check_info(r#"{"code":500,"message":"boom"}"#, Err("code 500: boom"));
-        check_info(r#"{"code":200,"data":{"hash": "#, Err("unexpected answer: invalid JSON at line 1"));
-        check_info(r#"{"code":200,"data":{"hash":"../../etc"}}"#, Err("\"hash\" is not an md5"));
+        check_info(
+            r#"{"code":200,"data":{"hash": "#,
+            Err("unexpected answer: invalid JSON at line 1"),
+        );
+        check_info(
+            r#"{"code":200,"data":{"hash":"../../etc"}}"#,
+            Err("\"hash\" is not an md5"),
+        );
         check_info(r#"{"code":200,"data":null}"#, Err("no \"data\""));
-        check_info(r#"{"code":200,"data":{"hash":""}}"#, Err("publishes no build"));
+        check_info(
+            r#"{"code":200,"data":{"hash":""}}"#,
+            Err("publishes no build"),
+        );
         let e = answer(404, r#"{"code":404,"message":"binary not found"}"#).unwrap_err();
-        assert_eq!(e.to_string(), "http://m/api/v1/bins/a: server answered 404: binary not found");
+        assert_eq!(
+            e.to_string(),
+            "http://m/api/v1/bins/a: server answered 404: binary not found"
+        );
         let e = answer(502, "<html>bad gateway</html>").unwrap_err();
-        assert!(e.to_string().ends_with("server answered 502: <html>bad gateway</html>"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("server answered 502: <html>bad gateway</html>"),
+            "{e}"
+        );
         let e = answer(500, "").unwrap_err();
-        assert!(e.to_string().ends_with("server answered 500: Reason"), "{e}");
+        assert!(
+            e.to_string().ends_with("server answered 500: Reason"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -240,13 +320,19 @@ mod tests {
             cpu_arch: "x86_64".into(),
             os_release: "Debian \"12\"".into(),
             proxy_version: "1.0.0".into(),
-            binaries: vec![BinaryFact { name: "a".into(), version: "latest".into(), hash: H.into() }],
+            binaries: vec![BinaryFact {
+                name: "a".into(),
+                version: "latest".into(),
+                hash: H.into(),
+            }],
             last_seen: "2026-11-24T08:00:01Z".into(),
             failures: vec![],
         };
         assert_eq!(
             r.to_json(),
-            format!(r#"{{"name":"web-01","cpuArch":"x86_64","osRelease":"Debian \"12\"","proxyVersion":"1.0.0","binaries":[{{"name":"a","version":"latest","hash":"{H}"}}],"lastSeen":"2026-11-24T08:00:01Z"}}"#)
+            format!(
+                r#"{{"name":"web-01","cpuArch":"x86_64","osRelease":"Debian \"12\"","proxyVersion":"1.0.0","binaries":[{{"name":"a","version":"latest","hash":"{H}"}}],"lastSeen":"2026-11-24T08:00:01Z"}}"#
+            )
         );
         assert_eq!(hash_report(H), format!(r#"{{"hash":"{H}"}}"#));
     }

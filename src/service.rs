@@ -39,7 +39,12 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
                     match chars.next() {
                         Some('\'') => break,
                         Some(c) => w.push(c),
-                        None => return Err(Error::Command { cmd: cmd.into(), msg: "has an unclosed quote".into() }),
+                        None => {
+                            return Err(Error::Command {
+                                cmd: cmd.into(),
+                                msg: "has an unclosed quote".into(),
+                            })
+                        }
                     }
                 }
             }
@@ -50,7 +55,12 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
                         Some('"') => break,
                         Some('\\') => w.extend(chars.next()),
                         Some(c) => w.push(c),
-                        None => return Err(Error::Command { cmd: cmd.into(), msg: "has an unclosed quote".into() }),
+                        None => {
+                            return Err(Error::Command {
+                                cmd: cmd.into(),
+                                msg: "has an unclosed quote".into(),
+                            })
+                        }
                     }
                 }
             }
@@ -60,7 +70,10 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
     }
     words.extend(word);
     if words.is_empty() {
-        return Err(Error::Command { cmd: cmd.into(), msg: "is empty".into() });
+        return Err(Error::Command {
+            cmd: cmd.into(),
+            msg: "is empty".into(),
+        });
     }
     Ok(words)
 }
@@ -75,7 +88,10 @@ pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Command { cmd: shown.clone(), msg: format!("could not start: {e}") })?;
+        .map_err(|e| Error::Command {
+            cmd: shown.clone(),
+            msg: format!("could not start: {e}"),
+        })?;
     // Drain both pipes on threads so that a chatty child cannot block on a full pipe.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
@@ -87,8 +103,18 @@ pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result
             text
         })
     };
-    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -97,14 +123,28 @@ pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::Command { cmd: shown, msg: format!("did not finish within {} s and was killed", timeout.as_secs()) });
+                return Err(Error::Command {
+                    cmd: shown,
+                    msg: format!(
+                        "did not finish within {} s and was killed",
+                        timeout.as_secs()
+                    ),
+                });
             }
-            Err(e) => return Err(Error::Command { cmd: shown, msg: format!("could not be waited for: {e}") }),
+            Err(e) => {
+                return Err(Error::Command {
+                    cmd: shown,
+                    msg: format!("could not be waited for: {e}"),
+                })
+            }
         }
     };
     let mut text = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
     text.push_str(&String::from_utf8_lossy(&err.join().unwrap_or_default()));
-    Ok(Output { code: status.code(), text })
+    Ok(Output {
+        code: status.code(),
+        text,
+    })
 }
 
 /// Runs a hook command; a non-zero exit is an error quoting its last output line.
@@ -112,12 +152,17 @@ pub fn run_hook(cmd: &str, env: &[(&str, String)]) -> Result<()> {
     let out = run(&split(cmd)?, env, HOOK_TIMEOUT)?;
     match out.code {
         Some(0) => Ok(()),
-        code => Err(Error::Command { cmd: cmd.to_string(), msg: failure(code, &out.text) }),
+        code => Err(Error::Command {
+            cmd: cmd.to_string(),
+            msg: failure(code, &out.text),
+        }),
     }
 }
 
 fn failure(code: Option<i32>, text: &str) -> String {
-    let status = code.map_or("was killed by a signal".to_string(), |c| format!("exited with status {c}"));
+    let status = code.map_or("was killed by a signal".to_string(), |c| {
+        format!("exited with status {c}")
+    });
     match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
         Some(last) => format!("{status}: {}", crate::protocol::one_line(last, 200)),
         None => status,
@@ -201,7 +246,10 @@ fn supervisor(ctl: &[String], args: &[&str]) -> Result<Output> {
 fn supervisor_restart(ctl: &[String], service: &str) -> Result<()> {
     let out = supervisor(ctl, &["restart", service])?;
     // supervisor before 4.0 exits 0 even on failure: read what it says.
-    let says_error = out.text.lines().any(|l| l.contains("ERROR") || l.contains("no such process"));
+    let says_error = out
+        .text
+        .lines()
+        .any(|l| l.contains("ERROR") || l.contains("no such process"));
     if out.code != Some(0) || says_error {
         return Err(Error::Service {
             service: service.to_string(),
@@ -217,7 +265,10 @@ fn confirm_running(ctl: &[String], service: &str) -> Result<String> {
         Some(("RUNNING", detail)) => Ok(format!("RUNNING {detail}").trim_end().to_string()),
         Some((state, detail)) => Err(Error::Service {
             service: service.to_string(),
-            msg: format!("is {state} after the restart, not RUNNING: {}", crate::protocol::one_line(detail, 200)),
+            msg: format!(
+                "is {state} after the restart, not RUNNING: {}",
+                crate::protocol::one_line(detail, 200)
+            ),
         }),
         None => Err(Error::Service {
             service: service.to_string(),
@@ -248,8 +299,14 @@ mod tests {
     #[test]
     fn splitting() {
         assert_eq!(split("a  b\tc").unwrap(), ["a", "b", "c"]);
-        assert_eq!(split(r#"sh -c 'echo "hi there"' x"#).unwrap(), ["sh", "-c", "echo \"hi there\"", "x"]);
-        assert_eq!(split(r#"a "b \" c" d\ e ''"#).unwrap(), ["a", "b \" c", "d e", ""]);
+        assert_eq!(
+            split(r#"sh -c 'echo "hi there"' x"#).unwrap(),
+            ["sh", "-c", "echo \"hi there\"", "x"]
+        );
+        assert_eq!(
+            split(r#"a "b \" c" d\ e ''"#).unwrap(),
+            ["a", "b \" c", "d e", ""]
+        );
         assert!(split("a 'b").is_err());
         assert!(split("   ").is_err());
     }
@@ -257,21 +314,42 @@ mod tests {
     #[test]
     fn status_lines() {
         let out = "myapp                            RUNNING   pid 4242, uptime 0:00:05\n";
-        assert_eq!(parse_status(out, "myapp"), Some(("RUNNING", "pid 4242, uptime 0:00:05")));
-        assert_eq!(parse_status("grp:myapp  BACKOFF  Exited too quickly", "myapp"), Some(("BACKOFF", "Exited too quickly")));
-        assert_eq!(parse_status("myapp: ERROR (no such process)", "myapp"), None);
+        assert_eq!(
+            parse_status(out, "myapp"),
+            Some(("RUNNING", "pid 4242, uptime 0:00:05"))
+        );
+        assert_eq!(
+            parse_status("grp:myapp  BACKOFF  Exited too quickly", "myapp"),
+            Some(("BACKOFF", "Exited too quickly"))
+        );
+        assert_eq!(
+            parse_status("myapp: ERROR (no such process)", "myapp"),
+            None
+        );
         assert_eq!(parse_status("other RUNNING pid 1", "myapp"), None);
     }
 
     #[test]
     fn commands_run_with_deadline_and_output() {
-        let ok = run(&split("sh -c 'echo out; echo err >&2; exit 3'").unwrap(), &[], Duration::from_secs(5)).unwrap();
+        let ok = run(
+            &split("sh -c 'echo out; echo err >&2; exit 3'").unwrap(),
+            &[],
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!(ok.code, Some(3));
         assert_eq!(ok.text, "out\nerr\n");
         let slow = run(&split("sleep 5").unwrap(), &[], Duration::from_millis(200)).unwrap_err();
-        assert!(slow.to_string().contains("did not finish within 0 s and was killed"), "{slow}");
+        assert!(
+            slow.to_string()
+                .contains("did not finish within 0 s and was killed"),
+            "{slow}"
+        );
         let e = run_hook("sh -c 'echo failing check; exit 4'", &[]).unwrap_err();
-        assert_eq!(e.to_string(), "\"sh -c 'echo failing check; exit 4'\" exited with status 4: failing check");
+        assert_eq!(
+            e.to_string(),
+            "\"sh -c 'echo failing check; exit 4'\" exited with status 4: failing check"
+        );
         let e = run_hook("/nonexistent/hook", &[]).unwrap_err();
         assert!(e.to_string().contains("could not start"), "{e}");
     }

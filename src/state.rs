@@ -79,8 +79,14 @@ impl State {
         match json::parse(&text).ok().and_then(|v| State::from_json(&v)) {
             Some(state) => state,
             None => {
-                crate::warn!("ignoring damaged state file \"{}\"; hashes will be recomputed", path.display());
-                State { dirty: true, ..State::default() }
+                crate::warn!(
+                    "ignoring damaged state file \"{}\"; hashes will be recomputed",
+                    path.display()
+                );
+                State {
+                    dirty: true,
+                    ..State::default()
+                }
             }
         }
     }
@@ -123,7 +129,8 @@ impl State {
     /// Records the hash of a file just written (so it is not read again).
     pub fn remember(&mut self, path: &Path, stamp: Stamp, md5: &str) {
         self.forget(path);
-        self.files.push((path.to_path_buf(), stamp, md5.to_string()));
+        self.files
+            .push((path.to_path_buf(), stamp, md5.to_string()));
         self.dirty = true;
     }
 
@@ -136,7 +143,9 @@ impl State {
 
     /// The quarantine entry for a binary, if its failed hash is `hash`.
     pub fn quarantined(&self, name: &str, hash: &str) -> Option<&Quarantined> {
-        self.quarantine.iter().find(|q| q.name == name && hash::same(&q.hash, hash))
+        self.quarantine
+            .iter()
+            .find(|q| q.name == name && hash::same(&q.hash, hash))
     }
 
     /// Quarantines a failed build (replacing an older entry for that binary).
@@ -177,7 +186,10 @@ impl State {
                 ("at", Value::str(&q.at)),
             ])
         });
-        Value::obj([("files", Value::Arr(files.collect())), ("quarantine", Value::Arr(quarantine.collect()))])
+        Value::obj([
+            ("files", Value::Arr(files.collect())),
+            ("quarantine", Value::Arr(quarantine.collect())),
+        ])
     }
 
     fn from_json(v: &Value) -> Option<State> {
@@ -196,7 +208,9 @@ impl State {
                 mtime: (n(&f, "mtime")? as i64, n(&f, "mtimeNs")? as i64),
                 ctime: (n(&f, "ctime")? as i64, n(&f, "ctimeNs")? as i64),
             };
-            state.files.push((PathBuf::from(s(&f, "path")?), stamp, s(&f, "md5")?));
+            state
+                .files
+                .push((PathBuf::from(s(&f, "path")?), stamp, s(&f, "md5")?));
         }
         for q in list("quarantine")? {
             state.quarantine.push(Quarantined {
@@ -224,8 +238,16 @@ mod tests {
         fs::write(&file, b"hello world\n").unwrap();
 
         let mut state = State::load(&state_path);
-        assert_eq!(state.actual_hash(&file).unwrap().as_deref(), Some("6f5902ac237024bdd0c176cb93063dc4"));
-        state.add_quarantine(Quarantined { name: "app".into(), hash: "AB".into(), error: "e".into(), at: "t".into() });
+        assert_eq!(
+            state.actual_hash(&file).unwrap().as_deref(),
+            Some("6f5902ac237024bdd0c176cb93063dc4")
+        );
+        state.add_quarantine(Quarantined {
+            name: "app".into(),
+            hash: "AB".into(),
+            error: "e".into(),
+            at: "t".into(),
+        });
         state.save_if_changed(&state_path).unwrap();
 
         let mut loaded = State::load(&state_path);
@@ -234,7 +256,10 @@ mod tests {
         // Same size, different bytes: mtime/ctime give it away.
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(&file, b"HELLO WORLD\n").unwrap();
-        assert_ne!(loaded.actual_hash(&file).unwrap().as_deref(), Some("6f5902ac237024bdd0c176cb93063dc4"));
+        assert_ne!(
+            loaded.actual_hash(&file).unwrap().as_deref(),
+            Some("6f5902ac237024bdd0c176cb93063dc4")
+        );
         fs::remove_file(&file).unwrap();
         assert_eq!(loaded.actual_hash(&file).unwrap(), None);
         fs::remove_dir_all(&dir).unwrap();

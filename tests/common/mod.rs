@@ -13,6 +13,8 @@
 //!
 //! Only the standard library and the `md5` crate are used.
 
+pub mod host;
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;

@@ -1,0 +1,136 @@
+//! A simulated managed host for agent tests: a temp dir holding the manifest,
+//! the target directory and a fake supervisorctl on PATH, the recording test
+//! server, and a way to run the real `bin-proxy` executable against them.
+
+use super::{fake_supervisorctl, path_with, Server, TempDir};
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The node name every test manifest uses.
+pub const NODE: &str = "test-node";
+
+/// What one `bin-proxy` invocation did.
+pub struct Ran {
+    /// Exit code.
+    pub code: i32,
+    /// stdout.
+    pub stdout: String,
+    /// stderr (the log).
+    pub stderr: String,
+}
+
+impl Ran {
+    fn from(out: Output) -> Ran {
+        Ran {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with the whole log unless the exit code is `code`.
+    pub fn expect_code(&self, code: i32) -> &Ran {
+        assert_eq!(
+            self.code, code,
+            "exit code\n--- stdout\n{}--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Panics unless the log contains `text`.
+    pub fn expect_log(&self, text: &str) -> &Ran {
+        assert!(
+            self.stderr.contains(text),
+            "log lacks {text:?}\n--- stderr\n{}",
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A managed host.
+pub struct Host {
+    /// Everything lives here.
+    pub dir: TempDir,
+    /// The recording bin-manager imitation.
+    pub server: Server,
+    /// The manifest path (`dir/etc/bin-manifests.json`).
+    pub manifest: PathBuf,
+    /// Where managed binaries live (`dir/opt`).
+    pub opt: PathBuf,
+    /// Directory with the fake supervisorctl.
+    pub bin: PathBuf,
+}
+
+impl Host {
+    /// A new host with an empty target dir and a running server.
+    pub fn new() -> Host {
+        let dir = TempDir::new();
+        fs::create_dir_all(dir.join("etc")).unwrap();
+        fs::create_dir_all(dir.join("opt")).unwrap();
+        let bin = fake_supervisorctl(&dir.path);
+        Host {
+            manifest: dir.join("etc/bin-manifests.json"),
+            opt: dir.join("opt"),
+            bin,
+            server: Server::start(),
+            dir,
+        }
+    }
+
+    /// Path of a managed binary.
+    pub fn target(&self, name: &str) -> PathBuf {
+        self.opt.join(name)
+    }
+
+    /// Writes the manifest text as is.
+    pub fn write_manifest(&self, text: &str) {
+        fs::write(&self.manifest, text).unwrap();
+    }
+
+    /// Writes a seed-format manifest managing `(name, recorded hash)` pairs at `opt/NAME`.
+    pub fn manifest_for(&self, bins: &[(&str, &str)]) {
+        let entries: Vec<String> = bins
+            .iter()
+            .map(|(name, hash)| {
+                format!(
+                    "    {{\n      \"name\": \"{name}\",\n      \"version\": \"latest\",\n      \"hash\": \"{hash}\",\n      \"path\": \"{}\"\n    }}",
+                    self.target(name).display()
+                )
+            })
+            .collect();
+        self.write_manifest(&format!(
+            "{{\n  \"node\": {{\n    \"name\": \"{NODE}\",\n    \"cpuArch\": \"x86_64\",\n    \"osRelease\": \"Test OS 1\",\n    \"proxyVersion\": \"1.0.0\"\n  }},\n  \"binaries\": [\n{}\n  ]\n}}\n",
+            entries.join(",\n")
+        ));
+    }
+
+    /// The manifest as it is now.
+    pub fn manifest_text(&self) -> String {
+        fs::read_to_string(&self.manifest).unwrap()
+    }
+
+    /// A `bin-proxy` command set up for this host: `--config`, the API in
+    /// `BIN_MANAGER_API`, the fake supervisorctl first on PATH, no inherited
+    /// settings.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.manifest)
+            .env("BIN_MANAGER_API", self.server.api())
+            .env("PATH", path_with(&self.bin))
+            .env_remove("BIN_PROXY_CONFIG")
+            .env_remove("BIN_DOWNLOAD_URL")
+            .env_remove("BIN_MANAGER_TOKEN")
+            .env_remove("BIN_PROXY_SUPERVISORCTL");
+        cmd
+    }
+
+    /// Runs `bin-proxy ARGS --config MANIFEST` to completion.
+    pub fn run(&self, args: &[&str]) -> Ran {
+        Ran::from(self.command(args).output().expect("run bin-proxy"))
+    }
+}
