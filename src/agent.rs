@@ -149,7 +149,11 @@ fn node_facts(manifest: &Manifest) -> (String, String, String) {
 }
 
 /// The run lock beside the manifest. `None` when another run holds it.
+/// A missing manifest is reported first (and no lock file is left behind).
 fn lock(config: &Path) -> Result<Option<File>> {
+    if fs::metadata(config).is_err() {
+        Manifest::load(config)?; // the error names the path and the remedy
+    }
     let mut path = config.as_os_str().to_owned();
     path.push(".lock");
     let path = PathBuf::from(path);
@@ -264,7 +268,12 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             warn!("reporting the node's inventory: {e}");
         }
     }
-    let summary = format!("{} binaries: {up_to_date} up to date, {changed} changed, {failed} failed, {skipped} held back", bins.len());
+    let summary =
+        format!(
+        "{} {}: {up_to_date} up to date, {changed} changed, {failed} failed, {skipped} held back",
+        bins.len(),
+        if bins.len() == 1 { "binary" } else { "binaries" }
+    );
     if failed > 0 {
         error!("{summary}");
         Ok(1)
@@ -431,7 +440,8 @@ impl Run<'_> {
             target,
             remote,
             self.args.max_size,
-        )?;
+        )
+        .map_err(|e| Error::Other(format!("{e}; kept the running version")))?;
         let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
         if let Some(cmd) = &bin.pre_upgrade {
             service::run_hook(cmd, &env)
@@ -442,11 +452,15 @@ impl Run<'_> {
         if let Ok(meta) = fs::metadata(target) {
             self.state.remember(target, Stamp::of(&meta), &staged.md5);
         }
-        let transfer = format!(
-            "{}, {}",
-            log::size(staged.size),
-            log::rate(staged.size, staged.elapsed)
-        );
+        let transfer = match staged.size {
+            // A rate measured over a few milliseconds means nothing.
+            0..0x100000 => log::size(staged.size),
+            _ => format!(
+                "{}, {}",
+                log::size(staged.size),
+                log::rate(staged.size, staged.elapsed)
+            ),
+        };
         let env = hook_env(bin, target, from, &remote.hash, None);
         let policy = Restart::from_manifest(bin.restart.as_deref());
         let started = service::restart(&policy, bin.service(), &env).and_then(|r| {
@@ -596,6 +610,9 @@ fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
         let (line, state_word) = match (&actual, &remote) {
             (Err(e), _) | (_, Err(e)) => {
                 failed = true;
+                if table {
+                    error!("{}: {e}", bin.name);
+                }
                 (
                     format!("{}: cannot check: {e}", bin.name),
                     "error".to_string(),

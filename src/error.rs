@@ -108,7 +108,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Usage(msg) => write!(f, "{msg} (see --help)"),
-            Error::Config { path, msg } => write!(f, "{}: {msg}", path.display()),
+            Error::Config { path, msg } => write!(f, "\"{}\": {msg}", path.display()),
             Error::Io { what, path, source } => {
                 write!(f, "{what} \"{}\": {source}", path.display())
             }

@@ -121,10 +121,16 @@ mod tests {
         assert_eq!(h.hex(), "6f5902ac237024bdd0c176cb93063dc4");
         let mut s = Sha256::new();
         s.update(b"abc");
-        assert_eq!(s.hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            s.hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         let (md5, sha, len) = digest_all(&b"abc"[..], Path::new("-")).unwrap();
         assert_eq!((md5.as_str(), len), ("900150983cd24fb0d6963f7d28e17f72", 3));
-        assert_eq!(sha, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            sha,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

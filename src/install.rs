@@ -9,8 +9,8 @@ use crate::client::Client;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, create_exclusive, sync_dir};
 use crate::hash::{self, Md5, Sha256};
-use crate::protocol::BinInfo;
 use crate::log;
+use crate::protocol::BinInfo;
 use std::fs::{self, File, Permissions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -153,7 +153,11 @@ fn stage_once(
     if let (Some(expected), Some(sha)) = (&want.sha256, sha) {
         let got = sha.hex();
         if !hash::same(&got, expected) {
-            return Err(Error::HashMismatch { algo: "sha256", expected: expected.clone(), got });
+            return Err(Error::HashMismatch {
+                algo: "sha256",
+                expected: expected.clone(),
+                got,
+            });
         }
     }
     file.sync_all()

@@ -110,7 +110,13 @@ const BINARY_KEYS: &[&str] = &[
 impl Manifest {
     /// Reads and validates the manifest at `path`.
     pub fn load(path: &Path) -> Result<Manifest> {
-        let text = std::fs::read(path).map_err(|e| Error::io("reading manifest", path, e))?;
+        let text = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::Config {
+                path: path.to_path_buf(),
+                msg: "no manifest here; write one with `bin-proxy init` or name another with --config".into(),
+            },
+            _ => Error::io("reading manifest", path, e),
+        })?;
         let text = String::from_utf8(text).map_err(|_| Error::Config {
             path: path.to_path_buf(),
             msg: "not valid UTF-8".to_string(),
@@ -313,13 +319,26 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
     if restart.as_deref().is_some_and(|r| r.trim().is_empty()) {
         return Err(o.bad("restart", "must be \"supervisor\", \"none\" or a command"));
     }
+    let service = o.opt_str("service")?;
+    let supervised = matches!(restart.as_deref().map(str::trim), None | Some("supervisor"));
+    if supervised
+        && service
+            .as_deref()
+            .unwrap_or(&name)
+            .contains(char::is_whitespace)
+    {
+        return Err(o.bad(
+            "service",
+            "must name a supervisor program without spaces (set \"service\" when the name has one)",
+        ));
+    }
     Ok(Binary {
         name,
         version: o.opt_str("version")?,
         hash: hash.to_ascii_lowercase(),
         path,
         download_url: o.opt_str("downloadUrl")?,
-        service: o.opt_str("service")?,
+        service,
         restart,
         pre_upgrade: o.opt_str("preUpgrade")?,
         post_upgrade: o.opt_str("postUpgrade")?,

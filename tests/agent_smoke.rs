@@ -32,7 +32,7 @@ fn registers_upgrades_then_idles() {
 
     host.server.clear_requests();
     let ran = host.run(&[]);
-    ran.expect_code(0).expect_log("1 binaries: 1 up to date");
+    ran.expect_code(0).expect_log("1 binary: 1 up to date");
     assert_eq!(host.server.count("GET", "/api/v1/download"), 0);
     eprintln!("{}", ran.stderr);
 }

@@ -1,0 +1,408 @@
+//! bin-manager's HTTP/1.1 layer: a fixed pool of worker threads fed by one
+//! accept thread, requests parsed by httparse, and every limit an exposed
+//! server needs — header size and deadline, body size and deadline, idle
+//! keep-alive timeout, write timeout. Bodies stream (uploads to disk, file
+//! downloads via `io::copy`, which uses sendfile). One access-log line per
+//! request.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Largest request head (request line and headers).
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most headers in one request.
+const MAX_HEADERS: usize = 64;
+/// Time allowed to send the request head once the first byte arrived.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time an idle keep-alive connection is kept open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a single read or write to make progress.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Body deadline: this much time, plus one second per this many bytes.
+const BODY_BASE: Duration = Duration::from_secs(10);
+const BODY_MIN_RATE: u64 = 256 * 1024;
+
+/// One parsed request. The body is read through [`Request::body`].
+pub struct Request<'a> {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The path, still percent-encoded, without the query.
+    pub path: String,
+    /// The raw query string, without `?`.
+    pub query: String,
+    /// Headers, names lowercased.
+    pub headers: Vec<(String, String)>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// `Content-Length` (0 when absent).
+    pub body_len: u64,
+    body: Body<'a>,
+}
+
+struct Body<'a> {
+    conn: &'a mut BufReader<TcpStream>,
+    left: u64,
+    deadline: Instant,
+}
+
+impl Read for Body<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request body too slow"));
+        }
+        self.conn.get_ref().set_read_timeout(Some((self.deadline - now).min(IO_TIMEOUT)))?;
+        let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.conn.read(&mut buf[..max])?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "request body cut short"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+impl Request<'_> {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as a reader (yields exactly `Content-Length` bytes or an error).
+    pub fn body(&mut self) -> &mut dyn Read {
+        &mut self.body
+    }
+
+    /// Reads the whole body if it is at most `max` bytes.
+    pub fn body_bytes(&mut self, max: u64) -> Result<Vec<u8>, Response> {
+        if self.body_len > max {
+            return Err(Response::text(413, "request body too large"));
+        }
+        let mut out = Vec::with_capacity(self.body_len as usize);
+        self.body.read_to_end(&mut out).map_err(|e| Response::text(400, &format!("reading the body: {e}")))?;
+        Ok(out)
+    }
+}
+
+/// What a handler answers.
+pub struct Response {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra headers.
+    pub headers: Vec<(&'static str, String)>,
+    /// The body.
+    pub body: Payload,
+}
+
+/// A response body.
+pub enum Payload {
+    /// In memory.
+    Bytes(Vec<u8>),
+    /// `len` bytes of an open file from offset `start` (streamed).
+    File { file: std::fs::File, start: u64, len: u64 },
+}
+
+impl Response {
+    /// A plain-text response.
+    pub fn text(status: u16, text: &str) -> Response {
+        Response {
+            status,
+            headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
+            body: Payload::Bytes(format!("{text}\n").into_bytes()),
+        }
+    }
+
+    /// A JSON response.
+    pub fn json(status: u16, body: String) -> Response {
+        Response {
+            status,
+            headers: vec![("Content-Type", "application/json".into())],
+            body: Payload::Bytes(body.into_bytes()),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match &self.body {
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::File { len, .. } => *len,
+        }
+    }
+}
+
+/// A request handler shared by all workers.
+pub type Handler = dyn Fn(&mut Request) -> Response + Send + Sync;
+
+/// Serves forever: one accept thread, `workers` worker threads. Connections
+/// wait in a bounded queue; while any wait, workers close connections after
+/// each response instead of keeping them alive, so no client is starved.
+pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: Arc<Handler>) -> ! {
+    let (tx, rx) = sync_channel::<TcpStream>(workers * 4);
+    let rx = Arc::new(Mutex::new(rx));
+    let waiting = Arc::new(AtomicUsize::new(0));
+    for i in 0..workers.max(1) {
+        let (rx, waiting, handler) = (rx.clone(), waiting.clone(), handler.clone());
+        std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || worker(&rx, &waiting, access_log, &*handler))
+            .unwrap_or_else(|e| panic!("cannot start worker threads: {e}"));
+    }
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                waiting.fetch_add(1, Ordering::Relaxed);
+                if tx.send(stream).is_err() {
+                    panic!("all workers are gone");
+                }
+            }
+            // Out of file descriptors or a connection reset before accept: back off briefly.
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn worker(rx: &Mutex<Receiver<TcpStream>>, waiting: &AtomicUsize, access_log: bool, handler: &Handler) {
+    loop {
+        // The lock only guards taking the next connection.
+        let stream = match rx.lock() {
+            Ok(rx) => match rx.recv() {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        waiting.fetch_sub(1, Ordering::Relaxed);
+        let _ = connection(stream, waiting, access_log, handler);
+    }
+}
+
+/// Serves requests on one connection until it closes, idles, or errs.
+fn connection(stream: TcpStream, waiting: &AtomicUsize, access_log: bool, handler: &Handler) -> io::Result<()> {
+    let peer = stream.peer_addr()?;
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut writer = stream.try_clone()?;
+    let mut conn = BufReader::with_capacity(MAX_HEAD, stream);
+    loop {
+        let Some(head) = read_head(&mut conn)? else { return Ok(()) };
+        let started = Instant::now();
+        let (mut resp, method, target, keep_alive, body_left) = match parse_head(&head) {
+            Err(resp) => (resp, String::from("-"), String::from("-"), false, 0),
+            Ok(parsed) => {
+                let target = format!("{}{}{}", parsed.path, if parsed.query.is_empty() { "" } else { "?" }, parsed.query);
+                let method = parsed.method.clone();
+                let keep = parsed.keep_alive;
+                let deadline = Instant::now() + BODY_BASE + Duration::from_secs(parsed.body_len / BODY_MIN_RATE);
+                let mut req = Request {
+                    method: parsed.method,
+                    path: parsed.path,
+                    query: parsed.query,
+                    headers: parsed.headers,
+                    peer,
+                    body_len: parsed.body_len,
+                    body: Body { conn: &mut conn, left: parsed.body_len, deadline },
+                };
+                let resp = handler(&mut req);
+                let left = req.body.left;
+                (resp, method, target, keep, left)
+            }
+        };
+        // An unread body would be parsed as the next request: close instead.
+        let keep_alive = keep_alive && body_left == 0 && waiting.load(Ordering::Relaxed) == 0;
+        let head_only = method == "HEAD";
+        let sent = write_response(&mut writer, &mut resp, keep_alive, head_only);
+        if access_log {
+            crate::log::write(
+                crate::log::Level::Info,
+                format_args!(
+                    "{peer} {method} {target} {} {} {:.1}ms{}",
+                    resp.status,
+                    if head_only { 0 } else { resp.len() },
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    if sent.is_err() { " (client went away)" } else { "" }
+                ),
+            );
+        }
+        sent?;
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads one request head. `None` when the client closed or idled out
+/// before sending anything; a slow or oversized head is an error.
+fn read_head(conn: &mut BufReader<TcpStream>) -> io::Result<Option<Vec<u8>>> {
+    conn.get_ref().set_read_timeout(Some(IDLE_TIMEOUT))?;
+    match conn.fill_buf() {
+        Ok([]) => return Ok(None),
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let deadline = Instant::now() + HEAD_TIMEOUT;
+    let mut head = Vec::with_capacity(1024);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request head too slow"));
+        }
+        conn.get_ref().set_read_timeout(Some(deadline - now))?;
+        let buf = conn.fill_buf()?;
+        if buf.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "request head cut short"));
+        }
+        // Take bytes up to and including the blank line, never beyond.
+        let scan_from = head.len().saturating_sub(3);
+        head.extend_from_slice(buf);
+        let end = find_blank_line(&head[scan_from..]).map(|i| scan_from + i);
+        let consumed = match end {
+            Some(end) => buf.len() - (head.len() - end),
+            None => buf.len(),
+        };
+        conn.consume(consumed);
+        if let Some(end) = end {
+            head.truncate(end);
+            return Ok(Some(head));
+        }
+        if head.len() > MAX_HEAD {
+            return Ok(Some(head)); // parse_head answers 431
+        }
+    }
+}
+
+fn find_blank_line(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+struct Head {
+    method: String,
+    path: String,
+    query: String,
+    headers: Vec<(String, String)>,
+    body_len: u64,
+    keep_alive: bool,
+}
+
+fn parse_head(head: &[u8]) -> Result<Head, Response> {
+    if head.len() > MAX_HEAD {
+        return Err(Response::text(431, "request head too large"));
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Response::text(400, "incomplete request head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Response::text(431, "too many headers")),
+        Err(e) => return Err(Response::text(400, &format!("malformed request: {e}"))),
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(Response::text(400, "malformed request line"));
+    };
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).trim().to_string()))
+        .collect();
+    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    if get("transfer-encoding").is_some() {
+        return Err(Response::text(411, "send a Content-Length; chunked request bodies are not accepted"));
+    }
+    let body_len = match get("content-length") {
+        None => 0,
+        Some(v) => v.parse().map_err(|_| Response::text(400, "invalid Content-Length"))?,
+    };
+    let connection = get("connection").unwrap_or("").to_ascii_lowercase();
+    let keep_alive = if version == 1 { !connection.contains("close") } else { connection.contains("keep-alive") };
+    // Absolute-form targets (`http://host/path`) are allowed by HTTP/1.1.
+    let target = match target.find("://") {
+        Some(i) => target[i + 3..].find('/').map_or("/", |j| &target[i + 3 + j..]),
+        None => target,
+    };
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Ok(Head {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        headers,
+        body_len,
+        keep_alive,
+    })
+}
+
+fn write_response(out: &mut TcpStream, resp: &mut Response, keep_alive: bool, head_only: bool) -> io::Result<()> {
+    let reason = reason(resp.status);
+    let mut head = format!("HTTP/1.1 {} {reason}\r\nContent-Length: {}\r\n", resp.status, resp.len());
+    for (k, v) in &resp.headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+    match (&mut resp.body, head_only) {
+        (Payload::Bytes(bytes), false) if bytes.len() <= 64 * 1024 => {
+            // One write for head and small body.
+            let mut all = head.into_bytes();
+            all.extend_from_slice(bytes);
+            out.write_all(&all)?;
+        }
+        (Payload::Bytes(bytes), false) => {
+            out.write_all(head.as_bytes())?;
+            out.write_all(bytes)?;
+        }
+        (Payload::File { file, start, len }, false) => {
+            out.write_all(head.as_bytes())?;
+            use std::io::Seek;
+            file.seek(io::SeekFrom::Start(*start))?;
+            let sent = io::copy(&mut Read::take(&mut *file, *len), out)?;
+            if sent != *len {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced"));
+            }
+        }
+        (_, true) => out.write_all(head.as_bytes())?,
+    }
+    out.flush()
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        206 => "Partial Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        416 => "Range Not Satisfiable",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        507 => "Insufficient Storage",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads() {
+        let h = parse_head(b"GET /api/v1/bins/a?arch=x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n").ok().unwrap();
+        assert_eq!((h.method.as_str(), h.path.as_str(), h.query.as_str(), h.body_len, h.keep_alive), ("GET", "/api/v1/bins/a", "arch=x", 3, true));
+        let h = parse_head(b"GET http://h:1/x?y HTTP/1.0\r\n\r\n").ok().unwrap();
+        assert_eq!((h.path.as_str(), h.query.as_str(), h.keep_alive), ("/x", "y", false));
+        let h = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").ok().unwrap();
+        assert!(!h.keep_alive);
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").err().unwrap().status, 411);
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n").err().unwrap().status, 400);
+        assert_eq!(parse_head(b"NOT HTTP\r\n\r\n").err().unwrap().status, 400);
+        assert_eq!(parse_head(&vec![b'a'; MAX_HEAD + 1]).err().unwrap().status, 431);
+    }
+}

@@ -1,0 +1,362 @@
+//! The fleet registry: every node's registration, the hashes it reported,
+//! its failures and when it was last seen. Durable without rewriting the
+//! world per request: each registration or report is one JSON line appended
+//! to `stateFile.log` and fsynced before its 200 is sent; `lastSeen` (which
+//! changes every minute for every node) is kept in memory and appended in
+//! one batched line every few seconds; when the log grows past a limit it is
+//! folded into the snapshot `stateFile` (temp, fsync, rename) and emptied.
+//! Replaying a log line twice is harmless, so a crash between the two steps
+//! loses nothing.
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::json::{self, Value};
+use crate::protocol::{BinaryFact, FailureFact};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// The log is folded into the snapshot when it grows past this.
+const COMPACT_AT: u64 = 8 << 20;
+
+/// What the server knows about one node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// `uname -m`.
+    pub cpu_arch: String,
+    /// OS pretty name.
+    pub os_release: String,
+    /// The agent's version.
+    pub proxy_version: String,
+    /// What it runs, per its last registration and reports.
+    pub binaries: Vec<BinaryFact>,
+    /// Failures it reported (latest per binary).
+    pub failures: Vec<FailureFact>,
+    /// Last contact, RFC 3339 UTC.
+    pub last_seen: String,
+    /// First registration, RFC 3339 UTC.
+    pub registered: String,
+}
+
+impl Node {
+    /// The node as a JSON object (the keepalive `data` and the snapshot entry).
+    pub fn to_json(&self) -> Value {
+        let bins = self.binaries.iter().map(|b| {
+            Value::obj([("name", Value::str(&b.name)), ("version", Value::str(&b.version)), ("hash", Value::str(&b.hash))])
+        });
+        let failures = self.failures.iter().map(|f| {
+            Value::obj([
+                ("name", Value::str(&f.name)),
+                ("hash", Value::str(&f.hash)),
+                ("error", Value::str(&f.error)),
+                ("at", Value::str(&f.at)),
+            ])
+        });
+        Value::obj([
+            ("name", Value::str(&self.name)),
+            ("cpuArch", Value::str(&self.cpu_arch)),
+            ("osRelease", Value::str(&self.os_release)),
+            ("proxyVersion", Value::str(&self.proxy_version)),
+            ("binaries", Value::Arr(bins.collect())),
+            ("failures", Value::Arr(failures.collect())),
+            ("lastSeen", Value::str(&self.last_seen)),
+            ("registered", Value::str(&self.registered)),
+        ])
+    }
+
+    /// Reads a registration body or a stored node. Strings may be missing;
+    /// present ones must have the right type (as the original server's typed
+    /// binding demands).
+    pub fn from_json(v: &Value) -> std::result::Result<Node, String> {
+        if !matches!(v, Value::Obj(_)) {
+            return Err(format!("the body must be a JSON object, not {}", v.kind()));
+        }
+        let s = |obj: &Value, k: &str| -> std::result::Result<String, String> {
+            match obj.get(k) {
+                None | Some(Value::Null) => Ok(String::new()),
+                Some(Value::Str(s)) => Ok(s.clone()),
+                Some(o) => Err(format!("\"{k}\" must be a string, not {}", o.kind())),
+            }
+        };
+        let list = |k: &str| -> std::result::Result<Vec<Value>, String> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::Arr(items)) => Ok(items.clone()),
+                Some(o) => Err(format!("\"{k}\" must be a list, not {}", o.kind())),
+            }
+        };
+        let mut binaries = Vec::new();
+        for (i, b) in list("binaries")?.iter().enumerate() {
+            if !matches!(b, Value::Obj(_)) {
+                return Err(format!("\"binaries\"[{i}] must be an object, not {}", b.kind()));
+            }
+            binaries.push(BinaryFact { name: s(b, "name")?, version: s(b, "version")?, hash: s(b, "hash")?.to_ascii_lowercase() });
+        }
+        let mut failures = Vec::new();
+        for f in list("failures")? {
+            failures.push(FailureFact { name: s(&f, "name")?, hash: s(&f, "hash")?, error: s(&f, "error")?, at: s(&f, "at")? });
+        }
+        Ok(Node {
+            name: s(v, "name")?,
+            cpu_arch: s(v, "cpuArch")?,
+            os_release: s(v, "osRelease")?,
+            proxy_version: s(v, "proxyVersion")?,
+            binaries,
+            failures,
+            last_seen: s(v, "lastSeen")?,
+            registered: s(v, "registered")?,
+        })
+    }
+}
+
+struct Inner {
+    nodes: BTreeMap<String, Node>,
+    /// Nodes whose lastSeen changed since the last batch was written.
+    seen: BTreeSet<String>,
+    log: File,
+    log_len: u64,
+}
+
+/// The registry and its files.
+pub struct Registry {
+    snapshot: PathBuf,
+    log_path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl Registry {
+    /// Loads `state_file` and replays its log (a torn last line is ignored).
+    pub fn open(state_file: &Path) -> Result<Registry> {
+        let dir = fsutil::parent(state_file);
+        fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        let mut log_path = state_file.as_os_str().to_owned();
+        log_path.push(".log");
+        let log_path = PathBuf::from(log_path);
+        let mut nodes = BTreeMap::new();
+        match fs::read_to_string(state_file) {
+            Ok(text) => {
+                let doc = json::parse(&text).map_err(|e| Error::Config {
+                    path: state_file.to_path_buf(),
+                    msg: format!("damaged state file: invalid JSON at {e}"),
+                })?;
+                if let Some(Value::Arr(items)) = doc.get("nodes") {
+                    for item in items {
+                        let node = Node::from_json(item).map_err(|msg| Error::Config { path: state_file.to_path_buf(), msg })?;
+                        nodes.insert(node.name.clone(), node);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("reading", state_file, e)),
+        }
+        if let Ok(text) = fs::read_to_string(&log_path) {
+            let lines: Vec<&str> = text.split('\n').filter(|l| !l.trim().is_empty()).collect();
+            for (i, line) in lines.iter().enumerate() {
+                match json::parse(line) {
+                    Ok(op) => apply(&mut nodes, &op),
+                    Err(_) if i + 1 == lines.len() => crate::warn!("ignoring a torn last line in \"{}\"", log_path.display()),
+                    Err(e) => crate::warn!("ignoring a damaged line {} in \"{}\": {e}", i + 1, log_path.display()),
+                }
+            }
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| Error::io("opening", &log_path, e))?;
+        let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let registry = Registry {
+            snapshot: state_file.to_path_buf(),
+            log_path,
+            inner: Mutex::new(Inner { nodes, seen: BTreeSet::new(), log, log_len }),
+        };
+        // Start from a compact state: fold whatever the log held.
+        registry.compact(&mut registry.lock())?;
+        Ok(registry)
+    }
+
+    /// How many nodes are known.
+    pub fn len(&self) -> usize {
+        self.lock().nodes.len()
+    }
+
+    /// Whether no node is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A heartbeat: the node's record with lastSeen now, or `None` if unknown.
+    /// Only memory changes; [`Registry::flush_seen`] persists in batches.
+    pub fn heartbeat(&self, name: &str, now: &str) -> Option<Node> {
+        let mut inner = self.lock();
+        let node = inner.nodes.get_mut(name)?;
+        node.last_seen = now.to_string();
+        let node = node.clone();
+        inner.seen.insert(name.to_string());
+        Some(node)
+    }
+
+    /// Stores a registration durably; returns the stored record.
+    pub fn register(&self, mut node: Node, now: &str) -> Result<Node> {
+        let mut inner = self.lock();
+        node.last_seen = now.to_string();
+        node.registered = inner.nodes.get(&node.name).map_or_else(|| now.to_string(), |n| n.registered.clone());
+        if node.registered.is_empty() {
+            node.registered = now.to_string();
+        }
+        let op = Value::obj([("op", Value::str("node")), ("node", node.to_json())]);
+        self.append(&mut inner, &op)?;
+        inner.seen.remove(&node.name);
+        inner.nodes.insert(node.name.clone(), node.clone());
+        Ok(node)
+    }
+
+    /// Stores "node runs hash of bin" durably. Unknown nodes are ignored
+    /// (a seed agent reports without naming itself).
+    pub fn report(&self, node: &str, bin: &str, hash: &str, now: &str) -> Result<bool> {
+        let mut inner = self.lock();
+        if !inner.nodes.contains_key(node) {
+            return Ok(false);
+        }
+        let op = Value::obj([
+            ("op", Value::str("report")),
+            ("node", Value::str(node)),
+            ("bin", Value::str(bin)),
+            ("hash", Value::str(hash)),
+            ("at", Value::str(now)),
+        ]);
+        self.append(&mut inner, &op)?;
+        apply(&mut inner.nodes, &op);
+        Ok(true)
+    }
+
+    /// Writes the batched lastSeen changes (one line, one fsync).
+    pub fn flush_seen(&self) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.seen.is_empty() {
+            return Ok(());
+        }
+        let seen = std::mem::take(&mut inner.seen);
+        let entries: Vec<(String, Value)> = seen
+            .iter()
+            .filter_map(|n| inner.nodes.get(n).map(|node| (n.clone(), Value::str(&node.last_seen))))
+            .collect();
+        let op = Value::obj([("op", Value::str("seen")), ("nodes", Value::Obj(entries))]);
+        self.append(&mut inner, &op)
+    }
+
+    /// A copy of every node, by name.
+    pub fn nodes(&self) -> Vec<Node> {
+        self.lock().nodes.values().cloned().collect()
+    }
+
+    fn append(&self, inner: &mut Inner, op: &Value) -> Result<()> {
+        let mut line = op.to_compact();
+        line.push('\n');
+        inner.log.write_all(line.as_bytes()).map_err(|e| Error::io("appending to", &self.log_path, e))?;
+        inner.log.sync_data().map_err(|e| Error::io("syncing", &self.log_path, e))?;
+        inner.log_len += line.len() as u64;
+        if inner.log_len > COMPACT_AT {
+            self.compact(inner)?;
+        }
+        Ok(())
+    }
+
+    /// Folds the log into the snapshot and empties the log.
+    fn compact(&self, inner: &mut Inner) -> Result<()> {
+        let nodes = inner.nodes.values().map(Node::to_json).collect();
+        let doc = Value::obj([("nodes", Value::Arr(nodes))]);
+        fsutil::atomic_write(&self.snapshot, doc.to_pretty().as_bytes(), 0o600)?;
+        inner.log.set_len(0).map_err(|e| Error::io("emptying", &self.log_path, e))?;
+        inner.log.sync_all().map_err(|e| Error::io("syncing", &self.log_path, e))?;
+        inner.log_len = 0;
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every mutation is applied after its log line is written; a panic in
+        // between leaves memory behind the disk, never ahead: keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Applies one log line to the node map. Idempotent.
+fn apply(nodes: &mut BTreeMap<String, Node>, op: &Value) {
+    let s = |k: &str| op.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    match op.get("op").and_then(Value::as_str) {
+        Some("node") => {
+            if let Some(node) = op.get("node").and_then(|n| Node::from_json(n).ok()) {
+                nodes.insert(node.name.clone(), node);
+            }
+        }
+        Some("report") => {
+            if let Some(node) = nodes.get_mut(&s("node")) {
+                let (bin, hash) = (s("bin"), s("hash"));
+                match node.binaries.iter_mut().find(|b| b.name == bin) {
+                    Some(b) => b.hash = hash,
+                    None => node.binaries.push(BinaryFact { name: bin, version: "latest".into(), hash }),
+                }
+                node.last_seen = s("at");
+            }
+        }
+        Some("seen") => {
+            if let Some(Value::Obj(entries)) = op.get("nodes") {
+                for (name, at) in entries {
+                    if let (Some(node), Some(at)) = (nodes.get_mut(name), at.as_str()) {
+                        node.last_seen = at.to_string();
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen_with_log_and_snapshot() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-registry-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = dir.join("state.json");
+        let reg = Registry::open(&state).unwrap();
+        let node = Node { name: "n1".into(), cpu_arch: "x86_64".into(), ..Node::default() };
+        reg.register(node, "2026-01-01T00:00:00Z").unwrap();
+        assert!(reg.report("n1", "app", "ab", "2026-01-01T00:00:01Z").unwrap());
+        assert!(!reg.report("nobody", "app", "ab", "t").unwrap());
+        assert!(reg.heartbeat("n1", "2026-01-01T00:00:09Z").is_some());
+        reg.flush_seen().unwrap();
+        assert!(reg.heartbeat("nobody", "t").is_none());
+        drop(reg);
+
+        // A torn line at the end (a crash mid-append) is ignored.
+        let mut log = OpenOptions::new().append(true).open(dir.join("state.json.log")).unwrap();
+        log.write_all(b"{\"op\":\"report\",\"node\":\"n1\",\"bi").unwrap();
+        drop(log);
+
+        let reg = Registry::open(&state).unwrap();
+        let nodes = reg.nodes();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].binaries, [BinaryFact { name: "app".into(), version: "latest".into(), hash: "ab".into() }]);
+        assert_eq!(nodes[0].last_seen, "2026-01-01T00:00:09Z");
+        assert_eq!(nodes[0].registered, "2026-01-01T00:00:00Z");
+        assert_eq!(fs::metadata(dir.join("state.json.log")).unwrap().len(), 0, "log folded into the snapshot");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn registration_types_are_checked() {
+        let bad = json::parse(r#"{"name":"n","binaries":"x"}"#).unwrap();
+        assert_eq!(Node::from_json(&bad).unwrap_err(), "\"binaries\" must be a list, not a string");
+        let bad = json::parse(r#"{"name":"n","binaries":[{"name":1}]}"#).unwrap();
+        assert_eq!(Node::from_json(&bad).unwrap_err(), "\"name\" must be a string, not a number");
+        let bad = json::parse(r#"{"name":"n","binaries":["a"]}"#).unwrap();
+        assert_eq!(Node::from_json(&bad).unwrap_err(), "\"binaries\"[0] must be an object, not a string");
+    }
+}

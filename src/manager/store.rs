@@ -1,0 +1,202 @@
+//! binDir: what is published. `binDir/NAME` is the latest build,
+//! `binDir/ARCH/NAME` wins for an agent that sends `arch=ARCH`, and
+//! `NAME@VERSION` files serve pinned versions. Hashes are computed from the
+//! files and cached by what `fstat` says (device, inode, size, mtime, ctime),
+//! so publishing is just an atomic `mv` into binDir. Every answer comes from
+//! one open file descriptor, so a download that started before a publish
+//! finishes with the old bytes, and a hash always describes the bytes served.
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::hash;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Whether a name (binary, arch, version, node) is safe to use as one path
+/// component: `[A-Za-z0-9_-][A-Za-z0-9._-]*`, at most 128 bytes.
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0] != b'.'
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+}
+
+/// The identity of a file's contents as far as `stat` can tell.
+type Key = (u64, u64, u64, (i64, i64), (i64, i64));
+
+fn key(m: &fs::Metadata) -> Key {
+    (m.dev(), m.ino(), m.size(), (m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec()))
+}
+
+/// A published build, open and ready to serve.
+pub struct Build {
+    /// The open file.
+    pub file: File,
+    /// Its size.
+    pub size: u64,
+    /// Its md5 (hex).
+    pub md5: String,
+    /// Its sha256 (hex).
+    pub sha256: String,
+    /// "latest", or the pinned version served.
+    pub version: String,
+}
+
+/// One line of the `GET bins` listing.
+pub struct Listed {
+    /// Binary name.
+    pub name: String,
+    /// Arch directory it is under, if any.
+    pub arch: Option<String>,
+    /// Pinned version, if any.
+    pub version: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The binDir and its hash cache.
+pub struct Store {
+    dir: PathBuf,
+    cache: Mutex<HashMap<PathBuf, (Key, String, String)>>,
+}
+
+impl Store {
+    /// Opens a binDir; it must exist and be readable.
+    pub fn open(dir: &Path) -> Result<Store> {
+        fs::read_dir(dir).map_err(|e| Error::io("reading binDir", dir, e))?;
+        Ok(Store { dir: dir.to_path_buf(), cache: Mutex::new(HashMap::new()) })
+    }
+
+    /// The file that serves `name` for `arch` and `version`, most specific
+    /// first. All parts must be [`valid_name`]s (the caller checks).
+    fn candidates(&self, name: &str, arch: Option<&str>, version: Option<&str>) -> Vec<PathBuf> {
+        let file = match version {
+            Some(v) => format!("{name}@{v}"),
+            None => name.to_string(),
+        };
+        let mut out = Vec::with_capacity(2);
+        if let Some(arch) = arch {
+            out.push(self.dir.join(arch).join(&file));
+        }
+        out.push(self.dir.join(file));
+        out
+    }
+
+    /// Opens the build for `name`, or `None` when nothing is published.
+    pub fn get(&self, name: &str, arch: Option<&str>, version: Option<&str>) -> Result<Option<Build>> {
+        for path in self.candidates(name, arch, version) {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("opening", &path, e)),
+            };
+            let meta = file.metadata().map_err(|e| Error::io("inspecting", &path, e))?;
+            if !meta.is_file() {
+                continue;
+            }
+            let k = key(&meta);
+            let cached = self.lock().get(&path).filter(|(ck, _, _)| *ck == k).map(|(_, m, s)| (m.clone(), s.clone()));
+            let (md5, sha256) = match cached {
+                Some(hashes) => hashes,
+                None => {
+                    // Hash the very descriptor that will be served (the
+                    // response seeks back to its start).
+                    let (md5, sha, _) = hash::digest_all(&file, &path)?;
+                    self.lock().insert(path.clone(), (k, md5.clone(), sha.clone()));
+                    (md5, sha)
+                }
+            };
+            let version = version.unwrap_or("latest").to_string();
+            return Ok(Some(Build { file, size: meta.size(), md5, sha256, version }));
+        }
+        Ok(None)
+    }
+
+    /// Publishes `len` bytes from `body` as `name` (for `arch`, `version`):
+    /// streamed to a temp file in the destination directory, fsynced, renamed
+    /// into place, directory fsynced. Returns (md5, sha256).
+    pub fn publish(&self, name: &str, arch: Option<&str>, version: Option<&str>, body: &mut dyn Read, len: u64) -> Result<(String, String)> {
+        let dest = self.candidates(name, arch, version).remove(0);
+        let dir = fsutil::parent(&dest).to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+        fsutil::sweep_temps(&dest);
+        let tmp = fsutil::temp_path(&dest, "up");
+        let result = (|| {
+            let mut file = fsutil::create_exclusive(&tmp, 0o644)?;
+            let (mut md5, mut sha) = (hash::Md5::new(), hash::Sha256::new());
+            let mut buf = vec![0u8; hash::BLOCK];
+            let mut got = 0u64;
+            while got < len {
+                let n = body.read(&mut buf).map_err(|e| Error::Other(format!("reading the upload after {got} of {len} bytes: {e}")))?;
+                if n == 0 {
+                    return Err(Error::Other(format!("upload cut short after {got} of {len} bytes")));
+                }
+                file.write_all(&buf[..n]).map_err(|e| Error::io("writing", &tmp, e))?;
+                md5.update(&buf[..n]);
+                sha.update(&buf[..n]);
+                got += n as u64;
+            }
+            file.sync_all().map_err(|e| Error::io("syncing", &tmp, e))?;
+            fs::rename(&tmp, &dest).map_err(|e| Error::io("renaming into place", &dest, e))?;
+            fsutil::sync_dir(&dir)?;
+            Ok((md5.hex(), sha.hex()))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Everything published, sorted by name, arch, version.
+    pub fn list(&self) -> Vec<Listed> {
+        let mut out = Vec::new();
+        self.list_dir(&self.dir, None, &mut out);
+        out.sort_by(|a, b| (&a.name, &a.arch, &a.version).cmp(&(&b.name, &b.arch, &b.version)));
+        out
+    }
+
+    fn list_dir(&self, dir: &Path, arch: Option<&str>, out: &mut Vec<Listed>) {
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let Ok(file) = entry.file_name().into_string() else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() && arch.is_none() && valid_name(&file) {
+                self.list_dir(&entry.path(), Some(&file), out);
+            } else if meta.is_file() {
+                let (name, version) = match file.split_once('@') {
+                    Some((n, v)) => (n.to_string(), Some(v.to_string())),
+                    None => (file.clone(), None),
+                };
+                if valid_name(&name) && version.as_deref().is_none_or(valid_name) {
+                    out.push(Listed { name, arch: arch.map(str::to_string), version, size: meta.size() });
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, (Key, String, String)>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (single inserts), so a poisoned lock is still usable.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["myapp", "my-app_2", "a.b", "x86_64", "1.2.3", "A"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "../etc/passwd", "a\0b", "a b", "é", &"a".repeat(129)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+}

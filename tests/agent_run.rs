@@ -1,0 +1,1307 @@
+mod common;
+
+// One `bin-proxy` run, end to end, as an operator sees it: the real executable
+// against the recording fake bin-manager (`tests/common`), in a temp "host"
+// (`tests/common/host.rs`). Every test checks what a user would check: exit
+// code, the log line, bytes and modes on disk, the manifest, what the server
+// received, and that no temp file is left beside the managed binaries.
+
+use common::host::{Host, Ran, NODE};
+use common::{json_string, md5_hex, mode, supervisorctl_log, temp_files, Fault, Style};
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+const OLD: &[u8] = b"#!/bin/sh\necho old build\n";
+const NEW: &[u8] = b"#!/bin/sh\necho new build, much better\n";
+const NEWER: &[u8] = b"#!/bin/sh\necho newer build, fixed for real\n";
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// A host managing `myapp` at `opt/myapp` (holding `OLD`, mode 0750, recorded
+/// as installed), with `NEW` published.
+fn outdated_host() -> Host {
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    host.manifest_for(&[("myapp", &md5_hex(OLD))]);
+    host.server.publish("myapp", NEW);
+    host
+}
+
+/// What a hand-built command did (`Host::run` for ones with extra env).
+fn ran_of(out: std::process::Output) -> Ran {
+    Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn install_file(host: &Host, name: &str, bytes: &[u8], file_mode: u32) {
+    let path = host.target(name);
+    fs::write(&path, bytes).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(file_mode)).unwrap();
+}
+
+fn write_exec(path: &Path, text: &str) {
+    fs::write(path, text).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// One `binaries` entry at `opt/NAME`, with extra string fields.
+fn entry(host: &Host, name: &str, hash: &str, extra: &[(&str, &str)]) -> String {
+    let mut fields = vec![
+        format!("\"name\": {}", json_string(name)),
+        "\"version\": \"latest\"".to_string(),
+        format!("\"hash\": {}", json_string(hash)),
+        format!(
+            "\"path\": {}",
+            json_string(&host.target(name).display().to_string())
+        ),
+    ];
+    for (k, v) in extra {
+        fields.push(format!("{}: {}", json_string(k), json_string(v)));
+    }
+    format!("    {{\n      {}\n    }}", fields.join(",\n      "))
+}
+
+/// Writes a manifest with the test node, an optional `manager` object (raw
+/// JSON) and these entries.
+fn write_manifest(host: &Host, manager: Option<&str>, entries: &[String]) {
+    let manager = manager
+        .map(|m| format!("  \"manager\": {m},\n"))
+        .unwrap_or_default();
+    host.write_manifest(&format!(
+        "{{\n{manager}  \"node\": {{\n    \"name\": \"{NODE}\",\n    \"cpuArch\": \"x86_64\",\n    \"osRelease\": \"Test OS 1\",\n    \"proxyVersion\": \"1.0.0\"\n  }},\n  \"binaries\": [\n{}\n  ]\n}}\n",
+        entries.join(",\n")
+    ));
+}
+
+/// Everything a run could change: the manifest's bytes and every entry of
+/// the target dir (name → bytes, mode).
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    manifest: Vec<u8>,
+    opt: BTreeMap<String, (Vec<u8>, u32)>,
+}
+
+fn snapshot(host: &Host) -> Snapshot {
+    let opt = fs::read_dir(&host.opt)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                (fs::read(&p).unwrap_or_default(), mode(&p)),
+            )
+        })
+        .collect();
+    Snapshot {
+        manifest: fs::read(&host.manifest).unwrap(),
+        opt,
+    }
+}
+
+fn assert_unchanged(host: &Host, before: &Snapshot, ran: &Ran) {
+    let after = snapshot(host);
+    assert_eq!(
+        &after, before,
+        "the run changed files\n--- stderr\n{}",
+        ran.stderr
+    );
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// A line of the log containing every one of `words`.
+fn log_line<'a>(ran: &'a Ran, words: &[&str]) -> &'a str {
+    ran.stderr
+        .lines()
+        .find(|l| words.iter().all(|w| l.contains(w)))
+        .unwrap_or_else(|| panic!("no log line with {words:?}\n--- stderr\n{}", ran.stderr))
+}
+
+/// The parsed manifest as it is now.
+fn manifest_json(host: &Host) -> Json {
+    let text = host.manifest_text();
+    parse_json(&text).unwrap_or_else(|e| panic!("manifest does not parse: {e}\n{text}"))
+}
+
+/// The recorded hash of binary `name` in the manifest.
+fn recorded(host: &Host, name: &str) -> String {
+    let m = manifest_json(host);
+    let bins = m.get("binaries").and_then(Json::arr).expect("binaries");
+    bins.iter()
+        .find(|b| b.get("name").and_then(Json::str) == Some(name))
+        .and_then(|b| b.get("hash"))
+        .and_then(Json::str)
+        .unwrap_or_else(|| panic!("no hash for {name} in\n{}", host.manifest_text()))
+        .to_string()
+}
+
+/// `2026-11-26T17:26:12Z`: RFC 3339, UTC, second precision.
+fn is_rfc3339_utc(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 20 {
+        return false;
+    }
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r.clone()]
+            .iter()
+            .all(u8::is_ascii_digit)
+            .then(|| s[r].parse().unwrap())
+    };
+    let seps = b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && b[19] == b'Z';
+    match (
+        digits(0..4),
+        digits(5..7),
+        digits(8..10),
+        digits(11..13),
+        digits(14..16),
+        digits(17..19),
+    ) {
+        (Some(y), Some(mo), Some(d), Some(h), Some(mi), Some(se)) => {
+            seps && y >= 2000
+                && (1..=12).contains(&mo)
+                && (1..=31).contains(&d)
+                && h < 24
+                && mi < 60
+                && se <= 60
+        }
+        _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A small JSON reader (the tests check shapes, not just substrings)
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<Json>),
+    Obj(Vec<(String, Json)>),
+}
+
+impl Json {
+    fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Obj(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn str(&self) -> Option<&str> {
+        match self {
+            Json::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn arr(&self) -> Option<&[Json]> {
+        match self {
+            Json::Arr(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// The keys of an object, in order.
+    fn keys(&self) -> Vec<&str> {
+        match self {
+            Json::Obj(entries) => entries.iter().map(|(k, _)| k.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+fn parse_json(text: &str) -> Result<Json, String> {
+    let mut p = JsonParser {
+        b: text.as_bytes(),
+        i: 0,
+    };
+    let v = p.value(0)?;
+    p.ws();
+    if p.i != p.b.len() {
+        return Err(format!("trailing data at byte {}", p.i));
+    }
+    Ok(v)
+}
+
+struct JsonParser<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.b.len() && b" \t\r\n".contains(&self.b[self.i]) {
+            self.i += 1;
+        }
+    }
+
+    fn err<T>(&self, what: &str) -> Result<T, String> {
+        Err(format!("{what} at byte {}", self.i))
+    }
+
+    fn eat(&mut self, c: u8) -> Result<(), String> {
+        self.ws();
+        if self.b.get(self.i) == Some(&c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            self.err(&format!("expected '{}'", c as char))
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Json, String> {
+        if depth > 64 {
+            return self.err("too deep");
+        }
+        self.ws();
+        match self.b.get(self.i) {
+            Some(b'{') => {
+                self.i += 1;
+                let mut entries = Vec::new();
+                self.ws();
+                if self.b.get(self.i) == Some(&b'}') {
+                    self.i += 1;
+                    return Ok(Json::Obj(entries));
+                }
+                loop {
+                    self.ws();
+                    let key = self.string()?;
+                    self.eat(b':')?;
+                    entries.push((key, self.value(depth + 1)?));
+                    self.ws();
+                    match self.b.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b'}') => {
+                            self.i += 1;
+                            return Ok(Json::Obj(entries));
+                        }
+                        _ => return self.err("expected ',' or '}'"),
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.i += 1;
+                let mut items = Vec::new();
+                self.ws();
+                if self.b.get(self.i) == Some(&b']') {
+                    self.i += 1;
+                    return Ok(Json::Arr(items));
+                }
+                loop {
+                    items.push(self.value(depth + 1)?);
+                    self.ws();
+                    match self.b.get(self.i) {
+                        Some(b',') => self.i += 1,
+                        Some(b']') => {
+                            self.i += 1;
+                            return Ok(Json::Arr(items));
+                        }
+                        _ => return self.err("expected ',' or ']'"),
+                    }
+                }
+            }
+            Some(b'"') => self.string().map(Json::Str),
+            Some(b't') => self.word("true", Json::Bool(true)),
+            Some(b'f') => self.word("false", Json::Bool(false)),
+            Some(b'n') => self.word("null", Json::Null),
+            Some(c) if *c == b'-' || c.is_ascii_digit() => {
+                let start = self.i;
+                while self.i < self.b.len() && b"+-.eE0123456789".contains(&self.b[self.i]) {
+                    self.i += 1;
+                }
+                let s = std::str::from_utf8(&self.b[start..self.i]).unwrap();
+                s.parse()
+                    .map(Json::Num)
+                    .map_err(|_| format!("bad number {s:?}"))
+            }
+            _ => self.err("expected a value"),
+        }
+    }
+
+    fn word(&mut self, w: &str, v: Json) -> Result<Json, String> {
+        if self.b[self.i..].starts_with(w.as_bytes()) {
+            self.i += w.len();
+            Ok(v)
+        } else {
+            self.err("bad literal")
+        }
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        if self.b.get(self.i) != Some(&b'"') {
+            return self.err("expected a string");
+        }
+        self.i += 1;
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            let Some(&c) = self.b.get(self.i) else {
+                return self.err("unterminated string");
+            };
+            self.i += 1;
+            match c {
+                b'"' => break,
+                b'\\' => {
+                    let Some(&e) = self.b.get(self.i) else {
+                        return self.err("unterminated escape");
+                    };
+                    self.i += 1;
+                    let ch = match e {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let hex = self
+                                .b
+                                .get(self.i..self.i + 4)
+                                .and_then(|h| std::str::from_utf8(h).ok())
+                                .and_then(|h| u32::from_str_radix(h, 16).ok());
+                            let Some(code) = hex else {
+                                return self.err("bad \\u escape");
+                            };
+                            self.i += 4;
+                            char::from_u32(code).unwrap_or('\u{fffd}')
+                        }
+                        _ => return self.err("bad escape"),
+                    };
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                }
+                c if c < 0x20 => return self.err("control character in string"),
+                c => out.push(c),
+            }
+        }
+        String::from_utf8(out).map_err(|_| "string is not UTF-8".to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cases
+// ---------------------------------------------------------------------------
+
+/// Case 1: an unknown node registers with the six fields the original server
+/// binds; a known node with nothing to change does not POST keepalive again.
+#[test]
+fn first_run_registers_with_all_six_fields_then_known_node_does_not_repost() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEW, 0o755);
+    // The manifest says an old proxyVersion: the agent reports its own.
+    host.write_manifest(&format!(
+        "{{\n  \"node\": {{\n    \"name\": \"{NODE}\",\n    \"cpuArch\": \"x86_64\",\n    \"osRelease\": \"Test OS 1\",\n    \"proxyVersion\": \"0.0.1\"\n  }},\n  \"binaries\": [\n{}\n  ]\n}}\n",
+        entry(&host, "myapp", &md5_hex(NEW), &[])
+    ));
+    host.server.publish("myapp", NEW);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log("registered node");
+
+    let reqs = host.server.requests();
+    assert!(reqs.len() >= 2, "{reqs:?}");
+    assert_eq!(
+        (reqs[0].method.as_str(), reqs[0].path.as_str()),
+        ("GET", "/api/v1/keepalive")
+    );
+    assert_eq!(reqs[0].param("node").as_deref(), Some(NODE));
+    assert_eq!(
+        (reqs[1].method.as_str(), reqs[1].path.as_str()),
+        ("POST", "/api/v1/keepalive")
+    );
+    assert_eq!(reqs[1].param("node").as_deref(), Some(NODE));
+    assert_eq!(host.server.count("POST", "/api/v1/keepalive"), 1);
+
+    let body = host.server.registration(NODE).expect("registered");
+    let reg = parse_json(&body).unwrap_or_else(|e| panic!("registration body: {e}\n{body}"));
+    for key in [
+        "name",
+        "cpuArch",
+        "osRelease",
+        "proxyVersion",
+        "binaries",
+        "lastSeen",
+    ] {
+        assert!(reg.get(key).is_some(), "registration lacks {key:?}: {body}");
+    }
+    assert_eq!(reg.get("name").and_then(Json::str), Some(NODE), "{body}");
+    assert_eq!(reg.get("cpuArch").and_then(Json::str), Some("x86_64"));
+    assert_eq!(reg.get("osRelease").and_then(Json::str), Some("Test OS 1"));
+    assert_eq!(
+        reg.get("proxyVersion").and_then(Json::str),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(reg.get("proxyVersion").and_then(Json::str), Some("1.0.0"));
+    let last_seen = reg.get("lastSeen").and_then(Json::str).expect("lastSeen");
+    assert!(
+        is_rfc3339_utc(last_seen),
+        "lastSeen {last_seen:?} is not RFC 3339 UTC"
+    );
+    let bins = reg.get("binaries").and_then(Json::arr).expect("list");
+    assert_eq!(bins.len(), 1, "{body}");
+    assert_eq!(bins[0].get("name").and_then(Json::str), Some("myapp"));
+    assert_eq!(bins[0].get("version").and_then(Json::str), Some("latest"));
+    let hash = md5_hex(NEW);
+    assert_eq!(bins[0].get("hash").and_then(Json::str), Some(hash.as_str()));
+
+    // Known now, and nothing to do: no second registration.
+    host.server.clear_requests();
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    assert!(!ran.stderr.contains("registered node"), "{}", ran.stderr);
+    assert_eq!(host.server.count("GET", "/api/v1/keepalive"), 1);
+    assert_eq!(host.server.count("POST", "/api/v1/keepalive"), 0);
+    assert_eq!(host.server.count("GET", "/api/v1/download"), 0);
+}
+
+/// Case 2: an idle run reads nothing it need not, writes nothing, says one line.
+#[test]
+fn idle_run_downloads_nothing_keeps_manifest_and_logs_one_line() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEW, 0o755);
+    host.manifest_for(&[("myapp", &md5_hex(NEW))]);
+    host.server.publish("myapp", NEW);
+    host.server.register(NODE, "{}");
+    let bytes = fs::read(&host.manifest).unwrap();
+    let mtime = fs::metadata(&host.manifest).unwrap().modified().unwrap();
+    let before = snapshot(&host);
+
+    for round in 0..2 {
+        let ran = host.run(&[]);
+        ran.expect_code(0).expect_log("1 binary: 1 up to date");
+        assert_eq!(
+            ran.stderr.lines().count(),
+            1,
+            "round {round}: an idle run says one line\n{}",
+            ran.stderr
+        );
+        assert_eq!(host.server.count("GET", "/api/v1/download"), 0);
+        assert_eq!(host.server.count("POST", "/api/v1/bins"), 0);
+        assert_eq!(host.server.count("POST", "/api/v1/keepalive"), 0);
+        assert_eq!(fs::read(&host.manifest).unwrap(), bytes);
+        assert_eq!(
+            fs::metadata(&host.manifest).unwrap().modified().unwrap(),
+            mtime,
+            "the manifest was rewritten"
+        );
+        assert_unchanged(&host, &before, &ran);
+    }
+
+    let ran = host.run(&["--quiet"]);
+    ran.expect_code(0);
+    assert_eq!(ran.stderr, "", "--quiet idle run must be silent");
+    assert_eq!(ran.stdout, "");
+    assert_eq!(host.server.count("GET", "/api/v1/download"), 0);
+    assert_eq!(fs::read(&host.manifest).unwrap(), bytes);
+}
+
+/// Case 3: the full upgrade path.
+#[test]
+fn upgrade_swaps_bytes_keeps_mode_and_backup_reports_restarts_and_records() {
+    let host = outdated_host();
+    host.server.register(NODE, "{}");
+    fs::set_permissions(&host.manifest, fs::Permissions::from_mode(0o640)).unwrap();
+
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    let line = log_line(&ran, &["myapp", "upgraded"]);
+    assert!(line.contains(&md5_hex(NEW)[..8]), "{line}");
+
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(mode(&host.target("myapp")), 0o750);
+    assert_eq!(fs::read(host.opt.join("myapp.bak")).unwrap(), OLD);
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert_eq!(host.server.count("GET", "/api/v1/download/myapp"), 1);
+
+    // The manifest: new hash, still pretty, still parseable, mode kept.
+    let text = host.manifest_text();
+    assert!(text.lines().count() > 10, "not pretty-printed:\n{text}");
+    assert!(text.contains("\n  \"binaries\": ["), "{text}");
+    assert!(text.ends_with('\n'), "{text:?}");
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert_eq!(mode(&host.manifest), 0o640);
+
+    assert_eq!(
+        supervisorctl_log(&host.dir.path),
+        ["restart myapp", "status myapp"]
+    );
+
+    // The server's inventory hears about the change after the hash report.
+    let reqs = host.server.requests();
+    let report = reqs
+        .iter()
+        .position(|r| r.method == "POST" && r.path == "/api/v1/bins/myapp")
+        .expect("hash reported");
+    let keepalive = reqs
+        .iter()
+        .rposition(|r| r.method == "POST" && r.path == "/api/v1/keepalive")
+        .expect("keepalive POSTed after the change");
+    assert!(keepalive > report, "{reqs:?}");
+    let reg = parse_json(&host.server.registration(NODE).unwrap()).unwrap();
+    let bins = reg.get("binaries").and_then(Json::arr).unwrap();
+    assert_eq!(
+        bins[0].get("hash").and_then(Json::str),
+        Some(md5_hex(NEW).as_str())
+    );
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 4: nothing installed yet.
+#[test]
+fn fresh_install_gets_mode_0755_and_no_backup() {
+    let host = Host::new();
+    host.manifest_for(&[("myapp", "")]);
+    host.server.publish("myapp", NEW);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log("not installed yet");
+    log_line(&ran, &["myapp", "upgraded"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(mode(&host.target("myapp")), 0o755);
+    assert!(!host.opt.join("myapp.bak").exists());
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 5: someone edited the file after it was installed (same size, so only
+/// a fresh look at the file can tell).
+#[test]
+fn file_edited_on_disk_since_recorded_is_reinstalled() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEW, 0o755);
+    host.manifest_for(&[("myapp", &md5_hex(NEW))]);
+    host.server.publish("myapp", NEW);
+    host.server.register(NODE, "{}");
+    host.run(&[]).expect_code(0).expect_log("1 up to date");
+
+    let mut edited = NEW.to_vec();
+    edited[10] ^= 0x20; // same length, different bytes
+    fs::write(host.target("myapp"), &edited).unwrap();
+
+    let ran = host.run(&[]);
+    ran.expect_code(0)
+        .expect_log("file changed on disk since it was installed");
+    assert_eq!(host.server.count("GET", "/api/v1/download/myapp"), 1);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(mode(&host.target("myapp")), 0o755);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+
+    // And the next run is idle again.
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log("1 up to date");
+    assert_eq!(host.server.count("GET", "/api/v1/download/myapp"), 1);
+}
+
+/// Case 6: the file is gone though the manifest records it.
+#[test]
+fn deleted_file_is_reinstalled() {
+    let host = Host::new();
+    host.manifest_for(&[("myapp", &md5_hex(NEW))]);
+    host.server.publish("myapp", NEW);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log("file is missing");
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(mode(&host.target("myapp")), 0o755);
+    assert!(!host.opt.join("myapp.bak").exists());
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 7: the bytes do not hash to what the server promised.
+#[test]
+fn wrong_md5_changes_nothing_and_reports_nothing() {
+    let host = outdated_host();
+    host.server.fault("myapp", Fault::WrongHash);
+    let before = snapshot(&host);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "md5 mismatch"]);
+    assert_unchanged(&host, &before, &ran);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
+    assert_eq!(mode(&host.target("myapp")), 0o750);
+    assert!(!host.opt.join("myapp.bak").exists());
+    assert!(host.server.reported("myapp").is_empty());
+    assert!(supervisorctl_log(&host.dir.path).is_empty());
+}
+
+/// Case 8: the connection closes before Content-Length bytes arrived.
+#[test]
+fn truncated_download_changes_nothing() {
+    let host = outdated_host();
+    host.server.fault("myapp", Fault::Truncate(5));
+    let before = snapshot(&host);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "truncated"]);
+    assert_unchanged(&host, &before, &ran);
+    assert!(host.server.reported("myapp").is_empty());
+    assert!(supervisorctl_log(&host.dir.path).is_empty());
+}
+
+/// Case 9: one binary's 500 does not stop the others.
+#[test]
+fn one_binary_failing_with_500_does_not_stop_the_others() {
+    let host = Host::new();
+    install_file(&host, "broken", OLD, 0o755);
+    install_file(&host, "myapp", OLD, 0o750);
+    // The failing one comes first.
+    host.manifest_for(&[("broken", &md5_hex(OLD)), ("myapp", &md5_hex(OLD))]);
+    host.server.publish("broken", NEW);
+    host.server.publish("myapp", NEW);
+    host.server.fault("broken", Fault::Status(500));
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["broken", "500"]);
+    log_line(&ran, &["myapp", "upgraded"]);
+
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+
+    assert_eq!(fs::read(host.target("broken")).unwrap(), OLD);
+    assert_eq!(mode(&host.target("broken")), 0o755);
+    assert!(!host.opt.join("broken.bak").exists());
+    assert!(host.server.reported("broken").is_empty());
+    assert_eq!(recorded(&host, "broken"), md5_hex(OLD));
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 10: nobody listens at the API address.
+#[test]
+fn server_down_exits_1_with_connection_refused() {
+    let host = outdated_host();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let before = snapshot(&host);
+
+    let out = host
+        .command(&[])
+        .env("BIN_MANAGER_API", format!("http://127.0.0.1:{port}/api/v1"))
+        .output()
+        .unwrap();
+    let ran = ran_of(out);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "connection refused"]);
+    assert_unchanged(&host, &before, &ran);
+    assert!(host.server.requests().is_empty());
+    assert!(supervisorctl_log(&host.dir.path).is_empty());
+}
+
+/// Case 11: `bins/NAME` answers malformed JSON.
+#[test]
+fn garbage_json_exits_1_with_invalid_json() {
+    let host = outdated_host();
+    host.server.fault("myapp", Fault::Garbage);
+    let before = snapshot(&host);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "invalid JSON"]);
+    assert_unchanged(&host, &before, &ran);
+    assert_eq!(host.server.count("GET", "/api/v1/download"), 0);
+}
+
+/// Case 12: both envelope styles, an error code, and no envelope at all.
+#[test]
+fn envelope_error_code_fails_while_zero_style_and_bare_answers_work() {
+    // An error code in a 200 answer carries the server's message.
+    let host = outdated_host();
+    host.server
+        .fault("myapp", Fault::EnvelopeCode(1, "binary not found".into()));
+    let before = snapshot(&host);
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "binary not found"]);
+    assert_unchanged(&host, &before, &ran);
+    assert_eq!(host.server.count("GET", "/api/v1/download"), 0);
+
+    // The original bin-manager: success is code 0.
+    let host = outdated_host();
+    host.server.set_style(Style::Zero);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "upgraded"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert!(host.server.registration(NODE).is_some());
+
+    // No envelope: the object is the data.
+    let host = outdated_host();
+    host.server.fault("myapp", Fault::NoEnvelope);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "upgraded"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 13: preUpgrade vetoes the swap; when it agrees it sees the new file.
+#[test]
+fn pre_upgrade_failure_aborts_and_success_sees_the_new_file() {
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    write_manifest(
+        &host,
+        None,
+        &[entry(
+            &host,
+            "myapp",
+            &md5_hex(OLD),
+            &[(
+                "preUpgrade",
+                "/bin/sh -c 'echo pre-check says no >&2; exit 3'",
+            )],
+        )],
+    );
+    host.server.publish("myapp", NEW);
+    let before = snapshot(&host);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    let line = log_line(&ran, &["myapp", "preUpgrade failed"]);
+    assert!(line.contains("status 3"), "{line}");
+    assert_unchanged(&host, &before, &ran);
+    assert!(host.server.reported("myapp").is_empty());
+    assert!(
+        supervisorctl_log(&host.dir.path).is_empty(),
+        "{:?}",
+        supervisorctl_log(&host.dir.path)
+    );
+
+    // A hook that agrees, and keeps a copy of what it was shown.
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    let hook = host.dir.join("pre.sh");
+    let seen = host.dir.join("seen-new");
+    let seen_path = host.dir.join("seen-path");
+    write_exec(
+        &hook,
+        &format!(
+            "#!/bin/sh\nset -e\ncp \"$BIN_PROXY_NEW_FILE\" '{}'\nprintf '%s' \"$BIN_PROXY_NEW_FILE\" > '{}'\n",
+            seen.display(),
+            seen_path.display()
+        ),
+    );
+    write_manifest(
+        &host,
+        None,
+        &[entry(
+            &host,
+            "myapp",
+            &md5_hex(OLD),
+            &[("preUpgrade", &hook.display().to_string())],
+        )],
+    );
+    host.server.publish("myapp", NEW);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "upgraded"]);
+    assert_eq!(fs::read(&seen).unwrap(), NEW, "the hook saw other bytes");
+    let shown = fs::read_to_string(&seen_path).unwrap();
+    assert_eq!(
+        Path::new(&shown).parent(),
+        Some(host.opt.as_path()),
+        "the new file is staged beside its target: {shown}"
+    );
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 14: a failing health check rolls back and holds the build back until
+/// the server publishes another.
+#[test]
+fn post_upgrade_failure_rolls_back_and_holds_back_until_a_new_build() {
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    let check = host.dir.join("post.sh");
+    let fail_flag = host.dir.join("post.fail");
+    write_exec(
+        &check,
+        &format!(
+            "#!/bin/sh\nif [ -e '{}' ]; then echo 'health check failed'; exit 4; fi\nexit 0\n",
+            fail_flag.display()
+        ),
+    );
+    fs::write(&fail_flag, b"").unwrap();
+    write_manifest(
+        &host,
+        None,
+        &[entry(
+            &host,
+            "myapp",
+            &md5_hex(OLD),
+            &[("postUpgrade", &check.display().to_string())],
+        )],
+    );
+    host.server.publish("myapp", NEW);
+    let manifest_before = fs::read(&host.manifest).unwrap();
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "rolled back"]);
+    assert!(ran.stderr.contains("health check failed"), "{}", ran.stderr);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
+    assert_eq!(mode(&host.target("myapp")), 0o750);
+    let ctl = supervisorctl_log(&host.dir.path);
+    assert_eq!(
+        ctl.iter().filter(|l| *l == "restart myapp").count(),
+        2,
+        "{ctl:?}"
+    );
+    assert_eq!(fs::read(&host.manifest).unwrap(), manifest_before);
+    assert!(host.server.reported("myapp").is_empty());
+    let reg = host.server.registration(NODE).expect("keepalive POSTed");
+    assert!(
+        reg.contains(&md5_hex(NEW)),
+        "the failure is reported in the keepalive body: {reg}"
+    );
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+
+    // The same build is not tried again.
+    host.server.clear_requests();
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "holding back"]);
+    assert_eq!(host.server.count("GET", "/api/v1/download"), 0);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
+    assert_eq!(supervisorctl_log(&host.dir.path), ctl);
+
+    // A new build is.
+    fs::remove_file(&fail_flag).unwrap();
+    host.server.publish("myapp", NEWER);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "upgraded"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEWER);
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEWER)]);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEWER));
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 15: the restart policy: a failing restart rolls back, "none" never
+/// calls supervisorctl, a missing supervisorctl keeps the upgrade with a warning.
+#[test]
+fn restart_failure_rolls_back_none_skips_and_missing_supervisorctl_warns() {
+    // supervisorctl restart fails.
+    let host = outdated_host();
+    fs::write(host.dir.join("supervisorctl.fail"), "restart").unwrap();
+    let manifest_before = fs::read(&host.manifest).unwrap();
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "rolled back"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
+    assert_eq!(mode(&host.target("myapp")), 0o750);
+    assert_eq!(fs::read(&host.manifest).unwrap(), manifest_before);
+    assert!(host.server.reported("myapp").is_empty());
+    let ctl = supervisorctl_log(&host.dir.path);
+    assert_eq!(
+        ctl.iter().filter(|l| *l == "restart myapp").count(),
+        2,
+        "{ctl:?}"
+    );
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+
+    // "restart": "none".
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    write_manifest(
+        &host,
+        None,
+        &[entry(&host, "myapp", &md5_hex(OLD), &[("restart", "none")])],
+    );
+    host.server.publish("myapp", NEW);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "upgraded"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert!(
+        supervisorctl_log(&host.dir.path).is_empty(),
+        "{:?}",
+        supervisorctl_log(&host.dir.path)
+    );
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+
+    // No supervisorctl on PATH at all.
+    let host = outdated_host();
+    let system_has_one = ["/usr/bin/supervisorctl", "/bin/supervisorctl"]
+        .iter()
+        .any(|p| Path::new(p).exists());
+    let out = host
+        .command(&[])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let ran = ran_of(out);
+    if system_has_one {
+        eprintln!("this machine has a real supervisorctl; skipping the not-found check");
+        return;
+    }
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "supervisorctl not found"]);
+    assert!(
+        ran.stderr
+            .lines()
+            .any(|l| l.contains(" WARN ") && l.contains("supervisorctl not found")),
+        "{}",
+        ran.stderr
+    );
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(mode(&host.target("myapp")), 0o750);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert!(supervisorctl_log(&host.dir.path).is_empty());
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 16: one run at a time; the second says so and exits 0 at once.
+#[test]
+fn second_concurrent_run_exits_0_while_the_lock_is_held() {
+    let host = outdated_host();
+    let mut lock_path = host.manifest.clone().into_os_string();
+    lock_path.push(".lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    lock.try_lock().expect("the test takes the run lock");
+    let before = snapshot(&host);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log("holds the lock");
+    assert!(
+        host.server.requests().is_empty(),
+        "{:?}",
+        host.server.requests()
+    );
+    assert_unchanged(&host, &before, &ran);
+    assert!(supervisorctl_log(&host.dir.path).is_empty());
+
+    // Released: the next run does the work.
+    lock.unlock().unwrap();
+    drop(lock);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+}
+
+/// Case 17: a killed run's temp files are swept by the next one.
+#[test]
+fn stale_temp_files_from_a_killed_run_are_removed() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEW, 0o755);
+    host.manifest_for(&[("myapp", &md5_hex(NEW))]);
+    host.server.publish("myapp", NEW);
+    fs::write(host.opt.join(".myapp.999.bin-proxy-tmp"), b"half a file").unwrap();
+    fs::write(
+        host.opt.join(".myapp.999dl.bin-proxy-tmp"),
+        b"half a download",
+    )
+    .unwrap();
+    fs::write(host.opt.join("notes.txt"), b"not ours").unwrap();
+    assert_eq!(temp_files(&host.opt).len(), 2);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "2 temp file"]);
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+    assert_eq!(fs::read(host.opt.join("notes.txt")).unwrap(), b"not ours");
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+}
+
+/// Case 18: `--only`.
+#[test]
+fn only_handles_just_that_binary_and_unknown_name_exits_2() {
+    let host = Host::new();
+    install_file(&host, "alpha", OLD, 0o755);
+    install_file(&host, "beta", OLD, 0o755);
+    host.manifest_for(&[("alpha", &md5_hex(OLD)), ("beta", &md5_hex(OLD))]);
+    host.server.publish("alpha", NEW);
+    host.server.publish("beta", NEW);
+
+    let ran = host.run(&["--only", "alpha"]);
+    ran.expect_code(0);
+    log_line(&ran, &["alpha", "upgraded"]);
+    assert_eq!(fs::read(host.target("alpha")).unwrap(), NEW);
+    assert_eq!(fs::read(host.target("beta")).unwrap(), OLD);
+    assert_eq!(host.server.count("*", "/api/v1/bins/beta"), 0);
+    assert_eq!(host.server.count("*", "/api/v1/download/beta"), 0);
+    assert_eq!(recorded(&host, "beta"), md5_hex(OLD));
+    assert!(!ran.stderr.contains("beta"), "{}", ran.stderr);
+
+    host.server.clear_requests();
+    let before = snapshot(&host);
+    let ran = host.run(&["--only", "unknown"]);
+    ran.expect_code(2)
+        .expect_log("--only \"unknown\": no such binary in the manifest");
+    assert_unchanged(&host, &before, &ran);
+    assert!(
+        host.server.requests().is_empty(),
+        "{:?}",
+        host.server.requests()
+    );
+}
+
+/// Case 19: the bearer token goes with every request and never into the log.
+#[test]
+fn bearer_token_is_sent_with_every_request_and_never_printed() {
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    install_file(&host, "broken", OLD, 0o755);
+    host.manifest_for(&[("myapp", &md5_hex(OLD)), ("broken", &md5_hex(OLD))]);
+    host.server.publish("myapp", NEW);
+    host.server.publish("broken", NEW);
+    host.server.fault("broken", Fault::Status(500));
+
+    for args in [&[][..], &["--verbose"][..]] {
+        let out = host
+            .command(args)
+            .env("BIN_MANAGER_TOKEN", "s3cret")
+            .output()
+            .unwrap();
+        let ran = ran_of(out);
+        ran.expect_code(1);
+        log_line(&ran, &["broken", "500"]);
+        assert!(
+            !ran.stderr.contains("s3cret"),
+            "token in the log:\n{}",
+            ran.stderr
+        );
+        assert!(
+            !ran.stdout.contains("s3cret"),
+            "token on stdout:\n{}",
+            ran.stdout
+        );
+    }
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    let reqs = host.server.requests();
+    // keepalive GET+POST, bins GET, download, hash report, keepalive after change…
+    assert!(reqs.len() >= 6, "{reqs:?}");
+    for r in &reqs {
+        assert_eq!(
+            r.header("authorization"),
+            Some("Bearer s3cret"),
+            "{} {}",
+            r.method,
+            r.path
+        );
+    }
+
+    // The token from manager.tokenFile.
+    let host = outdated_host();
+    let token_file = host.dir.join("etc/token");
+    fs::write(&token_file, "filetoken\n").unwrap();
+    write_manifest(
+        &host,
+        Some(&format!(
+            "{{ \"tokenFile\": {} }}",
+            json_string(&token_file.display().to_string())
+        )),
+        &[entry(&host, "myapp", &md5_hex(OLD), &[])],
+    );
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    assert!(!ran.stderr.contains("filetoken"), "{}", ran.stderr);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    let reqs = host.server.requests();
+    assert!(!reqs.is_empty());
+    for r in &reqs {
+        assert_eq!(
+            r.header("authorization"),
+            Some("Bearer filetoken"),
+            "{} {}",
+            r.method,
+            r.path
+        );
+    }
+}
+
+/// Case 20: names are percent-encoded in URLs.
+#[test]
+fn names_are_percent_encoded_in_urls() {
+    let host = Host::new();
+    // supervisor refuses spaces in program names, so the service has its own.
+    write_manifest(
+        &host,
+        None,
+        &[entry(&host, "my app", "", &[("service", "my-app")])],
+    );
+    host.server.publish("my app", NEW);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["my app", "upgraded"]);
+    let paths: Vec<(String, String)> = host
+        .server
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path))
+        .collect();
+    for want in [
+        ("GET", "/api/v1/bins/my%20app"),
+        ("GET", "/api/v1/download/my%20app"),
+        ("POST", "/api/v1/bins/my%20app"),
+    ] {
+        assert!(
+            paths.iter().any(|(m, p)| m == want.0 && p == want.1),
+            "no {want:?} in {paths:?}"
+        );
+    }
+    assert_eq!(fs::read(host.target("my app")).unwrap(), NEW);
+    assert_eq!(host.server.reported("my app"), [md5_hex(NEW)]);
+    assert_eq!(recorded(&host, "my app"), md5_hex(NEW));
+    assert_eq!(
+        supervisorctl_log(&host.dir.path),
+        ["restart my-app", "status my-app"]
+    );
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+}
+
+/// Case 21: `--max-size`.
+#[test]
+fn max_size_refuses_a_larger_download_and_names_the_limit() {
+    let host = outdated_host();
+    assert!(NEW.len() > 10);
+    let before = snapshot(&host);
+
+    let ran = host.run(&["--max-size", "10"]);
+    ran.expect_code(1);
+    let line = log_line(&ran, &["myapp", "limit"]);
+    assert!(line.contains("10 B"), "the limit is not named: {line}");
+    assert_unchanged(&host, &before, &ran);
+    assert!(host.server.reported("myapp").is_empty());
+}
+
+/// Case 22: a download that redirects to itself forever.
+#[test]
+fn redirect_loop_fails_after_a_bounded_number_of_requests() {
+    let host = outdated_host();
+    host.server.fault("myapp", Fault::RedirectLoop);
+    let before = snapshot(&host);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "redirects"]);
+    assert_unchanged(&host, &before, &ran);
+    let n = host.server.count("GET", "/api/v1/download/myapp");
+    assert!((1..=20).contains(&n), "{n} download requests");
+}
+
+/// Case 23: a manifest in the seed's format stays in the seed's format.
+#[test]
+fn seed_manifest_keeps_exactly_the_seed_keys_after_an_upgrade() {
+    let host = outdated_host();
+    let original = host.manifest_text();
+
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["myapp", "upgraded"]);
+
+    let m = manifest_json(&host);
+    assert_eq!(m.keys(), ["node", "binaries"], "{}", host.manifest_text());
+    let node = m.get("node").unwrap();
+    assert_eq!(
+        node.keys(),
+        ["name", "cpuArch", "osRelease", "proxyVersion"]
+    );
+    assert_eq!(node.get("name").and_then(Json::str), Some(NODE));
+    assert_eq!(node.get("osRelease").and_then(Json::str), Some("Test OS 1"));
+    let bins = m.get("binaries").and_then(Json::arr).unwrap();
+    assert_eq!(bins.len(), 1);
+    assert_eq!(bins[0].keys(), ["name", "version", "hash", "path"]);
+    assert_eq!(bins[0].get("version").and_then(Json::str), Some("latest"));
+    assert_eq!(
+        bins[0].get("path").and_then(Json::str),
+        Some(host.target("myapp").display().to_string().as_str())
+    );
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    // What an operator's `diff` shows: only the hash changed.
+    assert_eq!(
+        host.manifest_text(),
+        original.replace(&md5_hex(OLD), &md5_hex(NEW))
+    );
+}
