@@ -1,5 +1,6 @@
-//! The agent's command line (the only lexopt user): the `Args` it parses to
-//! and the hand-written `--help`. Parsing is pure, so every form is a test.
+//! Both command lines (the only lexopt user): the agent's `Args`, the
+//! server's `ManagerArgs`, and their hand-written `--help` texts. Parsing is
+//! pure, so every form is a test.
 
 use crate::error::{Error, Result};
 use lexopt::prelude::*;
@@ -155,7 +156,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
             Long("download-timeout") => {
                 out.download_timeout = seconds(&mut parser, "--download-timeout")?.max(1)
             }
-            Long("max-size") => out.max_size = size(&string(&mut parser, "--max-size")?)?,
+            Long("max-size") => {
+                out.max_size = size(&string(&mut parser, "--max-size")?, "--max-size")?
+            }
             Long("splay") => out.splay = seconds(&mut parser, "--splay")?,
             Long("every") => out.every = Some(seconds(&mut parser, "--every")?.max(1)),
             Long("only") => out.only.push(string(&mut parser, "--only")?),
@@ -219,12 +222,18 @@ fn string(parser: &mut lexopt::Parser, flag: &str) -> Result<String> {
 
 fn seconds(parser: &mut lexopt::Parser, flag: &str) -> Result<u64> {
     let v = string(parser, flag)?;
-    v.parse()
-        .map_err(|_| Error::Usage(format!("{flag} takes whole seconds, not \"{v}\"")))
+    v.parse().map_err(|_| {
+        let unit = if flag == "--workers" {
+            "a whole number"
+        } else {
+            "whole seconds"
+        };
+        Error::Usage(format!("{flag} takes {unit}, not \"{v}\""))
+    })
 }
 
 /// `1048576`, `512K`, `100M`, `2G` (powers of 1024).
-fn size(v: &str) -> Result<u64> {
+fn size(v: &str, flag: &str) -> Result<u64> {
     let (digits, shift) = match v.trim_end_matches(['B', 'b', 'i']).to_ascii_uppercase() {
         s if s.ends_with('K') => (s[..s.len() - 1].to_string(), 10),
         s if s.ends_with('M') => (s[..s.len() - 1].to_string(), 20),
@@ -236,11 +245,110 @@ fn size(v: &str) -> Result<u64> {
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
         .filter(|&n| n > 0)
-        .ok_or_else(|| {
-            Error::Usage(format!(
-                "--max-size takes a size like 500M or 2G, not \"{v}\""
-            ))
-        })
+        .ok_or_else(|| Error::Usage(format!("{flag} takes a size like 500M or 2G, not \"{v}\"")))
+}
+
+/// bin-manager's parsed arguments (`None`: not given, config file or default applies).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ManagerArgs {
+    /// `--config PATH`
+    pub config: Option<PathBuf>,
+    /// `--bin-dir DIR`
+    pub bin_dir: Option<PathBuf>,
+    /// `--listen ADDR`
+    pub listen: Option<String>,
+    /// `--state-file PATH`
+    pub state_file: Option<PathBuf>,
+    /// `--token TOKEN`
+    pub token: Option<String>,
+    /// `--admin-token TOKEN`
+    pub admin_token: Option<String>,
+    /// `--max-upload SIZE`
+    pub max_upload: Option<u64>,
+    /// `--workers N`
+    pub workers: Option<usize>,
+    /// `--quiet`: no access log.
+    pub quiet: bool,
+    /// `--help`
+    pub help: bool,
+    /// `--version`
+    pub version: bool,
+}
+
+/// bin-manager's `--help` text.
+pub const MANAGER_HELP: &str = concat!(
+    "bin-manager ",
+    env!("CARGO_PKG_VERSION"),
+    "
+Serves the builds that bin-proxy agents install: binDir/NAME is the latest
+build, binDir/ARCH/NAME wins for agents of that architecture, NAME@VERSION
+serves pinned versions. Publish with an atomic mv into binDir or with
+PUT /api/v1/bins/NAME. Keeps the registry of nodes that check in.
+
+USAGE:
+    bin-manager [OPTIONS]
+
+OPTIONS:
+    -c, --config PATH        JSON config {\"binDir\",\"listen\",\"stateFile\",\"token\",
+                             \"adminToken\",\"maxUpload\",\"workers\"}. Default:
+                             /etc/bin-manager/config.json when it exists.
+        --bin-dir DIR        Published builds. Default: /var/lib/bin-manager/bins.
+        --listen ADDR        Address to listen on; port 0 picks a free one (the
+                             address bound is logged). Default: 127.0.0.1:8081.
+        --state-file PATH    Node registry. Default: /var/lib/bin-manager/state.json.
+        --token TOKEN        Bearer token every /api/v1 request must carry
+                             (also $BIN_MANAGER_TOKEN). Default: none.
+        --admin-token TOKEN  Bearer token for PUT /api/v1/bins/NAME (also
+                             $BIN_MANAGER_ADMIN_TOKEN). Without it, publishing over
+                             HTTP is off.
+        --max-upload SIZE    Largest upload (suffixes K, M, G). Default: 2G.
+        --workers N          Request worker threads. Default: 32.
+    -q, --quiet              No access log.
+    -h, --help               Print this help.
+    -V, --version            Print the version.
+
+ENDPOINTS (all JSON answers are {\"code\",\"message\",\"data\"}):
+    GET|POST /api/v1/keepalive?node=NAME   heartbeat / registration
+    GET      /api/v1/bins                   what is published
+    GET      /api/v1/bins/NAME              {name, version, hash (md5), sha256, size}
+    POST     /api/v1/bins/NAME?node=NODE    an agent reports {\"hash\"} it runs
+    PUT      /api/v1/bins/NAME              publish (admin token; ?arch=&version=)
+    GET|HEAD /api/v1/download/NAME          the file (Range supported)
+    GET      /api/v1/nodes                  the fleet: who runs what, who is behind
+    GET      /healthz                       liveness
+
+EXIT STATUS:
+    1  could not start (address in use, state unreadable)
+    2  bad command line or configuration (binDir missing)
+"
+);
+
+/// Parses bin-manager's arguments (after the program name).
+pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<ManagerArgs> {
+    let mut out = ManagerArgs::default();
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => out.help = true,
+            Short('V') | Long("version") => out.version = true,
+            Short('c') | Long("config") => out.config = Some(parser.value().map_err(usage)?.into()),
+            Long("bin-dir") => out.bin_dir = Some(parser.value().map_err(usage)?.into()),
+            Long("listen") => out.listen = Some(string(&mut parser, "--listen")?),
+            Long("state-file") => out.state_file = Some(parser.value().map_err(usage)?.into()),
+            Long("token") => out.token = Some(string(&mut parser, "--token")?),
+            Long("admin-token") => out.admin_token = Some(string(&mut parser, "--admin-token")?),
+            Long("max-upload") => {
+                out.max_upload = Some(size(&string(&mut parser, "--max-upload")?, "--max-upload")?)
+            }
+            Long("workers") => {
+                let n = seconds(&mut parser, "--workers")?;
+                out.workers = Some((n as usize).clamp(1, 1024));
+            }
+            Short('q') | Long("quiet") => out.quiet = true,
+            other => return Err(usage(other.unexpected())),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -342,6 +450,34 @@ mod tests {
                 ..Args::default()
             },
         );
+    }
+
+    #[test]
+    fn manager_forms() {
+        let parse = |a: &[&str]| parse_manager(a.iter().map(OsString::from));
+        assert_eq!(parse(&[]).unwrap(), ManagerArgs::default());
+        let m = parse(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--bin-dir",
+            "/b",
+            "--max-upload",
+            "1M",
+            "--workers",
+            "8",
+            "-q",
+        ])
+        .unwrap();
+        assert_eq!(
+            (m.listen.as_deref(), m.max_upload, m.workers, m.quiet),
+            (Some("127.0.0.1:0"), Some(1 << 20), Some(8), true)
+        );
+        assert_eq!(m.bin_dir, Some(PathBuf::from("/b")));
+        assert_eq!(
+            parse(&["--workers", "many"]).unwrap_err().to_string(),
+            "--workers takes a whole number, not \"many\" (see --help)"
+        );
+        assert_eq!(parse(&["serve"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

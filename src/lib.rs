@@ -16,6 +16,7 @@ pub mod hash;
 pub mod host;
 pub mod install;
 pub mod json;
+pub mod manager;
 pub mod manifest;
 pub mod plan;
 pub mod protocol;

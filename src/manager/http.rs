@@ -56,13 +56,21 @@ impl Read for Body<'_> {
         }
         let now = Instant::now();
         if now >= self.deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "request body too slow"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request body too slow",
+            ));
         }
-        self.conn.get_ref().set_read_timeout(Some((self.deadline - now).min(IO_TIMEOUT)))?;
+        self.conn
+            .get_ref()
+            .set_read_timeout(Some((self.deadline - now).min(IO_TIMEOUT)))?;
         let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
         let n = self.conn.read(&mut buf[..max])?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "request body cut short"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "request body cut short",
+            ));
         }
         self.left -= n as u64;
         Ok(n)
@@ -72,7 +80,10 @@ impl Read for Body<'_> {
 impl Request<'_> {
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The body as a reader (yields exactly `Content-Length` bytes or an error).
@@ -86,7 +97,9 @@ impl Request<'_> {
             return Err(Response::text(413, "request body too large"));
         }
         let mut out = Vec::with_capacity(self.body_len as usize);
-        self.body.read_to_end(&mut out).map_err(|e| Response::text(400, &format!("reading the body: {e}")))?;
+        self.body
+            .read_to_end(&mut out)
+            .map_err(|e| Response::text(400, &format!("reading the body: {e}")))?;
         Ok(out)
     }
 }
@@ -106,7 +119,11 @@ pub enum Payload {
     /// In memory.
     Bytes(Vec<u8>),
     /// `len` bytes of an open file from offset `start` (streamed).
-    File { file: std::fs::File, start: u64, len: u64 },
+    File {
+        file: std::fs::File,
+        start: u64,
+        len: u64,
+    },
 }
 
 impl Response {
@@ -167,7 +184,12 @@ pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: A
     }
 }
 
-fn worker(rx: &Mutex<Receiver<TcpStream>>, waiting: &AtomicUsize, access_log: bool, handler: &Handler) {
+fn worker(
+    rx: &Mutex<Receiver<TcpStream>>,
+    waiting: &AtomicUsize,
+    access_log: bool,
+    handler: &Handler,
+) {
     loop {
         // The lock only guards taking the next connection.
         let stream = match rx.lock() {
@@ -183,22 +205,36 @@ fn worker(rx: &Mutex<Receiver<TcpStream>>, waiting: &AtomicUsize, access_log: bo
 }
 
 /// Serves requests on one connection until it closes, idles, or errs.
-fn connection(stream: TcpStream, waiting: &AtomicUsize, access_log: bool, handler: &Handler) -> io::Result<()> {
+fn connection(
+    stream: TcpStream,
+    waiting: &AtomicUsize,
+    access_log: bool,
+    handler: &Handler,
+) -> io::Result<()> {
     let peer = stream.peer_addr()?;
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut writer = stream.try_clone()?;
     let mut conn = BufReader::with_capacity(MAX_HEAD, stream);
     loop {
-        let Some(head) = read_head(&mut conn)? else { return Ok(()) };
+        let Some(head) = read_head(&mut conn)? else {
+            return Ok(());
+        };
         let started = Instant::now();
         let (mut resp, method, target, keep_alive, body_left) = match parse_head(&head) {
             Err(resp) => (resp, String::from("-"), String::from("-"), false, 0),
             Ok(parsed) => {
-                let target = format!("{}{}{}", parsed.path, if parsed.query.is_empty() { "" } else { "?" }, parsed.query);
+                let target = format!(
+                    "{}{}{}",
+                    parsed.path,
+                    if parsed.query.is_empty() { "" } else { "?" },
+                    parsed.query
+                );
                 let method = parsed.method.clone();
                 let keep = parsed.keep_alive;
-                let deadline = Instant::now() + BODY_BASE + Duration::from_secs(parsed.body_len / BODY_MIN_RATE);
+                let deadline = Instant::now()
+                    + BODY_BASE
+                    + Duration::from_secs(parsed.body_len / BODY_MIN_RATE);
                 let mut req = Request {
                     method: parsed.method,
                     path: parsed.path,
@@ -206,7 +242,11 @@ fn connection(stream: TcpStream, waiting: &AtomicUsize, access_log: bool, handle
                     headers: parsed.headers,
                     peer,
                     body_len: parsed.body_len,
-                    body: Body { conn: &mut conn, left: parsed.body_len, deadline },
+                    body: Body {
+                        conn: &mut conn,
+                        left: parsed.body_len,
+                        deadline,
+                    },
                 };
                 let resp = handler(&mut req);
                 let left = req.body.left;
@@ -225,7 +265,11 @@ fn connection(stream: TcpStream, waiting: &AtomicUsize, access_log: bool, handle
                     resp.status,
                     if head_only { 0 } else { resp.len() },
                     started.elapsed().as_secs_f64() * 1000.0,
-                    if sent.is_err() { " (client went away)" } else { "" }
+                    if sent.is_err() {
+                        " (client went away)"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }
@@ -243,7 +287,14 @@ fn read_head(conn: &mut BufReader<TcpStream>) -> io::Result<Option<Vec<u8>>> {
     match conn.fill_buf() {
         Ok([]) => return Ok(None),
         Ok(_) => {}
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            return Ok(None)
+        }
         Err(e) => return Err(e),
     }
     let deadline = Instant::now() + HEAD_TIMEOUT;
@@ -251,12 +302,18 @@ fn read_head(conn: &mut BufReader<TcpStream>) -> io::Result<Option<Vec<u8>>> {
     loop {
         let now = Instant::now();
         if now >= deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "request head too slow"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request head too slow",
+            ));
         }
         conn.get_ref().set_read_timeout(Some(deadline - now))?;
         let buf = conn.fill_buf()?;
         if buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "request head cut short"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "request head cut short",
+            ));
         }
         // Take bytes up to and including the blank line, never beyond.
         let scan_from = head.len().saturating_sub(3);
@@ -278,7 +335,10 @@ fn read_head(conn: &mut BufReader<TcpStream>) -> io::Result<Option<Vec<u8>>> {
 }
 
 fn find_blank_line(bytes: &[u8]) -> Option<usize> {
-    bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+    bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
 }
 
 struct Head {
@@ -298,8 +358,12 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
     let mut req = httparse::Request::new(&mut slots);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(Response::text(400, "incomplete request head")),
-        Err(httparse::Error::TooManyHeaders) => return Err(Response::text(431, "too many headers")),
+        Ok(httparse::Status::Partial) => {
+            return Err(Response::text(400, "incomplete request head"))
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Response::text(431, "too many headers"))
+        }
         Err(e) => return Err(Response::text(400, &format!("malformed request: {e}"))),
     }
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
@@ -308,21 +372,42 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
     let headers: Vec<(String, String)> = req
         .headers
         .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).trim().to_string()))
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).trim().to_string(),
+            )
+        })
         .collect();
-    let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     if get("transfer-encoding").is_some() {
-        return Err(Response::text(411, "send a Content-Length; chunked request bodies are not accepted"));
+        return Err(Response::text(
+            411,
+            "send a Content-Length; chunked request bodies are not accepted",
+        ));
     }
     let body_len = match get("content-length") {
         None => 0,
-        Some(v) => v.parse().map_err(|_| Response::text(400, "invalid Content-Length"))?,
+        Some(v) => v
+            .parse()
+            .map_err(|_| Response::text(400, "invalid Content-Length"))?,
     };
     let connection = get("connection").unwrap_or("").to_ascii_lowercase();
-    let keep_alive = if version == 1 { !connection.contains("close") } else { connection.contains("keep-alive") };
+    let keep_alive = if version == 1 {
+        !connection.contains("close")
+    } else {
+        connection.contains("keep-alive")
+    };
     // Absolute-form targets (`http://host/path`) are allowed by HTTP/1.1.
     let target = match target.find("://") {
-        Some(i) => target[i + 3..].find('/').map_or("/", |j| &target[i + 3 + j..]),
+        Some(i) => target[i + 3..]
+            .find('/')
+            .map_or("/", |j| &target[i + 3 + j..]),
         None => target,
     };
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -336,13 +421,26 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
     })
 }
 
-fn write_response(out: &mut TcpStream, resp: &mut Response, keep_alive: bool, head_only: bool) -> io::Result<()> {
+fn write_response(
+    out: &mut TcpStream,
+    resp: &mut Response,
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<()> {
     let reason = reason(resp.status);
-    let mut head = format!("HTTP/1.1 {} {reason}\r\nContent-Length: {}\r\n", resp.status, resp.len());
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Length: {}\r\n",
+        resp.status,
+        resp.len()
+    );
     for (k, v) in &resp.headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
-    head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+    head.push_str(if keep_alive {
+        "Connection: keep-alive\r\n\r\n"
+    } else {
+        "Connection: close\r\n\r\n"
+    });
     match (&mut resp.body, head_only) {
         (Payload::Bytes(bytes), false) if bytes.len() <= 64 * 1024 => {
             // One write for head and small body.
@@ -360,7 +458,10 @@ fn write_response(out: &mut TcpStream, resp: &mut Response, keep_alive: bool, he
             file.seek(io::SeekFrom::Start(*start))?;
             let sent = io::copy(&mut Read::take(&mut *file, *len), out)?;
             if sent != *len {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than announced"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shorter than announced",
+                ));
             }
         }
         (_, true) => out.write_all(head.as_bytes())?,
@@ -394,15 +495,50 @@ mod tests {
 
     #[test]
     fn heads() {
-        let h = parse_head(b"GET /api/v1/bins/a?arch=x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n").ok().unwrap();
-        assert_eq!((h.method.as_str(), h.path.as_str(), h.query.as_str(), h.body_len, h.keep_alive), ("GET", "/api/v1/bins/a", "arch=x", 3, true));
-        let h = parse_head(b"GET http://h:1/x?y HTTP/1.0\r\n\r\n").ok().unwrap();
-        assert_eq!((h.path.as_str(), h.query.as_str(), h.keep_alive), ("/x", "y", false));
-        let h = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").ok().unwrap();
+        let h = parse_head(
+            b"GET /api/v1/bins/a?arch=x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
+        )
+        .ok()
+        .unwrap();
+        assert_eq!(
+            (
+                h.method.as_str(),
+                h.path.as_str(),
+                h.query.as_str(),
+                h.body_len,
+                h.keep_alive
+            ),
+            ("GET", "/api/v1/bins/a", "arch=x", 3, true)
+        );
+        let h = parse_head(b"GET http://h:1/x?y HTTP/1.0\r\n\r\n")
+            .ok()
+            .unwrap();
+        assert_eq!(
+            (h.path.as_str(), h.query.as_str(), h.keep_alive),
+            ("/x", "y", false)
+        );
+        let h = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .ok()
+            .unwrap();
         assert!(!h.keep_alive);
-        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").err().unwrap().status, 411);
-        assert_eq!(parse_head(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n").err().unwrap().status, 400);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .err()
+                .unwrap()
+                .status,
+            411
+        );
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+                .err()
+                .unwrap()
+                .status,
+            400
+        );
         assert_eq!(parse_head(b"NOT HTTP\r\n\r\n").err().unwrap().status, 400);
-        assert_eq!(parse_head(&vec![b'a'; MAX_HEAD + 1]).err().unwrap().status, 431);
+        assert_eq!(
+            parse_head(&vec![b'a'; MAX_HEAD + 1]).err().unwrap().status,
+            431
+        );
     }
 }

@@ -46,7 +46,11 @@ impl Node {
     /// The node as a JSON object (the keepalive `data` and the snapshot entry).
     pub fn to_json(&self) -> Value {
         let bins = self.binaries.iter().map(|b| {
-            Value::obj([("name", Value::str(&b.name)), ("version", Value::str(&b.version)), ("hash", Value::str(&b.hash))])
+            Value::obj([
+                ("name", Value::str(&b.name)),
+                ("version", Value::str(&b.version)),
+                ("hash", Value::str(&b.hash)),
+            ])
         });
         let failures = self.failures.iter().map(|f| {
             Value::obj([
@@ -92,13 +96,25 @@ impl Node {
         let mut binaries = Vec::new();
         for (i, b) in list("binaries")?.iter().enumerate() {
             if !matches!(b, Value::Obj(_)) {
-                return Err(format!("\"binaries\"[{i}] must be an object, not {}", b.kind()));
+                return Err(format!(
+                    "\"binaries\"[{i}] must be an object, not {}",
+                    b.kind()
+                ));
             }
-            binaries.push(BinaryFact { name: s(b, "name")?, version: s(b, "version")?, hash: s(b, "hash")?.to_ascii_lowercase() });
+            binaries.push(BinaryFact {
+                name: s(b, "name")?,
+                version: s(b, "version")?,
+                hash: s(b, "hash")?.to_ascii_lowercase(),
+            });
         }
         let mut failures = Vec::new();
         for f in list("failures")? {
-            failures.push(FailureFact { name: s(&f, "name")?, hash: s(&f, "hash")?, error: s(&f, "error")?, at: s(&f, "at")? });
+            failures.push(FailureFact {
+                name: s(&f, "name")?,
+                hash: s(&f, "hash")?,
+                error: s(&f, "error")?,
+                at: s(&f, "at")?,
+            });
         }
         Ok(Node {
             name: s(v, "name")?,
@@ -145,7 +161,10 @@ impl Registry {
                 })?;
                 if let Some(Value::Arr(items)) = doc.get("nodes") {
                     for item in items {
-                        let node = Node::from_json(item).map_err(|msg| Error::Config { path: state_file.to_path_buf(), msg })?;
+                        let node = Node::from_json(item).map_err(|msg| Error::Config {
+                            path: state_file.to_path_buf(),
+                            msg,
+                        })?;
                         nodes.insert(node.name.clone(), node);
                     }
                 }
@@ -158,8 +177,14 @@ impl Registry {
             for (i, line) in lines.iter().enumerate() {
                 match json::parse(line) {
                     Ok(op) => apply(&mut nodes, &op),
-                    Err(_) if i + 1 == lines.len() => crate::warn!("ignoring a torn last line in \"{}\"", log_path.display()),
-                    Err(e) => crate::warn!("ignoring a damaged line {} in \"{}\": {e}", i + 1, log_path.display()),
+                    Err(_) if i + 1 == lines.len() => {
+                        crate::warn!("ignoring a torn last line in \"{}\"", log_path.display())
+                    }
+                    Err(e) => crate::warn!(
+                        "ignoring a damaged line {} in \"{}\": {e}",
+                        i + 1,
+                        log_path.display()
+                    ),
                 }
             }
         }
@@ -172,7 +197,12 @@ impl Registry {
         let registry = Registry {
             snapshot: state_file.to_path_buf(),
             log_path,
-            inner: Mutex::new(Inner { nodes, seen: BTreeSet::new(), log, log_len }),
+            inner: Mutex::new(Inner {
+                nodes,
+                seen: BTreeSet::new(),
+                log,
+                log_len,
+            }),
         };
         // Start from a compact state: fold whatever the log held.
         registry.compact(&mut registry.lock())?;
@@ -204,7 +234,10 @@ impl Registry {
     pub fn register(&self, mut node: Node, now: &str) -> Result<Node> {
         let mut inner = self.lock();
         node.last_seen = now.to_string();
-        node.registered = inner.nodes.get(&node.name).map_or_else(|| now.to_string(), |n| n.registered.clone());
+        node.registered = inner
+            .nodes
+            .get(&node.name)
+            .map_or_else(|| now.to_string(), |n| n.registered.clone());
         if node.registered.is_empty() {
             node.registered = now.to_string();
         }
@@ -243,7 +276,12 @@ impl Registry {
         let seen = std::mem::take(&mut inner.seen);
         let entries: Vec<(String, Value)> = seen
             .iter()
-            .filter_map(|n| inner.nodes.get(n).map(|node| (n.clone(), Value::str(&node.last_seen))))
+            .filter_map(|n| {
+                inner
+                    .nodes
+                    .get(n)
+                    .map(|node| (n.clone(), Value::str(&node.last_seen)))
+            })
             .collect();
         let op = Value::obj([("op", Value::str("seen")), ("nodes", Value::Obj(entries))]);
         self.append(&mut inner, &op)
@@ -257,8 +295,14 @@ impl Registry {
     fn append(&self, inner: &mut Inner, op: &Value) -> Result<()> {
         let mut line = op.to_compact();
         line.push('\n');
-        inner.log.write_all(line.as_bytes()).map_err(|e| Error::io("appending to", &self.log_path, e))?;
-        inner.log.sync_data().map_err(|e| Error::io("syncing", &self.log_path, e))?;
+        inner
+            .log
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io("appending to", &self.log_path, e))?;
+        inner
+            .log
+            .sync_data()
+            .map_err(|e| Error::io("syncing", &self.log_path, e))?;
         inner.log_len += line.len() as u64;
         if inner.log_len > COMPACT_AT {
             self.compact(inner)?;
@@ -271,8 +315,14 @@ impl Registry {
         let nodes = inner.nodes.values().map(Node::to_json).collect();
         let doc = Value::obj([("nodes", Value::Arr(nodes))]);
         fsutil::atomic_write(&self.snapshot, doc.to_pretty().as_bytes(), 0o600)?;
-        inner.log.set_len(0).map_err(|e| Error::io("emptying", &self.log_path, e))?;
-        inner.log.sync_all().map_err(|e| Error::io("syncing", &self.log_path, e))?;
+        inner
+            .log
+            .set_len(0)
+            .map_err(|e| Error::io("emptying", &self.log_path, e))?;
+        inner
+            .log
+            .sync_all()
+            .map_err(|e| Error::io("syncing", &self.log_path, e))?;
         inner.log_len = 0;
         Ok(())
     }
@@ -298,7 +348,11 @@ fn apply(nodes: &mut BTreeMap<String, Node>, op: &Value) {
                 let (bin, hash) = (s("bin"), s("hash"));
                 match node.binaries.iter_mut().find(|b| b.name == bin) {
                     Some(b) => b.hash = hash,
-                    None => node.binaries.push(BinaryFact { name: bin, version: "latest".into(), hash }),
+                    None => node.binaries.push(BinaryFact {
+                        name: bin,
+                        version: "latest".into(),
+                        hash,
+                    }),
                 }
                 node.last_seen = s("at");
             }
@@ -326,9 +380,15 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let state = dir.join("state.json");
         let reg = Registry::open(&state).unwrap();
-        let node = Node { name: "n1".into(), cpu_arch: "x86_64".into(), ..Node::default() };
+        let node = Node {
+            name: "n1".into(),
+            cpu_arch: "x86_64".into(),
+            ..Node::default()
+        };
         reg.register(node, "2026-01-01T00:00:00Z").unwrap();
-        assert!(reg.report("n1", "app", "ab", "2026-01-01T00:00:01Z").unwrap());
+        assert!(reg
+            .report("n1", "app", "ab", "2026-01-01T00:00:01Z")
+            .unwrap());
         assert!(!reg.report("nobody", "app", "ab", "t").unwrap());
         assert!(reg.heartbeat("n1", "2026-01-01T00:00:09Z").is_some());
         reg.flush_seen().unwrap();
@@ -336,27 +396,51 @@ mod tests {
         drop(reg);
 
         // A torn line at the end (a crash mid-append) is ignored.
-        let mut log = OpenOptions::new().append(true).open(dir.join("state.json.log")).unwrap();
-        log.write_all(b"{\"op\":\"report\",\"node\":\"n1\",\"bi").unwrap();
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(dir.join("state.json.log"))
+            .unwrap();
+        log.write_all(b"{\"op\":\"report\",\"node\":\"n1\",\"bi")
+            .unwrap();
         drop(log);
 
         let reg = Registry::open(&state).unwrap();
         let nodes = reg.nodes();
         assert_eq!(nodes.len(), 1);
-        assert_eq!(nodes[0].binaries, [BinaryFact { name: "app".into(), version: "latest".into(), hash: "ab".into() }]);
+        assert_eq!(
+            nodes[0].binaries,
+            [BinaryFact {
+                name: "app".into(),
+                version: "latest".into(),
+                hash: "ab".into()
+            }]
+        );
         assert_eq!(nodes[0].last_seen, "2026-01-01T00:00:09Z");
         assert_eq!(nodes[0].registered, "2026-01-01T00:00:00Z");
-        assert_eq!(fs::metadata(dir.join("state.json.log")).unwrap().len(), 0, "log folded into the snapshot");
+        assert_eq!(
+            fs::metadata(dir.join("state.json.log")).unwrap().len(),
+            0,
+            "log folded into the snapshot"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn registration_types_are_checked() {
         let bad = json::parse(r#"{"name":"n","binaries":"x"}"#).unwrap();
-        assert_eq!(Node::from_json(&bad).unwrap_err(), "\"binaries\" must be a list, not a string");
+        assert_eq!(
+            Node::from_json(&bad).unwrap_err(),
+            "\"binaries\" must be a list, not a string"
+        );
         let bad = json::parse(r#"{"name":"n","binaries":[{"name":1}]}"#).unwrap();
-        assert_eq!(Node::from_json(&bad).unwrap_err(), "\"name\" must be a string, not a number");
+        assert_eq!(
+            Node::from_json(&bad).unwrap_err(),
+            "\"name\" must be a string, not a number"
+        );
         let bad = json::parse(r#"{"name":"n","binaries":["a"]}"#).unwrap();
-        assert_eq!(Node::from_json(&bad).unwrap_err(), "\"binaries\"[0] must be an object, not a string");
+        assert_eq!(
+            Node::from_json(&bad).unwrap_err(),
+            "\"binaries\"[0] must be an object, not a string"
+        );
     }
 }

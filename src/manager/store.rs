@@ -23,14 +23,21 @@ pub fn valid_name(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && b[0] != b'.'
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(c))
 }
 
 /// The identity of a file's contents as far as `stat` can tell.
 type Key = (u64, u64, u64, (i64, i64), (i64, i64));
 
 fn key(m: &fs::Metadata) -> Key {
-    (m.dev(), m.ino(), m.size(), (m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec()))
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        (m.mtime(), m.mtime_nsec()),
+        (m.ctime(), m.ctime_nsec()),
+    )
 }
 
 /// A published build, open and ready to serve.
@@ -69,7 +76,10 @@ impl Store {
     /// Opens a binDir; it must exist and be readable.
     pub fn open(dir: &Path) -> Result<Store> {
         fs::read_dir(dir).map_err(|e| Error::io("reading binDir", dir, e))?;
-        Ok(Store { dir: dir.to_path_buf(), cache: Mutex::new(HashMap::new()) })
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            cache: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The file that serves `name` for `arch` and `version`, most specific
@@ -88,31 +98,49 @@ impl Store {
     }
 
     /// Opens the build for `name`, or `None` when nothing is published.
-    pub fn get(&self, name: &str, arch: Option<&str>, version: Option<&str>) -> Result<Option<Build>> {
+    pub fn get(
+        &self,
+        name: &str,
+        arch: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<Option<Build>> {
         for path in self.candidates(name, arch, version) {
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io("opening", &path, e)),
             };
-            let meta = file.metadata().map_err(|e| Error::io("inspecting", &path, e))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| Error::io("inspecting", &path, e))?;
             if !meta.is_file() {
                 continue;
             }
             let k = key(&meta);
-            let cached = self.lock().get(&path).filter(|(ck, _, _)| *ck == k).map(|(_, m, s)| (m.clone(), s.clone()));
+            let cached = self
+                .lock()
+                .get(&path)
+                .filter(|(ck, _, _)| *ck == k)
+                .map(|(_, m, s)| (m.clone(), s.clone()));
             let (md5, sha256) = match cached {
                 Some(hashes) => hashes,
                 None => {
                     // Hash the very descriptor that will be served (the
                     // response seeks back to its start).
                     let (md5, sha, _) = hash::digest_all(&file, &path)?;
-                    self.lock().insert(path.clone(), (k, md5.clone(), sha.clone()));
+                    self.lock()
+                        .insert(path.clone(), (k, md5.clone(), sha.clone()));
                     (md5, sha)
                 }
             };
             let version = version.unwrap_or("latest").to_string();
-            return Ok(Some(Build { file, size: meta.size(), md5, sha256, version }));
+            return Ok(Some(Build {
+                file,
+                size: meta.size(),
+                md5,
+                sha256,
+                version,
+            }));
         }
         Ok(None)
     }
@@ -120,7 +148,14 @@ impl Store {
     /// Publishes `len` bytes from `body` as `name` (for `arch`, `version`):
     /// streamed to a temp file in the destination directory, fsynced, renamed
     /// into place, directory fsynced. Returns (md5, sha256).
-    pub fn publish(&self, name: &str, arch: Option<&str>, version: Option<&str>, body: &mut dyn Read, len: u64) -> Result<(String, String)> {
+    pub fn publish(
+        &self,
+        name: &str,
+        arch: Option<&str>,
+        version: Option<&str>,
+        body: &mut dyn Read,
+        len: u64,
+    ) -> Result<(String, String)> {
         let dest = self.candidates(name, arch, version).remove(0);
         let dir = fsutil::parent(&dest).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
@@ -132,11 +167,18 @@ impl Store {
             let mut buf = vec![0u8; hash::BLOCK];
             let mut got = 0u64;
             while got < len {
-                let n = body.read(&mut buf).map_err(|e| Error::Other(format!("reading the upload after {got} of {len} bytes: {e}")))?;
+                let n = body.read(&mut buf).map_err(|e| {
+                    Error::Other(format!(
+                        "reading the upload after {got} of {len} bytes: {e}"
+                    ))
+                })?;
                 if n == 0 {
-                    return Err(Error::Other(format!("upload cut short after {got} of {len} bytes")));
+                    return Err(Error::Other(format!(
+                        "upload cut short after {got} of {len} bytes"
+                    )));
                 }
-                file.write_all(&buf[..n]).map_err(|e| Error::io("writing", &tmp, e))?;
+                file.write_all(&buf[..n])
+                    .map_err(|e| Error::io("writing", &tmp, e))?;
                 md5.update(&buf[..n]);
                 sha.update(&buf[..n]);
                 got += n as u64;
@@ -161,9 +203,13 @@ impl Store {
     }
 
     fn list_dir(&self, dir: &Path, arch: Option<&str>, out: &mut Vec<Listed>) {
-        let Ok(entries) = fs::read_dir(dir) else { return };
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
         for entry in entries.flatten() {
-            let Ok(file) = entry.file_name().into_string() else { continue };
+            let Ok(file) = entry.file_name().into_string() else {
+                continue;
+            };
             let Ok(meta) = entry.metadata() else { continue };
             if meta.is_dir() && arch.is_none() && valid_name(&file) {
                 self.list_dir(&entry.path(), Some(&file), out);
@@ -173,7 +219,12 @@ impl Store {
                     None => (file.clone(), None),
                 };
                 if valid_name(&name) && version.as_deref().is_none_or(valid_name) {
-                    out.push(Listed { name, arch: arch.map(str::to_string), version, size: meta.size() });
+                    out.push(Listed {
+                        name,
+                        arch: arch.map(str::to_string),
+                        version,
+                        size: meta.size(),
+                    });
                 }
             }
         }
@@ -195,7 +246,18 @@ mod tests {
         for ok in ["myapp", "my-app_2", "a.b", "x86_64", "1.2.3", "A"] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", ".", "..", ".hidden", "a/b", "../etc/passwd", "a\0b", "a b", "é", &"a".repeat(129)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "../etc/passwd",
+            "a\0b",
+            "a b",
+            "é",
+            &"a".repeat(129),
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
     }

@@ -1,0 +1,29 @@
+//! `bin-manager`: parse the command line, start the server. Exit code 2 for
+//! usage and configuration errors, 1 when it cannot start otherwise.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = match bin_proxy::cli::parse_manager(std::env::args_os().skip(1)) {
+        Ok(args) => args,
+        Err(e) => {
+            bin_proxy::error!("{e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    if args.help {
+        print!("{}", bin_proxy::cli::MANAGER_HELP);
+        return ExitCode::SUCCESS;
+    }
+    if args.version {
+        println!("bin-manager {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    match bin_proxy::manager::run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            bin_proxy::error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

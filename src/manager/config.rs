@@ -1,0 +1,174 @@
+//! bin-manager's settings: `/etc/bin-manager/config.json`
+//! (`{"binDir","listen","stateFile","token","adminToken","maxUpload","workers"}`),
+//! overridden by environment (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`)
+//! and flags. Unknown keys are errors, as in the agent's manifest.
+
+use crate::cli::ManagerArgs;
+use crate::error::{Error, Result};
+use crate::json::{self, Value};
+use std::path::{Path, PathBuf};
+
+/// Where the config file is when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/bin-manager/config.json";
+
+/// The validated settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Published builds.
+    pub bin_dir: PathBuf,
+    /// `host:port` to listen on (port 0 picks one).
+    pub listen: String,
+    /// The registry snapshot (its log is `stateFile.log`).
+    pub state_file: PathBuf,
+    /// Bearer token guarding /api/v1.
+    pub token: Option<String>,
+    /// Bearer token guarding publishing.
+    pub admin_token: Option<String>,
+    /// Largest upload in bytes.
+    pub max_upload: u64,
+    /// Worker threads.
+    pub workers: usize,
+    /// One stderr line per request.
+    pub access_log: bool,
+}
+
+const KEYS: &[&str] = &[
+    "binDir",
+    "listen",
+    "stateFile",
+    "token",
+    "adminToken",
+    "maxUpload",
+    "workers",
+];
+
+impl Config {
+    /// Defaults, then the config file (if given or present at the default
+    /// path), then environment, then flags.
+    pub fn resolve(args: &ManagerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut c = Config {
+            bin_dir: "/var/lib/bin-manager/bins".into(),
+            listen: "127.0.0.1:8081".into(),
+            state_file: "/var/lib/bin-manager/state.json".into(),
+            token: None,
+            admin_token: None,
+            max_upload: 2 << 30,
+            workers: 32,
+            access_log: !args.quiet,
+        };
+        let path = args
+            .config
+            .clone()
+            .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+        if let Some(path) = path {
+            c.apply_file(&path)?;
+        }
+        c.token = env("BIN_MANAGER_TOKEN").or(c.token);
+        c.admin_token = env("BIN_MANAGER_ADMIN_TOKEN").or(c.admin_token);
+        if let Some(v) = &args.bin_dir {
+            c.bin_dir = v.clone();
+        }
+        if let Some(v) = &args.listen {
+            c.listen = v.clone();
+        }
+        if let Some(v) = &args.state_file {
+            c.state_file = v.clone();
+        }
+        if let Some(v) = &args.token {
+            c.token = Some(v.clone());
+        }
+        if let Some(v) = &args.admin_token {
+            c.admin_token = Some(v.clone());
+        }
+        if let Some(v) = args.max_upload {
+            c.max_upload = v;
+        }
+        if let Some(v) = args.workers {
+            c.workers = v;
+        }
+        c.token = c.token.filter(|t| !t.trim().is_empty());
+        c.admin_token = c.admin_token.filter(|t| !t.trim().is_empty());
+        Ok(c)
+    }
+
+    fn apply_file(&mut self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Error::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io("reading config", path, e))?;
+        let doc = json::parse(&text).map_err(|e| bad(format!("invalid JSON at {e}")))?;
+        let Value::Obj(entries) = &doc else {
+            return Err(bad("must be a JSON object".into()));
+        };
+        for (key, value) in entries {
+            if !KEYS.contains(&key.as_str()) {
+                return Err(bad(format!(
+                    "unknown key \"{key}\" (known keys: {})",
+                    KEYS.join(", ")
+                )));
+            }
+            let text = || {
+                value.as_str().map(str::to_string).ok_or_else(|| {
+                    bad(format!(
+                        "key \"{key}\" must be a string, not {}",
+                        value.kind()
+                    ))
+                })
+            };
+            let number = || {
+                value
+                    .as_f64()
+                    .filter(|n| *n >= 1.0 && n.fract() == 0.0)
+                    .ok_or_else(|| bad(format!("key \"{key}\" must be a positive whole number")))
+            };
+            match key.as_str() {
+                "binDir" => self.bin_dir = text()?.into(),
+                "listen" => self.listen = text()?,
+                "stateFile" => self.state_file = text()?.into(),
+                "token" => self.token = Some(text()?),
+                "adminToken" => self.admin_token = Some(text()?),
+                "maxUpload" => self.max_upload = number()? as u64,
+                _ => self.workers = (number()? as usize).min(1024),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_env_and_flags_layer() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("config.json");
+        std::fs::write(
+            &file,
+            r#"{"binDir":"/srv/bins","listen":"0.0.0.0:9000","token":"file","workers":4}"#,
+        )
+        .unwrap();
+        let args = ManagerArgs {
+            config: Some(file.clone()),
+            listen: Some("127.0.0.1:0".into()),
+            ..ManagerArgs::default()
+        };
+        let env = |k: &str| (k == "BIN_MANAGER_ADMIN_TOKEN").then(|| "adm".to_string());
+        let c = Config::resolve(&args, &env).unwrap();
+        assert_eq!(c.bin_dir, PathBuf::from("/srv/bins"));
+        assert_eq!(c.listen, "127.0.0.1:0");
+        assert_eq!(
+            (c.token.as_deref(), c.admin_token.as_deref(), c.workers),
+            (Some("file"), Some("adm"), 4)
+        );
+
+        std::fs::write(&file, r#"{"bindir":"/x"}"#).unwrap();
+        let e = Config::resolve(&args, &|_| None).unwrap_err();
+        assert!(e.to_string().contains("unknown key \"bindir\""), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

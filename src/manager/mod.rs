@@ -1,0 +1,68 @@
+//! bin-manager: the server bin-proxy agents talk to. It serves the published
+//! builds in binDir with their hashes ([`store`]), keeps the registry of the
+//! nodes that check in ([`registry`]), and answers the protocol
+//! ([`routes`]) over a small hardened HTTP/1.1 layer ([`http`]).
+
+pub mod config;
+pub mod http;
+pub mod registry;
+pub mod routes;
+pub mod store;
+
+use crate::cli::ManagerArgs;
+use crate::error::{Error, Result};
+use config::Config;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often batched lastSeen updates are written.
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
+
+/// Starts the server; returns only on a start-up error.
+pub fn run(args: &ManagerArgs) -> Result<()> {
+    let config = Config::resolve(args, &crate::agent::process_env)?;
+    let store = store::Store::open(&config.bin_dir).map_err(|e| match e {
+        Error::Io { path, source, .. } => Error::Config {
+            path,
+            msg: format!("binDir must be an existing, readable directory: {source}"),
+        },
+        other => other,
+    })?;
+    let registry = registry::Registry::open(&config.state_file)?;
+    let listener = TcpListener::bind(&config.listen)
+        .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Other(format!("cannot read the bound address: {e}")))?;
+    crate::info!(
+        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} nodes known, token {}, publishing {})",
+        env!("CARGO_PKG_VERSION"),
+        config.bin_dir.display(),
+        config.state_file.display(),
+        registry.len(),
+        if config.token.is_some() { "required" } else { "off" },
+        if config.admin_token.is_some() { "on" } else { "off" },
+    );
+    let app = Arc::new(routes::App {
+        store,
+        registry,
+        token: config.token.clone(),
+        admin_token: config.admin_token.clone(),
+        max_upload: config.max_upload,
+    });
+    let flusher = app.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(FLUSH_EVERY);
+        if let Err(e) = flusher.registry.flush_seen() {
+            crate::error!("writing lastSeen updates: {e}");
+        }
+    });
+    let handler = app.clone();
+    http::serve(
+        listener,
+        config.workers,
+        config.access_log,
+        Arc::new(move |req: &mut http::Request| handler.handle(req)),
+    )
+}
