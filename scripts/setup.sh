@@ -4,8 +4,9 @@
 # Idempotent; safe to run on every test run. Needs root for apt-get.
 set -euo pipefail
 
-# Debian packages the test suite uses (real supervisord for restarts).
-packages=(supervisor)
+# Debian packages the tests and the demo use: a real supervisord for
+# restarts, curl to talk to bin-manager from the shell.
+packages=(supervisor curl)
 
 have_component() { rustup component list --installed 2>/dev/null | grep -q "^$1"; }
 for c in rustfmt clippy; do

@@ -245,18 +245,25 @@ fn supervisor(ctl: &[String], args: &[&str]) -> Result<Output> {
 
 fn supervisor_restart(ctl: &[String], service: &str) -> Result<()> {
     let out = supervisor(ctl, &["restart", service])?;
-    // supervisor before 4.0 exits 0 even on failure: read what it says.
-    let says_error = out
-        .text
-        .lines()
-        .any(|l| l.contains("ERROR") || l.contains("no such process"));
-    if out.code != Some(0) || says_error {
+    if out.code != Some(0) || !restart_succeeded(&out.text) {
         return Err(Error::Service {
             service: service.to_string(),
             msg: format!("restart failed: {}", failure(out.code, &out.text)),
         });
     }
     Ok(())
+}
+
+/// Reads `supervisorctl restart` output, because supervisor before 4.0 exits
+/// 0 even on failure. Restart is stop + start: stopping a program that is not
+/// running prints `ERROR (not running)` and is fine; success is a `started`
+/// line and no other ERROR.
+fn restart_succeeded(text: &str) -> bool {
+    let started = text.lines().any(|l| l.trim_end().ends_with(": started"));
+    let other_error = text.lines().any(|l| {
+        l.contains("ERROR") && !l.contains("(not running)") || l.contains("no such process")
+    });
+    started && !other_error
 }
 
 fn confirm_running(ctl: &[String], service: &str) -> Result<String> {
@@ -309,6 +316,22 @@ mod tests {
         );
         assert!(split("a 'b").is_err());
         assert!(split("   ").is_err());
+    }
+
+    #[test]
+    fn restart_outputs() {
+        assert!(restart_succeeded("hello: stopped\nhello: started\n"));
+        assert!(restart_succeeded(
+            "hello: ERROR (not running)\nhello: started\n"
+        ));
+        assert!(!restart_succeeded(
+            "hello: ERROR (not running)\nhello: ERROR (spawn error)\n"
+        ));
+        assert!(!restart_succeeded("hello: ERROR (no such process)\n"));
+        assert!(!restart_succeeded(
+            "hello: stopped\nhello: ERROR (abnormal termination)\n"
+        ));
+        assert!(!restart_succeeded(""));
     }
 
     #[test]
