@@ -14,6 +14,7 @@
 //! Only the standard library and the `md5` crate are used.
 
 pub mod host;
+pub mod manager;
 
 use std::collections::HashMap;
 use std::ffi::OsString;

@@ -1,0 +1,331 @@
+//! A running REAL `bin-manager` executable for integration tests: a temp dir
+//! holding `bins/` (the binDir), `state/state.json` (the registry) and an empty
+//! config file, the child process started with
+//! `--listen 127.0.0.1:0 --bin-dir DIR --state-file DIR/state.json` (+ extra
+//! args), its stderr collected line by line for assertions on the access log.
+//!
+//! Layout of [`Manager::root`]:
+//! ```text
+//! ROOT/bins/              binDir
+//! ROOT/state/state.json   stateFile (and state.json.log beside it)
+//! ROOT/config.json        "{}" (so that a host's /etc/bin-manager/config.json is never read)
+//! ```
+
+use super::{wait_until, HttpResponse, TempDir};
+use std::fs;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Longest wait for the "listening on" line.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running bin-manager.
+pub struct Manager {
+    /// Everything lives here (see the module docs).
+    pub root: TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+    port: u16,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Manager {
+    /// Starts bin-manager on a fresh temp dir with these extra arguments.
+    pub fn start(extra: &[&str]) -> Manager {
+        let root = TempDir::new();
+        fs::create_dir_all(root.join("bins")).expect("create binDir");
+        fs::create_dir_all(root.join("state")).expect("create state dir");
+        fs::write(root.join("config.json"), "{}").expect("write config");
+        let mut m = Manager {
+            root,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            port: 0,
+            lines: Arc::new(Mutex::new(Vec::new())),
+        };
+        m.spawn();
+        m
+    }
+
+    /// The arguments every start uses (before the extra ones).
+    fn base_args(&self) -> Vec<String> {
+        vec![
+            "--config".into(),
+            self.root.join("config.json").display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--bin-dir".into(),
+            self.bin_dir().display().to_string(),
+            "--state-file".into(),
+            self.state_file().display().to_string(),
+        ]
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-manager"));
+        cmd.args(self.base_args())
+            .args(&self.args)
+            .env_remove("BIN_MANAGER_TOKEN")
+            .env_remove("BIN_MANAGER_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start bin-manager");
+        let stderr = child.stderr.take().expect("stderr pipe");
+        let first = self.lines.lock().unwrap().len();
+        let lines = self.lines.clone();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => lines
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(line.trim_end_matches(['\r', '\n']).to_string()),
+                }
+            }
+        });
+        self.child = Some(child);
+        let mut port = None;
+        let up = wait_until(START_TIMEOUT, || {
+            port = self.lines.lock().unwrap()[first..]
+                .iter()
+                .find_map(|l| listening_port(l));
+            port.is_some()
+                || self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+        });
+        match port {
+            Some(p) if up => self.port = p,
+            _ => {
+                if let Some(mut c) = self.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                panic!(
+                    "bin-manager did not report \"listening on http://127.0.0.1:PORT\" within {:?}; stderr:\n{}",
+                    START_TIMEOUT,
+                    self.log_lines().join("\n")
+                );
+            }
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT/api/v1`.
+    pub fn api(&self) -> String {
+        format!("{}/api/v1", self.url())
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The binDir (`ROOT/bins`).
+    pub fn bin_dir(&self) -> PathBuf {
+        self.root.join("bins")
+    }
+
+    /// The state file (`ROOT/state/state.json`).
+    pub fn state_file(&self) -> PathBuf {
+        self.root.join("state").join("state.json")
+    }
+
+    /// Every stderr line so far (across restarts).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits (bounded) until some stderr line satisfies `f`; returns it.
+    pub fn wait_log(&self, timeout: Duration, f: impl Fn(&str) -> bool) -> Option<String> {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self.log_lines().into_iter().find(|l| f(l));
+            found.is_some()
+        });
+        found
+    }
+
+    /// SIGKILL (`Child::kill`) and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts again with the same dirs and args (a new port); kills a running one first.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Writes `bytes` to `binDir/REL` (creating directories), via a temp file
+    /// and an atomic rename, like a real publish by `mv`.
+    pub fn publish_mv(&self, rel: &str, bytes: &[u8]) {
+        let dest = self.bin_dir().join(rel);
+        let dir = dest.parent().expect("parent").to_path_buf();
+        fs::create_dir_all(&dir).expect("create dir");
+        let tmp = dir.join(format!(".incoming-{}", std::process::id()));
+        fs::write(&tmp, bytes).expect("write temp");
+        fs::rename(&tmp, &dest).expect("rename into place");
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The port of a `listening on http://127.0.0.1:PORT` line.
+fn listening_port(line: &str) -> Option<u16> {
+    let rest = &line[line.find("listening on http://127.0.0.1:")? + 30..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Runs `bin-manager ARGS` expecting it to exit by itself within `timeout`;
+/// returns (exit code, stderr). Kills it and panics if it does not exit.
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bin-manager"))
+        .args(args)
+        .env_remove("BIN_MANAGER_TOKEN")
+        .env_remove("BIN_MANAGER_ADMIN_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bin-manager");
+    let mut stderr = child.stderr.take().expect("stderr pipe");
+    let reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.code().unwrap_or(-1);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bin-manager {args:?} did not exit within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    (code, reader.join().unwrap_or_default())
+}
+
+/// Splits `http://host:port/path` into (`host:port`, `/path`).
+fn split(url: &str) -> (String, String) {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    match rest.find('/') {
+        Some(i) => (rest[..i].to_string(), rest[i..].to_string()),
+        None => (rest.to_string(), "/".to_string()),
+    }
+}
+
+/// Sends `raw` to `addr`, tolerating a server that closes before taking all of
+/// it (the write happens in a thread, its errors ignored), and returns all it
+/// answered until it closed, or until `timeout` passed overall.
+pub fn exchange(addr: &str, raw: Vec<u8>, timeout: Duration) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    let mut writer = stream.try_clone().expect("clone stream");
+    let _ = writer.set_write_timeout(Some(timeout));
+    let sender = thread::spawn(move || {
+        let _ = writer.write_all(&raw);
+    });
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let _ = stream.set_read_timeout(Some(deadline - now));
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = sender.join();
+    out
+}
+
+/// One request (`Connection: close`) with a read deadline of `timeout`
+/// (instead of [`super::http`]'s 5 s of silence); panics on no answer.
+pub fn http_within(
+    timeout: Duration,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let (host, target) = split(url);
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut raw = req.into_bytes();
+    raw.extend_from_slice(body);
+    let answer = exchange(&host, raw, timeout);
+    super::parse_response(&answer).unwrap_or_else(|| {
+        panic!(
+            "no parsable answer to {method} {url} within {timeout:?}: {:?}",
+            String::from_utf8_lossy(&answer)
+        )
+    })
+}
+
+/// Names (sorted) of every entry below `dir`, recursively, as paths relative to it.
+pub fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>, depth: usize) {
+        if depth > 16 {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            out.push(
+                p.strip_prefix(base)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(base, &p, out, depth + 1);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out, 0);
+    out.sort();
+    out
+}
