@@ -26,7 +26,7 @@ impl Md5 {
 
     /// The lowercase hex digest.
     pub fn hex(self) -> String {
-        format!("{:x}", self.0.finalize())
+        hex(&self.0.finalize().0)
     }
 }
 
@@ -53,8 +53,7 @@ impl Sha256 {
 
     /// The lowercase hex digest.
     pub fn hex(self) -> String {
-        let digest = sha2::Digest::finalize(self.0);
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&sha2::Digest::finalize(self.0))
     }
 }
 
@@ -81,6 +80,17 @@ pub fn digest_all(mut reader: impl Read, what: &Path) -> Result<(String, String,
             Err(e) => return Err(Error::io("reading", what, e)),
         }
     }
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 /// The md5 of a file's contents.

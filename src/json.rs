@@ -18,8 +18,9 @@ pub enum Value {
     Null,
     /// `true` / `false`
     Bool(bool),
-    /// Any number (integers up to 2^53 are exact).
-    Num(f64),
+    /// A number, as its JSON text: round-trips exactly (64-bit inode numbers
+    /// included) and never needs float formatting.
+    Num(String),
     /// A string.
     Str(String),
     /// An array.
@@ -69,9 +70,30 @@ impl Value {
     /// The number, if this is one.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
-            Value::Num(n) => Some(*n),
+            Value::Num(n) => n.parse().ok(),
             _ => None,
         }
+    }
+
+    /// The number, if this is a whole one that fits.
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Num(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The number, if this is a whole non-negative one that fits.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Num(n) => n.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// An integer value.
+    pub fn int(n: impl Into<i128>) -> Value {
+        Value::Num(n.into().to_string())
     }
 
     /// A short name of the value's type, for error messages.
@@ -122,13 +144,7 @@ impl Value {
         match self {
             Value::Null => out.push_str("null"),
             Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Value::Num(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
-                let _ = write!(out, "{}", *n as i64);
-            }
-            Value::Num(n) if n.is_finite() => {
-                let _ = write!(out, "{n}");
-            }
-            Value::Num(_) => out.push_str("null"),
+            Value::Num(n) => out.push_str(n),
             Value::Str(s) => write_str(out, s),
             Value::Arr(items) if items.is_empty() => out.push_str("[]"),
             Value::Obj(entries) if entries.is_empty() => out.push_str("{}"),
@@ -212,9 +228,9 @@ impl Parser<'_> {
         let value = match self.s.tok {
             DeJsonTok::Null => Value::Null,
             DeJsonTok::Bool(b) => Value::Bool(b),
-            DeJsonTok::U64(n) => Value::Num(n as f64),
-            DeJsonTok::I64(n) => Value::Num(n as f64),
-            DeJsonTok::F64(n) => Value::Num(n),
+            DeJsonTok::U64(_) | DeJsonTok::I64(_) | DeJsonTok::F64(_) => {
+                Value::Num(std::mem::take(&mut self.s.numbuf))
+            }
             DeJsonTok::Str => Value::Str(std::mem::take(&mut self.s.strbuf)),
             DeJsonTok::BlockOpen => {
                 let mut items = Vec::new();
@@ -354,6 +370,10 @@ mod tests {
     fn lookups() {
         let v = parse(r#"{"code":200,"data":{"hash":"ab"}}"#).unwrap();
         assert_eq!(v.get("code").and_then(Value::as_f64), Some(200.0));
+        assert_eq!(v.get("code").and_then(Value::as_i64), Some(200));
+        let big = parse(r#"{"ino":18446744073709551615}"#).unwrap();
+        assert_eq!(big.get("ino").and_then(Value::as_u64), Some(u64::MAX));
+        assert_eq!(big.to_compact(), r#"{"ino":18446744073709551615}"#);
         assert_eq!(
             v.get("data")
                 .and_then(|d| d.get("hash"))

@@ -95,25 +95,27 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// A byte count for people: `512 B`, `12.4 KiB`, `1.0 GiB`.
+/// A byte count for people: `512 B`, `12.4 KiB`, `1.0 GiB`. Integer
+/// arithmetic only (the agent carries no float formatting code).
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     if bytes < 1024 {
         return format!("{bytes} B");
     }
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
+    let mut unit = 1;
+    while unit < UNITS.len() - 1 && bytes >= 1u64 << (10 * (unit + 1)) {
         unit += 1;
     }
-    format!("{v:.1} {}", UNITS[unit])
+    let div = 1u128 << (10 * unit);
+    let tenths = (u128::from(bytes) * 10 + div / 2) / div;
+    format!("{}.{} {}", tenths / 10, tenths % 10, UNITS[unit])
 }
 
 /// A transfer rate for people: `48.0 MiB/s`.
 pub fn rate(bytes: u64, elapsed: Duration) -> String {
-    let secs = elapsed.as_secs_f64().max(0.001);
-    format!("{}/s", size((bytes as f64 / secs) as u64))
+    let micros = elapsed.as_micros().max(1);
+    let per_sec = u128::from(bytes) * 1_000_000 / micros;
+    format!("{}/s", size(per_sec.min(u128::from(u64::MAX)) as u64))
 }
 
 /// A hash shortened for log lines: the first 8 hex digits and an ellipsis;
@@ -149,6 +151,9 @@ mod tests {
         assert_eq!(size(1536), "1.5 KiB");
         assert_eq!(size(13_002_342), "12.4 MiB");
         assert_eq!(size(1 << 30), "1.0 GiB");
+        assert_eq!(size((1 << 30) - 1), "1024.0 MiB");
+        assert_eq!(size(5 << 40), "5.0 TiB");
+        assert_eq!(size(u64::MAX), "16777216.0 TiB");
         assert_eq!(rate(48 << 20, Duration::from_secs(1)), "48.0 MiB/s");
         assert_eq!(short("1f3a2b4c5d6e7f8091a2b3c4d5e6f708"), "1f3a2b4c…");
         assert_eq!(short(""), "none");

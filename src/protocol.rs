@@ -137,7 +137,7 @@ pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Resul
         return Ok(doc); // no envelope: the object is the data
     }
     if let Some(code) = doc.get("code") {
-        let ok = matches!(code.as_f64(), Some(c) if c == 200.0 || c == 0.0);
+        let ok = matches!(code.as_f64(), Some(c) if c == 200.0 || c == 0.0); // "200", "0", "200.0"
         if !ok {
             let message = doc
                 .get("message")
@@ -187,11 +187,7 @@ pub fn bin_info(url: &str, data: &Value) -> Result<BinInfo> {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let size = data
-        .get("size")
-        .and_then(Value::as_f64)
-        .filter(|s| *s >= 0.0)
-        .map(|s| s as u64);
+    let size = data.get("size").and_then(Value::as_u64);
     Ok(BinInfo {
         version,
         hash,

@@ -165,13 +165,13 @@ impl State {
     }
 
     fn to_json(&self) -> Value {
-        let num = |n: i64| Value::Num(n as f64);
+        let num = |n: i64| Value::int(n);
         let files = self.files.iter().map(|(p, s, md5)| {
             Value::obj([
                 ("path", Value::str(p.display().to_string())),
                 ("md5", Value::str(md5)),
-                ("size", Value::Num(s.size as f64)),
-                ("ino", Value::Num(s.ino as f64)),
+                ("size", Value::int(s.size)),
+                ("ino", Value::int(s.ino)),
                 ("mtime", num(s.mtime.0)),
                 ("mtimeNs", num(s.mtime.1)),
                 ("ctime", num(s.ctime.0)),
@@ -194,7 +194,8 @@ impl State {
 
     fn from_json(v: &Value) -> Option<State> {
         let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_f64);
+        let u = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64);
+        let i = |v: &Value, k: &str| v.get(k).and_then(Value::as_i64);
         let list = |k: &str| match v.get(k) {
             Some(Value::Arr(items)) => Some(items.clone()),
             None => Some(Vec::new()),
@@ -203,10 +204,10 @@ impl State {
         let mut state = State::default();
         for f in list("files")? {
             let stamp = Stamp {
-                size: n(&f, "size")? as u64,
-                ino: n(&f, "ino")? as u64,
-                mtime: (n(&f, "mtime")? as i64, n(&f, "mtimeNs")? as i64),
-                ctime: (n(&f, "ctime")? as i64, n(&f, "ctimeNs")? as i64),
+                size: u(&f, "size")?,
+                ino: u(&f, "ino")?,
+                mtime: (i(&f, "mtime")?, i(&f, "mtimeNs")?),
+                ctime: (i(&f, "ctime")?, i(&f, "ctimeNs")?),
             };
             state
                 .files

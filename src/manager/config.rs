@@ -119,8 +119,8 @@ impl Config {
             };
             let number = || {
                 value
-                    .as_f64()
-                    .filter(|n| *n >= 1.0 && n.fract() == 0.0)
+                    .as_u64()
+                    .filter(|n| *n >= 1)
                     .ok_or_else(|| bad(format!("key \"{key}\" must be a positive whole number")))
             };
             match key.as_str() {
@@ -129,7 +129,7 @@ impl Config {
                 "stateFile" => self.state_file = text()?.into(),
                 "token" => self.token = Some(text()?),
                 "adminToken" => self.admin_token = Some(text()?),
-                "maxUpload" => self.max_upload = number()? as u64,
+                "maxUpload" => self.max_upload = number()?,
                 _ => self.workers = (number()? as usize).min(1024),
             }
         }

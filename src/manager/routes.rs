@@ -32,7 +32,7 @@ pub struct App {
 /// The seed's success envelope.
 fn ok(data: Value) -> Response {
     let body = Value::obj([
-        ("code", Value::Num(200.0)),
+        ("code", Value::int(200)),
         ("message", Value::str("Success")),
         ("data", data),
     ]);
@@ -42,7 +42,7 @@ fn ok(data: Value) -> Response {
 /// An error in the same envelope, `code` = HTTP status.
 fn fail(status: u16, message: &str) -> Response {
     let body = Value::obj([
-        ("code", Value::Num(f64::from(status))),
+        ("code", Value::int(status)),
         ("message", Value::str(message)),
         ("data", Value::Null),
     ]);
@@ -155,7 +155,7 @@ impl App {
                 ("version", Value::str(&b.version)),
                 ("hash", Value::str(&b.md5)),
                 ("sha256", Value::str(&b.sha256)),
-                ("size", Value::Num(b.size as f64)),
+                ("size", Value::int(b.size as u64)),
             ])),
             Err(resp) => resp,
         }
@@ -168,7 +168,7 @@ impl App {
                 ("name", Value::Str(l.name)),
                 ("arch", opt(l.arch)),
                 ("version", opt(l.version)),
-                ("size", Value::Num(l.size as f64)),
+                ("size", Value::int(l.size as u64)),
             ])
         });
         ok(Value::Arr(items.collect()))
@@ -233,7 +233,7 @@ impl App {
                     ),
                     ("hash", Value::Str(md5)),
                     ("sha256", Value::Str(sha256)),
-                    ("size", Value::Num(len as f64)),
+                    ("size", Value::int(len as u64)),
                 ]))
             }
             Err(e) => fail(500, &format!("publishing failed: {e}")),
@@ -349,10 +349,10 @@ impl App {
             })
             .collect();
         let summary = Value::obj([
-            ("nodes", Value::Num(nodes.len() as f64)),
-            ("current", Value::Num(f64::from(current))),
-            ("behind", Value::Num(f64::from(behind))),
-            ("failed", Value::Num(f64::from(failed))),
+            ("nodes", Value::int(nodes.len() as u64)),
+            ("current", Value::int(current)),
+            ("behind", Value::int(behind)),
+            ("failed", Value::int(failed)),
         ]);
         ok(Value::obj([
             ("summary", summary),
