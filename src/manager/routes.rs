@@ -155,7 +155,7 @@ impl App {
                 ("version", Value::str(&b.version)),
                 ("hash", Value::str(&b.md5)),
                 ("sha256", Value::str(&b.sha256)),
-                ("size", Value::int(b.size as u64)),
+                ("size", Value::int(b.size)),
             ])),
             Err(resp) => resp,
         }
@@ -168,7 +168,7 @@ impl App {
                 ("name", Value::Str(l.name)),
                 ("arch", opt(l.arch)),
                 ("version", opt(l.version)),
-                ("size", Value::int(l.size as u64)),
+                ("size", Value::int(l.size)),
             ])
         });
         ok(Value::Arr(items.collect()))
@@ -233,7 +233,7 @@ impl App {
                     ),
                     ("hash", Value::Str(md5)),
                     ("sha256", Value::Str(sha256)),
-                    ("size", Value::int(len as u64)),
+                    ("size", Value::int(len)),
                 ]))
             }
             Err(e) => fail(500, &format!("publishing failed: {e}")),
