@@ -104,6 +104,18 @@ pub fn hash_report(md5: &str) -> String {
     Value::obj([("hash", Value::str(md5))]).to_compact()
 }
 
+/// An envelope as the server writes it: `{"code":…,"message":…,"data":…}`,
+/// with `code` 200 and message "Success" for success (the seed's form) and
+/// `code` = the HTTP status for errors.
+pub fn envelope(code: u16, message: &str, data: Value) -> String {
+    Value::obj([
+        ("code", Value::int(code)),
+        ("message", Value::str(message)),
+        ("data", data),
+    ])
+    .to_compact()
+}
+
 /// Interprets an answer: an HTTP status outside 2xx, or an envelope `code`
 /// other than 200 or 0, is an error carrying the server's message. Returns
 /// the `data` of an envelope, or the whole document when there is none.

@@ -18,8 +18,12 @@ pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Time allowed to send the request head once the first byte arrived.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time an idle keep-alive connection is kept open.
+/// …but only this long while other connections wait for a worker.
+const BUSY_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time an idle keep-alive connection is kept open (while no other waits).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle or slow connection checks whether others are waiting.
+const IDLE_SLICE: Duration = Duration::from_millis(100);
 /// Longest wait for a single read or write to make progress.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Body deadline: this much time, plus one second per this many bytes.
@@ -94,12 +98,12 @@ impl Request<'_> {
     /// Reads the whole body if it is at most `max` bytes.
     pub fn body_bytes(&mut self, max: u64) -> Result<Vec<u8>, Response> {
         if self.body_len > max {
-            return Err(Response::text(413, "request body too large"));
+            return Err(Response::error(413, "request body too large"));
         }
         let mut out = Vec::with_capacity(self.body_len as usize);
         self.body
             .read_to_end(&mut out)
-            .map_err(|e| Response::text(400, &format!("reading the body: {e}")))?;
+            .map_err(|e| Response::error(400, &format!("reading the body: {e}")))?;
         Ok(out)
     }
 }
@@ -134,6 +138,14 @@ impl Response {
             headers: vec![("Content-Type", "text/plain; charset=utf-8".into())],
             body: Payload::Bytes(format!("{text}\n").into_bytes()),
         }
+    }
+
+    /// An error as the protocol's JSON envelope, `code` = the HTTP status.
+    pub fn error(status: u16, message: &str) -> Response {
+        Response::json(
+            status,
+            crate::protocol::envelope(status, message, crate::json::Value::Null),
+        )
     }
 
     /// A JSON response.
@@ -217,7 +229,7 @@ fn connection(
     let mut writer = stream.try_clone()?;
     let mut conn = BufReader::with_capacity(MAX_HEAD, stream);
     loop {
-        let Some(head) = read_head(&mut conn)? else {
+        let Some(head) = read_head(&mut conn, waiting)? else {
             return Ok(());
         };
         let started = Instant::now();
@@ -275,40 +287,92 @@ fn connection(
         }
         sent?;
         if !keep_alive {
+            if body_left > 0 {
+                linger(&mut conn);
+            }
             return Ok(());
+        }
+    }
+}
+
+/// After an early answer (413, 401) with body bytes still unread: stop
+/// sending and read off what the client is still sending, briefly, so that
+/// closing does not become a reset that destroys the answer in flight.
+fn linger(conn: &mut BufReader<TcpStream>) {
+    let _ = conn.get_ref().shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut buf = [0u8; 16 * 1024];
+    let mut left: usize = 8 << 20;
+    while left > 0 && Instant::now() < until {
+        let _ = conn
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)));
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
         }
     }
 }
 
 /// Reads one request head. `None` when the client closed or idled out
 /// before sending anything; a slow or oversized head is an error.
-fn read_head(conn: &mut BufReader<TcpStream>) -> io::Result<Option<Vec<u8>>> {
-    conn.get_ref().set_read_timeout(Some(IDLE_TIMEOUT))?;
-    match conn.fill_buf() {
-        Ok([]) => return Ok(None),
-        Ok(_) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            return Ok(None)
+fn read_head(
+    conn: &mut BufReader<TcpStream>,
+    waiting: &AtomicUsize,
+) -> io::Result<Option<Vec<u8>>> {
+    // Idle: wait for the first byte in short slices, and give the worker up
+    // at once when other connections are queued for one.
+    let idle_until = Instant::now() + IDLE_TIMEOUT;
+    conn.get_ref().set_read_timeout(Some(IDLE_SLICE))?;
+    loop {
+        match conn.fill_buf() {
+            Ok([]) => return Ok(None),
+            Ok(_) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if waiting.load(Ordering::Relaxed) > 0 || Instant::now() >= idle_until {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
     }
-    let deadline = Instant::now() + HEAD_TIMEOUT;
+    let started = Instant::now();
     let mut head = Vec::with_capacity(1024);
     loop {
         let now = Instant::now();
+        // A slow head may take HEAD_TIMEOUT while the pool is free, but only
+        // BUSY_HEAD_TIMEOUT once other connections wait for a worker.
+        let limit = if waiting.load(Ordering::Relaxed) > 0 {
+            BUSY_HEAD_TIMEOUT
+        } else {
+            HEAD_TIMEOUT
+        };
+        let deadline = started + limit;
         if now >= deadline {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "request head too slow",
             ));
         }
-        conn.get_ref().set_read_timeout(Some(deadline - now))?;
-        let buf = conn.fill_buf()?;
+        conn.get_ref()
+            .set_read_timeout(Some((deadline - now).min(IDLE_SLICE)))?;
+        let buf = match conn.fill_buf() {
+            Ok(buf) => buf,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
         if buf.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -352,22 +416,22 @@ struct Head {
 
 fn parse_head(head: &[u8]) -> Result<Head, Response> {
     if head.len() > MAX_HEAD {
-        return Err(Response::text(431, "request head too large"));
+        return Err(Response::error(431, "request head too large"));
     }
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
         Ok(httparse::Status::Partial) => {
-            return Err(Response::text(400, "incomplete request head"))
+            return Err(Response::error(400, "incomplete request head"))
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(Response::text(431, "too many headers"))
+            return Err(Response::error(431, "too many headers"))
         }
-        Err(e) => return Err(Response::text(400, &format!("malformed request: {e}"))),
+        Err(e) => return Err(Response::error(400, &format!("malformed request: {e}"))),
     }
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
-        return Err(Response::text(400, "malformed request line"));
+        return Err(Response::error(400, "malformed request line"));
     };
     let headers: Vec<(String, String)> = req
         .headers
@@ -386,7 +450,7 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
             .map(|(_, v)| v.as_str())
     };
     if get("transfer-encoding").is_some() {
-        return Err(Response::text(
+        return Err(Response::error(
             411,
             "send a Content-Length; chunked request bodies are not accepted",
         ));
@@ -395,7 +459,7 @@ fn parse_head(head: &[u8]) -> Result<Head, Response> {
         None => 0,
         Some(v) => v
             .parse()
-            .map_err(|_| Response::text(400, "invalid Content-Length"))?,
+            .map_err(|_| Response::error(400, "invalid Content-Length"))?,
     };
     let connection = get("connection").unwrap_or("").to_ascii_lowercase();
     let keep_alive = if version == 1 {

@@ -9,7 +9,7 @@ use super::registry::{Node, Registry};
 use super::store::{valid_name, Build, Store};
 use crate::json::{self, Value};
 use crate::log;
-use crate::protocol::BinaryFact;
+use crate::protocol::{self, BinaryFact};
 use std::collections::HashMap;
 
 /// Largest JSON request body.
@@ -31,22 +31,12 @@ pub struct App {
 
 /// The seed's success envelope.
 fn ok(data: Value) -> Response {
-    let body = Value::obj([
-        ("code", Value::int(200)),
-        ("message", Value::str("Success")),
-        ("data", data),
-    ]);
-    Response::json(200, body.to_compact())
+    Response::json(200, protocol::envelope(200, "Success", data))
 }
 
 /// An error in the same envelope, `code` = HTTP status.
 fn fail(status: u16, message: &str) -> Response {
-    let body = Value::obj([
-        ("code", Value::int(status)),
-        ("message", Value::str(message)),
-        ("data", Value::Null),
-    ]);
-    Response::json(status, body.to_compact())
+    Response::error(status, message)
 }
 
 impl App {
