@@ -7,11 +7,26 @@ set -euo pipefail
 # Debian packages the tests and the demo use: a real supervisord for
 # restarts, curl to talk to bin-manager from the shell.
 packages=(supervisor curl)
+# With --release: what static musl builds for both targets need, and what the
+# release tests use (qemu for aarch64, nginx + openssl for HTTPS, readelf).
+release=0
+[ "${1:-}" = "--release" ] && release=1
+if ((release)); then
+    packages+=(musl-tools gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static nginx openssl binutils)
+fi
 
 have_component() { rustup component list --installed 2>/dev/null | grep -q "^$1"; }
-for c in rustfmt clippy; do
+components=(rustfmt clippy)
+((release)) && components+=(rust-src)
+for c in "${components[@]}"; do
     have_component "$c" || rustup component add "$c"
 done
+if ((release)); then
+    installed=$(rustup target list --installed)
+    for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+        grep -qx "$t" <<<"$installed" || rustup target add "$t"
+    done
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -22,8 +37,9 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    # The package starts a system supervisord; the tests run their own.
-    if command -v service >/dev/null && [ -x /etc/init.d/supervisor ]; then
-        service supervisor stop >/dev/null 2>&1 || true
+    # The packages start system services; the tests run their own instances.
+    if command -v service >/dev/null; then
+        [ -x /etc/init.d/supervisor ] && { service supervisor stop >/dev/null 2>&1 || true; }
+        [ -x /etc/init.d/nginx ] && { service nginx stop >/dev/null 2>&1 || true; }
     fi
 fi
