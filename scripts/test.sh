@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Runs every check the project has: formatting, lints, unit and integration
-# tests (real bin-proxy executables against servers on 127.0.0.1). Installs
-# what it needs first (scripts/setup.sh). Usage: scripts/test.sh
+# tests (real bin-proxy and bin-manager executables against servers on
+# 127.0.0.1), the static release build with its size budgets, and the release
+# artifacts run under qemu, in an empty chroot and behind nginx with TLS.
+# Installs what it needs first (scripts/setup.sh). Usage: scripts/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
 step "setup"
-scripts/setup.sh
+scripts/setup.sh --release
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -18,5 +20,11 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test"
 cargo test --all-targets 2>&1
+
+step "release build (static musl, x86_64 + aarch64, size budgets)"
+scripts/build-release.sh
+
+step "release artifacts where users run them (qemu aarch64, empty chroot, HTTPS via nginx)"
+scripts/test-release.sh
 
 step "all checks passed"

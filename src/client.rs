@@ -303,7 +303,12 @@ fn http_error(url: &str, timeout: u64, e: minreq::Error) -> Error {
         }
         minreq::Error::IoError(io) if is_timeout(io) => format!("no answer within {timeout} s"),
         minreq::Error::AddressNotFound => "could not resolve the host name".to_string(),
-        other => other.to_string(),
+        other => match other.to_string() {
+            m if m.contains("invalid peer certificate") => {
+                format!("{m} (is the server's CA in the system store, or in SSL_CERT_FILE?)")
+            }
+            m => m,
+        },
     };
     Error::Http {
         url: url.to_string(),

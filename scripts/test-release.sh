@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Runs the release artifacts in dist/ (scripts/build-release.sh) where users
+# run them, each against a real bin-manager on 127.0.0.1:
+#   1. the aarch64 agent, under qemu-aarch64-static, installs and upgrades a
+#      binary (and gets the aarch64 build, not the generic one);
+#   2. the x86_64 agent installs and upgrades inside an empty chroot holding
+#      only itself, its manifest and the target directory (no libc, no /etc,
+#      no shell) — the minimal-container case;
+#   3. HTTPS end to end through a real nginx terminating TLS with a CA and
+#      certificate made here by openssl: trusted via SSL_CERT_FILE, refused
+#      with a clear error without it.
+# Prints one line per check and "release: N passed, M failed" at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+passed=0 failed=0
+ok() { passed=$((passed + 1)); echo "ok   $*"; }
+bad() { failed=$((failed + 1)); echo "FAIL $*"; }
+check() { # description, command...
+    local what=$1; shift
+    if "$@"; then ok "$what"; else bad "$what"; fi
+}
+same_file() { cmp -s "$1" "$2"; }
+log_has() { grep -q -- "$2" "$1"; }
+
+X86=dist/bin-proxy-x86_64-linux-musl
+ARM=dist/bin-proxy-aarch64-linux-musl
+MGR=dist/bin-manager-x86_64-linux-musl
+for f in "$X86" "$ARM" "$MGR"; do
+    [ -x "$f" ] || { echo "test-release: $f missing; run scripts/build-release.sh" >&2; exit 1; }
+done
+
+W=$(mktemp -d /tmp/bin-proxy-release.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$W/nginx/nginx.pid" ] && kill "$(cat "$W/nginx/nginx.pid")" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
+
+# A bin-manager on a free port serving $W/bins; sets API and ADDR.
+start_manager() {
+    mkdir -p "$W/bins/aarch64"
+    "$MGR" --quiet --bin-dir "$W/bins" --state-file "$W/state.json" --listen 127.0.0.1:0 2> "$W/manager.log" &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q "listening on" "$W/manager.log" && break; sleep 0.1; done
+    ADDR=$(grep -o '127.0.0.1:[0-9]*' "$W/manager.log" | head -1)
+    API="http://$ADDR/api/v1"
+}
+publish() { # name, content, [subdir]
+    local dir="$W/bins${3:+/$3}"
+    printf '%s' "$2" > "$dir/.$1.new" && mv "$dir/.$1.new" "$dir/$1"
+}
+manifest() { # file, path of the managed binary
+    printf '{"node":{"name":"release-test"},"binaries":[{"name":"app","hash":"","path":"%s","restart":"none"}]}\n' "$2" > "$1"
+}
+
+start_manager
+publish app "generic build 1"
+publish app "arm build 1" aarch64
+
+echo "== aarch64 agent under qemu-aarch64-static"
+A="$W/arm"; mkdir -p "$A/opt"; manifest "$A/m.json" "$A/opt/app"
+check "aarch64: fresh install exits 0" qemu-aarch64-static "$ARM" --config "$A/m.json" --api "$API" 2> "$A/log1"
+check "aarch64: got the aarch64 build" grep -qx "arm build 1" "$A/opt/app"
+publish app "arm build 2" aarch64
+check "aarch64: upgrade exits 0" qemu-aarch64-static "$ARM" --config "$A/m.json" --api "$API" 2> "$A/log2"
+check "aarch64: new bytes in place" grep -qx "arm build 2" "$A/opt/app"
+check "aarch64: old bytes kept as .bak" grep -qx "arm build 1" "$A/opt/app.bak"
+check "aarch64: log says upgraded" log_has "$A/log2" "app: upgraded"
+check "aarch64: manifest records the new hash" grep -q "$(printf 'arm build 2' | md5sum | cut -d' ' -f1)" "$A/m.json"
+
+echo "== x86_64 agent in an empty chroot"
+R="$W/chroot"; mkdir -p "$R/opt"; cp "$X86" "$R/bin-proxy"; manifest "$R/m.json" "/opt/app"
+publish app "generic build 2"
+check "chroot: nothing but the agent, its manifest and /opt" test "$(ls -A "$R" | tr '\n' ' ')" = "bin-proxy m.json opt "
+check "chroot: fresh install exits 0" chroot "$R" /bin-proxy --config /m.json --api "$API" 2> "$W/chroot1.log"
+check "chroot: installed" grep -qx "generic build 2" "$R/opt/app"
+publish app "generic build 3"
+check "chroot: upgrade exits 0" chroot "$R" /bin-proxy --config /m.json --api "$API" 2> "$W/chroot2.log"
+check "chroot: upgraded, backup kept" sh -c "grep -qx 'generic build 3' '$R/opt/app' && grep -qx 'generic build 2' '$R/opt/app.bak'"
+check "chroot: mode 0755" test "$(stat -c %a "$R/opt/app")" = 755
+check "chroot: no temp files left" test -z "$(find "$R" -name '*bin-proxy-tmp*')"
+check "chroot: idle run exits 0" chroot "$R" /bin-proxy --config /m.json --api "$API" 2> "$W/chroot3.log"
+check "chroot: idle run logs one line" test "$(wc -l < "$W/chroot3.log")" -eq 1
+
+echo "== HTTPS through nginx"
+C="$W/ca"; mkdir -p "$C"
+openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bin-proxy test CA" \
+    -keyout "$C/ca.key" -out "$C/ca.pem" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout "$C/server.key" -out "$C/server.csr" 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$C/san.ext"
+openssl x509 -req -in "$C/server.csr" -CA "$C/ca.pem" -CAkey "$C/ca.key" -CAcreateserial -days 2 \
+    -extfile "$C/san.ext" -out "$C/server.pem" 2>/dev/null
+N="$W/nginx"; mkdir -p "$N"
+nginx_up=0
+for attempt in 1 2 3 4 5; do
+    PORT=$((20000 + RANDOM % 20000))
+    cat > "$N/nginx.conf" <<CONF
+worker_processes 1;
+pid $N/nginx.pid;
+error_log $N/error.log;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path $N/body;
+    proxy_temp_path $N/proxy;
+    fastcgi_temp_path $N/fastcgi;
+    uwsgi_temp_path $N/uwsgi;
+    scgi_temp_path $N/scgi;
+    server {
+        listen 127.0.0.1:$PORT ssl;
+        ssl_certificate $C/server.pem;
+        ssl_certificate_key $C/server.key;
+        location / { proxy_pass http://$ADDR; proxy_buffering off; }
+    }
+}
+CONF
+    if nginx -c "$N/nginx.conf" -p "$N" 2>> "$N/start.log"; then nginx_up=1; break; fi
+done
+[ $nginx_up = 1 ] || { cat "$N/start.log" "$N/error.log" >&2; bad "nginx did not start"; }
+H="$W/https"; mkdir -p "$H/opt"; manifest "$H/m.json" "$H/opt/app"
+if SSL_CERT_FILE=/nonexistent "$X86" --config "$H/m.json" --api "https://127.0.0.1:$PORT/api/v1" 2> "$H/untrusted.log"; then
+    bad "https: an unknown CA is refused"
+else
+    ok "https: an unknown CA is refused (exit $?)"
+fi
+check "https: the refusal names the certificate problem" grep -qi "certificate\|UnknownIssuer" "$H/untrusted.log"
+echo "     $(grep -m1 -i "certificate\|UnknownIssuer" "$H/untrusted.log" || true)"
+check "https: nothing installed while untrusted" test ! -e "$H/opt/app"
+check "https: trusted through SSL_CERT_FILE, install exits 0" \
+    env SSL_CERT_FILE="$C/ca.pem" "$X86" --config "$H/m.json" --api "https://127.0.0.1:$PORT/api/v1" 2> "$H/trusted.log"
+check "https: installed the published build" grep -qx "generic build 3" "$H/opt/app"
+check "https: downloaded through TLS" grep -q "from https://127.0.0.1:$PORT/api/v1/download/app" "$H/trusted.log"
+
+echo
+echo "release: $passed passed, $failed failed"
+if [ "$failed" -gt 0 ]; then
+    for f in "$A"/log* "$W"/chroot*.log "$H"/*.log; do [ -f "$f" ] && { echo "--- $f"; cat "$f"; }; done
+    exit 1
+fi
