@@ -14,7 +14,7 @@ use crate::manifest::{Binary, Manifest, DEFAULT_PATH};
 use crate::plan::{self, Action, Reason};
 use crate::protocol::{BinInfo, BinaryFact, FailureFact, Registration};
 use crate::service::{self, Restart, Restarted};
-use crate::state::{Quarantined, Stamp, State};
+use crate::state::{Pending, Quarantined, Stamp, State};
 use crate::{debug, error, info, warn};
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -349,6 +349,9 @@ impl Run<'_> {
     }
 
     fn binary(&mut self, bin: &Binary) -> Result<Outcome> {
+        if let Some(outcome) = self.resume(bin) {
+            return outcome;
+        }
         let remote = self.client.bin_info(&bin.name, bin.pinned_version())?;
         let target = install::real_target(&bin.path);
         let swept =
@@ -427,12 +430,7 @@ impl Run<'_> {
             log::short(from),
             log::short(&remote.hash)
         );
-        if remote.sha256.is_some() {
-            debug!(
-                "{}: the server offers a sha256; this build verifies md5 only",
-                bin.name
-            );
-        }
+        let kept = |e: Error| Error::Other(format!("{e}; kept the running version"));
         let staged = install::stage(
             &self.client,
             &bin.name,
@@ -441,14 +439,25 @@ impl Run<'_> {
             remote,
             self.args.max_size,
         )
-        .map_err(|e| Error::Other(format!("{e}; kept the running version")))?;
-        let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
+        .map_err(kept)?;
         if let Some(cmd) = &bin.pre_upgrade {
+            let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
             service::run_hook(cmd, &env)
                 .map_err(|e| Error::Other(format!("preUpgrade failed, nothing changed: {e}")))?;
         }
-        let backup = backup_of(target);
-        let had_backup = install::swap(&staged, target, &backup)?;
+        // Journal first: a run killed from here on is finished by the next one.
+        self.state.set_pending(Pending {
+            name: bin.name.clone(),
+            old: from.to_string(),
+            new: staged.md5.clone(),
+            at: log::utc_now(),
+        });
+        self.state.save_if_changed(&self.state_path).map_err(kept)?;
+        if let Err(e) = install::swap(&staged, target, &backup_of(target)) {
+            self.state.clear_pending(&bin.name);
+            self.save_state();
+            return Err(kept(e));
+        }
         if let Ok(meta) = fs::metadata(target) {
             self.state.remember(target, Stamp::of(&meta), &staged.md5);
         }
@@ -461,66 +470,122 @@ impl Run<'_> {
                 log::rate(staged.size, staged.elapsed)
             ),
         };
-        let env = hook_env(bin, target, from, &remote.hash, None);
+        self.commit_or_undo(bin, target, from, &staged.md5, Some(transfer))
+    }
+
+    /// After a swap: restart, confirm and health-check the new build; then
+    /// record and report it, or roll back and quarantine it. Either way the
+    /// journal entry is closed.
+    fn commit_or_undo(
+        &mut self,
+        bin: &Binary,
+        target: &Path,
+        from: &str,
+        new: &str,
+        transfer: Option<String>,
+    ) -> Result<Outcome> {
+        let env = hook_env(bin, target, from, new, None);
         let policy = Restart::from_manifest(bin.restart.as_deref());
-        let started = service::restart(&policy, bin.service(), &env).and_then(|r| {
-            if let Some(cmd) = &bin.post_upgrade {
-                service::run_hook(cmd, &env)
-                    .map_err(|e| Error::Other(format!("postUpgrade failed: {e}")))?;
-            }
-            Ok(r)
-        });
-        match started {
-            Ok(restarted) => {
-                self.record(&bin.name, &staged.md5)?;
-                self.report(&bin.name, &staged.md5);
-                let how = match &restarted {
-                    Restarted::Confirmed(status) => format!("restarted, {status}"),
-                    Restarted::Commanded => "restart command succeeded".to_string(),
-                    Restarted::Skipped(why) => format!("not restarted: {why}"),
-                };
-                if matches!(restarted, Restarted::Skipped("supervisorctl not found")) {
-                    warn!("{}: supervisorctl not found; the new build is in place but service \"{}\" was not restarted", bin.name, bin.service());
+        let started = service::restart(&policy, bin.service(), bin.confirm_window(), &env)
+            .and_then(|r| {
+                if let Some(cmd) = &bin.post_upgrade {
+                    service::run_hook(cmd, &env)
+                        .map_err(|e| Error::Other(format!("postUpgrade failed: {e}")))?;
                 }
+                Ok(r)
+            });
+        let outcome = match started {
+            Ok(restarted) => {
+                self.record(&bin.name, new)?; // on failure the journal stays: the next run commits
+                if matches!(restarted, Restarted::Skipped("supervisorctl not found")) {
+                    warn!(
+                        "{}: supervisorctl not found; the new build is in place but service \"{}\" was not restarted",
+                        bin.name,
+                        bin.service()
+                    );
+                }
+                let transfer = transfer.map(|t| format!(" ({t})")).unwrap_or_default();
                 info!(
-                    "{}: upgraded {}→{} ({transfer}), {how}",
+                    "{}: upgraded {}→{}{transfer}, {}",
                     bin.name,
                     log::short(from),
-                    log::short(&staged.md5)
+                    log::short(new),
+                    describe(&restarted)
                 );
-                Ok(Outcome::Changed)
+                Outcome::Changed
             }
             Err(e) => {
-                error!(
-                    "{}: {} did not come up: {e}",
-                    bin.name,
-                    log::short(&staged.md5)
-                );
-                self.undo(bin, target, &backup, had_backup, &policy, &env);
+                error!("{}: {} did not come up: {e}", bin.name, log::short(new));
+                self.undo(bin, target, from, &policy, &env);
                 self.state.add_quarantine(Quarantined {
                     name: bin.name.clone(),
-                    hash: staged.md5.clone(),
+                    hash: new.to_string(),
                     error: crate::protocol::one_line(&e.to_string(), 300),
                     at: log::utc_now(),
                 });
-                Ok(Outcome::Failed)
+                Outcome::Failed
             }
+        };
+        self.state.clear_pending(&bin.name);
+        self.save_state();
+        if matches!(outcome, Outcome::Changed) {
+            self.report(&bin.name, new);
+        }
+        Ok(outcome)
+    }
+
+    /// Finishes an upgrade a killed run left between swap and commit: if the
+    /// new build is in place, confirm it now (or roll it back); if the swap
+    /// never happened, forget the journal entry. `None`: go on as usual.
+    fn resume(&mut self, bin: &Binary) -> Option<Result<Outcome>> {
+        let p = self.state.pending_for(&bin.name)?.clone();
+        let target = install::real_target(&bin.path);
+        let actual = match self.state.actual_hash(&target) {
+            Ok(a) => a,
+            Err(e) => return Some(Err(e)),
+        };
+        if actual.as_deref().is_some_and(|a| hash::same(a, &p.new)) {
+            if hash::same(&bin.hash, &p.new) {
+                self.state.clear_pending(&bin.name); // committed; only the entry was left
+                return None;
+            }
+            warn!(
+                "{}: the run at {} was interrupted after swapping in {}; confirming it now",
+                bin.name,
+                p.at,
+                log::short(&p.new)
+            );
+            return Some(self.commit_or_undo(bin, &target, &p.old, &p.new, None));
+        }
+        info!(
+            "{}: the run at {} was interrupted before its swap; nothing had changed",
+            bin.name, p.at
+        );
+        self.state.clear_pending(&bin.name);
+        None
+    }
+
+    fn save_state(&mut self) {
+        if let Err(e) = self.state.save_if_changed(&self.state_path) {
+            warn!("{e}");
         }
     }
 
     /// Takes a failed build out of service: the backup goes back (or, for a
     /// fresh install, the new file goes away) and the service is restarted.
+    /// A backup that is missing or is not the build it replaced is never
+    /// restored: the failed build then stays, nothing is deleted, and the
+    /// error says so loudly.
     fn undo(
         &mut self,
         bin: &Binary,
         target: &Path,
-        backup: &Path,
-        had_backup: bool,
+        from: &str,
         policy: &Restart,
         env: &[(&str, String)],
     ) {
         self.state.forget(target);
-        if !had_backup {
+        if from.is_empty() {
             match fs::remove_file(target) {
                 Ok(()) => warn!(
                     "{}: removed the failed fresh install \"{}\"",
@@ -535,24 +600,40 @@ impl Run<'_> {
             }
             return;
         }
-        if let Err(e) = install::restore(target, backup) {
+        let backup = backup_of(target);
+        let cannot = |why: String| {
             error!(
-                "{}: ROLLBACK FAILED, the failed build is still in place: {e}",
-                bin.name
-            );
-            return;
+                "{}: CANNOT ROLL BACK: {why}; the failed build stays at \"{}\", nothing was deleted",
+                bin.name,
+                target.display()
+            )
+        };
+        match hash::md5_file(&backup) {
+            Err(e) => return cannot(format!("no usable backup ({e})")),
+            Ok(h) if !hash::same(&h, from) => {
+                return cannot(format!(
+                    "backup \"{}\" holds {}, not the previous build {}",
+                    backup.display(),
+                    log::short(&h),
+                    log::short(from)
+                ))
+            }
+            Ok(_) => {}
         }
-        match service::restart(policy, bin.service(), env) {
+        if let Err(e) = install::restore(target, &backup) {
+            return cannot(e.to_string());
+        }
+        match service::restart(policy, bin.service(), bin.confirm_window(), env) {
             Ok(r) => warn!(
                 "{}: rolled back to {} ({})",
                 bin.name,
-                log::short(&bin.hash),
+                log::short(from),
                 describe(&r)
             ),
             Err(e) => error!(
-                "{}: rolled back to {}, but the restart failed too: {e}",
+                "{}: rolled back to {}, but it does not run either: {e}",
                 bin.name,
-                log::short(&bin.hash)
+                log::short(from)
             ),
         }
     }
@@ -782,6 +863,7 @@ fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let restarted = service::restart(
         &Restart::from_manifest(bin.restart.as_deref()),
         bin.service(),
+        bin.confirm_window(),
         &env,
     );
     run.record(name, &to)?;

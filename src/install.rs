@@ -191,6 +191,10 @@ pub fn swap(staged: &Staged, target: &Path, backup: &Path) -> Result<bool> {
     };
     file.set_permissions(Permissions::from_mode(mode))
         .map_err(|e| Error::io("setting the mode of", &staged.tmp, e))?;
+    if old.is_some() {
+        // Last: chown and chmod clear file capabilities.
+        fsutil::copy_xattrs(target, &file)?;
+    }
     file.sync_all()
         .map_err(|e| Error::io("syncing", &staged.tmp, e))?;
     drop(file);
@@ -211,7 +215,12 @@ fn keep_backup(target: &Path, backup: &Path) -> Result<()> {
     let tmp = fsutil::temp_path(backup, "bak");
     let _ = fs::remove_file(&tmp);
     if fs::hard_link(target, &tmp).is_err() {
-        fs::copy(target, &tmp).map_err(|e| Error::io("copying the old file to", &tmp, e))?;
+        // No hard links here: copy, into a file we create (never through a link).
+        let mut out = create_exclusive(&tmp, 0o600)?;
+        let mut old = File::open(target).map_err(|e| Error::io("reading", target, e))?;
+        std::io::copy(&mut old, &mut out)
+            .map_err(|e| Error::io("copying the old file to", &tmp, e))?;
+        out.sync_all().map_err(|e| Error::io("syncing", &tmp, e))?;
     }
     // rename(2) between two names of one inode succeeds and does nothing: if the
     // backup already is the current file, the temp link would stay behind.

@@ -69,7 +69,13 @@ pub struct Binary {
     pub pre_upgrade: Option<String>,
     /// `postUpgrade`: command run after the restart; non-zero rolls back.
     pub post_upgrade: Option<String>,
+    /// `confirmSeconds`: how long the restarted program must stay RUNNING
+    /// with the same pid (default [`DEFAULT_CONFIRM_SECONDS`]).
+    pub confirm_seconds: Option<u64>,
 }
+
+/// The supervisor watch window when `confirmSeconds` is not given.
+pub const DEFAULT_CONFIRM_SECONDS: u64 = 3;
 
 impl Binary {
     /// The supervisor program name.
@@ -82,6 +88,11 @@ impl Binary {
         self.version
             .as_deref()
             .filter(|v| !v.is_empty() && *v != "latest")
+    }
+
+    /// The supervisor watch window.
+    pub fn confirm_window(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.confirm_seconds.unwrap_or(DEFAULT_CONFIRM_SECONDS))
     }
 
     /// `PATH.bak`, where the previous build is kept.
@@ -105,6 +116,7 @@ const BINARY_KEYS: &[&str] = &[
     "restart",
     "preUpgrade",
     "postUpgrade",
+    "confirmSeconds",
 ];
 
 impl Manifest {
@@ -218,6 +230,9 @@ impl Manifest {
             opt(&mut o, "restart", &b.restart);
             opt(&mut o, "preUpgrade", &b.pre_upgrade);
             opt(&mut o, "postUpgrade", &b.post_upgrade);
+            if let Some(secs) = b.confirm_seconds {
+                o.push(("confirmSeconds".to_string(), Value::int(secs)));
+            }
             Value::Obj(o)
         });
         top.push(("binaries".to_string(), Value::Arr(bins.collect())));
@@ -271,6 +286,19 @@ impl Obj<'_> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Str(s)) => Ok(Some(s.clone())),
             Some(v) => Err(self.bad(key, &format!("must be a string, not {}", v.kind()))),
+        }
+    }
+
+    fn opt_seconds(&self, key: &str, max: u64) -> Result<Option<u64>, String> {
+        match self.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= max => Ok(Some(n)),
+                _ => Err(self.bad(
+                    key,
+                    &format!("must be a whole number of seconds from 0 to {max}"),
+                )),
+            },
         }
     }
 
@@ -342,6 +370,7 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
         restart,
         pre_upgrade: o.opt_str("preUpgrade")?,
         post_upgrade: o.opt_str("postUpgrade")?,
+        confirm_seconds: o.opt_seconds("confirmSeconds", 600)?,
     })
 }
 
@@ -391,7 +420,7 @@ mod tests {
     fn every_optional_key() {
         let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},
             "binaries":[{"name":"a","version":"1.2","hash":"D41D8CD98F00B204E9800998ECF8427E","path":"/x/a",
-            "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check"}]}"#;
+            "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check","confirmSeconds":10}]}"#;
         let m = Manifest::parse(text).unwrap();
         let b = &m.binaries[0];
         assert_eq!(
@@ -416,7 +445,11 @@ mod tests {
             r#"{"node":{}}"#,
             "missing key \"binaries\" (a list, may be empty: \"binaries\": [])",
         );
-        check_err(&with_binary(r#""name":"b","pth":"/x/b""#), "binaries[1] (\"b\"): unknown key \"pth\" (known keys: name, version, hash, path, downloadUrl, service, restart, preUpgrade, postUpgrade)");
+        check_err(&with_binary(r#""name":"b","pth":"/x/b""#), "binaries[1] (\"b\"): unknown key \"pth\" (known keys: name, version, hash, path, downloadUrl, service, restart, preUpgrade, postUpgrade, confirmSeconds)");
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","confirmSeconds":"5""#),
+            "binaries[1] (\"b\"): key \"confirmSeconds\" must be a whole number of seconds from 0 to 600",
+        );
         check_err(
             &with_binary(r#""name":"a","path":"/x/b""#),
             "binaries[1]: duplicate name \"a\" (also binaries[0])",

@@ -221,8 +221,13 @@ pub fn exists(program: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Restarts a service by policy and confirms it runs.
-pub fn restart(policy: &Restart, service: &str, env: &[(&str, String)]) -> Result<Restarted> {
+/// Restarts a service by policy and confirms it runs for `window`.
+pub fn restart(
+    policy: &Restart,
+    service: &str,
+    window: Duration,
+    env: &[(&str, String)],
+) -> Result<Restarted> {
     match policy {
         Restart::Nothing => Ok(Restarted::Skipped("restart is \"none\"")),
         Restart::Command(cmd) => run_hook(cmd, env).map(|()| Restarted::Commanded),
@@ -232,7 +237,7 @@ pub fn restart(policy: &Restart, service: &str, env: &[(&str, String)]) -> Resul
                 return Ok(Restarted::Skipped("supervisorctl not found"));
             }
             supervisor_restart(&ctl, service)?;
-            confirm_running(&ctl, service).map(Restarted::Confirmed)
+            confirm_running(&ctl, service, window).map(Restarted::Confirmed)
         }
     }
 }
@@ -266,22 +271,69 @@ fn restart_succeeded(text: &str) -> bool {
     started && !other_error
 }
 
-fn confirm_running(ctl: &[String], service: &str) -> Result<String> {
-    let out = supervisor(ctl, &["status", service])?;
-    match parse_status(&out.text, service) {
-        Some(("RUNNING", detail)) => Ok(format!("RUNNING {detail}").trim_end().to_string()),
-        Some((state, detail)) => Err(Error::Service {
-            service: service.to_string(),
-            msg: format!(
-                "is {state} after the restart, not RUNNING: {}",
-                crate::protocol::one_line(detail, 200)
-            ),
-        }),
-        None => Err(Error::Service {
-            service: service.to_string(),
-            msg: format!("status did not report it: {}", failure(out.code, &out.text)),
-        }),
+/// How long a program may stay STARTING before it counts as failed.
+const STARTING_LIMIT: Duration = Duration::from_secs(30);
+/// How often `status` is asked during the watch window.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// Confirms the restarted program runs: `status` must say RUNNING and keep
+/// saying it, with the same pid, for the whole `window` (supervisor exits 0
+/// for STARTING and BACKOFF, and a build that dies after supervisor's own
+/// `startsecs` would otherwise pass). Returns the last status detail.
+fn confirm_running(ctl: &[String], service: &str, window: Duration) -> Result<String> {
+    let fail = |msg: String| Error::Service {
+        service: service.to_string(),
+        msg,
+    };
+    let began = Instant::now();
+    let mut running: Option<(String, Instant)> = None; // (pid, since)
+    loop {
+        let out = supervisor(ctl, &["status", service])?;
+        let Some((state, detail)) = parse_status(&out.text, service) else {
+            return Err(fail(format!(
+                "status did not report it: {}",
+                failure(out.code, &out.text)
+            )));
+        };
+        let detail = crate::protocol::one_line(detail, 200);
+        match (state, &running) {
+            ("RUNNING", None) => running = Some((pid_of(&detail), Instant::now())),
+            ("RUNNING", Some((pid, _))) if *pid == pid_of(&detail) => {}
+            ("RUNNING", Some((pid, since))) => {
+                return Err(fail(format!(
+                    "was restarted by supervisord {:.0?} after coming up (pid {pid} → {}): the new build keeps dying",
+                    since.elapsed(),
+                    pid_of(&detail)
+                )));
+            }
+            ("STARTING", None) if began.elapsed() < STARTING_LIMIT => {}
+            (state, None) => {
+                return Err(fail(format!(
+                    "is {state} after the restart, not RUNNING: {detail}"
+                )))
+            }
+            (state, Some((_, since))) => {
+                return Err(fail(format!(
+                    "stopped running {:.1} s after the restart ({state}: {detail})",
+                    since.elapsed().as_secs_f32()
+                )));
+            }
+        }
+        if let Some((_, since)) = &running {
+            if since.elapsed() >= window {
+                return Ok(format!("RUNNING {detail}").trim_end().to_string());
+            }
+        }
+        std::thread::sleep(WATCH_EVERY);
     }
+}
+
+/// The pid in a status detail (`pid 4242, uptime 0:00:05`), or "" when absent.
+fn pid_of(detail: &str) -> String {
+    detail
+        .split_once("pid ")
+        .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect())
+        .unwrap_or_default()
 }
 
 /// Finds `SERVICE  STATE  detail` in `supervisorctl status` output.
@@ -332,6 +384,12 @@ mod tests {
             "hello: stopped\nhello: ERROR (abnormal termination)\n"
         ));
         assert!(!restart_succeeded(""));
+    }
+
+    #[test]
+    fn pids() {
+        assert_eq!(pid_of("pid 4242, uptime 0:00:05"), "4242");
+        assert_eq!(pid_of("Exited too quickly"), "");
     }
 
     #[test]

@@ -48,12 +48,29 @@ pub struct Quarantined {
     pub at: String,
 }
 
+/// The journal entry of an upgrade in flight: written (durably) before the
+/// swap, removed once the new build is committed or rolled back. Finding one
+/// at the start of a run means the previous run was killed in between.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pending {
+    /// Binary name.
+    pub name: String,
+    /// md5 of the build being replaced ("" for a fresh install).
+    pub old: String,
+    /// md5 of the build being swapped in.
+    pub new: String,
+    /// When the swap started, RFC 3339 UTC.
+    pub at: String,
+}
+
 /// The state file's contents.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     files: Vec<(PathBuf, Stamp, String)>,
     /// Failed builds.
     pub quarantine: Vec<Quarantined>,
+    /// Upgrades in flight (at most one per binary).
+    pub pending: Vec<Pending>,
     dirty: bool,
 }
 
@@ -89,6 +106,26 @@ impl State {
                 }
             }
         }
+    }
+
+    /// Journals an upgrade about to swap (replacing any older entry for that
+    /// binary). Save before acting on it.
+    pub fn set_pending(&mut self, p: Pending) {
+        self.pending.retain(|o| o.name != p.name);
+        self.pending.push(p);
+        self.dirty = true;
+    }
+
+    /// The journal entry for a binary, if a run was interrupted mid-upgrade.
+    pub fn pending_for(&self, name: &str) -> Option<&Pending> {
+        self.pending.iter().find(|p| p.name == name)
+    }
+
+    /// Closes a binary's journal entry.
+    pub fn clear_pending(&mut self, name: &str) {
+        let before = self.pending.len();
+        self.pending.retain(|p| p.name != name);
+        self.dirty |= self.pending.len() != before;
     }
 
     /// Writes the state atomically if anything changed.
@@ -186,9 +223,18 @@ impl State {
                 ("at", Value::str(&q.at)),
             ])
         });
+        let pending = self.pending.iter().map(|p| {
+            Value::obj([
+                ("name", Value::str(&p.name)),
+                ("old", Value::str(&p.old)),
+                ("new", Value::str(&p.new)),
+                ("at", Value::str(&p.at)),
+            ])
+        });
         Value::obj([
             ("files", Value::Arr(files.collect())),
             ("quarantine", Value::Arr(quarantine.collect())),
+            ("pending", Value::Arr(pending.collect())),
         ])
     }
 
@@ -221,6 +267,14 @@ impl State {
                 at: s(&q, "at").unwrap_or_default(),
             });
         }
+        for p in list("pending")? {
+            state.pending.push(Pending {
+                name: s(&p, "name")?,
+                old: s(&p, "old").unwrap_or_default(),
+                new: s(&p, "new")?,
+                at: s(&p, "at").unwrap_or_default(),
+            });
+        }
         Some(state)
     }
 }
@@ -249,11 +303,20 @@ mod tests {
             error: "e".into(),
             at: "t".into(),
         });
+        state.set_pending(Pending {
+            name: "app".into(),
+            old: "a".into(),
+            new: "b".into(),
+            at: "t".into(),
+        });
         state.save_if_changed(&state_path).unwrap();
 
         let mut loaded = State::load(&state_path);
         assert_eq!(loaded.files, state.files);
         assert!(loaded.quarantined("app", "ab").is_some());
+        assert_eq!(loaded.pending_for("app").map(|p| p.new.as_str()), Some("b"));
+        loaded.clear_pending("app");
+        assert!(loaded.pending_for("app").is_none());
         // Same size, different bytes: mtime/ctime give it away.
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(&file, b"HELLO WORLD\n").unwrap();
