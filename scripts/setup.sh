@@ -5,8 +5,10 @@
 set -euo pipefail
 
 # Debian packages the tests and the demo use: a real supervisord for
-# restarts, curl to talk to bin-manager from the shell.
-packages=(supervisor curl)
+# restarts, curl to talk to bin-manager from the shell; strace (fault
+# injection), libcap2-bin and attr (setcap/getcap, setfattr/getfattr) for
+# tests/faults.rs.
+packages=(supervisor curl strace libcap2-bin attr)
 # With --release: what static musl builds for both targets need, and what the
 # release tests use (qemu for aarch64, nginx + openssl for HTTPS, readelf).
 release=0

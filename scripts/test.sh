@@ -27,4 +27,7 @@ scripts/build-release.sh
 step "release artifacts where users run them (qemu aarch64, empty chroot, HTTPS via nginx)"
 scripts/test-release.sh
 
+step "crash consistency: kill -9 at random moments during upgrades (40 here; scripts/killloop.sh 200 for the full run)"
+scripts/killloop.sh 40
+
 step "all checks passed"

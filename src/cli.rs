@@ -104,7 +104,9 @@ OPTIONS:
                              $BIN_DOWNLOAD_URL, else manager.downloadUrl, else API/download.
         --timeout SECS       Deadline for each API request. Default: 30.
         --download-timeout SECS
-                             Deadline for each whole download. Default: 1800.
+                             Deadline for each whole download attempt. Network
+                             failures, 5xx answers and truncated bodies are
+                             tried 3 times (1 s, then 2 s apart). Default: 1800.
         --max-size SIZE      Refuse downloads larger than this (suffixes K, M, G).
                              Default: 2G.
         --splay SECS         Sleep a per-node fixed 0..SECS seconds before starting, so

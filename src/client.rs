@@ -1,5 +1,6 @@
 //! The bin-manager client (the only minreq user): the protocol's five calls,
-//! with timeouts, a bearer token that never leaves its origin, at most three
+//! with timeouts, a bearer token sent only to the configured API and
+//! download origins, at most three
 //! redirects followed by hand, JSON answers capped at 1 MiB, and downloads
 //! streamed to a sink with their length checked.
 
@@ -173,6 +174,14 @@ impl Client {
         }
     }
 
+    /// Whether `url` may receive the token: only the configured API and
+    /// download origins do — never a binary's own `downloadUrl` elsewhere,
+    /// nor a host a redirect points to.
+    fn trusts(&self, url: &str) -> bool {
+        let o = origin(url);
+        o == origin(&self.api) || o == origin(&self.download_base)
+    }
+
     fn query(&self, version: Option<&str>) -> String {
         let mut q = format!("?arch={}", protocol::encode(&self.arch));
         if let Some(v) = version {
@@ -202,7 +211,6 @@ impl Client {
         body: Option<String>,
         timeout: u64,
     ) -> Result<Response> {
-        let origin = origin(url).to_string();
         let mut url = url.to_string();
         let mut method = method;
         for _ in 0..=MAX_REDIRECTS {
@@ -216,7 +224,7 @@ impl Client {
                     "User-Agent",
                     concat!("bin-proxy/", env!("CARGO_PKG_VERSION")),
                 );
-            if let Some(token) = self.token.as_ref().filter(|_| origin == self::origin(&url)) {
+            if let Some(token) = self.token.as_ref().filter(|_| self.trusts(&url)) {
                 req = req.with_header("Authorization", format!("Bearer {token}"));
             }
             if let Some(body) = &body {
@@ -228,12 +236,12 @@ impl Client {
             let status = inner.status_code;
             if matches!(status, 301 | 302 | 303 | 307 | 308) {
                 let Some(location) = inner.headers.get("location") else {
-                    return Err(Error::Http {
+                    return Err(Error::Protocol {
                         url,
                         msg: format!("redirect {status} without a Location"),
                     });
                 };
-                url = resolve(&url, location).ok_or_else(|| Error::Http {
+                url = resolve(&url, location).ok_or_else(|| Error::Protocol {
                     url: url.clone(),
                     msg: format!(
                         "redirect to an unsupported location \"{}\"",
@@ -256,7 +264,7 @@ impl Client {
                 inner,
             });
         }
-        Err(Error::Http {
+        Err(Error::Protocol {
             url,
             msg: format!("more than {MAX_REDIRECTS} redirects"),
         })
@@ -296,7 +304,22 @@ fn is_timeout(e: &std::io::Error) -> bool {
     ) || e.to_string().contains("timeout")
 }
 
+/// Maps minreq's errors: network trouble (worth a retry) becomes
+/// [`Error::Http`]; a malformed answer (which a retry would only repeat)
+/// becomes [`Error::Protocol`].
 fn http_error(url: &str, timeout: u64, e: minreq::Error) -> Error {
+    use minreq::Error as M;
+    if matches!(
+        e,
+        M::HeadersOverflow
+            | M::StatusLineOverflow
+            | M::MalformedChunkLength
+            | M::MalformedChunkEnd
+            | M::MalformedContentLength
+            | M::InvalidUtf8InResponse
+    ) {
+        return Error::Protocol { url: url.to_string(), msg: e.to_string() };
+    }
     let msg = match &e {
         minreq::Error::IoError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             "connection refused (is bin-manager running and the address right?)".to_string()

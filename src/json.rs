@@ -198,6 +198,13 @@ fn write_str(out: &mut String, s: &str) {
 
 /// Parses one JSON document; anything after it but whitespace is an error.
 pub fn parse(text: &str) -> Result<Value, SyntaxError> {
+    // nanoserde's tokenizer takes NUL for the end of input: refuse it
+    // outright, or anything after it would be silently ignored.
+    if let Some(at) = text.find('\0') {
+        let line = text[..at].matches('\n').count() + 1;
+        let column = text[..at].rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        return Err(SyntaxError { line, column, msg: "NUL byte".into() });
+    }
     let mut p = Parser {
         s: DeJsonState::default(),
         chars: text.chars(),
@@ -277,6 +284,15 @@ impl Parser<'_> {
     fn advance(&mut self) -> Result<(), SyntaxError> {
         while matches!(self.s.cur, ' ' | '\t' | '\r' | '\n') {
             self.s.next(&mut self.chars);
+        }
+        if self.s.cur == '/' {
+            // The tokenizer would skip comments; JSON has none, and the
+            // manifest's rewrite would silently drop them.
+            return Err(SyntaxError {
+                line: self.s.line + 1,
+                column: self.s.col.max(1),
+                msg: "comments are not allowed in JSON".into(),
+            });
         }
         // At the end of input the tokenizer stops counting: the end is one past.
         let col = if self.s.cur == '\0' {
@@ -358,6 +374,8 @@ mod tests {
         check_err("[1, 2] 3", 1, 8, "after the end");
         check_err("", 1, 1, "end of the document");
         check_err("{\"a\": tru}", 1, 7, "invalid character");
+        check_err("{\"binaries\":[]}\0 trailing", 1, 16, "NUL byte");
+        check_err("{\n  // note\n  \"a\": 1}", 2, 3, "comments are not allowed");
     }
 
     #[test]

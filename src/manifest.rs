@@ -330,7 +330,11 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
             &format!("must be 32 hex digits (an md5) or \"\", not \"{hash}\""),
         ));
     }
-    let path = PathBuf::from(o.req_str("path")?);
+    let path = o.req_str("path")?;
+    if path.chars().any(char::is_control) {
+        return Err(o.bad("path", "must not contain control characters"));
+    }
+    let path = PathBuf::from(path);
     if !path.is_absolute() {
         return Err(o.bad(
             "path",

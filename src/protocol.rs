@@ -149,7 +149,7 @@ pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Resul
         return Ok(doc); // no envelope: the object is the data
     }
     if let Some(code) = doc.get("code") {
-        let ok = matches!(code.as_f64(), Some(c) if c == 200.0 || c == 0.0); // "200", "0", "200.0"
+        let ok = matches!(code.as_f64(), Some(c) if c == 200.0 || c == 0.0); // 200, 0, 200.0 (numbers only)
         if !ok {
             let message = doc
                 .get("message")

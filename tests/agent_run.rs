@@ -1319,3 +1319,39 @@ fn expect_restart_then_watch(host: &Host, service: &str) {
         "watched for less than the window: {log:?}"
     );
 }
+
+#[test]
+fn token_goes_only_to_the_configured_origins_never_to_a_binarys_own_download_url() {
+    let host = Host::new();
+    let cdn = common::Server::start();
+    host.server.publish("app", NEW);
+    cdn.publish("app", NEW);
+    host.write_manifest(&format!(
+        r#"{{"node":{{"name":"{NODE}"}},"binaries":[{{"name":"app","hash":"","path":"{}","restart":"none","downloadUrl":"{}/download/app"}}]}}"#,
+        host.target("app").display(),
+        cdn.api()
+    ));
+    let ran = Ran::from_command(host.command(&[]).env("BIN_MANAGER_TOKEN", "s3cret"));
+    ran.expect_code(0).expect_log("app: upgraded");
+    assert_eq!(fs::read(host.target("app")).unwrap(), NEW);
+    let api = host.server.requests();
+    assert!(
+        !api.is_empty()
+            && api
+                .iter()
+                .all(|r| r.header("authorization") == Some("Bearer s3cret")),
+        "the API gets the token"
+    );
+    let cdn_requests = cdn.requests();
+    assert_eq!(
+        cdn_requests.len(),
+        1,
+        "one download from the binary's own URL"
+    );
+    assert_eq!(
+        cdn_requests[0].header("authorization"),
+        None,
+        "a binary's own downloadUrl on another origin never gets the token"
+    );
+    assert!(!ran.stderr.contains("s3cret"));
+}

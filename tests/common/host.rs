@@ -29,6 +29,11 @@ impl Ran {
         }
     }
 
+    /// Runs a prepared command to completion.
+    pub fn from_command(cmd: &mut Command) -> Ran {
+        Ran::from(cmd.output().expect("run bin-proxy"))
+    }
+
     /// Panics with the whole log unless the exit code is `code`.
     pub fn expect_code(&self, code: i32) -> &Ran {
         assert_eq!(
