@@ -631,7 +631,7 @@ impl Run<'_> {
                 describe(&r)
             ),
             Err(e) => error!(
-                "{}: rolled back to {}, but it does not run either: {e}",
+                "{}: rolled back to {}, but restarting it failed too: {e}",
                 bin.name,
                 log::short(from)
             ),

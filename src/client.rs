@@ -318,7 +318,10 @@ fn http_error(url: &str, timeout: u64, e: minreq::Error) -> Error {
             | M::MalformedContentLength
             | M::InvalidUtf8InResponse
     ) {
-        return Error::Protocol { url: url.to_string(), msg: e.to_string() };
+        return Error::Protocol {
+            url: url.to_string(),
+            msg: e.to_string(),
+        };
     }
     let msg = match &e {
         minreq::Error::IoError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {

@@ -202,8 +202,16 @@ pub fn parse(text: &str) -> Result<Value, SyntaxError> {
     // outright, or anything after it would be silently ignored.
     if let Some(at) = text.find('\0') {
         let line = text[..at].matches('\n').count() + 1;
-        let column = text[..at].rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        return Err(SyntaxError { line, column, msg: "NUL byte".into() });
+        let column = text[..at]
+            .rsplit('\n')
+            .next()
+            .map_or(0, |l| l.chars().count())
+            + 1;
+        return Err(SyntaxError {
+            line,
+            column,
+            msg: "NUL byte".into(),
+        });
     }
     let mut p = Parser {
         s: DeJsonState::default(),
@@ -375,7 +383,12 @@ mod tests {
         check_err("", 1, 1, "end of the document");
         check_err("{\"a\": tru}", 1, 7, "invalid character");
         check_err("{\"binaries\":[]}\0 trailing", 1, 16, "NUL byte");
-        check_err("{\n  // note\n  \"a\": 1}", 2, 3, "comments are not allowed");
+        check_err(
+            "{\n  // note\n  \"a\": 1}",
+            2,
+            3,
+            "comments are not allowed",
+        );
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub enum Action {
 /// Decides what to do. `actual` is `None` when the file does not exist.
 pub fn decide(recorded: &str, actual: Option<&str>, remote: &str, quarantined: bool) -> Action {
     if let Some(actual) = actual.filter(|a| same(a, remote)) {
+        if quarantined && !same(recorded, actual) {
+            // The failed build is on disk because it could not be rolled
+            // back: never record or report it as installed.
+            return Action::Quarantined;
+        }
         return Action::UpToDate {
             record: !same(recorded, actual),
         };
@@ -88,7 +93,8 @@ mod tests {
         check("aa", Some("AA"), "aA", false, UpToDate { record: false });
         check("", Some("bb"), "bb", false, UpToDate { record: true });
         check("aa", Some("bb"), "bb", false, UpToDate { record: true });
-        check("aa", Some("bb"), "bb", true, UpToDate { record: true });
+        check("aa", Some("bb"), "bb", true, Quarantined);
+        check("bb", Some("bb"), "bb", true, UpToDate { record: false });
         check("", None, "bb", false, Install(Reason::Fresh));
         check("aa", None, "bb", false, Install(Reason::Missing));
         check("aa", None, "aa", false, Install(Reason::Missing));

@@ -313,8 +313,13 @@ fn confirm_running(ctl: &[String], service: &str, window: Duration) -> Result<St
                 )))
             }
             (state, Some((_, since))) => {
+                let detail = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                };
                 return Err(fail(format!(
-                    "stopped running {:.1} s after the restart ({state}: {detail})",
+                    "stopped running {:.1} s after the restart ({state}{detail})",
                     since.elapsed().as_secs_f32()
                 )));
             }

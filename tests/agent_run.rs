@@ -1314,10 +1314,7 @@ fn expect_restart_then_watch(host: &Host, service: &str) {
         log[1..].iter().all(|l| *l == format!("status {service}")),
         "{log:?}"
     );
-    assert!(
-        log.len() >= 1 + 3,
-        "watched for less than the window: {log:?}"
-    );
+    assert!(log.len() > 3, "watched for less than the window: {log:?}");
 }
 
 #[test]

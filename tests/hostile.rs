@@ -1180,10 +1180,7 @@ fn server_supplied_name_never_becomes_a_path() {
         !manifest.contains("passwd") && !manifest.contains("evil"),
         "{manifest}"
     );
-    assert!(
-        manifest.contains(&format!("\"name\": \"myapp\"")),
-        "{manifest}"
-    );
+    assert!(manifest.contains("\"name\": \"myapp\""), "{manifest}");
     assert!(manifest.contains(NODE), "{manifest}");
     for r in srv.requests() {
         assert!(

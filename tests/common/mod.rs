@@ -15,6 +15,7 @@
 
 pub mod host;
 pub mod manager;
+pub mod supervisor;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
