@@ -5,10 +5,12 @@
 //! streamed to a sink with their length checked.
 
 use crate::error::{Error, Result};
+use crate::fetch;
 use crate::json::Value;
 use crate::protocol::{self, BinInfo, Registration};
 use minreq::{Method, Request, ResponseLazy};
 use std::io::Read;
+use std::time::{Duration, Instant};
 
 /// Redirects followed before giving up.
 pub const MAX_REDIRECTS: usize = 3;
@@ -16,8 +18,8 @@ pub const MAX_REDIRECTS: usize = 3;
 pub const MAX_JSON: usize = 1 << 20;
 /// Largest response header block accepted.
 const MAX_HEADERS: usize = 64 * 1024;
-/// Download read size.
-const CHUNK: usize = 64 * 1024;
+/// Download read size (also the block size handed to the hashers).
+pub const CHUNK: usize = 128 * 1024;
 
 /// Where and how to talk to bin-manager.
 #[derive(Clone, Debug)]
@@ -114,8 +116,9 @@ impl Client {
         }
     }
 
-    /// Streams `url` into `sink` in blocks; refuses bodies over `max` bytes
-    /// and bodies shorter than their `Content-Length`. `on_start` learns the
+    /// Streams `url` into `sink` in blocks (through [`crate::fetch`], which
+    /// reads bodies in large blocks); refuses bodies over `max` bytes and
+    /// bodies shorter than their `Content-Length`. `on_start` learns the
     /// announced length before the first block. Returns the byte count.
     pub fn download(
         &self,
@@ -124,20 +127,35 @@ impl Client {
         on_start: &mut dyn FnMut(Option<u64>),
         sink: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> Result<u64> {
-        let mut resp = self.send(Method::Get, url, None, self.download_timeout)?;
+        let deadline = Instant::now() + Duration::from_secs(self.download_timeout.max(1));
+        let auth = |u: &str| {
+            self.token
+                .as_ref()
+                .filter(|_| self.trusts(u))
+                .map(|t| format!("Bearer {t}"))
+        };
+        let mut resp = fetch::get(
+            url,
+            &auth,
+            Duration::from_secs(self.timeout.max(1)),
+            deadline,
+        )?;
+        let url = resp.url.clone();
         if !(200..300).contains(&resp.status) {
-            let body = read_capped(&mut resp, 4096).unwrap_or_default();
-            let msg =
-                protocol::unwrap_answer(&resp.url, resp.status, &resp.inner.reason_phrase, &body);
-            return Err(msg.err().unwrap_or_else(|| Error::Server {
-                url: resp.url.clone(),
-                status: resp.status,
-                message: resp.inner.reason_phrase.clone(),
-            }));
+            let mut body = Vec::new();
+            let _ = Read::take(&mut resp, 4096).read_to_end(&mut body);
+            let status = i32::from(resp.status);
+            return Err(protocol::unwrap_answer(&url, status, &resp.reason, &body)
+                .err()
+                .unwrap_or(Error::Server {
+                    url,
+                    status,
+                    message: resp.reason.clone(),
+                }));
         }
         if let Some(len) = resp.length.filter(|&len| len > max) {
             return Err(Error::Size {
-                url: resp.url,
+                url,
                 msg: format!(
                     "announces {} ({len} bytes), over the limit of {}",
                     crate::log::size(len),
@@ -149,17 +167,18 @@ impl Client {
         let mut buf = vec![0u8; CHUNK];
         let mut total: u64 = 0;
         loop {
-            let n = resp
-                .inner
-                .read(&mut buf)
-                .map_err(|e| self.transfer_error(&resp.url, total, e))?;
+            let n = match resp.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.transfer_error(&url, total, e)),
+            };
             if n == 0 {
                 break;
             }
             total += n as u64;
             if total > max {
                 return Err(Error::Size {
-                    url: resp.url,
+                    url,
                     msg: format!("body exceeds the limit of {}", crate::log::size(max)),
                 });
             }
@@ -167,7 +186,7 @@ impl Client {
         }
         match resp.length {
             Some(len) if total != len => Err(Error::Size {
-                url: resp.url,
+                url,
                 msg: format!("truncated: got {total} of {len} bytes"),
             }),
             _ => Ok(total),
@@ -271,6 +290,12 @@ impl Client {
     }
 
     fn transfer_error(&self, url: &str, got: u64, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            return Error::Protocol {
+                url: url.to_string(),
+                msg: format!("{e} after {got} bytes"),
+            };
+        }
         let msg = if is_timeout(&e) {
             format!(
                 "download did not finish within {} s (got {got} bytes)",
@@ -352,7 +377,7 @@ fn origin(url: &str) -> &str {
 }
 
 /// Resolves a redirect `Location` against the URL that answered.
-fn resolve(base: &str, location: &str) -> Option<String> {
+pub fn resolve(base: &str, location: &str) -> Option<String> {
     let location = location.trim();
     if location.starts_with("http://") || location.starts_with("https://") {
         Some(location.to_string())

@@ -15,10 +15,13 @@ use std::fs::{self, File, Permissions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// Downloads are attempted this many times (transport errors, 5xx, truncation).
 const ATTEMPTS: u32 = 3;
+/// Blocks queued for the md5 thread at most.
+const MD5_QUEUE: usize = 3;
 /// Files at least this large get progress lines…
 const PROGRESS_MIN: u64 = 8 << 20;
 /// …this often.
@@ -110,38 +113,59 @@ fn stage_once(
         elapsed: Duration::ZERO,
     };
     let started = Instant::now();
-    let mut digest = Md5::new();
     let mut sha = want.sha256.as_ref().map(|_| Sha256::new());
     let total_len = std::cell::Cell::new(None);
     let mut last_report = started;
     let mut done: u64 = 0;
     let tmp = staged.tmp.clone();
-    let size = client.download(url, max, &mut |len| total_len.set(len), &mut |block| {
-        file.write_all(block)
-            .map_err(|e| Error::io("writing", &tmp, e))?;
-        digest.update(block);
-        if let Some(sha) = sha.as_mut() {
-            sha.update(block);
-        }
-        done += block.len() as u64;
-        if total_len.get().unwrap_or(done) >= PROGRESS_MIN
-            && last_report.elapsed() >= PROGRESS_EVERY
-        {
-            last_report = Instant::now();
-            let of = total_len
-                .get()
-                .map(|t| format!(" of {}", log::size(t)))
-                .unwrap_or_default();
-            crate::info!(
-                "{name}: downloading, {}{of} ({})",
-                log::size(done),
-                log::rate(done, started.elapsed())
-            );
-        }
-        Ok(())
+    // md5 (the slowest part) runs on its own thread while this one receives,
+    // writes and feeds sha256; blocks travel through a short queue and come
+    // back for reuse, so memory stays at a few blocks whatever the size.
+    let (size, md5) = std::thread::scope(|scope| {
+        let (to_md5, blocks) = mpsc::sync_channel::<Vec<u8>>(MD5_QUEUE);
+        let (give_back, returned) = mpsc::channel::<Vec<u8>>();
+        let hasher = scope.spawn(move || {
+            let mut md5 = Md5::new();
+            for block in blocks {
+                md5.update(&block);
+                let _ = give_back.send(block);
+            }
+            md5.hex()
+        });
+        let size = client.download(url, max, &mut |len| total_len.set(len), &mut |block| {
+            file.write_all(block)
+                .map_err(|e| Error::io("writing", &tmp, e))?;
+            if let Some(sha) = sha.as_mut() {
+                sha.update(block);
+            }
+            let mut owned = returned.try_recv().unwrap_or_default();
+            owned.clear();
+            owned.extend_from_slice(block);
+            // The receiver lives until this scope ends, so sending cannot fail.
+            let _ = to_md5.send(owned);
+            done += block.len() as u64;
+            if total_len.get().unwrap_or(done) >= PROGRESS_MIN
+                && last_report.elapsed() >= PROGRESS_EVERY
+            {
+                last_report = Instant::now();
+                let of = total_len
+                    .get()
+                    .map(|t| format!(" of {}", log::size(t)))
+                    .unwrap_or_default();
+                crate::info!(
+                    "{name}: downloading, {}{of} ({})",
+                    log::size(done),
+                    log::rate(done, started.elapsed())
+                );
+            }
+            Ok(())
+        });
+        drop(to_md5);
+        let md5 = hasher.join().unwrap_or_else(|_| String::new()); // an md5 thread cannot panic
+        size.map(|size| (size, md5))
     })?;
     staged.size = size;
-    staged.md5 = digest.hex();
+    staged.md5 = md5;
     staged.elapsed = started.elapsed();
     if !hash::same(&staged.md5, &want.hash) {
         return Err(Error::HashMismatch {

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod fetch;
 pub mod fsutil;
 pub mod hash;
 pub mod host;
