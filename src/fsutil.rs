@@ -79,12 +79,25 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// Replaces `path` with `bytes` atomically and durably. An existing file
 /// keeps its mode and owner; a new one gets `new_mode`.
 pub fn atomic_write(path: &Path, bytes: &[u8], new_mode: u32) -> Result<()> {
+    atomic_write_with(path, new_mode, &mut |w| w.write_all(bytes))
+}
+
+/// [`atomic_write`] for contents produced by a writer (streamed, never
+/// held whole in memory).
+pub fn atomic_write_with(
+    path: &Path,
+    new_mode: u32,
+    contents: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let old = fs::metadata(path).ok();
     let tmp = temp_path(path, "");
     let result = (|| {
-        let mut file = create_exclusive(&tmp, new_mode)?;
-        file.write_all(bytes)
-            .map_err(|e| Error::io("writing", &tmp, e))?;
+        let file = create_exclusive(&tmp, new_mode)?;
+        let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
+        contents(&mut out).map_err(|e| Error::io("writing", &tmp, e))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::io("writing", &tmp, e.into_error()))?;
         if let Some(old) = &old {
             // Owner first: chown clears set-id bits, chmod then restores them.
             if old.uid() != file_owner(&file).0 || old.gid() != file_owner(&file).1 {

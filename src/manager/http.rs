@@ -2,11 +2,12 @@
 //! accept thread, requests parsed by httparse, and every limit an exposed
 //! server needs — header size and deadline, body size and deadline, idle
 //! keep-alive timeout, write timeout. Bodies stream (uploads to disk, file
-//! downloads via `io::copy`, which uses sendfile). One access-log line per
-//! request.
+//! downloads with sendfile). One access-log line per request.
 
+use std::ffi::c_int;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -228,8 +229,9 @@ fn connection(
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut writer = stream.try_clone()?;
     let mut conn = BufReader::with_capacity(MAX_HEAD, stream);
+    let mut fresh = true;
     loop {
-        let Some(head) = read_head(&mut conn, waiting)? else {
+        let Some(head) = read_head(&mut conn, waiting, std::mem::take(&mut fresh))? else {
             return Ok(());
         };
         let started = Instant::now();
@@ -319,10 +321,19 @@ fn linger(conn: &mut BufReader<TcpStream>) {
 fn read_head(
     conn: &mut BufReader<TcpStream>,
     waiting: &AtomicUsize,
+    fresh: bool,
 ) -> io::Result<Option<Vec<u8>>> {
-    // Idle: wait for the first byte in short slices, and give the worker up
-    // at once when other connections are queued for one.
+    // Waiting for the first byte, in short slices. A kept-alive connection
+    // that idles gives its worker up at once when others are queued for one;
+    // a fresh connection has not been answered yet and gets its full time
+    // (the head deadline below, shortened while others wait).
     let idle_until = Instant::now() + IDLE_TIMEOUT;
+    let fresh_until = Instant::now()
+        + if waiting.load(Ordering::Relaxed) > 0 {
+            BUSY_HEAD_TIMEOUT
+        } else {
+            HEAD_TIMEOUT
+        };
     conn.get_ref().set_read_timeout(Some(IDLE_SLICE))?;
     loop {
         match conn.fill_buf() {
@@ -334,7 +345,12 @@ fn read_head(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if waiting.load(Ordering::Relaxed) > 0 || Instant::now() >= idle_until {
+                let give_up = if fresh {
+                    Instant::now() >= fresh_until
+                } else {
+                    waiting.load(Ordering::Relaxed) > 0 || Instant::now() >= idle_until
+                };
+                if give_up {
                     return Ok(None);
                 }
             }
@@ -518,19 +534,84 @@ fn write_response(
         }
         (Payload::File { file, start, len }, false) => {
             out.write_all(head.as_bytes())?;
-            use std::io::Seek;
-            file.seek(io::SeekFrom::Start(*start))?;
-            let sent = io::copy(&mut Read::take(&mut *file, *len), out)?;
-            if sent != *len {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "file shorter than announced",
-                ));
-            }
+            send_file(out, file, *start, *len)?;
         }
         (_, true) => out.write_all(head.as_bytes())?,
     }
     out.flush()
+}
+
+// What std does not wrap: sendfile(2) (std's io::copy will not use it from
+// a file to a socket) and listen(2) (std fixes the backlog at 128).
+extern "C" {
+    fn sendfile(out_fd: c_int, in_fd: c_int, offset: *mut i64, count: usize) -> isize;
+    fn listen(fd: c_int, backlog: c_int) -> c_int;
+}
+
+/// Sends `len` bytes of `file` from `start` with sendfile(2): the bytes go
+/// from the page cache to the socket without passing through this process.
+/// The socket's write timeout bounds each call. Falls back to read/write
+/// where sendfile is refused.
+fn send_file(
+    out: &mut TcpStream,
+    file: &mut std::fs::File,
+    start: u64,
+    len: u64,
+) -> io::Result<()> {
+    let mut offset =
+        i64::try_from(start).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut left = len;
+    while left > 0 {
+        let count = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
+        // SAFETY: both descriptors are open for the duration of the call;
+        // `offset` is a valid i64 the kernel advances.
+        let n = unsafe { sendfile(out.as_raw_fd(), file.as_raw_fd(), &mut offset, count) };
+        match n {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shorter than announced",
+                ))
+            }
+            n if n > 0 => left -= n as u64,
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(4) => continue,                         // EINTR
+                    Some(22) | Some(38) if left == len => break, // EINVAL, ENOSYS: fall back
+                    _ if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "client stopped reading",
+                        ));
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    if left > 0 {
+        use std::io::Seek;
+        file.seek(io::SeekFrom::Start(start))?;
+        let sent = io::copy(&mut Read::take(&mut *file, len), out)?;
+        if sent != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shorter than announced",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Raises the listen backlog from std's 128, so a burst of agents (a fleet's
+/// cron minute) queues instead of retransmitting SYNs. Linux applies a second
+/// listen(2) to a listening socket.
+pub fn widen_backlog(listener: &TcpListener, backlog: i32) {
+    // SAFETY: the descriptor belongs to a live listening socket.
+    unsafe {
+        listen(listener.as_raw_fd(), backlog);
+    }
 }
 
 fn reason(status: u16) -> &'static str {

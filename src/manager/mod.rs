@@ -32,6 +32,7 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
     let registry = registry::Registry::open(&config.state_file)?;
     let listener = TcpListener::bind(&config.listen)
         .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", config.listen)))?;
+    http::widen_backlog(&listener, 1024);
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Other(format!("cannot read the bound address: {e}")))?;

@@ -1,12 +1,13 @@
 //! The fleet registry: every node's registration, the hashes it reported,
 //! its failures and when it was last seen. Durable without rewriting the
 //! world per request: each registration or report is one JSON line appended
-//! to `stateFile.log` and fsynced before its 200 is sent; `lastSeen` (which
-//! changes every minute for every node) is kept in memory and appended in
-//! one batched line every few seconds; when the log grows past a limit it is
-//! folded into the snapshot `stateFile` (temp, fsync, rename) and emptied.
-//! Replaying a log line twice is harmless, so a crash between the two steps
-//! loses nothing.
+//! to `stateFile.log` and fsynced (outside the lock, so concurrent commits
+//! share flushes) before its 200 is sent; `lastSeen` (which changes every
+//! minute for every node) is kept in memory and appended in one batched
+//! line every few seconds; when the log grows past a limit it is set aside
+//! and folded into the snapshot `stateFile` (streamed, fsync, rename) while
+//! requests go on. Every line sets values, so replaying one again is
+//! harmless and a crash at any step loses nothing.
 
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -16,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The log is folded into the snapshot when it grows past this.
 const COMPACT_AT: u64 = 8 << 20;
@@ -130,28 +131,36 @@ impl Node {
 }
 
 struct Inner {
-    nodes: BTreeMap<String, Node>,
+    /// Nodes by name; an `Arc` each so that a snapshot is a cheap map clone.
+    nodes: BTreeMap<String, Arc<Node>>,
     /// Nodes whose lastSeen changed since the last batch was written.
     seen: BTreeSet<String>,
-    log: File,
+    log: Arc<File>,
     log_len: u64,
+    /// A fold is running (at most one at a time).
+    folding: bool,
 }
 
 /// The registry and its files.
 pub struct Registry {
     snapshot: PathBuf,
     log_path: PathBuf,
+    /// Where the log goes while a fold writes the snapshot.
+    folded_path: PathBuf,
     inner: Mutex<Inner>,
 }
 
 impl Registry {
-    /// Loads `state_file` and replays its log (a torn last line is ignored).
+    /// Loads `state_file` and replays its logs (a torn last line is ignored).
     pub fn open(state_file: &Path) -> Result<Registry> {
         let dir = fsutil::parent(state_file);
         fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        let mut log_path = state_file.as_os_str().to_owned();
-        log_path.push(".log");
-        let log_path = PathBuf::from(log_path);
+        let with_suffix = |suffix: &str| {
+            let mut p = state_file.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        };
+        let (log_path, folded_path) = (with_suffix(".log"), with_suffix(".log.folding"));
         let mut nodes = BTreeMap::new();
         match fs::read_to_string(state_file) {
             Ok(text) => {
@@ -165,47 +174,51 @@ impl Registry {
                             path: state_file.to_path_buf(),
                             msg,
                         })?;
-                        nodes.insert(node.name.clone(), node);
+                        nodes.insert(node.name.clone(), Arc::new(node));
                     }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("reading", state_file, e)),
         }
-        if let Ok(text) = fs::read_to_string(&log_path) {
+        // A fold interrupted by a crash leaves its log beside the newer one;
+        // replaying both, oldest first, is exact (every line sets values).
+        for path in [&folded_path, &log_path] {
+            let Ok(text) = fs::read_to_string(path) else {
+                continue;
+            };
             let lines: Vec<&str> = text.split('\n').filter(|l| !l.trim().is_empty()).collect();
             for (i, line) in lines.iter().enumerate() {
                 match json::parse(line) {
                     Ok(op) => apply(&mut nodes, &op),
                     Err(_) if i + 1 == lines.len() => {
-                        crate::warn!("ignoring a torn last line in \"{}\"", log_path.display())
+                        crate::warn!("ignoring a torn last line in \"{}\"", path.display())
                     }
                     Err(e) => crate::warn!(
                         "ignoring a damaged line {} in \"{}\": {e}",
                         i + 1,
-                        log_path.display()
+                        path.display()
                     ),
                 }
             }
         }
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| Error::io("opening", &log_path, e))?;
+        let log = open_log(&log_path)?;
         let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
         let registry = Registry {
             snapshot: state_file.to_path_buf(),
             log_path,
+            folded_path,
             inner: Mutex::new(Inner {
                 nodes,
                 seen: BTreeSet::new(),
-                log,
+                log: Arc::new(log),
                 log_len,
+                folding: false,
             }),
         };
-        // Start from a compact state: fold whatever the log held.
-        registry.compact(&mut registry.lock())?;
+        // Start from a compact state: fold whatever the logs held.
+        registry.lock().folding = true;
+        registry.fold()?;
         Ok(registry)
     }
 
@@ -223,7 +236,7 @@ impl Registry {
     /// Only memory changes; [`Registry::flush_seen`] persists in batches.
     pub fn heartbeat(&self, name: &str, now: &str) -> Option<Node> {
         let mut inner = self.lock();
-        let node = inner.nodes.get_mut(name)?;
+        let node = Arc::make_mut(inner.nodes.get_mut(name)?);
         node.last_seen = now.to_string();
         let node = node.clone();
         inner.seen.insert(name.to_string());
@@ -232,27 +245,35 @@ impl Registry {
 
     /// Stores a registration durably; returns the stored record.
     pub fn register(&self, mut node: Node, now: &str) -> Result<Node> {
-        let mut inner = self.lock();
         node.last_seen = now.to_string();
-        node.registered = inner
+        let stored = node.clone();
+        self.commit(
+            |inner| {
+                node.registered = inner
+                    .nodes
+                    .get(&node.name)
+                    .map(|n| n.registered.clone())
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or_else(|| now.to_string());
+                Value::obj([("op", Value::str("node")), ("node", node.to_json())])
+            },
+            |inner, op| {
+                apply(&mut inner.nodes, op);
+                inner.seen.remove(&stored.name);
+            },
+        )?;
+        Ok(self
+            .lock()
             .nodes
-            .get(&node.name)
-            .map_or_else(|| now.to_string(), |n| n.registered.clone());
-        if node.registered.is_empty() {
-            node.registered = now.to_string();
-        }
-        let op = Value::obj([("op", Value::str("node")), ("node", node.to_json())]);
-        self.append(&mut inner, &op)?;
-        inner.seen.remove(&node.name);
-        inner.nodes.insert(node.name.clone(), node.clone());
-        Ok(node)
+            .get(&stored.name)
+            .map(|n| Node::clone(n))
+            .unwrap_or(stored))
     }
 
     /// Stores "node runs hash of bin" durably. Unknown nodes are ignored
     /// (a seed agent reports without naming itself).
     pub fn report(&self, node: &str, bin: &str, hash: &str, now: &str) -> Result<bool> {
-        let mut inner = self.lock();
-        if !inner.nodes.contains_key(node) {
+        if !self.lock().nodes.contains_key(node) {
             return Ok(false);
         }
         let op = Value::obj([
@@ -262,69 +283,110 @@ impl Registry {
             ("hash", Value::str(hash)),
             ("at", Value::str(now)),
         ]);
-        self.append(&mut inner, &op)?;
-        apply(&mut inner.nodes, &op);
+        self.commit(|_| op.clone(), |inner, op| apply(&mut inner.nodes, op))?;
         Ok(true)
     }
 
     /// Writes the batched lastSeen changes (one line, one fsync).
     pub fn flush_seen(&self) -> Result<()> {
-        let mut inner = self.lock();
-        if inner.seen.is_empty() {
+        if self.lock().seen.is_empty() {
             return Ok(());
         }
-        let seen = std::mem::take(&mut inner.seen);
-        let entries: Vec<(String, Value)> = seen
-            .iter()
-            .filter_map(|n| {
-                inner
-                    .nodes
-                    .get(n)
-                    .map(|node| (n.clone(), Value::str(&node.last_seen)))
-            })
-            .collect();
-        let op = Value::obj([("op", Value::str("seen")), ("nodes", Value::Obj(entries))]);
-        self.append(&mut inner, &op)
+        self.commit(
+            |inner| {
+                let seen = std::mem::take(&mut inner.seen);
+                let entries: Vec<(String, Value)> = seen
+                    .iter()
+                    .filter_map(|n| {
+                        inner
+                            .nodes
+                            .get(n)
+                            .map(|node| (n.clone(), Value::str(&node.last_seen)))
+                    })
+                    .collect();
+                Value::obj([("op", Value::str("seen")), ("nodes", Value::Obj(entries))])
+            },
+            |_, _| {},
+        )
     }
 
     /// A copy of every node, by name.
     pub fn nodes(&self) -> Vec<Node> {
-        self.lock().nodes.values().cloned().collect()
+        self.lock().nodes.values().map(|n| Node::clone(n)).collect()
     }
 
-    fn append(&self, inner: &mut Inner, op: &Value) -> Result<()> {
-        let mut line = op.to_compact();
-        line.push('\n');
-        inner
-            .log
-            .write_all(line.as_bytes())
-            .map_err(|e| Error::io("appending to", &self.log_path, e))?;
-        inner
-            .log
-            .sync_data()
+    /// Appends one log line and applies it, under the lock; then makes it
+    /// durable outside the lock, so that concurrent commits share flushes
+    /// instead of queueing behind each other's. Returns once this line is
+    /// on disk. Folds the log into the snapshot when it grew too long.
+    fn commit(
+        &self,
+        make: impl FnOnce(&mut Inner) -> Value,
+        then: impl FnOnce(&mut Inner, &Value),
+    ) -> Result<()> {
+        let (log, fold) = {
+            let mut inner = self.lock();
+            let op = make(&mut inner);
+            let mut line = op.to_compact();
+            line.push('\n');
+            (&*inner.log)
+                .write_all(line.as_bytes())
+                .map_err(|e| Error::io("appending to", &self.log_path, e))?;
+            inner.log_len += line.len() as u64;
+            then(&mut inner, &op);
+            let fold = inner.log_len > COMPACT_AT && !inner.folding;
+            inner.folding |= fold;
+            (inner.log.clone(), fold)
+        };
+        log.sync_data()
             .map_err(|e| Error::io("syncing", &self.log_path, e))?;
-        inner.log_len += line.len() as u64;
-        if inner.log_len > COMPACT_AT {
-            self.compact(inner)?;
+        if fold {
+            self.fold()?;
         }
         Ok(())
     }
 
-    /// Folds the log into the snapshot and empties the log.
-    fn compact(&self, inner: &mut Inner) -> Result<()> {
-        let nodes = inner.nodes.values().map(Node::to_json).collect();
-        let doc = Value::obj([("nodes", Value::Arr(nodes))]);
-        fsutil::atomic_write(&self.snapshot, doc.to_pretty().as_bytes(), 0o600)?;
-        inner
-            .log
-            .set_len(0)
-            .map_err(|e| Error::io("emptying", &self.log_path, e))?;
-        inner
-            .log
-            .sync_all()
-            .map_err(|e| Error::io("syncing", &self.log_path, e))?;
-        inner.log_len = 0;
-        Ok(())
+    /// Folds the log into the snapshot. Under the lock only the log is
+    /// switched (the current one is renamed aside, a new one opened) and the
+    /// node map cloned (cheap: `Arc`s); the snapshot is then streamed to disk
+    /// while requests go on, and the set-aside log is removed.
+    fn fold(&self) -> Result<()> {
+        let result = (|| {
+            let nodes = {
+                let mut inner = self.lock();
+                fs::rename(&self.log_path, &self.folded_path)
+                    .or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|e| Error::io("setting aside", &self.log_path, e))?;
+                inner.log = Arc::new(open_log(&self.log_path)?);
+                inner.log_len = 0;
+                inner.nodes.clone()
+            };
+            fsutil::atomic_write_with(&self.snapshot, 0o600, &mut |w| {
+                w.write_all(b"{\"nodes\":[\n")?;
+                for (i, node) in nodes.values().enumerate() {
+                    if i > 0 {
+                        w.write_all(b",\n")?;
+                    }
+                    w.write_all(node.to_json().to_compact().as_bytes())?;
+                }
+                w.write_all(b"\n]}\n")
+            })?;
+            match fs::remove_file(&self.folded_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("removing", &self.folded_path, e));
+                }
+                _ => {}
+            }
+            fsutil::sync_dir(fsutil::parent(&self.snapshot))
+        })();
+        self.lock().folding = false;
+        result
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -334,17 +396,25 @@ impl Registry {
     }
 }
 
+fn open_log(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io("opening", path, e))
+}
+
 /// Applies one log line to the node map. Idempotent.
-fn apply(nodes: &mut BTreeMap<String, Node>, op: &Value) {
+fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
     let s = |k: &str| op.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     match op.get("op").and_then(Value::as_str) {
         Some("node") => {
             if let Some(node) = op.get("node").and_then(|n| Node::from_json(n).ok()) {
-                nodes.insert(node.name.clone(), node);
+                nodes.insert(node.name.clone(), Arc::new(node));
             }
         }
         Some("report") => {
-            if let Some(node) = nodes.get_mut(&s("node")) {
+            if let Some(node) = nodes.get_mut(&s("node")).map(Arc::make_mut) {
                 let (bin, hash) = (s("bin"), s("hash"));
                 match node.binaries.iter_mut().find(|b| b.name == bin) {
                     Some(b) => b.hash = hash,
@@ -360,7 +430,9 @@ fn apply(nodes: &mut BTreeMap<String, Node>, op: &Value) {
         Some("seen") => {
             if let Some(Value::Obj(entries)) = op.get("nodes") {
                 for (name, at) in entries {
-                    if let (Some(node), Some(at)) = (nodes.get_mut(name), at.as_str()) {
+                    if let (Some(node), Some(at)) =
+                        (nodes.get_mut(name).map(Arc::make_mut), at.as_str())
+                    {
                         node.last_seen = at.to_string();
                     }
                 }
@@ -422,6 +494,41 @@ mod tests {
             0,
             "log folded into the snapshot"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fold_interrupted_by_a_crash_loses_nothing() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-fold-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = dir.join("state.json");
+        let reg = Registry::open(&state).unwrap();
+        reg.register(
+            Node {
+                name: "n1".into(),
+                ..Node::default()
+            },
+            "t1",
+        )
+        .unwrap();
+        drop(reg);
+        // As if killed mid-fold: the old log set aside, a new one started, the
+        // snapshot not yet rewritten.
+        fs::rename(
+            dir.join("state.json.log"),
+            dir.join("state.json.log.folding"),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("state.json.log"),
+            "{\"op\":\"report\",\"node\":\"n1\",\"bin\":\"app\",\"hash\":\"ab\",\"at\":\"t2\"}\n",
+        )
+        .unwrap();
+        let reg = Registry::open(&state).unwrap();
+        let nodes = reg.nodes();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].binaries[0].hash, "ab");
+        assert!(!dir.join("state.json.log.folding").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 
