@@ -14,7 +14,7 @@ packages=(supervisor curl strace libcap2-bin attr)
 release=0
 [ "${1:-}" = "--release" ] && release=1
 if ((release)); then
-    packages+=(musl-tools gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static nginx openssl binutils)
+    packages+=(musl-tools gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static nginx openssl binutils hyperfine wrk time jq)
 fi
 
 have_component() { rustup component list --installed 2>/dev/null | grep -q "^$1"; }

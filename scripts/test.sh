@@ -30,4 +30,7 @@ scripts/test-release.sh
 step "crash consistency: kill -9 at random moments during upgrades (40 here; scripts/killloop.sh 200 for the full run)"
 scripts/killloop.sh 40
 
+step "benchmarks, one short iteration each (so they cannot rot; numbers in BENCHMARKS.md)"
+scripts/bench.sh --smoke
+
 step "all checks passed"

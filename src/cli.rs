@@ -304,7 +304,8 @@ OPTIONS:
                              $BIN_MANAGER_ADMIN_TOKEN). Without it, publishing over
                              HTTP is off.
         --max-upload SIZE    Largest upload (suffixes K, M, G). Default: 2G.
-        --workers N          Request worker threads. Default: 32.
+        --workers N          Request worker threads, one per connection served at
+                             once (up to 4096). Default: 1024.
     -q, --quiet              No access log.
     -h, --help               Print this help.
     -V, --version            Print the version.
@@ -344,7 +345,7 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
             }
             Long("workers") => {
                 let n = seconds(&mut parser, "--workers")?;
-                out.workers = Some((n as usize).clamp(1, 1024));
+                out.workers = Some((n as usize).clamp(1, crate::manager::config::MAX_WORKERS));
             }
             Short('q') | Long("quiet") => out.quiet = true,
             other => return Err(usage(other.unexpected())),

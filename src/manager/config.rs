@@ -11,6 +11,15 @@ use std::path::{Path, PathBuf};
 /// Where the config file is when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/bin-manager/config.json";
 
+/// Worker threads by default: one per connection a busy server holds at once
+/// (an idle keep-alive connection keeps its worker for up to 5 s unless
+/// others wait). Measured in BENCHMARKS.md: keep-alive at 1,000 concurrent
+/// connections needs about as many workers; each costs a 256 KiB stack
+/// reservation and ~20 KiB of memory.
+pub const DEFAULT_WORKERS: usize = 1024;
+/// The most worker threads allowed.
+pub const MAX_WORKERS: usize = 4096;
+
 /// The validated settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -53,7 +62,7 @@ impl Config {
             token: None,
             admin_token: None,
             max_upload: 2 << 30,
-            workers: 32,
+            workers: DEFAULT_WORKERS,
             access_log: !args.quiet,
         };
         let path = args
@@ -130,7 +139,7 @@ impl Config {
                 "token" => self.token = Some(text()?),
                 "adminToken" => self.admin_token = Some(text()?),
                 "maxUpload" => self.max_upload = number()?,
-                _ => self.workers = (number()? as usize).min(1024),
+                _ => self.workers = (number()? as usize).min(MAX_WORKERS),
             }
         }
         Ok(())

@@ -13,6 +13,8 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// Stack of each worker thread (handlers keep their data on the heap).
+const WORKER_STACK: usize = 256 * 1024;
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Most headers in one request.
@@ -180,6 +182,7 @@ pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: A
         let (rx, waiting, handler) = (rx.clone(), waiting.clone(), handler.clone());
         std::thread::Builder::new()
             .name(format!("worker-{i}"))
+            .stack_size(WORKER_STACK)
             .spawn(move || worker(&rx, &waiting, access_log, &*handler))
             .unwrap_or_else(|e| panic!("cannot start worker threads: {e}"));
     }
