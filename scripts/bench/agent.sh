@@ -82,7 +82,7 @@ md5() { local h; h=$(md5sum -- "$1"); echo "${h%% *}"; }
 rand() { head -c "$(($2 << 20))" /dev/urandom >"$1"; } # file MiB
 
 start_manager() { # bindir statefile -> sets STARTED_API (not $(...): it would wait for the server)
-    local log=$2.log i
+    local log=$2.stderr i # not $2.log: that is the registry's own log file
     "$D/bin-manager" --quiet --bin-dir "$1" --state-file "$2" --listen 127.0.0.1:0 </dev/null >/dev/null 2>"$log" &
     PIDS+=($!)
     for ((i = 0; i < 100; i++)); do
