@@ -216,15 +216,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         debug!("splay: sleeping {secs} s");
         std::thread::sleep(Duration::from_secs(secs));
     }
-    let state_path = State::path_for(config);
-    let mut run = Run {
-        args,
-        config,
-        state: State::load(&state_path),
-        state_path,
-        manifest,
-        client,
-    };
+    let mut run = Run::new(args, config, manifest, client);
 
     let registered = match run.client.keepalive_get(&node) {
         Ok(found) => found.is_some(),
@@ -308,7 +300,19 @@ fn splay(node: &str, max: u64) -> u64 {
     u64::from_str_radix(&hex[..12], 16).unwrap_or(0) % (max + 1)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    fn new(args: &'a Args, config: &'a Path, manifest: Manifest, client: Client) -> Run<'a> {
+        let state_path = State::path_for(config);
+        Run {
+            args,
+            config,
+            state: State::load(&state_path),
+            state_path,
+            manifest,
+            client,
+        }
+    }
+
     fn registration(&self) -> Registration {
         let (name, cpu_arch, os_release) = node_facts(&self.manifest);
         let binaries = self.manifest.binaries.iter().map(|b| BinaryFact {
@@ -836,15 +840,7 @@ fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
         })?;
     let (_, arch, _) = node_facts(&manifest);
     let client = client_for(args, &process_env, &manifest, config, &arch)?;
-    let state_path = State::path_for(config);
-    let mut run = Run {
-        args,
-        config,
-        state: State::load(&state_path),
-        state_path,
-        manifest,
-        client,
-    };
+    let mut run = Run::new(args, config, manifest, client);
     let target = install::real_target(&bin.path);
     let backup = backup_of(&target);
     let from = run.state.actual_hash(&target)?.unwrap_or_default();

@@ -66,16 +66,33 @@ pub struct Registration {
     pub failures: Vec<FailureFact>,
 }
 
+impl BinaryFact {
+    /// `{"name","version","hash"}`.
+    pub fn to_json(&self) -> Value {
+        Value::obj([
+            ("name", Value::str(&self.name)),
+            ("version", Value::str(&self.version)),
+            ("hash", Value::str(&self.hash)),
+        ])
+    }
+}
+
+impl FailureFact {
+    /// `{"name","hash","error","at"}`.
+    pub fn to_json(&self) -> Value {
+        Value::obj([
+            ("name", Value::str(&self.name)),
+            ("hash", Value::str(&self.hash)),
+            ("error", Value::str(&self.error)),
+            ("at", Value::str(&self.at)),
+        ])
+    }
+}
+
 impl Registration {
     /// The JSON body.
     pub fn to_json(&self) -> String {
-        let bins = self.binaries.iter().map(|b| {
-            Value::obj([
-                ("name", Value::str(&b.name)),
-                ("version", Value::str(&b.version)),
-                ("hash", Value::str(&b.hash)),
-            ])
-        });
+        let bins = self.binaries.iter().map(BinaryFact::to_json);
         let mut top = vec![
             ("name", Value::str(&self.name)),
             ("cpuArch", Value::str(&self.cpu_arch)),
@@ -85,14 +102,7 @@ impl Registration {
             ("lastSeen", Value::str(&self.last_seen)),
         ];
         if !self.failures.is_empty() {
-            let failures = self.failures.iter().map(|f| {
-                Value::obj([
-                    ("name", Value::str(&f.name)),
-                    ("hash", Value::str(&f.hash)),
-                    ("error", Value::str(&f.error)),
-                    ("at", Value::str(&f.at)),
-                ])
-            });
+            let failures = self.failures.iter().map(FailureFact::to_json);
             top.push(("failures", Value::Arr(failures.collect())));
         }
         Value::obj(top).to_compact()

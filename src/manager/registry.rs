@@ -46,21 +46,8 @@ pub struct Node {
 impl Node {
     /// The node as a JSON object (the keepalive `data` and the snapshot entry).
     pub fn to_json(&self) -> Value {
-        let bins = self.binaries.iter().map(|b| {
-            Value::obj([
-                ("name", Value::str(&b.name)),
-                ("version", Value::str(&b.version)),
-                ("hash", Value::str(&b.hash)),
-            ])
-        });
-        let failures = self.failures.iter().map(|f| {
-            Value::obj([
-                ("name", Value::str(&f.name)),
-                ("hash", Value::str(&f.hash)),
-                ("error", Value::str(&f.error)),
-                ("at", Value::str(&f.at)),
-            ])
-        });
+        let bins = self.binaries.iter().map(BinaryFact::to_json);
+        let failures = self.failures.iter().map(FailureFact::to_json);
         Value::obj([
             ("name", Value::str(&self.name)),
             ("cpuArch", Value::str(&self.cpu_arch)),
