@@ -6,9 +6,8 @@ mod common;
 // code, the log line, bytes and modes on disk, the manifest, what the server
 // received, and that no temp file is left beside the managed binaries.
 
-use common::host::{Host, Ran, NODE};
+use common::host::{assert_unchanged, install_file, log_line, snapshot, Host, Ran, NODE};
 use common::{json_string, md5_hex, mode, supervisorctl_log, temp_files, Fault, Style};
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -38,12 +37,6 @@ fn ran_of(out: std::process::Output) -> Ran {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
-}
-
-fn install_file(host: &Host, name: &str, bytes: &[u8], file_mode: u32) {
-    let path = host.target(name);
-    fs::write(&path, bytes).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(file_mode)).unwrap();
 }
 
 fn write_exec(path: &Path, text: &str) {
@@ -78,54 +71,6 @@ fn write_manifest(host: &Host, manager: Option<&str>, entries: &[String]) {
         "{{\n{manager}  \"node\": {{\n    \"name\": \"{NODE}\",\n    \"cpuArch\": \"x86_64\",\n    \"osRelease\": \"Test OS 1\",\n    \"proxyVersion\": \"1.0.0\"\n  }},\n  \"binaries\": [\n{}\n  ]\n}}\n",
         entries.join(",\n")
     ));
-}
-
-/// Everything a run could change: the manifest's bytes and every entry of
-/// the target dir (name → bytes, mode).
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    manifest: Vec<u8>,
-    opt: BTreeMap<String, (Vec<u8>, u32)>,
-}
-
-fn snapshot(host: &Host) -> Snapshot {
-    let opt = fs::read_dir(&host.opt)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let p = e.path();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                (fs::read(&p).unwrap_or_default(), mode(&p)),
-            )
-        })
-        .collect();
-    Snapshot {
-        manifest: fs::read(&host.manifest).unwrap(),
-        opt,
-    }
-}
-
-fn assert_unchanged(host: &Host, before: &Snapshot, ran: &Ran) {
-    let after = snapshot(host);
-    assert_eq!(
-        &after, before,
-        "the run changed files\n--- stderr\n{}",
-        ran.stderr
-    );
-    assert!(
-        temp_files(&host.opt).is_empty(),
-        "{:?}",
-        temp_files(&host.opt)
-    );
-}
-
-/// A line of the log containing every one of `words`.
-fn log_line<'a>(ran: &'a Ran, words: &[&str]) -> &'a str {
-    ran.stderr
-        .lines()
-        .find(|l| words.iter().all(|w| l.contains(w)))
-        .unwrap_or_else(|| panic!("no log line with {words:?}\n--- stderr\n{}", ran.stderr))
 }
 
 /// The parsed manifest as it is now.

@@ -10,13 +10,12 @@ mod common;
 // log line, and leave the managed file, its mode, the manifest and the target
 // directory exactly as they were, with no temp file behind.
 
-use common::host::{Host, Ran, NODE};
+use common::host::{assert_unchanged, install_file, log_line, snapshot, Host, Ran, NODE};
 use common::{json_string, md5_hex, mode, temp_files};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -412,15 +411,6 @@ fn run(mut cmd: Command) -> (Ran, Duration) {
     (ran, elapsed)
 }
 
-/// The first log line containing every one of `words`.
-fn log_line<'a>(ran: &'a Ran, words: &[&str]) -> &'a str {
-    ran.stderr
-        .lines()
-        .find(|l| words.iter().all(|w| l.contains(w)))
-        .unwrap_or_else(|| panic!("no log line with {words:?}\n--- stderr\n{}", ran.stderr))
-}
-
-/// Exit code exactly 1 and a log line with all of `words`; returns the line.
 fn failed_with<'a>(ran: &'a Ran, words: &[&str]) -> &'a str {
     assert_eq!(
         ran.code, 1,
@@ -428,12 +418,6 @@ fn failed_with<'a>(ran: &'a Ran, words: &[&str]) -> &'a str {
         ran.stderr
     );
     log_line(ran, words)
-}
-
-fn install_file(host: &Host, name: &str, bytes: &[u8], file_mode: u32) {
-    let path = host.target(name);
-    fs::write(&path, bytes).unwrap();
-    fs::set_permissions(&path, fs::Permissions::from_mode(file_mode)).unwrap();
 }
 
 /// Writes a seed-format manifest managing `(name, recorded hash)` pairs at
@@ -467,50 +451,6 @@ fn outdated(srv: &Hostile, names: &[&str]) -> Host {
     let bins: Vec<(&str, &str)> = names.iter().map(|n| (*n, old.as_str())).collect();
     write_manifest(&host, &bins);
     host
-}
-
-/// Everything a failed run must leave alone: the manifest's bytes and every
-/// entry of the target dir (name → bytes, mode).
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    manifest: Vec<u8>,
-    opt: BTreeMap<String, (Vec<u8>, u32)>,
-}
-
-fn snapshot(host: &Host) -> Snapshot {
-    let opt = fs::read_dir(&host.opt)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let p = e.path();
-            let m = fs::symlink_metadata(&p).unwrap().permissions().mode() & 0o7777;
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                (fs::read(&p).unwrap_or_default(), m),
-            )
-        })
-        .collect();
-    Snapshot {
-        manifest: fs::read(&host.manifest).unwrap(),
-        opt,
-    }
-}
-
-fn assert_unchanged(host: &Host, before: &Snapshot, ran: &Ran) {
-    let after = snapshot(host);
-    assert!(
-        after == *before,
-        "the run changed files\nbefore: {:?}\nafter:  {:?}\n--- stderr\n{}",
-        before.opt.keys().collect::<Vec<_>>(),
-        after.opt.keys().collect::<Vec<_>>(),
-        ran.stderr
-    );
-    assert!(
-        temp_files(&host.opt).is_empty(),
-        "temp files left: {:?}\n--- stderr\n{}",
-        temp_files(&host.opt),
-        ran.stderr
-    );
 }
 
 fn assert_quick(elapsed: Duration, limit: Duration, ran: &Ran) {

@@ -2,8 +2,10 @@
 //! the target directory and a fake supervisorctl on PATH, the recording test
 //! server, and a way to run the real `bin-proxy` executable against them.
 
-use super::{fake_supervisorctl, path_with, Server, TempDir};
+use super::{fake_supervisorctl, path_with, temp_files, Server, TempDir};
+use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -138,4 +140,66 @@ impl Host {
     pub fn run(&self, args: &[&str]) -> Ran {
         Ran::from(self.command(args).output().expect("run bin-proxy"))
     }
+}
+
+/// Puts `bytes` at `opt/NAME` with `file_mode`.
+pub fn install_file(host: &Host, name: &str, bytes: &[u8], file_mode: u32) {
+    let path = host.target(name);
+    fs::write(&path, bytes).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(file_mode)).unwrap();
+}
+
+/// Everything a failed run must leave alone: the manifest's bytes and every
+/// entry of the target dir (name → bytes, mode).
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    manifest: Vec<u8>,
+    opt: BTreeMap<String, (Vec<u8>, u32)>,
+}
+
+/// The host's manifest and target dir as they are now.
+pub fn snapshot(host: &Host) -> Snapshot {
+    let opt = fs::read_dir(&host.opt)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            let m = fs::symlink_metadata(&p).unwrap().permissions().mode() & 0o7777;
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                (fs::read(&p).unwrap_or_default(), m),
+            )
+        })
+        .collect();
+    Snapshot {
+        manifest: fs::read(&host.manifest).unwrap(),
+        opt,
+    }
+}
+
+/// Panics unless the manifest and target dir are as in `before` and no temp
+/// file was left.
+pub fn assert_unchanged(host: &Host, before: &Snapshot, ran: &Ran) {
+    let after = snapshot(host);
+    assert!(
+        after == *before,
+        "the run changed files\nbefore: {:?}\nafter:  {:?}\n--- stderr\n{}",
+        before.opt.keys().collect::<Vec<_>>(),
+        after.opt.keys().collect::<Vec<_>>(),
+        ran.stderr
+    );
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "temp files left: {:?}\n--- stderr\n{}",
+        temp_files(&host.opt),
+        ran.stderr
+    );
+}
+
+/// The first log line containing every one of `words`.
+pub fn log_line<'a>(ran: &'a Ran, words: &[&str]) -> &'a str {
+    ran.stderr
+        .lines()
+        .find(|l| words.iter().all(|w| l.contains(w)))
+        .unwrap_or_else(|| panic!("no log line with {words:?}\n--- stderr\n{}", ran.stderr))
 }
