@@ -196,6 +196,8 @@ struct Run<'a> {
     state: State,
     state_path: PathBuf,
     client: Client,
+    /// Node name, cpuArch, osRelease: read from the host once per run.
+    facts: (String, String, String),
 }
 
 /// One upgrade cycle.
@@ -308,13 +310,14 @@ impl<'a> Run<'a> {
             config,
             state: State::load(&state_path),
             state_path,
+            facts: node_facts(&manifest),
             manifest,
             client,
         }
     }
 
     fn registration(&self) -> Registration {
-        let (name, cpu_arch, os_release) = node_facts(&self.manifest);
+        let (name, cpu_arch, os_release) = self.facts.clone();
         let binaries = self.manifest.binaries.iter().map(|b| BinaryFact {
             name: b.name.clone(),
             version: b.version.clone().unwrap_or_else(|| "latest".into()),
@@ -346,8 +349,7 @@ impl<'a> Run<'a> {
     }
 
     fn report(&self, name: &str, md5: &str) {
-        let (node, _, _) = node_facts(&self.manifest);
-        if let Err(e) = self.client.report_hash(&node, name, md5) {
+        if let Err(e) = self.client.report_hash(&self.facts.0, name, md5) {
             warn!("{name}: reporting hash {}: {e}", log::short(md5));
         }
     }
