@@ -7,6 +7,7 @@ mod common;
 // received, and that no temp file is left beside the managed binaries.
 
 use common::host::{assert_unchanged, install_file, log_line, snapshot, Host, Ran, NODE};
+use common::json::{parse, try_parse, Json};
 use common::{json_string, md5_hex, mode, supervisorctl_log, temp_files, Fault, Style};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -76,17 +77,18 @@ fn write_manifest(host: &Host, manager: Option<&str>, entries: &[String]) {
 /// The parsed manifest as it is now.
 fn manifest_json(host: &Host) -> Json {
     let text = host.manifest_text();
-    parse_json(&text).unwrap_or_else(|e| panic!("manifest does not parse: {e}\n{text}"))
+    try_parse(&text).unwrap_or_else(|e| panic!("manifest does not parse: {e}\n{text}"))
 }
 
 /// The recorded hash of binary `name` in the manifest.
 fn recorded(host: &Host, name: &str) -> String {
     let m = manifest_json(host);
-    let bins = m.get("binaries").and_then(Json::arr).expect("binaries");
-    bins.iter()
-        .find(|b| b.get("name").and_then(Json::str) == Some(name))
-        .and_then(|b| b.get("hash"))
-        .and_then(Json::str)
+    m.get("binaries")
+        .arr()
+        .iter()
+        .find(|b| b.opt("name").and_then(Json::as_str) == Some(name))
+        .and_then(|b| b.opt("hash"))
+        .and_then(Json::as_str)
         .unwrap_or_else(|| panic!("no hash for {name} in\n{}", host.manifest_text()))
         .to_string()
 }
@@ -130,220 +132,6 @@ fn is_rfc3339_utc(s: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------
-// A small JSON reader (the tests check shapes, not just substrings)
-// ---------------------------------------------------------------------------
-
-#[derive(Clone, Debug, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(entries) => entries.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    fn str(&self) -> Option<&str> {
-        match self {
-            Json::Str(s) => Some(s),
-            _ => None,
-        }
-    }
-
-    fn arr(&self) -> Option<&[Json]> {
-        match self {
-            Json::Arr(items) => Some(items),
-            _ => None,
-        }
-    }
-
-    /// The keys of an object, in order.
-    fn keys(&self) -> Vec<&str> {
-        match self {
-            Json::Obj(entries) => entries.iter().map(|(k, _)| k.as_str()).collect(),
-            _ => Vec::new(),
-        }
-    }
-}
-
-fn parse_json(text: &str) -> Result<Json, String> {
-    let mut p = JsonParser {
-        b: text.as_bytes(),
-        i: 0,
-    };
-    let v = p.value(0)?;
-    p.ws();
-    if p.i != p.b.len() {
-        return Err(format!("trailing data at byte {}", p.i));
-    }
-    Ok(v)
-}
-
-struct JsonParser<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && b" \t\r\n".contains(&self.b[self.i]) {
-            self.i += 1;
-        }
-    }
-
-    fn err<T>(&self, what: &str) -> Result<T, String> {
-        Err(format!("{what} at byte {}", self.i))
-    }
-
-    fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            self.err(&format!("expected '{}'", c as char))
-        }
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Json, String> {
-        if depth > 64 {
-            return self.err("too deep");
-        }
-        self.ws();
-        match self.b.get(self.i) {
-            Some(b'{') => {
-                self.i += 1;
-                let mut entries = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(Json::Obj(entries));
-                }
-                loop {
-                    self.ws();
-                    let key = self.string()?;
-                    self.eat(b':')?;
-                    entries.push((key, self.value(depth + 1)?));
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(Json::Obj(entries));
-                        }
-                        _ => return self.err("expected ',' or '}'"),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(Json::Arr(items));
-                }
-                loop {
-                    items.push(self.value(depth + 1)?);
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(Json::Arr(items));
-                        }
-                        _ => return self.err("expected ',' or ']'"),
-                    }
-                }
-            }
-            Some(b'"') => self.string().map(Json::Str),
-            Some(b't') => self.word("true", Json::Bool(true)),
-            Some(b'f') => self.word("false", Json::Bool(false)),
-            Some(b'n') => self.word("null", Json::Null),
-            Some(c) if *c == b'-' || c.is_ascii_digit() => {
-                let start = self.i;
-                while self.i < self.b.len() && b"+-.eE0123456789".contains(&self.b[self.i]) {
-                    self.i += 1;
-                }
-                let s = std::str::from_utf8(&self.b[start..self.i]).unwrap();
-                s.parse()
-                    .map(Json::Num)
-                    .map_err(|_| format!("bad number {s:?}"))
-            }
-            _ => self.err("expected a value"),
-        }
-    }
-
-    fn word(&mut self, w: &str, v: Json) -> Result<Json, String> {
-        if self.b[self.i..].starts_with(w.as_bytes()) {
-            self.i += w.len();
-            Ok(v)
-        } else {
-            self.err("bad literal")
-        }
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        if self.b.get(self.i) != Some(&b'"') {
-            return self.err("expected a string");
-        }
-        self.i += 1;
-        let mut out: Vec<u8> = Vec::new();
-        loop {
-            let Some(&c) = self.b.get(self.i) else {
-                return self.err("unterminated string");
-            };
-            self.i += 1;
-            match c {
-                b'"' => break,
-                b'\\' => {
-                    let Some(&e) = self.b.get(self.i) else {
-                        return self.err("unterminated escape");
-                    };
-                    self.i += 1;
-                    let ch = match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let hex = self
-                                .b
-                                .get(self.i..self.i + 4)
-                                .and_then(|h| std::str::from_utf8(h).ok())
-                                .and_then(|h| u32::from_str_radix(h, 16).ok());
-                            let Some(code) = hex else {
-                                return self.err("bad \\u escape");
-                            };
-                            self.i += 4;
-                            char::from_u32(code).unwrap_or('\u{fffd}')
-                        }
-                        _ => return self.err("bad escape"),
-                    };
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                }
-                c if c < 0x20 => return self.err("control character in string"),
-                c => out.push(c),
-            }
-        }
-        String::from_utf8(out).map_err(|_| "string is not UTF-8".to_string())
-    }
-}
-
-// ---------------------------------------------------------------------------
 // The cases
 // ---------------------------------------------------------------------------
 
@@ -378,7 +166,7 @@ fn first_run_registers_with_all_six_fields_then_known_node_does_not_repost() {
     assert_eq!(host.server.count("POST", "/api/v1/keepalive"), 1);
 
     let body = host.server.registration(NODE).expect("registered");
-    let reg = parse_json(&body).unwrap_or_else(|e| panic!("registration body: {e}\n{body}"));
+    let reg = try_parse(&body).unwrap_or_else(|e| panic!("registration body: {e}\n{body}"));
     for key in [
         "name",
         "cpuArch",
@@ -387,27 +175,24 @@ fn first_run_registers_with_all_six_fields_then_known_node_does_not_repost() {
         "binaries",
         "lastSeen",
     ] {
-        assert!(reg.get(key).is_some(), "registration lacks {key:?}: {body}");
+        assert!(reg.opt(key).is_some(), "registration lacks {key:?}: {body}");
     }
-    assert_eq!(reg.get("name").and_then(Json::str), Some(NODE), "{body}");
-    assert_eq!(reg.get("cpuArch").and_then(Json::str), Some("x86_64"));
-    assert_eq!(reg.get("osRelease").and_then(Json::str), Some("Test OS 1"));
-    assert_eq!(
-        reg.get("proxyVersion").and_then(Json::str),
-        Some(env!("CARGO_PKG_VERSION"))
-    );
-    assert_eq!(reg.get("proxyVersion").and_then(Json::str), Some("1.0.0"));
-    let last_seen = reg.get("lastSeen").and_then(Json::str).expect("lastSeen");
+    assert_eq!(reg.get("name").s(), NODE, "{body}");
+    assert_eq!(reg.get("cpuArch").s(), "x86_64");
+    assert_eq!(reg.get("osRelease").s(), "Test OS 1");
+    assert_eq!(reg.get("proxyVersion").s(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(reg.get("proxyVersion").s(), "1.0.0");
+    let last_seen = reg.get("lastSeen").s();
     assert!(
         is_rfc3339_utc(last_seen),
         "lastSeen {last_seen:?} is not RFC 3339 UTC"
     );
-    let bins = reg.get("binaries").and_then(Json::arr).expect("list");
+    let bins = reg.get("binaries").arr();
     assert_eq!(bins.len(), 1, "{body}");
-    assert_eq!(bins[0].get("name").and_then(Json::str), Some("myapp"));
-    assert_eq!(bins[0].get("version").and_then(Json::str), Some("latest"));
+    assert_eq!(bins[0].get("name").s(), "myapp");
+    assert_eq!(bins[0].get("version").s(), "latest");
     let hash = md5_hex(NEW);
-    assert_eq!(bins[0].get("hash").and_then(Json::str), Some(hash.as_str()));
+    assert_eq!(bins[0].get("hash").s(), hash);
 
     // Known now, and nothing to do: no second registration.
     host.server.clear_requests();
@@ -499,12 +284,9 @@ fn upgrade_swaps_bytes_keeps_mode_and_backup_reports_restarts_and_records() {
         .rposition(|r| r.method == "POST" && r.path == "/api/v1/keepalive")
         .expect("keepalive POSTed after the change");
     assert!(keepalive > report, "{reqs:?}");
-    let reg = parse_json(&host.server.registration(NODE).unwrap()).unwrap();
-    let bins = reg.get("binaries").and_then(Json::arr).unwrap();
-    assert_eq!(
-        bins[0].get("hash").and_then(Json::str),
-        Some(md5_hex(NEW).as_str())
-    );
+    let reg = parse(&host.server.registration(NODE).unwrap());
+    let bins = reg.get("binaries").arr();
+    assert_eq!(bins[0].get("hash").s(), md5_hex(NEW));
     assert!(
         temp_files(&host.opt).is_empty(),
         "{:?}",
@@ -1222,20 +1004,20 @@ fn seed_manifest_keeps_exactly_the_seed_keys_after_an_upgrade() {
 
     let m = manifest_json(&host);
     assert_eq!(m.keys(), ["node", "binaries"], "{}", host.manifest_text());
-    let node = m.get("node").unwrap();
+    let node = m.get("node");
     assert_eq!(
         node.keys(),
         ["name", "cpuArch", "osRelease", "proxyVersion"]
     );
-    assert_eq!(node.get("name").and_then(Json::str), Some(NODE));
-    assert_eq!(node.get("osRelease").and_then(Json::str), Some("Test OS 1"));
-    let bins = m.get("binaries").and_then(Json::arr).unwrap();
+    assert_eq!(node.get("name").s(), NODE);
+    assert_eq!(node.get("osRelease").s(), "Test OS 1");
+    let bins = m.get("binaries").arr();
     assert_eq!(bins.len(), 1);
     assert_eq!(bins[0].keys(), ["name", "version", "hash", "path"]);
-    assert_eq!(bins[0].get("version").and_then(Json::str), Some("latest"));
+    assert_eq!(bins[0].get("version").s(), "latest");
     assert_eq!(
-        bins[0].get("path").and_then(Json::str),
-        Some(host.target("myapp").display().to_string().as_str())
+        bins[0].get("path").s(),
+        host.target("myapp").display().to_string()
     );
     assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
     // What an operator's `diff` shows: only the hash changed.

@@ -5,6 +5,7 @@
 //! the real agent end to end, the access log and start-up errors.
 mod common;
 
+use common::json::{parse, Json};
 use common::manager::{exchange, http_within, run_to_exit, tree, Manager};
 use common::{http, http_raw, json_string, md5_hex, parse_response, HttpResponse, TempDir};
 use std::fs;
@@ -16,216 +17,13 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // ---------------------------------------------------------------------------
-// A tiny, strict JSON parser (objects keep key order) for precise assertions
-// ---------------------------------------------------------------------------
-
-#[derive(Clone, Debug, PartialEq)]
-enum J {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<J>),
-    Obj(Vec<(String, J)>),
-}
-
-impl J {
-    fn opt(&self, key: &str) -> Option<&J> {
-        match self {
-            J::Obj(e) => e.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-    fn get(&self, key: &str) -> &J {
-        self.opt(key)
-            .unwrap_or_else(|| panic!("no key {key:?} in {self:?}"))
-    }
-    fn s(&self) -> &str {
-        match self {
-            J::Str(s) => s,
-            o => panic!("not a string: {o:?}"),
-        }
-    }
-    fn n(&self) -> f64 {
-        match self {
-            J::Num(n) => *n,
-            o => panic!("not a number: {o:?}"),
-        }
-    }
-    fn arr(&self) -> &[J] {
-        match self {
-            J::Arr(a) => a,
-            o => panic!("not an array: {o:?}"),
-        }
-    }
-    fn keys(&self) -> Vec<&str> {
-        match self {
-            J::Obj(e) => e.iter().map(|(k, _)| k.as_str()).collect(),
-            o => panic!("not an object: {o:?}"),
-        }
-    }
-}
-
-struct P<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl P<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && b" \t\r\n".contains(&self.b[self.i]) {
-            self.i += 1;
-        }
-    }
-    fn eat(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.b.get(self.i) == Some(&c) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected {:?} at {}", c as char, self.i))
-        }
-    }
-    fn lit(&mut self, word: &str, v: J) -> Result<J, String> {
-        if self.b[self.i..].starts_with(word.as_bytes()) {
-            self.i += word.len();
-            Ok(v)
-        } else {
-            Err(format!("bad literal at {}", self.i))
-        }
-    }
-    fn value(&mut self, depth: usize) -> Result<J, String> {
-        if depth > 64 {
-            return Err("too deep".into());
-        }
-        self.ws();
-        match self.b.get(self.i).copied() {
-            Some(b'{') => {
-                self.i += 1;
-                let mut e = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b'}') {
-                    self.i += 1;
-                    return Ok(J::Obj(e));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.eat(b':')?;
-                    let v = self.value(depth + 1)?;
-                    e.push((k, v));
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(J::Obj(e));
-                        }
-                        _ => return Err(format!("bad object at {}", self.i)),
-                    }
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut a = Vec::new();
-                self.ws();
-                if self.b.get(self.i) == Some(&b']') {
-                    self.i += 1;
-                    return Ok(J::Arr(a));
-                }
-                loop {
-                    a.push(self.value(depth + 1)?);
-                    self.ws();
-                    match self.b.get(self.i) {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(J::Arr(a));
-                        }
-                        _ => return Err(format!("bad array at {}", self.i)),
-                    }
-                }
-            }
-            Some(b'"') => Ok(J::Str(self.string()?)),
-            Some(b't') => self.lit("true", J::Bool(true)),
-            Some(b'f') => self.lit("false", J::Bool(false)),
-            Some(b'n') => self.lit("null", J::Null),
-            Some(c) if c == b'-' || c.is_ascii_digit() => {
-                let start = self.i;
-                while self.i < self.b.len() && b"+-.eE0123456789".contains(&self.b[self.i]) {
-                    self.i += 1;
-                }
-                let t = std::str::from_utf8(&self.b[start..self.i]).unwrap();
-                t.parse()
-                    .map(J::Num)
-                    .map_err(|_| format!("bad number {t:?}"))
-            }
-            _ => Err(format!("unexpected byte at {}", self.i)),
-        }
-    }
-    fn string(&mut self) -> Result<String, String> {
-        if self.b.get(self.i) != Some(&b'"') {
-            return Err(format!("expected a string at {}", self.i));
-        }
-        self.i += 1;
-        let mut out = Vec::new();
-        loop {
-            let c = *self.b.get(self.i).ok_or("unterminated string")?;
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
-                b'\\' => {
-                    let e = *self.b.get(self.i).ok_or("bad escape")?;
-                    self.i += 1;
-                    match e {
-                        b'"' | b'\\' | b'/' => out.push(e),
-                        b'n' => out.push(b'\n'),
-                        b't' => out.push(b'\t'),
-                        b'r' => out.push(b'\r'),
-                        b'b' => out.push(8),
-                        b'f' => out.push(12),
-                        b'u' => {
-                            let h = std::str::from_utf8(
-                                self.b.get(self.i..self.i + 4).ok_or("bad \\u")?,
-                            )
-                            .map_err(|e| e.to_string())?;
-                            let code = u32::from_str_radix(h, 16).map_err(|e| e.to_string())?;
-                            self.i += 4;
-                            let ch = char::from_u32(code).unwrap_or('\u{fffd}');
-                            out.extend_from_slice(ch.to_string().as_bytes());
-                        }
-                        _ => return Err("bad escape".into()),
-                    }
-                }
-                c if c < 0x20 => return Err("control character in a string".into()),
-                c => out.push(c),
-            }
-        }
-    }
-}
-
-/// Parses a whole document (trailing garbage is an error).
-fn parse(text: &str) -> J {
-    let mut p = P {
-        b: text.as_bytes(),
-        i: 0,
-    };
-    let v = p
-        .value(0)
-        .unwrap_or_else(|e| panic!("invalid JSON ({e}): {text}"));
-    p.ws();
-    assert_eq!(p.i, text.len(), "trailing bytes after JSON: {text}");
-    v
-}
-
-// ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
 
 /// Checks the envelope of a JSON answer: Content-Type, Content-Length, keys
 /// `code,message,data` in that order, `code` = HTTP status, message "Success"
 /// on 200. Returns `data`.
-fn envelope(r: &HttpResponse, status: u16) -> J {
+fn envelope(r: &HttpResponse, status: u16) -> Json {
     assert_eq!(r.status, status, "HTTP status; body: {}", snippet(&r.body));
     let body = r.body_str();
     assert_eq!(
@@ -240,12 +38,12 @@ fn envelope(r: &HttpResponse, status: u16) -> J {
         ["code", "message", "data"],
         "envelope keys: {body}"
     );
-    assert_eq!(j.get("code"), &J::Num(f64::from(status)), "code: {body}");
+    assert_eq!(j.get("code"), &Json::Num(f64::from(status)), "code: {body}");
     if status == 200 {
         assert_eq!(j.get("message").s(), "Success", "{body}");
     } else {
         assert!(!j.get("message").s().is_empty(), "empty message: {body}");
-        assert_eq!(j.get("data"), &J::Null, "error data: {body}");
+        assert_eq!(j.get("data"), &Json::Null, "error data: {body}");
     }
     j.get("data").clone()
 }
@@ -538,7 +336,7 @@ fn keepalive_registers_and_heartbeats() {
         ),
         ("app", "latest", hash)
     );
-    assert_eq!(rec.get("failures"), &J::Arr(vec![]));
+    assert_eq!(rec.get("failures"), &Json::Arr(vec![]));
     // lastSeen is the server's clock, not the 2020 value the agent sent.
     assert_between(rec.get("lastSeen").s(), &t0, &t1, "lastSeen after POST");
     assert_between(rec.get("registered").s(), &t0, &t1, "registered");
@@ -1389,7 +1187,7 @@ impl Agent {
     }
 }
 
-fn node_app(m: &Manager, node: &str) -> J {
+fn node_app(m: &Manager, node: &str) -> Json {
     let nodes = envelope(&get(m, "/nodes"), 200);
     let n = nodes
         .get("nodes")
@@ -1461,7 +1259,7 @@ fn end_to_end_with_the_real_agent() {
     );
 }
 
-fn node_app_with_token(m: &Manager, token: &str) -> J {
+fn node_app_with_token(m: &Manager, token: &str) -> Json {
     let auth = format!("Bearer {token}");
     let r = http(
         "GET",

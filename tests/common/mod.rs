@@ -9,11 +9,14 @@
 //! - helpers for tests that run the real `bin-proxy` executable: [`TempDir`],
 //!   [`fake_supervisorctl`], [`temp_files`], [`mode`], [`path_with`], [`wait_until`];
 //! - a tiny raw-`TcpStream` HTTP client ([`http`], [`HttpResponse`]) used to poke the
-//!   server directly.
+//!   server directly;
+//! - [`json`]: a small strict JSON reader ([`json::Json`], [`json::parse`]) for
+//!   assertions on the shape of answers, registrations and manifests.
 //!
 //! Only the standard library and the `md5` crate are used.
 
 pub mod host;
+pub mod json;
 pub mod manager;
 pub mod supervisor;
 
