@@ -304,8 +304,9 @@ OPTIONS:
                              $BIN_MANAGER_ADMIN_TOKEN). Without it, publishing over
                              HTTP is off.
         --max-upload SIZE    Largest upload (suffixes K, M, G). Default: 2G.
-        --workers N          Request worker threads, one per connection served at
-                             once (up to 4096). Default: 1024.
+        --workers N          Worker threads for requests that may block (bodies,
+                             downloads, disk writes), up to 4096; idle connections
+                             and heartbeats never hold one. Default: 256.
     -q, --quiet              No access log.
     -h, --help               Print this help.
     -V, --version            Print the version.

@@ -1402,3 +1402,199 @@ fn start_up_errors_have_exit_codes() {
     let (code, err) = run_to_exit(&["--no-such-flag"], Duration::from_secs(10));
     assert_eq!(code, 2, "unknown flag:\n{err}");
 }
+
+// ---------------------------------------------------------------------------
+// 16. Event loops and the worker pool
+// ---------------------------------------------------------------------------
+
+/// Reads exactly one answer (with a Content-Length body) from a connection
+/// that stays open; `pending` carries bytes read past it. Panics after 10 s.
+fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> HttpResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = parse_response(&pending[..end + 4]).expect("an answer head");
+            let len = head.content_length().expect("Content-Length");
+            if pending.len() >= end + 4 + len {
+                let raw: Vec<u8> = pending.drain(..end + 4 + len).collect();
+                return parse_response(&raw).expect("an answer");
+            }
+        }
+        let now = Instant::now();
+        assert!(
+            now < deadline,
+            "no complete answer within 10 s; have {:?}",
+            snippet(pending)
+        );
+        s.set_read_timeout(Some(deadline - now)).unwrap();
+        let mut buf = [0u8; 64 * 1024];
+        match s.read(&mut buf) {
+            Ok(0) => panic!("server closed; have {:?}", snippet(pending)),
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading an answer: {e}; have {:?}", snippet(pending)),
+        }
+    }
+}
+
+#[test]
+fn new_and_kept_alive_connections_are_all_answered() {
+    // Requests answered on the event loops (bins/NAME, healthz) and by
+    // workers (download), on connections that are new each time or kept
+    // alive across both, from many clients at once. A lost hand-over between
+    // the accept thread, the loops and the workers shows as a hang here.
+    let m = Manager::start(&["--quiet", "--workers", "4"]);
+    let app = pattern(16, 3000);
+    fs::write(m.bin_dir().join("app"), &app).unwrap();
+    let want = md5_hex(&app);
+    assert_eq!(envelope(&get(&m, "/bins/app"), 200).get("hash").s(), want);
+
+    let mut clients = Vec::new();
+    for _ in 0..24 {
+        let (api, url, want) = (m.api(), m.url(), want.clone());
+        clients.push(thread::spawn(move || {
+            for i in 0..100 {
+                let r = if i % 3 == 2 {
+                    http_within(
+                        Duration::from_secs(10),
+                        "GET",
+                        &format!("{url}/healthz"),
+                        &[],
+                        b"",
+                    )
+                } else {
+                    http_within(
+                        Duration::from_secs(10),
+                        "GET",
+                        &format!("{api}/bins/app"),
+                        &[],
+                        b"",
+                    )
+                };
+                assert_eq!(r.status, 200, "request {i}: {}", r.body_str());
+                if i % 3 != 2 {
+                    assert_eq!(envelope(&r, 200).get("hash").s(), want);
+                }
+            }
+        }));
+    }
+    for _ in 0..3 {
+        let (addr, want, app) = (m.addr(), want.clone(), app.clone());
+        clients.push(thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            let mut pending = Vec::new();
+            for i in 0..150 {
+                let path = if i % 2 == 0 {
+                    "bins/app"
+                } else {
+                    "download/app"
+                };
+                let req = format!("GET /api/v1/{path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+                s.write_all(req.as_bytes()).unwrap();
+                let r = read_answer(&mut s, &mut pending);
+                assert_eq!(r.status, 200, "request {i} ({path})");
+                assert_eq!(r.header("connection"), Some("keep-alive"));
+                if i % 2 == 0 {
+                    assert_eq!(envelope(&r, 200).get("hash").s(), want);
+                } else {
+                    assert!(r.body == app, "download {i}: wrong bytes");
+                }
+            }
+        }));
+    }
+    for c in clients {
+        c.join().expect("a client failed");
+    }
+
+    // Pipelined: four requests in one write, answered in order, the last
+    // closing the connection; the download in the middle is a worker's,
+    // the rest the loop's (before and after the hand-over).
+    let raw = "GET /api/v1/bins/app HTTP/1.1\r\nHost: h\r\n\r\n\
+         GET /api/v1/download/app HTTP/1.1\r\nHost: h\r\n\r\n\
+         GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n\
+         GET /api/v1/bins/nope HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n";
+    let mut s = TcpStream::connect(m.addr()).unwrap();
+    s.write_all(raw.as_bytes()).unwrap();
+    let mut pending = Vec::new();
+    let answers: Vec<HttpResponse> = (0..4).map(|_| read_answer(&mut s, &mut pending)).collect();
+    assert_eq!(envelope(&answers[0], 200).get("hash").s(), want);
+    assert!(
+        answers[1].status == 200 && answers[1].body == app,
+        "pipelined download"
+    );
+    assert_eq!(
+        (answers[2].status, answers[2].body_str().as_str()),
+        (200, "ok\n")
+    );
+    expect_error(&answers[3], 404, "binary not found");
+    assert_eq!(answers[3].header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        pending.is_empty() && rest.is_empty(),
+        "bytes after the last answer"
+    );
+}
+
+#[test]
+fn a_full_worker_queue_answers_503_at_once() {
+    // One worker, so its queue holds 16 requests.
+    let m = Manager::start(&["--quiet", "--workers", "1", "--admin-token", "adm"]);
+    let app = pattern(17, 1000);
+    fs::write(m.bin_dir().join("app"), &app).unwrap();
+    envelope(&get(&m, "/bins/app"), 200); // hashed now: answered on the loops from here on
+
+    // The worker is busy with an upload whose body stops coming…
+    let mut upload = TcpStream::connect(m.addr()).unwrap();
+    upload
+        .write_all(b"PUT /api/v1/bins/slow HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer adm\r\nContent-Length: 1000\r\n\r\nabc")
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    // …and sixteen requests that need a worker fill its queue.
+    let queued: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut s = TcpStream::connect(m.addr()).unwrap();
+            s.write_all(b"GET /api/v1/nodes HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+
+    // The next one is told at once, in the envelope, with Retry-After.
+    let r = http_within(
+        Duration::from_secs(5),
+        "GET",
+        &format!("{}/nodes", m.api()),
+        &[],
+        b"",
+    );
+    expect_error(&r, 503, "server busy: every worker is taken; retry shortly");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // What the loops answer is still answered.
+    let r = http_within(
+        Duration::from_secs(5),
+        "GET",
+        &format!("{}/bins/app", m.api()),
+        &[],
+        b"",
+    );
+    assert_eq!(envelope(&r, 200).get("hash").s(), md5_hex(&app));
+
+    // The upload gives up: the worker answers it, then every queued request.
+    drop(upload);
+    for (i, mut s) in queued.into_iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let r = parse_response(&raw)
+            .unwrap_or_else(|| panic!("queued request {i}: no answer: {:?}", snippet(&raw)));
+        let data = envelope(&r, 200);
+        assert!(data.get("nodes").arr().is_empty(), "queued request {i}");
+    }
+    assert!(
+        !m.bin_dir().join("slow").exists(),
+        "a cut-off upload was published"
+    );
+}

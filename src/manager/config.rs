@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 /// Where the config file is when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/bin-manager/config.json";
 
-/// Worker threads by default: one per connection a busy server holds at once
-/// (an idle keep-alive connection keeps its worker for up to 5 s unless
-/// others wait). Measured in BENCHMARKS.md: keep-alive at 1,000 concurrent
-/// connections needs about as many workers; each costs a 256 KiB stack
-/// reservation and ~20 KiB of memory.
-pub const DEFAULT_WORKERS: usize = 1024;
+/// Worker threads by default. Workers serve only the requests that may block
+/// (registrations and reports, which are fsynced; downloads; uploads; the
+/// fleet view; a build's first hashing); idle connections and heartbeats
+/// stay on the event loops. Each costs a 256 KiB stack reservation and
+/// ~20 KiB of memory; 16 requests per worker may wait before a 503.
+pub const DEFAULT_WORKERS: usize = 256;
 /// The most worker threads allowed.
 pub const MAX_WORKERS: usize = 4096;
 

@@ -64,6 +64,6 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         listener,
         config.workers,
         config.access_log,
-        Arc::new(move |req: &mut http::Request| handler.handle(req)),
+        Arc::new(move |req: &mut http::Request, ctx| handler.handle(req, ctx)),
     )
 }

@@ -4,9 +4,9 @@
 //! (`GET nodes`) and `GET /healthz`. Names are checked before any file is
 //! touched; tokens are compared in constant time.
 
-use super::http::{Payload, Request, Response};
+use super::http::{Context, Payload, Request, Response};
 use super::registry::{Node, Registry};
-use super::store::{valid_name, Build, Store};
+use super::store::{valid_name, Build, Lookup, Store};
 use crate::json::{self, Value};
 use crate::log;
 use crate::protocol::{self, BinaryFact};
@@ -40,16 +40,20 @@ fn fail(status: u16, message: &str) -> Response {
 }
 
 impl App {
-    /// Answers one request.
-    pub fn handle(&self, req: &mut Request) -> Response {
+    /// Answers one request. On an event loop ([`Context::EventLoop`]) only
+    /// what cannot block is answered — heartbeats, and build lookups whose
+    /// hashes are cached, which is what a fleet sends all day — and `None`
+    /// hands the rest to a worker.
+    pub fn handle(&self, req: &mut Request, ctx: Context) -> Option<Response> {
+        let on_loop = ctx == Context::EventLoop;
         if req.path == "/healthz" {
-            return match req.method.as_str() {
+            return Some(match req.method.as_str() {
                 "GET" | "HEAD" => Response::text(200, "ok"),
                 _ => fail(405, "use GET"),
-            };
+            });
         }
         let Some(rest) = req.path.strip_prefix("/api/v1/") else {
-            return fail(404, "not found");
+            return Some(fail(404, "not found"));
         };
         if let Some(token) = &self.token {
             let given = bearer(req);
@@ -58,7 +62,7 @@ impl App {
                 .as_deref()
                 .is_some_and(|a| same_secret(given, a));
             if !same_secret(given, token) && !admin {
-                return fail(401, "missing or wrong bearer token");
+                return Some(fail(401, "missing or wrong bearer token"));
             }
         }
         let (route, name) = match rest.split_once('/') {
@@ -69,20 +73,21 @@ impl App {
             match name.map(|n| percent_decode(n).filter(|n| valid_name(n))) {
                 None => None,
                 Some(Some(n)) => Some(n),
-                Some(None) => return fail(
+                Some(None) => return Some(fail(
                     400,
                     "invalid name: use letters, digits, '.', '_' and '-', not starting with '.'",
-                ),
+                )),
             };
         let query = match Query::parse(&req.query) {
             Ok(q) => q,
-            Err(resp) => return resp,
+            Err(resp) => return Some(resp),
         };
-        match (route, name, req.method.as_str()) {
+        Some(match (route, name, req.method.as_str()) {
             ("keepalive", None, "GET") => self.keepalive_get(&query),
+            ("bins", Some(name), "GET") => return self.bin_info(&name, &query, on_loop),
+            _ if on_loop => return None,
             ("keepalive", None, "POST") => self.keepalive_post(req, &query),
             ("bins", None, "GET") => self.list(),
-            ("bins", Some(name), "GET") => self.bin_info(&name, &query),
             ("bins", Some(name), "POST") => self.report(req, &name, &query),
             ("bins", Some(name), "PUT") => self.publish(req, &name, &query),
             ("download", Some(name), "GET" | "HEAD") => self.download(req, &name, &query),
@@ -91,7 +96,7 @@ impl App {
                 fail(405, "method not allowed here")
             }
             _ => fail(404, "not found"),
-        }
+        })
     }
 
     fn keepalive_get(&self, q: &Query) -> Response {
@@ -138,17 +143,24 @@ impl App {
         }
     }
 
-    fn bin_info(&self, name: &str, q: &Query) -> Response {
-        match self.find(name, q) {
-            Ok(b) => ok(Value::obj([
+    /// A build's hashes; `None` when it would have to be hashed first and
+    /// `on_loop` forbids that.
+    fn bin_info(&self, name: &str, q: &Query, on_loop: bool) -> Option<Response> {
+        let found = self
+            .store
+            .lookup(name, q.arch.as_deref(), q.version.as_deref(), !on_loop);
+        Some(match found {
+            Ok(Lookup::Found(b)) => ok(Value::obj([
                 ("name", Value::str(name)),
                 ("version", Value::str(&b.version)),
                 ("hash", Value::str(&b.md5)),
                 ("sha256", Value::str(&b.sha256)),
                 ("size", Value::int(b.size)),
             ])),
-            Err(resp) => resp,
-        }
+            Ok(Lookup::Missing) => fail(404, "binary not found"),
+            Ok(Lookup::Unhashed) => return None,
+            Err(e) => fail(500, &e.to_string()),
+        })
     }
 
     fn list(&self) -> Response {

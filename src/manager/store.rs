@@ -54,6 +54,16 @@ pub struct Build {
     pub version: String,
 }
 
+/// What [`Store::lookup`] found.
+pub enum Lookup {
+    /// The build, hashed.
+    Found(Build),
+    /// Nothing published under that name.
+    Missing,
+    /// A file that would have to be hashed first.
+    Unhashed,
+}
+
 /// One line of the `GET bins` listing.
 pub struct Listed {
     /// Binary name.
@@ -104,6 +114,21 @@ impl Store {
         arch: Option<&str>,
         version: Option<&str>,
     ) -> Result<Option<Build>> {
+        Ok(match self.lookup(name, arch, version, true)? {
+            Lookup::Found(build) => Some(build),
+            Lookup::Missing | Lookup::Unhashed => None,
+        })
+    }
+
+    /// Like [`Store::get`], but hashes a file only if `may_hash`; otherwise a
+    /// file not hashed yet (new, or changed since) is [`Lookup::Unhashed`].
+    pub fn lookup(
+        &self,
+        name: &str,
+        arch: Option<&str>,
+        version: Option<&str>,
+        may_hash: bool,
+    ) -> Result<Lookup> {
         for path in self.candidates(name, arch, version) {
             let file = match File::open(&path) {
                 Ok(f) => f,
@@ -124,6 +149,7 @@ impl Store {
                 .map(|(_, m, s)| (m.clone(), s.clone()));
             let (md5, sha256) = match cached {
                 Some(hashes) => hashes,
+                None if !may_hash => return Ok(Lookup::Unhashed),
                 None => {
                     // Hash the very descriptor that will be served (the
                     // response seeks back to its start).
@@ -134,7 +160,7 @@ impl Store {
                 }
             };
             let version = version.unwrap_or("latest").to_string();
-            return Ok(Some(Build {
+            return Ok(Lookup::Found(Build {
                 file,
                 size: meta.size(),
                 md5,
@@ -142,7 +168,7 @@ impl Store {
                 version,
             }));
         }
-        Ok(None)
+        Ok(Lookup::Missing)
     }
 
     /// Publishes `len` bytes from `body` as `name` (for `arch`, `version`):
