@@ -5,12 +5,12 @@
 #   1. wrk (2 threads, --latency) at 100 and 1,000 connections against
 #      GET /api/v1/keepalive?node=n1 and GET /api/v1/bins/app: bin-manager
 #      (--quiet) vs our own nginx serving the same JSON bodies as static files;
-#      plus bin-manager with its access log, and with --workers 64. bin-manager
-#      keeps a connection alive only while no other connection waits for a
-#      worker, so at 1,000 connections it closes after each answer and wrk
-#      reconnects: the "new conns / request" column (TCP passive opens per
-#      request, from /proc/net/snmp) and the listen-queue overflows
-#      (/proc/net/netstat) show it. Both counters are system-wide.
+#      plus bin-manager with its access log, and with --workers 64 (both
+#      requests are answered on bin-manager's event loops, so the worker count
+#      should not matter). The "new conns / request" column (TCP passive opens
+#      per request, from /proc/net/snmp) and the listen-queue overflows
+#      (/proc/net/netstat) show whether connections were kept alive. Both
+#      counters are system-wide.
 #   2. Download throughput of a 256 MiB file (curl, 5 runs each, median MB/s
 #      where MB = 10^6 bytes), bin-manager vs nginx with sendfile.
 #   3. The fleet simulation (examples/fleet.rs): 10,000 nodes x 50 binaries
@@ -270,7 +270,7 @@ for c in 100 1000; do
     row "app-ng-$c" "GET bins/app" "nginx" "$NPID" "$NGX/bins/app" "$c"
 done
 if ((extra_rows)); then
-    # Fewer connections than workers: keep-alive holds.
+    # Few connections.
     row "ka-bm-30" "GET $KA" "bin-manager" "$QPID" "$QAPI/$KA" 30
     # What agents send: a new connection per request, for both servers.
     for ep in ka app; do
@@ -306,7 +306,7 @@ fi
 echo
 echo "## Requests per second (wrk -t2 -d $dur --latency)"
 echo
-echo "bin-manager: $dist_bin, default workers (1024) unless said, --quiet unless said. nginx: $(nproc) workers, static files, access_log off. Errors: connect / read / write / timeout / non-2xx. \"new conns / request\": TCP passive opens per request (1.00 = a new connection for every request). \"server CPU µs / request\": utime+stime of the server (nginx: master and workers) during the row, per request (kernel network work done in the client's context is not in it). A full listen queue costs seconds: a dropped SYN is retried after 1 s (before wrk's latency clock starts, so only req/s shows it), and a dropped final handshake ACK leaves the request, already sent, waiting for the server's SYN-ACK retransmission 1 s, 3 s, 7 s later (inside wrk's latency: the p99/max of seconds)."
+echo "bin-manager: $dist_bin, default workers (256) unless said, --quiet unless said; both requests are answered on its event loops (one per core). nginx: $(nproc) workers, static files, access_log off. Errors: connect / read / write / timeout / non-2xx. \"new conns / request\": TCP passive opens per request (1.00 = a new connection for every request). \"server CPU µs / request\": utime+stime of the server (nginx: master and workers) during the row, per request (kernel network work done in the client's context is not in it). A full listen queue costs seconds: a dropped SYN is retried after 1 s (before wrk's latency clock starts, so only req/s shows it), and a dropped final handshake ACK leaves the request, already sent, waiting for the server's SYN-ACK retransmission 1 s, 3 s, 7 s later (inside wrk's latency: the p99/max of seconds)."
 echo
 echo "| request | server | connections | req/s | p50 | p99 | max | errors c/r/w/t/status | new conns / request | listen-queue overflows | server CPU µs / request |"
 echo "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"
