@@ -125,6 +125,11 @@ impl Value {
         out
     }
 
+    /// Appends the compact text to `out`.
+    pub fn write_compact(&self, out: &mut String) {
+        self.write(out, None, 0);
+    }
+
     /// Pretty text with two-space indentation and a final newline, for files
     /// people keep editing by hand.
     pub fn to_pretty(&self) -> String {

@@ -118,12 +118,18 @@ pub fn hash_report(md5: &str) -> String {
 /// with `code` 200 and message "Success" for success (the seed's form) and
 /// `code` = the HTTP status for errors.
 pub fn envelope(code: u16, message: &str, data: Value) -> String {
-    Value::obj([
-        ("code", Value::int(code)),
-        ("message", Value::str(message)),
-        ("data", data),
-    ])
-    .to_compact()
+    envelope_with(code, message, |out| data.write_compact(out))
+}
+
+/// The same envelope with `data` appended as compact JSON text by
+/// `write_data`, for answers too large to build as a [`Value`] first.
+pub fn envelope_with(code: u16, message: &str, write_data: impl FnOnce(&mut String)) -> String {
+    let mut out = format!("{{\"code\":{code},\"message\":");
+    Value::str(message).write_compact(&mut out);
+    out.push_str(",\"data\":");
+    write_data(&mut out);
+    out.push('}');
+    out
 }
 
 /// Interprets an answer: an HTTP status outside 2xx, or an envelope `code`

@@ -1598,3 +1598,68 @@ fn a_full_worker_queue_answers_503_at_once() {
         "a cut-off upload was published"
     );
 }
+
+#[test]
+fn the_fleet_view_names_failed_and_unpublished_builds() {
+    let m = Manager::start(&["--quiet"]);
+    let app = pattern(18, 700);
+    fs::write(m.bin_dir().join("app"), &app).unwrap();
+    let new = md5_hex(&app);
+    let old = "0123456789abcdef0123456789abcdef";
+    // n1 failed to install the published build; n2 failed an older one (so
+    // it is merely behind); both also run a binary nobody publishes.
+    let body = |name: &str, failed: &str| {
+        format!(
+            "{{\"name\":\"{name}\",\"cpuArch\":\"x86_64\",\"osRelease\":\"Test OS 1\",\"proxyVersion\":\"1.0.0\",\
+             \"binaries\":[{{\"name\":\"app\",\"version\":\"latest\",\"hash\":\"{old}\"}},{{\"name\":\"ghost\",\"version\":\"latest\",\"hash\":\"{old}\"}}],\
+             \"failures\":[{{\"name\":\"app\",\"hash\":\"{failed}\",\"error\":\"app: not RUNNING after restart\",\"at\":\"2020-01-01T00:00:00Z\"}}],\
+             \"lastSeen\":\"2020-01-01T00:00:00Z\"}}"
+        )
+    };
+    envelope(&post(&m, "/keepalive?node=n1", &body("n1", &new)), 200);
+    envelope(
+        &post(
+            &m,
+            "/keepalive?node=n2",
+            &body("n2", "fedcba9876543210fedcba9876543210"),
+        ),
+        200,
+    );
+
+    let view = envelope(&get(&m, "/nodes"), 200);
+    assert_eq!(
+        view.get("summary"),
+        &parse("{\"nodes\":2,\"current\":0,\"behind\":1,\"failed\":1}")
+    );
+    let list = view.get("nodes").arr();
+    let bins = |n: &str| {
+        list.iter()
+            .find(|x| x.get("name").s() == n)
+            .unwrap_or_else(|| panic!("{n} missing"))
+            .get("binaries")
+            .arr()
+            .clone()
+    };
+    let n1 = bins("n1");
+    assert_eq!(
+        n1[0].keys(),
+        ["name", "version", "hash", "published", "status", "error"]
+    );
+    assert_eq!(
+        (
+            n1[0].get("status").s(),
+            n1[0].get("published").s(),
+            n1[0].get("error").s()
+        ),
+        ("failed", new.as_str(), "app: not RUNNING after restart")
+    );
+    assert_eq!(n1[1].get("status").s(), "unpublished");
+    assert_eq!(n1[1].get("published"), &Json::Null);
+    let n2 = bins("n2");
+    assert_eq!(
+        n2[0].keys(),
+        ["name", "version", "hash", "published", "status"]
+    );
+    assert_eq!(n2[0].get("status").s(), "behind");
+    assert_eq!(n2[1].get("status").s(), "unpublished");
+}

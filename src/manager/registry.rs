@@ -298,8 +298,8 @@ impl Registry {
     }
 
     /// A copy of every node, by name.
-    pub fn nodes(&self) -> Vec<Node> {
-        self.lock().nodes.values().map(|n| Node::clone(n)).collect()
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.lock().nodes.values().cloned().collect()
     }
 
     /// Appends one log line and applies it, under the lock; then makes it
