@@ -1638,7 +1638,7 @@ fn the_fleet_view_names_failed_and_unpublished_builds() {
             .unwrap_or_else(|| panic!("{n} missing"))
             .get("binaries")
             .arr()
-            .clone()
+            .to_vec()
     };
     let n1 = bins("n1");
     assert_eq!(
