@@ -46,6 +46,7 @@ need() { # command debian-package
     apt-get install -y -qq "$2" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }
 }
 need hyperfine hyperfine
+need nginx nginx
 need curl curl
 need jq jq
 need flock util-linux
@@ -195,6 +196,52 @@ for n in "${IDLE_COUNTS[@]}"; do
 done
 echo
 
+# nginx_api DIR NODE: an nginx on 127.0.0.1 answering /api/v1/keepalive and
+# /api/v1/bins/big with bin-manager's own answers minus sha256, from static
+# files (POSTs get the same file: error_page 405 =200). Sets NGINX_API.
+nginx_api() {
+    local dir=$1/nginx port i j user=""
+    mkdir -p "$dir/api/bins"
+    curl -fsS "$API/keepalive?node=$2" >"$dir/api/keepalive"
+    curl -fsS "$API/bins/big" | jq -c 'del(.data.sha256)' >"$dir/api/bins/big"
+    chmod -R a+rX "$dir"
+    [[ $(id -u) == 0 ]] && user="user root;"
+    for ((i = 0; i < 8; i++)); do
+        port=$((20000 + RANDOM % 20000))
+        cat >"$dir/nginx.conf" <<CONF
+$user
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    server {
+        listen 127.0.0.1:$port;
+        location /api/v1/ { alias $dir/api/; default_type application/json; error_page 405 =200 \$uri; }
+    }
+}
+CONF
+        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" 2>>"$dir/start.log" &
+        NGINX_PID=$!
+        PIDS+=("$NGINX_PID")
+        NGINX_API="http://127.0.0.1:$port/api/v1"
+        for ((j = 0; j < 30; j++)); do
+            curl -fsS -o /dev/null "$NGINX_API/bins/big" 2>/dev/null && return 0
+            sleep 0.1
+        done
+    done
+    cat "$dir/start.log" "$dir/error.log" >&2 2>/dev/null
+    say "nginx did not start"
+    exit 1
+}
+
 # ---------------------------------------------------------------- 2. upgrade
 echo "## Upgrade of one $UP_MIB MiB binary"
 echo
@@ -243,15 +290,32 @@ EOF
     t_curl=$(bench "up-$where-curl" sh "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh none" \
         "curl -fsS -o $X/f $API/download/big && md5sum $X/f")
     t_md5=$(bench "up-$where-md5" N "$UP_RUNS" "$UP_WARMUP" "" "md5sum $D/bins/big")
+    if [[ $where == tmpfs ]]; then
+        # The same upgrade from a server that offers no sha256, as the
+        # original bin-manager: its answers from nginx static files, the
+        # download from bin-manager. The difference is sha256's cost.
+        nginx_api "$X" bench-up-bp
+        t_nosha=$(bench "up-$where-nosha" N "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh bp" \
+            "env BIN_DOWNLOAD_URL=$API/download $BP --config $X/bp.json --api $NGINX_API")
+        [[ $(md5 "$X/t/big") == "$NEW" ]] || { say "bin-proxy (no sha256) did not install the new build"; exit 1; }
+        t_tmpfs_bp=$t_bp t_tmpfs_md5=$t_md5
+        kill "$NGINX_PID" 2>/dev/null || true
+    fi
     echo "| $label | $(sec "$t_bp") ($(rate "$UP_MIB" "$t_bp")) | $(sec "$t_sh") | $(sec "$t_curl") | $(sec "$t_md5") | **$(ratio "$t_sh" "$t_bp")** | **$(ratio "$t_curl" "$t_bp")** |"
     rm -rf "$X"
 done
+echo
+echo "The same tmpfs upgrade from a server that offers no sha256 (the original bin-manager's \
+answers, served by nginx from static files; the download from bin-manager): $(sec "$t_nosha"), \
+$(ratio "$t_nosha" "$t_tmpfs_md5") \`md5sum f\` alone, against $(sec "$t_tmpfs_bp") \
+($(ratio "$t_tmpfs_bp" "$t_tmpfs_md5")) with sha256 verified: the verification costs \
+$(awk -v a="$t_tmpfs_bp" -v b="$t_nosha" 'BEGIN { printf "%.3f s", a - b }') here."
 echo
 t_hmd5=$(bench "hash-md5" N "$UP_RUNS" "$UP_WARMUP" "" "$D/hashspeed md5 $D/bins/big")
 t_hsha=$(bench "hash-sha256" N "$UP_RUNS" "$UP_WARMUP" "" "$D/hashspeed sha256 $D/bins/big")
 [[ $("$D/hashspeed" md5 "$D/bins/big") == "$NEW  $D/bins/big" ]] || { say "hashspeed md5 is wrong"; exit 1; }
 echo "The hashes alone, one pass over the same page-cached file (hyperfine, $UP_RUNS runs): \
-\`md5sum\` $(sec "$t_md5"); the agent's md5 (the \`md5\` crate through src/hash.rs, \
+\`md5sum\` $(sec "$t_md5"); the agent's own md5 (src/hash.rs, \
 examples/hashspeed.rs, $HS_PROFILE) $(sec "$t_hmd5"), **$(ratio "$t_hmd5" "$t_md5") \
 \`md5sum\`**; its sha256 (sha2) $(sec "$t_hsha"). The agent hashes md5 on its own thread while \
 the download runs, so that md5 time is the floor of an upgrade; the rest (receiving, sha256, \
