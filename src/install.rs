@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 /// Downloads are attempted this many times (transport errors, 5xx, truncation).
 const ATTEMPTS: u32 = 3;
-/// Blocks queued for the md5 thread at most.
-const MD5_QUEUE: usize = 3;
+/// Blocks queued for each hash thread at most.
+const HASH_QUEUE: usize = 2;
 /// Files at least this large get progress lines…
 const PROGRESS_MIN: u64 = 8 << 20;
 /// …this often.
@@ -113,35 +113,50 @@ fn stage_once(
         elapsed: Duration::ZERO,
     };
     let started = Instant::now();
-    let mut sha = want.sha256.as_ref().map(|_| Sha256::new());
     let total_len = std::cell::Cell::new(None);
     let mut last_report = started;
     let mut done: u64 = 0;
     let tmp = staged.tmp.clone();
-    // md5 (the slowest part) runs on its own thread while this one receives,
-    // writes and feeds sha256; blocks travel through a short queue and come
-    // back for reuse, so memory stays at a few blocks whatever the size.
-    let (size, md5) = std::thread::scope(|scope| {
-        let (to_md5, blocks) = mpsc::sync_channel::<Vec<u8>>(MD5_QUEUE);
+    // The hashes run on their own threads while this one receives and
+    // writes: each block goes from here to the md5 thread, from there to the
+    // sha256 thread (when the server offers a sha256), and back here for
+    // reuse. The three stages overlap, and memory stays at a few blocks
+    // whatever the size.
+    let (size, md5, sha256) = std::thread::scope(|scope| {
+        let (to_md5, md5_in) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
+        let (to_sha, sha_in) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
         let (give_back, returned) = mpsc::channel::<Vec<u8>>();
-        let hasher = scope.spawn(move || {
+        let sha_thread = want.sha256.is_some().then(|| {
+            let give_back = give_back.clone();
+            scope.spawn(move || {
+                let mut sha = Sha256::new();
+                for block in sha_in {
+                    sha.update(&block);
+                    let _ = give_back.send(block);
+                }
+                sha.hex()
+            })
+        });
+        let onward = sha_thread.is_some().then_some(to_sha);
+        let md5_thread = scope.spawn(move || {
             let mut md5 = Md5::new();
-            for block in blocks {
+            for block in md5_in {
                 md5.update(&block);
-                let _ = give_back.send(block);
+                // The next stage lives until its input closes: sends succeed.
+                let _ = match &onward {
+                    Some(sha) => sha.send(block),
+                    None => give_back.send(block),
+                };
             }
             md5.hex()
         });
         let size = client.download(url, max, &mut |len| total_len.set(len), &mut |block| {
             file.write_all(block)
                 .map_err(|e| Error::io("writing", &tmp, e))?;
-            if let Some(sha) = sha.as_mut() {
-                sha.update(block);
-            }
             let mut owned = returned.try_recv().unwrap_or_default();
             owned.clear();
             owned.extend_from_slice(block);
-            // The receiver lives until this scope ends, so sending cannot fail.
+            // The md5 thread lives until this scope ends, so sending cannot fail.
             let _ = to_md5.send(owned);
             done += block.len() as u64;
             if total_len.get().unwrap_or(done) >= PROGRESS_MIN
@@ -160,9 +175,12 @@ fn stage_once(
             }
             Ok(())
         });
+        // Closing the first stage ends the md5 thread, which closes the next.
         drop(to_md5);
-        let md5 = hasher.join().unwrap_or_else(|_| String::new()); // an md5 thread cannot panic
-        size.map(|size| (size, md5))
+        // Hash threads cannot panic: they only hash and send.
+        let md5 = md5_thread.join().unwrap_or_default();
+        let sha256 = sha_thread.map(|t| t.join().unwrap_or_default());
+        size.map(|size| (size, md5, sha256))
     })?;
     staged.size = size;
     staged.md5 = md5;
@@ -174,8 +192,7 @@ fn stage_once(
             got: staged.md5.clone(),
         });
     }
-    if let (Some(expected), Some(sha)) = (&want.sha256, sha) {
-        let got = sha.hex();
+    if let (Some(expected), Some(got)) = (&want.sha256, sha256) {
         if !hash::same(&got, expected) {
             return Err(Error::HashMismatch {
                 algo: "sha256",

@@ -388,6 +388,29 @@ fn wrong_md5_changes_nothing_and_reports_nothing() {
     assert!(supervisorctl_log(&host.dir.path).is_empty());
 }
 
+/// Case 7b: the server offers a sha256 (as bin-manager does): it is checked
+/// too, and a build whose md5 matches but whose sha256 does not is refused
+/// the same way.
+#[test]
+fn sha256_is_verified_when_offered() {
+    let host = outdated_host();
+    host.server.fault("myapp", Fault::WrongSha256);
+    let before = snapshot(&host);
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "sha256 mismatch"]);
+    assert_unchanged(&host, &before, &ran);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
+    assert!(host.server.reported("myapp").is_empty());
+    assert!(supervisorctl_log(&host.dir.path).is_empty());
+
+    host.server.fault("myapp", Fault::Sha256);
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log("myapp: upgraded");
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+}
+
 /// Case 8: the connection closes before Content-Length bytes arrived.
 #[test]
 fn truncated_download_changes_nothing() {

@@ -7,7 +7,9 @@ mod common;
 
 use common::json::{parse, Json};
 use common::manager::{exchange, http_within, run_to_exit, tree, Manager};
-use common::{http, http_raw, json_string, md5_hex, parse_response, HttpResponse, TempDir};
+use common::{
+    http, http_raw, json_string, md5_hex, parse_response, sha256_hex, HttpResponse, TempDir,
+};
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -97,11 +99,6 @@ fn raw_get(m: &Manager, target: &str) -> (HttpResponse, Vec<u8>) {
         )
     });
     (resp, bytes)
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    format!("{:x}", Sha256::digest(b))
 }
 
 /// Deterministic pseudo-random bytes.

@@ -120,6 +120,11 @@ pub enum Fault {
     RedirectLoop,
     /// `download/NAME` answers 302 with this `Location`.
     Redirect(String),
+    /// `bins/NAME` also offers the sha256 of what `download/NAME` serves (as
+    /// bin-manager does; the seed's server offers none).
+    Sha256,
+    /// `bins/NAME` offers the right md5 but the sha256 of different bytes.
+    WrongSha256,
     /// Addition: `POST bins/NAME` still records the hash but answers this status with
     /// `{"code":<status>,"message":"injected failure"}`.
     ReportStatus(u16),
@@ -298,6 +303,11 @@ impl Drop for Server {
 /// Lowercase hex md5 of `bytes`.
 pub fn md5_hex(bytes: &[u8]) -> String {
     format!("{:x}", md5::compute(bytes))
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("{:x}", Sha256::digest(bytes))
 }
 
 // ---------------------------------------------------------------------------
@@ -581,8 +591,13 @@ fn bins_get(st: &State, name: &str) -> Action {
             ),
         );
     }
+    let sha256 = match fault {
+        Fault::Sha256 => format!(",\"sha256\":\"{}\"", sha256_hex(bytes)),
+        Fault::WrongSha256 => format!(",\"sha256\":\"{}\"", sha256_hex(b"other bytes")),
+        _ => String::new(),
+    };
     let data = format!(
-        "{{\"name\":{},\"version\":\"latest\",\"hash\":\"{}\"}}",
+        "{{\"name\":{},\"version\":\"latest\",\"hash\":\"{}\"{sha256}}}",
         json_string(name),
         hash
     );
