@@ -120,12 +120,16 @@ impl Client {
     /// reads bodies in large blocks); refuses bodies over `max` bytes and
     /// bodies shorter than their `Content-Length`. `on_start` learns the
     /// announced length before the first block. Returns the byte count.
+    ///
+    /// `sink(buf, n)`: the first `n` bytes of `buf` are the next ones. The
+    /// sink may keep `buf` by swapping in another buffer of [`CHUNK`] bytes
+    /// (whose contents do not matter), so blocks are handed on, not copied.
     pub fn download(
         &self,
         url: &str,
         max: u64,
         on_start: &mut dyn FnMut(Option<u64>),
-        sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+        sink: &mut dyn FnMut(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(self.download_timeout.max(1));
         let auth = |u: &str| {
@@ -182,7 +186,10 @@ impl Client {
                     msg: format!("body exceeds the limit of {}", crate::log::size(max)),
                 });
             }
-            sink(&buf[..n])?;
+            sink(&mut buf, n)?;
+            if buf.len() != CHUNK {
+                buf.resize(CHUNK, 0); // a sink that swapped in another size
+            }
         }
         match resp.length {
             Some(len) if total != len => Err(Error::Size {

@@ -367,7 +367,14 @@ fn describe(e: &io::Error, timeout: Duration) -> String {
 struct Conn {
     stream: Stream,
     deadline: Instant,
+    /// When the socket's timeouts were last set (see [`Conn::arm`]).
+    armed: std::cell::Cell<Option<Instant>>,
 }
+
+/// How stale the socket's timeouts may get before they are set again: a
+/// blocking call then overshoots the deadline by at most this much, and a
+/// large download sets them a few times instead of twice per read.
+const REARM_EVERY: Duration = Duration::from_secs(1);
 
 enum Stream {
     Plain(TcpStream),
@@ -382,7 +389,11 @@ impl Conn {
         } else {
             Stream::Plain(tcp)
         };
-        Ok(Conn { stream, deadline })
+        Ok(Conn {
+            stream,
+            deadline,
+            armed: std::cell::Cell::new(None),
+        })
     }
 
     fn tcp(&self) -> &TcpStream {
@@ -393,16 +404,28 @@ impl Conn {
         }
     }
 
-    /// Arms the socket's timeouts with what is left before the deadline.
+    /// Fails once the deadline has passed; otherwise arms the socket's
+    /// timeouts with what is left of it, unless they were armed less than
+    /// [`REARM_EVERY`] ago.
     fn arm(&self) -> io::Result<()> {
+        let now = Instant::now();
         let left = self
             .deadline
-            .checked_duration_since(Instant::now())
+            .checked_duration_since(now)
             .filter(|d| !d.is_zero());
         let left =
             left.ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "deadline passed"))?;
+        if self
+            .armed
+            .get()
+            .is_some_and(|at| now.duration_since(at) < REARM_EVERY)
+        {
+            return Ok(());
+        }
         self.tcp().set_read_timeout(Some(left))?;
-        self.tcp().set_write_timeout(Some(left))
+        self.tcp().set_write_timeout(Some(left))?;
+        self.armed.set(Some(now));
+        Ok(())
     }
 }
 

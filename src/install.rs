@@ -5,7 +5,7 @@
 //! target (a running executable is never written to), fsync the directory.
 //! Rollback renames the backup back the same way.
 
-use crate::client::Client;
+use crate::client::{Client, CHUNK};
 use crate::error::{Error, Result};
 use crate::fsutil::{self, create_exclusive, sync_dir};
 use crate::hash::{self, Md5, Sha256};
@@ -123,15 +123,16 @@ fn stage_once(
     // reuse. The three stages overlap, and memory stays at a few blocks
     // whatever the size.
     let (size, md5, sha256) = std::thread::scope(|scope| {
-        let (to_md5, md5_in) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
-        let (to_sha, sha_in) = mpsc::sync_channel::<Vec<u8>>(HASH_QUEUE);
+        // A block travels with the count of its bytes that are data.
+        let (to_md5, md5_in) = mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_QUEUE);
+        let (to_sha, sha_in) = mpsc::sync_channel::<(Vec<u8>, usize)>(HASH_QUEUE);
         let (give_back, returned) = mpsc::channel::<Vec<u8>>();
         let sha_thread = want.sha256.is_some().then(|| {
             let give_back = give_back.clone();
             scope.spawn(move || {
                 let mut sha = Sha256::new();
-                for block in sha_in {
-                    sha.update(&block);
+                for (block, n) in sha_in {
+                    sha.update(&block[..n]);
                     let _ = give_back.send(block);
                 }
                 sha.hex()
@@ -140,25 +141,30 @@ fn stage_once(
         let onward = sha_thread.is_some().then_some(to_sha);
         let md5_thread = scope.spawn(move || {
             let mut md5 = Md5::new();
-            for block in md5_in {
-                md5.update(&block);
+            for (block, n) in md5_in {
+                md5.update(&block[..n]);
                 // The next stage lives until its input closes: sends succeed.
-                let _ = match &onward {
-                    Some(sha) => sha.send(block),
-                    None => give_back.send(block),
-                };
+                match &onward {
+                    Some(sha) => {
+                        let _ = sha.send((block, n));
+                    }
+                    None => {
+                        let _ = give_back.send(block);
+                    }
+                }
             }
             md5.hex()
         });
-        let size = client.download(url, max, &mut |len| total_len.set(len), &mut |block| {
-            file.write_all(block)
+        let size = client.download(url, max, &mut |len| total_len.set(len), &mut |buf, n| {
+            file.write_all(&buf[..n])
                 .map_err(|e| Error::io("writing", &tmp, e))?;
-            let mut owned = returned.try_recv().unwrap_or_default();
-            owned.clear();
-            owned.extend_from_slice(block);
+            // The block goes to the hashers as it is; a returned one (or a
+            // new one, until some come back) takes its place.
+            let next = returned.try_recv().unwrap_or_else(|_| vec![0; CHUNK]);
+            let block = std::mem::replace(buf, next);
             // The md5 thread lives until this scope ends, so sending cannot fail.
-            let _ = to_md5.send(owned);
-            done += block.len() as u64;
+            let _ = to_md5.send((block, n));
+            done += n as u64;
             if total_len.get().unwrap_or(done) >= PROGRESS_MIN
                 && last_report.elapsed() >= PROGRESS_EVERY
             {
