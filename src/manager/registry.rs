@@ -128,13 +128,20 @@ struct Inner {
     folding: bool,
 }
 
+/// The registry's files.
+struct Files {
+    snapshot: PathBuf,
+    log: PathBuf,
+    /// Where the log goes while a fold writes the snapshot.
+    folded: PathBuf,
+}
+
 /// The registry and its files.
 pub struct Registry {
-    snapshot: PathBuf,
-    log_path: PathBuf,
-    /// Where the log goes while a fold writes the snapshot.
-    folded_path: PathBuf,
-    inner: Mutex<Inner>,
+    files: Arc<Files>,
+    inner: Arc<Mutex<Inner>>,
+    /// Log size at which the log is folded into the snapshot.
+    compact_at: u64,
 }
 
 impl Registry {
@@ -192,20 +199,23 @@ impl Registry {
         let log = open_log(&log_path)?;
         let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
         let registry = Registry {
-            snapshot: state_file.to_path_buf(),
-            log_path,
-            folded_path,
-            inner: Mutex::new(Inner {
+            files: Arc::new(Files {
+                snapshot: state_file.to_path_buf(),
+                log: log_path,
+                folded: folded_path,
+            }),
+            compact_at: COMPACT_AT,
+            inner: Arc::new(Mutex::new(Inner {
                 nodes,
                 seen: BTreeSet::new(),
                 log: Arc::new(log),
                 log_len,
                 folding: false,
-            }),
+            })),
         };
         // Start from a compact state: fold whatever the logs held.
         registry.lock().folding = true;
-        registry.fold()?;
+        fold(&registry.files, &registry.inner)?;
         Ok(registry)
     }
 
@@ -318,69 +328,129 @@ impl Registry {
             line.push('\n');
             (&*inner.log)
                 .write_all(line.as_bytes())
-                .map_err(|e| Error::io("appending to", &self.log_path, e))?;
+                .map_err(|e| Error::io("appending to", &self.files.log, e))?;
             inner.log_len += line.len() as u64;
             then(&mut inner, &op);
-            let fold = inner.log_len > COMPACT_AT && !inner.folding;
+            let fold = inner.log_len > self.compact_at && !inner.folding;
             inner.folding |= fold;
             (inner.log.clone(), fold)
         };
         log.sync_data()
-            .map_err(|e| Error::io("syncing", &self.log_path, e))?;
+            .map_err(|e| Error::io("syncing", &self.files.log, e))?;
         if fold {
-            self.fold()?;
+            self.fold_in_background();
         }
         Ok(())
     }
 
-    /// Folds the log into the snapshot. Under the lock only the log is
-    /// switched (the current one is renamed aside, a new one opened) and the
-    /// node map cloned (cheap: `Arc`s); the snapshot is then streamed to disk
-    /// while requests go on, and the set-aside log is removed.
-    fn fold(&self) -> Result<()> {
-        let result = (|| {
-            let nodes = {
-                let mut inner = self.lock();
-                fs::rename(&self.log_path, &self.folded_path)
-                    .or_else(|e| {
-                        if e.kind() == std::io::ErrorKind::NotFound {
-                            Ok(())
-                        } else {
-                            Err(e)
-                        }
-                    })
-                    .map_err(|e| Error::io("setting aside", &self.log_path, e))?;
-                inner.log = Arc::new(open_log(&self.log_path)?);
-                inner.log_len = 0;
-                inner.nodes.clone()
-            };
-            fsutil::atomic_write_with(&self.snapshot, 0o600, &mut |w| {
-                w.write_all(b"{\"nodes\":[\n")?;
-                for (i, node) in nodes.values().enumerate() {
-                    if i > 0 {
-                        w.write_all(b",\n")?;
-                    }
-                    w.write_all(node.to_json().to_compact().as_bytes())?;
+    /// Folds the log into the snapshot on a thread of its own: the request
+    /// whose line made the log too long does not wait for a snapshot of the
+    /// whole fleet. A fold that fails is logged, and the next commit tries
+    /// again.
+    fn fold_in_background(&self) {
+        let (files, inner) = (self.files.clone(), self.inner.clone());
+        let spawned = std::thread::Builder::new()
+            .name("registry-fold".into())
+            .spawn(move || {
+                if let Err(e) = fold(&files, &inner) {
+                    crate::error!(
+                        "folding the registry log into \"{}\": {e}; the next change tries again",
+                        files.snapshot.display()
+                    );
                 }
-                w.write_all(b"\n]}\n")
-            })?;
-            match fs::remove_file(&self.folded_path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::io("removing", &self.folded_path, e));
-                }
-                _ => {}
-            }
-            fsutil::sync_dir(fsutil::parent(&self.snapshot))
-        })();
-        self.lock().folding = false;
-        result
+            });
+        if let Err(e) = spawned {
+            crate::error!(
+                "cannot start folding the registry log: {e}; the next change tries again"
+            );
+            self.lock().folding = false;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // Every mutation is applied after its log line is written; a panic in
-        // between leaves memory behind the disk, never ahead: keep serving.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // Every mutation is applied after its log line is written; a panic in
+    // between leaves memory behind the disk, never ahead: keep serving.
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Folds the log into the snapshot. Under the lock only the log is switched
+/// (set aside, a new one opened) and the node map cloned (cheap: `Arc`s);
+/// the snapshot is then streamed to disk while requests go on, and the
+/// set-aside log is removed. Ends with `folding` cleared, whatever happened.
+fn fold(files: &Files, inner: &Mutex<Inner>) -> Result<()> {
+    let result = (|| {
+        let nodes = {
+            let mut inner = lock(inner);
+            set_log_aside(files)?;
+            inner.log = Arc::new(open_log(&files.log)?);
+            inner.log_len = 0;
+            inner.nodes.clone()
+        };
+        fsutil::atomic_write_with(&files.snapshot, 0o600, &mut |w| {
+            w.write_all(b"{\"nodes\":[\n")?;
+            for (i, node) in nodes.values().enumerate() {
+                if i > 0 {
+                    w.write_all(b",\n")?;
+                }
+                w.write_all(node.to_json().to_compact().as_bytes())?;
+            }
+            w.write_all(b"\n]}\n")
+        })?;
+        match fs::remove_file(&files.folded) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io("removing", &files.folded, e));
+            }
+            _ => {}
+        }
+        fsutil::sync_dir(fsutil::parent(&files.snapshot))
+    })();
+    lock(inner).folding = false;
+    result
+}
+
+/// Moves the log's lines to the set-aside file. Normally a rename; but when
+/// an earlier fold failed or was cut short by a crash, the set-aside file
+/// still holds lines the snapshot on disk lacks, so the log is appended to
+/// it (after a newline, should its last line be torn) instead of replacing it.
+fn set_log_aside(files: &Files) -> Result<()> {
+    let aside = match fs::metadata(&files.folded) {
+        Ok(_) => OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&files.folded),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match fs::rename(&files.log, &files.folded) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io("setting aside", &files.log, e))
+                }
+                _ => Ok(()),
+            };
+        }
+        Err(e) => Err(e),
+    };
+    let mut aside = aside.map_err(|e| Error::io("opening", &files.folded, e))?;
+    let io = |e| Error::io("appending the log to", &files.folded, e);
+    let mut current = match File::open(&files.log) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("reading", &files.log, e)),
+    };
+    let len = aside.metadata().map_err(io)?.len();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        std::os::unix::fs::FileExt::read_exact_at(&aside, &mut last, len - 1).map_err(io)?;
+        if last != *b"\n" {
+            aside.write_all(b"\n").map_err(io)?;
+        }
+    }
+    std::io::copy(&mut current, &mut aside).map_err(io)?;
+    aside.sync_data().map_err(io)?;
+    fs::remove_file(&files.log).map_err(|e| Error::io("removing", &files.log, e))
 }
 
 fn open_log(path: &Path) -> Result<File> {
@@ -536,5 +606,78 @@ mod tests {
             Node::from_json(&bad).unwrap_err(),
             "\"binaries\"[0] must be an object, not a string"
         );
+    }
+
+    #[test]
+    fn folds_run_beside_requests_and_lose_nothing() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-bgfold-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = dir.join("state.json");
+        let mut reg = Registry::open(&state).unwrap();
+        reg.compact_at = 1024; // a fold every few registrations
+        for i in 0..60 {
+            let node = Node {
+                name: format!("n{i:02}"),
+                cpu_arch: "x86_64".into(),
+                ..Node::default()
+            };
+            reg.register(node, "t1").unwrap();
+        }
+        // The last fold finishes on its own thread (bounded wait).
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while reg.lock().folding && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!reg.lock().folding, "a fold did not finish within 20 s");
+        assert!(!dir.join("state.json.log.folding").exists());
+        let log = fs::metadata(dir.join("state.json.log")).unwrap().len();
+        assert!(log < 60 * 50, "the log was never folded: {log} bytes");
+        let snapshot = fs::read_to_string(&state).unwrap();
+        assert!(snapshot.contains("\"n00\""), "{snapshot}");
+        drop(reg);
+        let reg = Registry::open(&state).unwrap();
+        let names: Vec<String> = reg.nodes().iter().map(|n| n.name.clone()).collect();
+        let want: Vec<String> = (0..60).map(|i| format!("n{i:02}")).collect();
+        assert_eq!(names, want);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_fold_after_a_failed_one_keeps_the_lines_set_aside() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-refold-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let files = Files {
+            snapshot: dir.join("state.json"),
+            log: dir.join("state.json.log"),
+            folded: dir.join("state.json.log.folding"),
+        };
+        let line = |name: &str| {
+            format!(
+                "{{\"op\":\"node\",\"node\":{}}}\n",
+                Node {
+                    name: name.into(),
+                    ..Node::default()
+                }
+                .to_json()
+                .to_compact()
+            )
+        };
+        // An earlier fold set n1's line aside (its last line torn by a crash)
+        // and never wrote the snapshot; n2 came after, in the new log.
+        fs::write(&files.folded, format!("{}{{\"op\":\"no", line("n1"))).unwrap();
+        fs::write(&files.log, line("n2")).unwrap();
+        set_log_aside(&files).unwrap();
+        assert!(!files.log.exists());
+        assert_eq!(
+            fs::read_to_string(&files.folded).unwrap(),
+            format!("{}{{\"op\":\"no\n{}", line("n1"), line("n2"))
+        );
+        // A crash now: the next start finds both nodes.
+        let reg = Registry::open(&files.snapshot).unwrap();
+        let names: Vec<String> = reg.nodes().iter().map(|n| n.name.clone()).collect();
+        assert_eq!(names, ["n1", "n2"]);
+        assert!(!files.folded.exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
