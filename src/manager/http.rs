@@ -575,19 +575,7 @@ fn answer_here(c: &mut Conn, end: usize, shared: &Shared) -> bool {
         return false;
     }
     let (method, target, keep_alive) = (head.method.clone(), head.target(), head.keep_alive);
-    let mut req = Request {
-        method: head.method,
-        path: head.path,
-        query: head.query,
-        headers: head.headers,
-        peer: c.peer,
-        body_len: 0,
-        body: Body {
-            conn: None,
-            left: 0,
-            deadline: started,
-        },
-    };
+    let mut req = head.into_request(c.peer, None, started);
     let Some(resp) = (shared.handler)(&mut req, Context::EventLoop) else {
         return false;
     };
@@ -617,21 +605,7 @@ fn serve_one(mut c: Conn, shared: &Shared) -> Option<Conn> {
         Err(resp) => (resp, String::from("-"), String::from("-"), false, 0),
         Ok(head) => {
             let (method, target, keep) = (head.method.clone(), head.target(), head.keep_alive);
-            let deadline =
-                Instant::now() + BODY_BASE + Duration::from_secs(head.body_len / BODY_MIN_RATE);
-            let mut req = Request {
-                method: head.method,
-                path: head.path,
-                query: head.query,
-                headers: head.headers,
-                peer,
-                body_len: head.body_len,
-                body: Body {
-                    conn: Some(&mut c),
-                    left: head.body_len,
-                    deadline,
-                },
-            };
+            let mut req = head.into_request(peer, Some(&mut c), Instant::now());
             let resp = (shared.handler)(&mut req, Context::Worker)
                 .unwrap_or_else(|| Response::error(500, "no answer for this request"));
             let left = req.body.left;
@@ -799,6 +773,30 @@ struct Head {
 }
 
 impl Head {
+    /// The request handlers see; its body (if any) comes from `conn`, within
+    /// the body deadline counted from `now`.
+    fn into_request<'a>(
+        self,
+        peer: SocketAddr,
+        conn: Option<&'a mut Conn>,
+        now: Instant,
+    ) -> Request<'a> {
+        let deadline = now + BODY_BASE + Duration::from_secs(self.body_len / BODY_MIN_RATE);
+        Request {
+            method: self.method,
+            path: self.path,
+            query: self.query,
+            headers: self.headers,
+            peer,
+            body_len: self.body_len,
+            body: Body {
+                conn,
+                left: self.body_len,
+                deadline,
+            },
+        }
+    }
+
     /// The request target as sent, for the access log.
     fn target(&self) -> String {
         if self.query.is_empty() {
