@@ -7,6 +7,14 @@ use lexopt::prelude::*;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+/// Environment lookups, injectable for tests.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, with empty values treated as unset.
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+}
+
 /// What to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
@@ -346,7 +354,7 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
             }
             Long("workers") => {
                 let n = seconds(&mut parser, "--workers")?;
-                out.workers = Some((n as usize).clamp(1, crate::manager::config::MAX_WORKERS));
+                out.workers = Some(usize::try_from(n).unwrap_or(usize::MAX));
             }
             Short('q') | Long("quiet") => out.quiet = true,
             other => return Err(usage(other.unexpected())),

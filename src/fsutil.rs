@@ -4,7 +4,8 @@
 //! old file or the whole new one, never a mix.
 
 use crate::error::{Error, Result};
-use std::ffi::{c_char, c_int, c_void, CString};
+use crate::sys;
+use std::ffi::CString;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -117,84 +118,30 @@ pub fn atomic_write_with(
     result
 }
 
-// The three xattr calls std does not wrap; libc (musl or glibc) provides them.
-extern "C" {
-    fn listxattr(path: *const c_char, list: *mut c_char, size: usize) -> isize;
-    fn getxattr(path: *const c_char, name: *const c_char, value: *mut c_void, size: usize)
-        -> isize;
-    fn fsetxattr(
-        fd: c_int,
-        name: *const c_char,
-        value: *const c_void,
-        size: usize,
-        flags: c_int,
-    ) -> c_int;
-}
-
 /// Copies every extended attribute of `from` onto the open file `to`: file
 /// capabilities (`security.capability`), ACLs, SELinux labels, user notes.
 /// Call it after chown and chmod, which clear capabilities. A filesystem
 /// without xattr support has none to copy.
 pub fn copy_xattrs(from: &Path, to: &File) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::io::AsRawFd;
     let fail = |e: std::io::Error| Error::io("copying extended attributes of", from, e);
     let path = CString::new(from.as_os_str().as_bytes())
         .map_err(|_| Error::Other(format!("\"{}\": NUL in path", from.display())))?;
-    // SAFETY: `path` is a valid C string; a null buffer with size 0 asks for the needed size.
-    let size = unsafe { listxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
-    if size < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(95) => Ok(()), // EOPNOTSUPP: no xattrs on this filesystem
-            _ => Err(fail(e)),
-        };
-    }
-    let mut names = vec![0u8; size as usize];
-    // SAFETY: `names` has room for `names.len()` bytes.
-    let size = unsafe { listxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
-    if size < 0 {
-        return Err(fail(std::io::Error::last_os_error()));
-    }
-    names.truncate(size as usize);
+    let names = match sys::list_xattrs(&path) {
+        Ok(names) => names,
+        Err(e) if e.raw_os_error() == Some(95) => return Ok(()), // EOPNOTSUPP: none here
+        Err(e) => return Err(fail(e)),
+    };
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let name = CString::new(name).map_err(|_| Error::Other("xattr name with NUL".into()))?;
-        // SAFETY: valid C strings; size query with a null buffer.
-        let len = unsafe { getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
-        if len < 0 {
-            return Err(fail(std::io::Error::last_os_error()));
-        }
-        let mut value = vec![0u8; len as usize];
-        // SAFETY: `value` has room for `value.len()` bytes.
-        let len = unsafe {
-            getxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
-        if len < 0 {
-            return Err(fail(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `to` is an open file; `value` holds `len` initialised bytes.
-        let rc = unsafe {
-            fsetxattr(
-                to.as_raw_fd(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                len as usize,
-                0,
-            )
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(Error::Other(format!(
+        let value = sys::get_xattr(&path, &name).map_err(fail)?;
+        sys::set_xattr(to, &name, &value).map_err(|e| {
+            Error::Other(format!(
                 "\"{}\": cannot give the new file the extended attribute {}: {e}",
                 from.display(),
                 name.to_string_lossy()
-            )));
-        }
+            ))
+        })?;
     }
     Ok(())
 }

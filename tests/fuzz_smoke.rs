@@ -7,8 +7,8 @@
 //! panic, and an accepted manifest must round-trip through `to_json`.
 //! A failure prints the input, so it can be added to the corpus as a seed.
 
+use bin_proxy::agent::manifest::Manifest;
 use bin_proxy::manager::registry::Node;
-use bin_proxy::manifest::Manifest;
 use bin_proxy::protocol;
 use std::panic::{self, AssertUnwindSafe};
 

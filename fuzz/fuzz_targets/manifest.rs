@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use bin_proxy::manifest::Manifest;
+use bin_proxy::agent::manifest::Manifest;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

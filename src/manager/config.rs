@@ -93,7 +93,7 @@ impl Config {
             c.max_upload = v;
         }
         if let Some(v) = args.workers {
-            c.workers = v;
+            c.workers = v.clamp(1, MAX_WORKERS);
         }
         c.token = c.token.filter(|t| !t.trim().is_empty());
         c.admin_token = c.admin_token.filter(|t| !t.trim().is_empty());

@@ -21,7 +21,7 @@ const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
 /// Starts the server; returns only on a start-up error.
 pub fn run(args: &ManagerArgs) -> Result<()> {
-    let config = Config::resolve(args, &crate::agent::process_env)?;
+    let config = Config::resolve(args, &crate::cli::process_env)?;
     let store = store::Store::open(&config.bin_dir).map_err(|e| match e {
         Error::Io { path, source, .. } => Error::Config {
             path,

@@ -5,7 +5,7 @@
 //! target (a running executable is never written to), fsync the directory.
 //! Rollback renames the backup back the same way.
 
-use crate::client::{Client, CHUNK};
+use crate::agent::client::{Client, CHUNK};
 use crate::error::{Error, Result};
 use crate::fsutil::{self, create_exclusive, sync_dir};
 use crate::hash::{self, Md5, Sha256};

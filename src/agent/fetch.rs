@@ -61,7 +61,7 @@ pub fn get(
                 msg: format!("redirect {} without a Location", resp.inner.status),
             });
         };
-        url = crate::client::resolve(&url, &location).ok_or_else(|| Error::Protocol {
+        url = crate::agent::client::resolve(&url, &location).ok_or_else(|| Error::Protocol {
             url: url.clone(),
             msg: format!(
                 "redirect to an unsupported location \"{}\"",

@@ -4,8 +4,8 @@
 //! redirects followed by hand, JSON answers capped at 1 MiB, and downloads
 //! streamed to a sink with their length checked.
 
+use crate::agent::fetch;
 use crate::error::{Error, Result};
-use crate::fetch;
 use crate::json::Value;
 use crate::protocol::{self, BinInfo, Registration};
 use minreq::{Method, Request, ResponseLazy};
@@ -116,7 +116,7 @@ impl Client {
         }
     }
 
-    /// Streams `url` into `sink` in blocks (through [`crate::fetch`], which
+    /// Streams `url` into `sink` in blocks (through [`crate::agent::fetch`], which
     /// reads bodies in large blocks); refuses bodies over `max` bytes and
     /// bodies shorter than their `Content-Length`. `on_start` learns the
     /// announced length before the first block. Returns the byte count.

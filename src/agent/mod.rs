@@ -1,0 +1,314 @@
+//! The agent: one invocation of `bin-proxy`. [`main`] dispatches the
+//! command; [`run`] is the cron run, and reads as its table of contents:
+//! lock, settings, check in, each binary's upgrade ([`upgrade`]), report,
+//! summary. The operator's other commands are in [`commands`].
+//!
+//! Below it, each module owns one thing: the manifest and the agent's state
+//! file, the pure planner, the client for bin-manager, staging and swapping
+//! files, running services and hooks, and the host's own facts.
+
+pub mod client;
+pub mod fetch;
+pub mod host;
+pub mod install;
+pub mod manifest;
+pub mod plan;
+pub mod service;
+pub mod state;
+
+mod commands;
+mod settings;
+mod upgrade;
+
+use crate::cli::{process_env, Args, Command};
+use crate::error::{Error, Result};
+use crate::hash;
+use crate::log;
+use crate::protocol::{BinaryFact, FailureFact, Registration};
+use crate::{debug, error, info, warn};
+use client::Client;
+use manifest::{Binary, Manifest};
+use settings::{client_for, config_path, node_facts, NodeFacts};
+use state::State;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use settings::DEFAULT_API;
+
+/// The agent's own version, reported as `proxyVersion`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Runs the parsed command; returns the exit code.
+pub fn main(args: &Args) -> u8 {
+    log::set_level(if args.quiet {
+        log::Level::Warn
+    } else if args.verbose {
+        log::Level::Debug
+    } else {
+        log::Level::Info
+    });
+    let config = config_path(args, &process_env);
+    let result = match &args.command {
+        Command::Help => {
+            print!("{}", crate::cli::HELP);
+            Ok(0)
+        }
+        Command::Version => {
+            println!("bin-proxy {VERSION}");
+            Ok(0)
+        }
+        Command::Run => match args.every {
+            Some(secs) => every(args, &config, secs),
+            None => run(args, &config),
+        },
+        Command::Check => commands::check(args, &config, false),
+        Command::Status => commands::check(args, &config, true),
+        Command::Init => commands::init(args, &config),
+        Command::Rollback(name) => commands::rollback(args, &config, name),
+        Command::Retry(name) => commands::retry(&config, name),
+    };
+    result.unwrap_or_else(|e| {
+        error!("{e}");
+        e.exit_code()
+    })
+}
+
+/// The run lock beside the manifest. `None` when another run holds it.
+/// A missing manifest is reported first (and no lock file is left behind).
+fn lock(config: &Path) -> Result<Option<File>> {
+    if fs::metadata(config).is_err() {
+        Manifest::load(config)?; // the error names the path and the remedy
+    }
+    let mut path = config.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io("opening the lock file", &path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(Error::io("locking", &path, e)),
+    }
+}
+
+/// `--every`: run, sleep, repeat. Errors are logged and the loop goes on.
+fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
+    loop {
+        if let Err(e) = run(args, config) {
+            error!("{e}");
+        }
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+}
+
+/// What happened to one binary in a run.
+enum Outcome {
+    UpToDate,
+    Changed,
+    Skipped,
+    Failed,
+}
+
+/// Everything one run works with.
+struct Run<'a> {
+    args: &'a Args,
+    config: &'a Path,
+    manifest: Manifest,
+    state: State,
+    state_path: PathBuf,
+    client: Client,
+    /// Node name, cpuArch, osRelease: read from the host once per run.
+    facts: NodeFacts,
+}
+
+/// One upgrade cycle.
+fn run(args: &Args, config: &Path) -> Result<u8> {
+    let Some(_lock) = lock(config)? else {
+        info!(
+            "another bin-proxy run holds the lock on \"{}\"; exiting",
+            config.display()
+        );
+        return Ok(0);
+    };
+    let manifest = Manifest::load(config)?;
+    check_only(args, &manifest)?;
+    let NodeFacts {
+        name: node,
+        cpu_arch: arch,
+        ..
+    } = node_facts(&manifest);
+    let client = client_for(args, &process_env, &manifest, config, &arch)?;
+    if args.splay > 0 {
+        let secs = splay(&node, args.splay);
+        debug!("splay: sleeping {secs} s");
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+    let mut run = Run::new(args, config, manifest, client);
+
+    let registered = match run.client.keepalive_get(&node) {
+        Ok(found) => found.is_some(),
+        Err(e) => {
+            warn!("keepalive: {e}");
+            true // unknown: do not re-register blindly; a change below still reports
+        }
+    };
+    if !registered {
+        match run.client.keepalive_post(&run.registration()) {
+            Ok(()) => info!("registered node \"{node}\" with {}", run.client.api),
+            Err(e) => warn!("registering node \"{node}\": {e}"),
+        }
+    }
+
+    let (mut up_to_date, mut changed, mut failed, mut skipped) = (0, 0, 0, 0);
+    let bins: Vec<Binary> = run
+        .manifest
+        .binaries
+        .iter()
+        .filter(|b| selected(args, b))
+        .cloned()
+        .collect();
+    for bin in &bins {
+        match run.binary(bin) {
+            Ok(Outcome::UpToDate) => up_to_date += 1,
+            Ok(Outcome::Changed) => changed += 1,
+            Ok(Outcome::Skipped) => skipped += 1,
+            Ok(Outcome::Failed) => failed += 1,
+            Err(e) => {
+                error!("{}: {e}", bin.name);
+                failed += 1;
+            }
+        }
+    }
+    if let Err(e) = run.state.save_if_changed(&run.state_path) {
+        warn!("{e}");
+    }
+    if changed + failed > 0 {
+        if let Err(e) = run.client.keepalive_post(&run.registration()) {
+            warn!("reporting the node's inventory: {e}");
+        }
+    }
+    let summary =
+        format!(
+        "{} {}: {up_to_date} up to date, {changed} changed, {failed} failed, {skipped} held back",
+        bins.len(),
+        if bins.len() == 1 { "binary" } else { "binaries" }
+    );
+    if failed > 0 {
+        error!("{summary}");
+        Ok(1)
+    } else {
+        info!("{summary}");
+        Ok(0)
+    }
+}
+
+fn selected(args: &Args, bin: &Binary) -> bool {
+    args.only.is_empty() || args.only.contains(&bin.name)
+}
+
+fn check_only(args: &Args, manifest: &Manifest) -> Result<()> {
+    match args
+        .only
+        .iter()
+        .find(|n| !manifest.binaries.iter().any(|b| &&b.name == n))
+    {
+        Some(n) => Err(Error::Usage(format!(
+            "--only \"{n}\": no such binary in the manifest"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A fixed per-node delay in 0..=max seconds.
+fn splay(node: &str, max: u64) -> u64 {
+    let mut md5 = hash::Md5::new();
+    md5.update(node.as_bytes());
+    let hex = md5.hex();
+    u64::from_str_radix(&hex[..12], 16).unwrap_or(0) % (max + 1)
+}
+
+impl<'a> Run<'a> {
+    fn new(args: &'a Args, config: &'a Path, manifest: Manifest, client: Client) -> Run<'a> {
+        let state_path = State::path_for(config);
+        Run {
+            args,
+            config,
+            state: State::load(&state_path),
+            state_path,
+            facts: node_facts(&manifest),
+            manifest,
+            client,
+        }
+    }
+
+    fn registration(&self) -> Registration {
+        let NodeFacts {
+            name,
+            cpu_arch,
+            os_release,
+        } = self.facts.clone();
+        let binaries = self.manifest.binaries.iter().map(|b| BinaryFact {
+            name: b.name.clone(),
+            version: b.version.clone().unwrap_or_else(|| "latest".into()),
+            hash: b.hash.clone(),
+        });
+        let failures = self.state.quarantine.iter().map(|q| FailureFact {
+            name: q.name.clone(),
+            hash: q.hash.clone(),
+            error: q.error.clone(),
+            at: q.at.clone(),
+        });
+        Registration {
+            name,
+            cpu_arch,
+            os_release,
+            proxy_version: VERSION.to_string(),
+            binaries: binaries.collect(),
+            last_seen: log::utc_now(),
+            failures: failures.collect(),
+        }
+    }
+
+    /// Records a new hash for a binary in the manifest (atomically on disk).
+    fn record(&mut self, name: &str, md5: &str) -> Result<()> {
+        if let Some(b) = self.manifest.binaries.iter_mut().find(|b| b.name == name) {
+            b.hash = md5.to_string();
+        }
+        self.manifest.save(self.config)
+    }
+
+    fn report(&self, name: &str, md5: &str) {
+        if let Err(e) = self.client.report_hash(&self.facts.name, name, md5) {
+            warn!("{name}: reporting hash {}: {e}", log::short(md5));
+        }
+    }
+
+    fn save_state(&mut self) {
+        if let Err(e) = self.state.save_if_changed(&self.state_path) {
+            warn!("{e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splay_is_fixed_per_node_and_bounded() {
+        assert_eq!(splay("web-01", 30), splay("web-01", 30));
+        assert!((0..200).all(|i| splay(&format!("n{i}"), 30) <= 30));
+        assert!(
+            (0..200)
+                .map(|i| splay(&format!("n{i}"), 30))
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 10
+        );
+    }
+}
