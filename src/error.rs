@@ -80,6 +80,15 @@ pub enum Error {
         /// What supervisorctl said.
         msg: String,
     },
+    /// An upload's body ended early or stalled (bin-manager's publishing).
+    Upload {
+        /// Bytes received.
+        got: u64,
+        /// Bytes announced (`Content-Length`).
+        len: u64,
+        /// Why it stopped: `UnexpectedEof` (cut off), `TimedOut` (too slow).
+        source: io::Error,
+    },
     /// A failure a caller wants to describe in its own words (rollback, lock, state).
     Other(String),
 }
@@ -131,6 +140,13 @@ impl fmt::Display for Error {
             Error::Size { url, msg } => write!(f, "{url}: {msg}"),
             Error::Command { cmd, msg } => write!(f, "\"{cmd}\" {msg}"),
             Error::Service { service, msg } => write!(f, "service \"{service}\": {msg}"),
+            Error::Upload { got, len, source } => {
+                if source.kind() == io::ErrorKind::UnexpectedEof {
+                    write!(f, "upload cut short after {got} of {len} bytes")
+                } else {
+                    write!(f, "upload stopped after {got} of {len} bytes: {source}")
+                }
+            }
             Error::Other(msg) => f.write_str(msg),
         }
     }
@@ -139,7 +155,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Io { source, .. } => Some(source),
+            Error::Io { source, .. } | Error::Upload { source, .. } => Some(source),
             _ => None,
         }
     }

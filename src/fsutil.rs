@@ -45,6 +45,48 @@ pub fn create_exclusive(path: &Path, mode: u32) -> Result<File> {
         .map_err(|e| Error::io("creating", path, e))
 }
 
+/// A temp path beside `target` that no other upload, thread or process can
+/// be given: `.myapp.4242up-7-9f3c5a1e2b4d6f80.bin-proxy-tmp` (pid, `tag`,
+/// a per-process counter and a random number). For bin-manager, where many
+/// uploads of one name may run at once and no lock orders them. Never
+/// matched by [`sweep_temps`]; [`sweep_stale_uploads`] removes the ones a
+/// crash left.
+pub fn unique_temp_path(target: &Path, tag: &str) -> PathBuf {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    // std seeds every RandomState from the OS's random source.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(n);
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    parent(target).join(format!(
+        ".{name}.{}{tag}-{n}-{:016x}{TEMP_SUFFIX}",
+        std::process::id(),
+        h.finish()
+    ))
+}
+
+/// Whether `file` is a temp name [`temp_path`] made for `target_name`:
+/// `.NAME.` + digits and a lowercase tag + the suffix, and nothing else — so
+/// that sweeping `app` never touches `.app.x.4242.bin-proxy-tmp`, which
+/// belongs to `app.x`.
+fn is_temp_of(file: &str, target_name: &str) -> bool {
+    let Some(rest) = file
+        .strip_prefix('.')
+        .and_then(|f| f.strip_prefix(target_name))
+        .and_then(|f| f.strip_prefix('.'))
+        .and_then(|f| f.strip_suffix(TEMP_SUFFIX))
+    else {
+        return false;
+    };
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0 && rest.bytes().skip(digits).all(|b| b.is_ascii_lowercase())
+}
+
 /// Removes the temp files that runs of this program left beside `target`
 /// when they were killed. Only call it while holding the run lock. Returns
 /// how many were removed.
@@ -52,18 +94,39 @@ pub fn sweep_temps(target: &Path) -> usize {
     let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return 0;
     };
-    let prefix = format!(".{name}.");
-    let Ok(dir) = fs::read_dir(parent(target)) else {
+    sweep_dir(parent(target), |file, _| is_temp_of(file, &name))
+}
+
+/// Removes, in `dir`, the upload temp files ([`unique_temp_path`] with
+/// `tag`) not written to for `age`: an upload still in progress writes at
+/// least every few seconds (or fails and removes its own file), so only the
+/// leftovers of a crashed server are this old. Returns how many were removed.
+pub fn sweep_stale_uploads(dir: &Path, tag: &str, age: std::time::Duration) -> usize {
+    let marker = format!("{tag}-");
+    sweep_dir(dir, |file, meta| {
+        let stale = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|e| e >= age);
+        stale && file.starts_with('.') && file.ends_with(TEMP_SUFFIX) && file.contains(&marker)
+    })
+}
+
+/// Removes the entries of `dir` (never following links) for which `pick`
+/// says so.
+fn sweep_dir(dir: &Path, pick: impl Fn(&str, &fs::Metadata) -> bool) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
-    for entry in dir.flatten() {
+    for entry in entries.flatten() {
         let file = entry.file_name();
         let file = file.to_string_lossy();
-        if file.starts_with(&prefix)
-            && file.ends_with(TEMP_SUFFIX)
-            && fs::remove_file(entry.path()).is_ok()
-        {
+        let Ok(meta) = fs::symlink_metadata(entry.path()) else {
+            continue;
+        };
+        if !meta.is_dir() && pick(&file, &meta) && fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -77,21 +140,35 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("syncing directory", dir, e))
 }
 
+/// The mode a replaced file gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The existing file's mode and owner; this mode for a new file.
+    Keep(u32),
+    /// Exactly this mode (the existing owner is still kept): for files that
+    /// hold secrets, which must not stay readable because an operator once
+    /// loosened them.
+    Force(u32),
+}
+
 /// Replaces `path` with `bytes` atomically and durably. An existing file
 /// keeps its mode and owner; a new one gets `new_mode`.
 pub fn atomic_write(path: &Path, bytes: &[u8], new_mode: u32) -> Result<()> {
-    atomic_write_with(path, new_mode, &mut |w| w.write_all(bytes))
+    atomic_write_with(path, Mode::Keep(new_mode), &mut |w| w.write_all(bytes))
 }
 
 /// [`atomic_write`] for contents produced by a writer (streamed, never
 /// held whole in memory).
 pub fn atomic_write_with(
     path: &Path,
-    new_mode: u32,
+    mode: Mode,
     contents: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
     let old = fs::metadata(path).ok();
     let tmp = temp_path(path, "");
+    let new_mode = match mode {
+        Mode::Keep(m) | Mode::Force(m) => m,
+    };
     let result = (|| {
         let file = create_exclusive(&tmp, new_mode)?;
         let mut out = std::io::BufWriter::with_capacity(256 * 1024, file);
@@ -105,7 +182,15 @@ pub fn atomic_write_with(
                 std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
                     .map_err(|e| Error::io("setting the owner of", &tmp, e))?;
             }
-            file.set_permissions(Permissions::from_mode(old.mode() & 0o7777))
+        }
+        // A new file keeps the mode it was created with (under the umask).
+        let final_mode = match (mode, &old) {
+            (Mode::Keep(_), Some(old)) => Some(old.mode() & 0o7777),
+            (Mode::Keep(_), None) => None,
+            (Mode::Force(m), _) => Some(m),
+        };
+        if let Some(m) = final_mode {
+            file.set_permissions(Permissions::from_mode(m))
                 .map_err(|e| Error::io("setting the mode of", &tmp, e))?;
         }
         file.sync_all().map_err(|e| Error::io("syncing", &tmp, e))?;
@@ -174,6 +259,9 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o640);
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        // A secret's mode is forced back, whatever it was loosened to.
+        atomic_write_with(&path, Mode::Force(0o600), &mut |w| w.write_all(b"s")).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o600);
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -187,6 +275,9 @@ mod tests {
             ".other.1.bin-proxy-tmp",
             "app",
             ".app.notes",
+            ".app.x.3.bin-proxy-tmp",
+            ".app.4.5.bin-proxy-tmp",
+            ".app.6up-1-ab.bin-proxy-tmp",
         ] {
             fs::write(dir.join(name), b"x").unwrap();
         }
@@ -196,7 +287,43 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, [".app.notes", ".other.1.bin-proxy-tmp", "app"]);
+        assert_eq!(
+            left,
+            [
+                ".app.4.5.bin-proxy-tmp",      // belongs to "app.4"
+                ".app.6up-1-ab.bin-proxy-tmp", // an upload: never swept per name
+                ".app.notes",
+                ".app.x.3.bin-proxy-tmp", // belongs to "app.x"
+                ".other.1.bin-proxy-tmp",
+                "app"
+            ]
+        );
+        assert_eq!(sweep_temps(&dir.join("app.x")), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unique_temps_differ_and_only_stale_uploads_are_swept() {
+        let dir = scratch("unique");
+        let target = dir.join("app");
+        let names: std::collections::HashSet<PathBuf> =
+            (0..1000).map(|_| unique_temp_path(&target, "up")).collect();
+        assert_eq!(names.len(), 1000);
+        let live = unique_temp_path(&target, "up");
+        fs::write(&live, b"x").unwrap();
+        fs::write(dir.join(".app.notes"), b"x").unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        assert_eq!(
+            sweep_stale_uploads(&dir, "up", day),
+            0,
+            "a fresh upload is live"
+        );
+        assert_eq!(
+            sweep_stale_uploads(&dir, "up", std::time::Duration::ZERO),
+            1
+        );
+        assert!(!live.exists());
+        assert!(dir.join(".app.notes").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1660,3 +1660,144 @@ fn the_fleet_view_names_failed_and_unpublished_builds() {
     assert_eq!(n2[0].get("status").s(), "behind");
     assert_eq!(n2[1].get("status").s(), "unpublished");
 }
+
+// ---------------------------------------------------------------------------
+// 17. Concurrent uploads
+// ---------------------------------------------------------------------------
+
+/// One `PUT bins/NAME` sent in two halves with a pause in between that the
+/// caller controls; `cut` closes the connection instead of sending the rest.
+struct Upload {
+    name: &'static str,
+    body: Vec<u8>,
+    cut: bool,
+}
+
+#[test]
+fn concurrent_uploads_publish_only_complete_builds() {
+    let m = Manager::start(&["--quiet", "--admin-token", "adm"]);
+    // Names sharing a prefix: a PUT of "app" once removed the temp file of
+    // a concurrent PUT of "app.x".
+    let names = ["app", "app.x", "app.1"];
+    let uploads: Vec<Upload> = names
+        .iter()
+        .flat_map(|&name| (0..6).map(move |i| (name, i)))
+        .enumerate()
+        .map(|(seed, (name, i))| Upload {
+            name,
+            body: pattern(700 + seed as u64, 256 * 1024 + seed),
+            cut: i % 3 == 2,
+        })
+        .collect();
+    let all_sent_half = std::sync::Arc::new(std::sync::Barrier::new(uploads.len()));
+    let handles: Vec<_> = uploads
+        .iter()
+        .map(|u| {
+            let (addr, barrier) = (m.addr(), all_sent_half.clone());
+            let (name, body, cut) = (u.name, u.body.clone(), u.cut);
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                write!(
+                    s,
+                    "PUT /api/v1/bins/{name} HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer adm\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .unwrap();
+                let half = body.len() / 2;
+                s.write_all(&body[..half]).unwrap();
+                // Every upload is in flight at once before any finishes.
+                barrier.wait();
+                if cut {
+                    drop(s); // cut off halfway
+                    return None;
+                }
+                s.write_all(&body[half..]).unwrap();
+                let mut raw = Vec::new();
+                let _ = s.read_to_end(&mut raw);
+                Some(parse_response(&raw).unwrap_or_else(|| {
+                    panic!("no answer to PUT {name}: {:?}", snippet(&raw))
+                }))
+            })
+        })
+        .collect();
+    let answers: Vec<Option<HttpResponse>> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+
+    for name in names {
+        let mine: Vec<(&Upload, &Option<HttpResponse>)> = uploads
+            .iter()
+            .zip(&answers)
+            .filter(|(u, _)| u.name == name)
+            .collect();
+        // Every complete upload got a 200 naming the hashes of its own bytes.
+        let mut answered = Vec::new();
+        for (u, a) in mine.iter().filter(|(u, _)| !u.cut) {
+            let a = a.as_ref().unwrap();
+            let d = envelope(a, 200);
+            assert_eq!(d.get("hash").s(), md5_hex(&u.body), "{name}");
+            assert_eq!(d.get("sha256").s(), sha256_hex(&u.body), "{name}");
+            assert_eq!(d.get("size").n() as usize, u.body.len(), "{name}");
+            answered.push(md5_hex(&u.body));
+        }
+        // What is published is one of those complete uploads, never a cut
+        // one, and what is served describes exactly those bytes.
+        let on_disk = fs::read(m.bin_dir().join(name)).unwrap();
+        let served = envelope(&get(&m, &format!("/bins/{name}")), 200);
+        assert!(
+            answered.contains(&md5_hex(&on_disk)),
+            "{name}: the published file ({} bytes) is none of the uploads answered 200",
+            on_disk.len()
+        );
+        assert_eq!(served.get("hash").s(), md5_hex(&on_disk), "{name}");
+        assert_eq!(served.get("sha256").s(), sha256_hex(&on_disk), "{name}");
+        let r = get(&m, &format!("/download/{name}"));
+        assert_eq!(r.body, on_disk, "{name}: download");
+    }
+    // The cut-off uploads' temp files go as soon as the server sees the cut.
+    let mut left = Vec::new();
+    let clean = common::wait_until(Duration::from_secs(20), || {
+        left = tree(&m.bin_dir());
+        left == ["app", "app.1", "app.x"]
+    });
+    assert!(clean, "binDir holds more than the three builds: {left:?}");
+}
+
+#[test]
+fn stale_upload_temp_files_are_swept_and_live_ones_kept() {
+    let mut m = Manager::start(&["--quiet", "--admin-token", "adm"]);
+    let stale = m
+        .bin_dir()
+        .join(".app.4242up-0-0123456789abcdef.bin-proxy-tmp");
+    let fresh = m
+        .bin_dir()
+        .join(".app.4243up-0-0123456789abcdef.bin-proxy-tmp");
+    let arch_stale = m
+        .bin_dir()
+        .join("aarch64/.app.4242up-1-0123456789abcdef.bin-proxy-tmp");
+    let mine = m.bin_dir().join(".app.new"); // an operator's, about to be mv'd
+    fs::create_dir_all(m.bin_dir().join("aarch64")).unwrap();
+    for p in [&stale, &fresh, &arch_stale, &mine] {
+        fs::write(p, b"partial").unwrap();
+    }
+    let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for p in [&stale, &arch_stale, &mine] {
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+    }
+    m.restart();
+    m.wait_log(Duration::from_secs(5), |l| {
+        l.contains("removed 2 temp file(s) of interrupted uploads")
+    })
+    .unwrap_or_else(|| panic!("no sweep line: {:?}", m.log_lines()));
+    assert!(!stale.exists() && !arch_stale.exists());
+    assert!(fresh.exists(), "a temp file written to just now was swept");
+    assert!(
+        mine.exists(),
+        "a file that is not an upload's temp was swept"
+    );
+}

@@ -131,7 +131,9 @@ impl State {
     /// Writes the state atomically if anything changed.
     pub fn save_if_changed(&mut self, path: &Path) -> Result<()> {
         if self.dirty {
-            fsutil::atomic_write(path, self.to_json().to_pretty().as_bytes(), 0o600)?;
+            fsutil::atomic_write_with(path, fsutil::Mode::Force(0o600), &mut |w| {
+                w.write_all(self.to_json().to_pretty().as_bytes())
+            })?;
             self.dirty = false;
         }
         Ok(())

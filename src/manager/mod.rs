@@ -19,6 +19,17 @@ use std::time::Duration;
 /// How often batched lastSeen updates are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
+/// Stale upload temp files are looked for every this many flushes (a minute).
+const SWEEP_EVERY: u64 = 12;
+
+/// Removes what crashed uploads left in binDir (see [`store::STALE_UPLOAD`]).
+fn sweep_uploads(store: &store::Store) {
+    let swept = store.sweep_stale_uploads();
+    if swept > 0 {
+        crate::info!("removed {swept} temp file(s) of interrupted uploads from binDir");
+    }
+}
+
 /// Starts the server; returns only on a start-up error.
 pub fn run(args: &ManagerArgs) -> Result<()> {
     let config = Config::resolve(args, &crate::cli::process_env)?;
@@ -29,6 +40,7 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         },
         other => other,
     })?;
+    sweep_uploads(&store);
     let registry = registry::Registry::open(&config.state_file)?;
     let listener = TcpListener::bind(&config.listen)
         .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", config.listen)))?;
@@ -53,10 +65,15 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         max_upload: config.max_upload,
     });
     let flusher = app.clone();
-    std::thread::spawn(move || loop {
-        std::thread::sleep(FLUSH_EVERY);
-        if let Err(e) = flusher.registry.flush_seen() {
-            crate::error!("writing lastSeen updates: {e}");
+    std::thread::spawn(move || {
+        for tick in 1u64.. {
+            std::thread::sleep(FLUSH_EVERY);
+            if let Err(e) = flusher.registry.flush_seen() {
+                crate::error!("writing lastSeen updates: {e}");
+            }
+            if tick % SWEEP_EVERY == 0 {
+                sweep_uploads(&flusher.store);
+            }
         }
     });
     let handler = app.clone();

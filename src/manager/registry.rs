@@ -391,7 +391,7 @@ fn fold(files: &Files, inner: &Mutex<Inner>) -> Result<()> {
             inner.log_len = 0;
             inner.nodes.clone()
         };
-        fsutil::atomic_write_with(&files.snapshot, 0o600, &mut |w| {
+        fsutil::atomic_write_with(&files.snapshot, fsutil::Mode::Force(0o600), &mut |w| {
             w.write_all(b"{\"nodes\":[\n")?;
             for (i, node) in nodes.values().enumerate() {
                 if i > 0 {

@@ -238,6 +238,14 @@ impl App {
                     ("size", Value::int(len)),
                 ]))
             }
+            Err(e @ crate::error::Error::Upload { .. }) => {
+                let timed_out = matches!(&e, crate::error::Error::Upload { source, .. }
+                    if source.kind() == std::io::ErrorKind::TimedOut);
+                fail(
+                    if timed_out { 408 } else { 400 },
+                    &format!("nothing published: {e}"),
+                )
+            }
             Err(e) => fail(500, &format!("publishing failed: {e}")),
         }
     }

@@ -16,6 +16,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+/// The tag of upload temp files (`.NAME.PIDup-N-RANDOM.bin-proxy-tmp`).
+const UPLOAD_TAG: &str = "up";
+/// An upload temp file not written to for this long is a crashed server's
+/// leftover: a live upload's body reads time out after 10 s of silence, and
+/// the last write is followed only by an fsync.
+pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Whether a name (binary, arch, version, node) is safe to use as one path
 /// component: `[A-Za-z0-9_-][A-Za-z0-9._-]*`, at most 128 bytes.
 pub fn valid_name(s: &str) -> bool {
@@ -172,8 +179,13 @@ impl Store {
     }
 
     /// Publishes `len` bytes from `body` as `name` (for `arch`, `version`):
-    /// streamed to a temp file in the destination directory, fsynced, renamed
-    /// into place, directory fsynced. Returns (md5, sha256).
+    /// streamed to a temp file of its own in the destination directory
+    /// (unique to this upload, so concurrent uploads of one name, or of
+    /// `app` and `app.x`, never touch each other's), fsynced, renamed into
+    /// place, directory fsynced. Returns (md5, sha256) of exactly the bytes
+    /// renamed into place: hashed as they were written to that file, which
+    /// only this upload has open, and checked to still be the file under the
+    /// temp name at the rename.
     pub fn publish(
         &self,
         name: &str,
@@ -185,23 +197,24 @@ impl Store {
         let dest = self.candidates(name, arch, version).remove(0);
         let dir = fsutil::parent(&dest).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
-        fsutil::sweep_temps(&dest);
-        let tmp = fsutil::temp_path(&dest, "up");
+        let tmp = fsutil::unique_temp_path(&dest, UPLOAD_TAG);
         let result = (|| {
             let mut file = fsutil::create_exclusive(&tmp, 0o644)?;
             let (mut md5, mut sha) = (hash::Md5::new(), hash::Sha256::new());
             let mut buf = vec![0u8; hash::BLOCK];
             let mut got = 0u64;
             while got < len {
-                let n = body.read(&mut buf).map_err(|e| {
-                    Error::Other(format!(
-                        "reading the upload after {got} of {len} bytes: {e}"
-                    ))
+                let n = body.read(&mut buf).map_err(|e| Error::Upload {
+                    got,
+                    len,
+                    source: e,
                 })?;
                 if n == 0 {
-                    return Err(Error::Other(format!(
-                        "upload cut short after {got} of {len} bytes"
-                    )));
+                    return Err(Error::Upload {
+                        got,
+                        len,
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    });
                 }
                 file.write_all(&buf[..n])
                     .map_err(|e| Error::io("writing", &tmp, e))?;
@@ -210,14 +223,50 @@ impl Store {
                 got += n as u64;
             }
             file.sync_all().map_err(|e| Error::io("syncing", &tmp, e))?;
+            let mine = file
+                .metadata()
+                .map_err(|e| Error::io("inspecting", &tmp, e))?;
+            match fs::symlink_metadata(&tmp) {
+                Ok(m) if (m.dev(), m.ino()) == (mine.dev(), mine.ino()) => {}
+                _ => {
+                    return Err(Error::Other(format!(
+                        "\"{}\": the upload's temp file was removed or replaced by someone else; nothing published",
+                        tmp.display()
+                    )))
+                }
+            }
             fs::rename(&tmp, &dest).map_err(|e| Error::io("renaming into place", &dest, e))?;
             fsutil::sync_dir(&dir)?;
-            Ok((md5.hex(), sha.hex()))
+            let (md5, sha) = (md5.hex(), sha.hex());
+            // The next lookup of these very bytes needs no second read (the
+            // rename changed the ctime: stat the file again).
+            if let Ok(meta) = file.metadata() {
+                self.lock()
+                    .insert(dest.clone(), (key(&meta), md5.clone(), sha.clone()));
+            }
+            Ok((md5, sha))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    /// Removes the temp files of uploads a crashed server left in binDir and
+    /// its arch directories: those not written to for [`STALE_UPLOAD`]. Never
+    /// a live upload's (it writes every few seconds or fails and removes its
+    /// own), so several servers may share a binDir. Returns how many.
+    pub fn sweep_stale_uploads(&self) -> usize {
+        let mut removed = fsutil::sweep_stale_uploads(&self.dir, UPLOAD_TAG, STALE_UPLOAD);
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                if is_dir && entry.file_name().to_str().is_some_and(valid_name) {
+                    removed += fsutil::sweep_stale_uploads(&entry.path(), UPLOAD_TAG, STALE_UPLOAD);
+                }
+            }
+        }
+        removed
     }
 
     /// Everything published, sorted by name, arch, version.
