@@ -1,7 +1,8 @@
 //! The system calls std does not wrap, each behind a safe function: extended
 //! attributes (the agent keeps a file's capabilities and labels across a
 //! swap) and what bin-manager's event loops need (epoll, eventfd,
-//! non-blocking send/recv, sendfile, listen backlog, RLIMIT_NOFILE). This is
+//! non-blocking send/recv, sendfile, listen backlog, RLIMIT_NOFILE), the
+//! effective uid, and a connect from a chosen local address. This is
 //! the crate's only module with `unsafe` code (the crate root denies it
 //! everywhere else) and the only user of the libc crate; every block says
 //! which invariant makes it sound.
@@ -192,4 +193,54 @@ pub fn raise_fd_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// A TCP connection to `remote` from the local address `local` (any port):
+/// one machine acting as several clients on 127.0.0.0/8, so that tests and
+/// benchmarks can exercise per-address limits. Blocking, like
+/// `TcpStream::connect`.
+pub fn connect_from(
+    local: std::net::Ipv4Addr,
+    remote: std::net::SocketAddrV4,
+) -> io::Result<std::net::TcpStream> {
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*a.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
+    let fd =
+        owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let (from, to) = (
+        sockaddr(std::net::SocketAddrV4::new(local, 0)),
+        sockaddr(remote),
+    );
+    // SAFETY: `from` and `to` are live sockaddr_in values of `len` bytes; the
+    // descriptor is open.
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&from as *const libc::sockaddr_in).cast(),
+            len,
+        )
+    } as isize)?;
+    // SAFETY: as above.
+    check(unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&to as *const libc::sockaddr_in).cast(),
+            len,
+        )
+    } as isize)?;
+    Ok(std::net::TcpStream::from(fd))
+}
+
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    unsafe { libc::geteuid() }
 }

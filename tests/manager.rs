@@ -1536,8 +1536,12 @@ fn new_and_kept_alive_connections_are_all_answered() {
 
 #[test]
 fn a_full_worker_queue_answers_503_at_once() {
-    // One worker, so its queue holds 16 requests.
-    let m = Manager::start(&["--quiet", "--workers", "1", "--admin-token", "adm"]);
+    // One worker, so its queue holds 16 requests (all from one address here,
+    // so that address may have them all).
+    let m = Manager::start_with(
+        r#"{"workersPerClient":100}"#,
+        &["--quiet", "--workers", "1", "--admin-token", "adm"],
+    );
     let app = pattern(17, 1000);
     fs::write(m.bin_dir().join("app"), &app).unwrap();
     envelope(&get(&m, "/bins/app"), 200); // hashed now: answered on the loops from here on
@@ -1800,4 +1804,219 @@ fn stale_upload_temp_files_are_swept_and_live_ones_kept() {
         mine.exists(),
         "a file that is not an upload's temp was swept"
     );
+}
+
+// ---------------------------------------------------------------------------
+// 18. Request parsing leaves no doubt; one address cannot take every worker
+// ---------------------------------------------------------------------------
+
+/// How many responses `raw` holds (status lines at the start or after a body).
+fn responses_in(raw: &[u8]) -> usize {
+    let text = String::from_utf8_lossy(raw);
+    text.match_indices("HTTP/1.1 ")
+        .filter(|(i, _)| *i == 0 || text[..*i].ends_with('\n') || text[..*i].ends_with('}'))
+        .count()
+}
+
+#[test]
+fn duplicate_or_odd_content_length_is_400_and_nothing_is_smuggled() {
+    let m = Manager::start(&[]);
+    let smuggled = "GET /api/v1/nodes HTTP/1.1\r\nHost: h\r\n\r\n";
+    let n = smuggled.len();
+    let variants = [
+        format!("Content-Length: {n}\r\nContent-Length: {n}"),
+        format!("Content-Length: {n}\r\ncontent-length: 0{n}"),
+        format!("Content-Length: 0\r\nContent-Length: {n}"),
+        format!("Content-Length: +{n}"),
+        format!("Content-Length: {n}, {n}"),
+        format!("Content-Length: 0x{n:x}"),
+    ];
+    for cl in &variants {
+        let raw =
+            format!("POST /api/v1/keepalive?node=n1 HTTP/1.1\r\nHost: h\r\n{cl}\r\n\r\n{smuggled}");
+        let answer = exchange(&m.addr(), raw.into_bytes(), Duration::from_secs(10));
+        let r = parse_response(&answer)
+            .unwrap_or_else(|| panic!("{cl:?}: no answer: {:?}", snippet(&answer)));
+        envelope(&r, 400);
+        let msg = parse_message(&r);
+        assert!(
+            msg == "more than one Content-Length header"
+                || msg == "invalid Content-Length: plain digits only",
+            "{cl:?}: {msg}"
+        );
+        assert_eq!(r.header("connection"), Some("close"), "{cl:?}");
+        assert_eq!(
+            responses_in(&answer),
+            1,
+            "{cl:?}: the smuggled request was answered: {:?}",
+            snippet(&answer)
+        );
+    }
+    // The access log has the refusals, and never the smuggled request.
+    let refused = |l: &str| l.contains(" - - 400 ");
+    assert!(
+        common::wait_until(Duration::from_secs(5), || {
+            m.log_lines().iter().filter(|l| refused(l)).count() == variants.len()
+        }),
+        "{:?}",
+        m.log_lines()
+    );
+    assert!(
+        !m.log_lines().iter().any(|l| l.contains("/api/v1/nodes")),
+        "{:?}",
+        m.log_lines()
+    );
+    // No registration came through either.
+    expect_error(&get(&m, "/keepalive?node=n1"), 404, "node not found");
+}
+
+#[test]
+fn a_head_with_bare_lf_line_ends_is_400_at_once() {
+    let m = Manager::start(&["--quiet"]);
+    for raw in [
+        &b"GET /healthz HTTP/1.1\nHost: h\n\n"[..],
+        b"GET /healthz HTTP/1.1\r\nHost: h\n\r\n",
+        // Never finished: the bare LF alone decides, nothing is waited for.
+        b"GET /healthz HTTP/1.1\nHost: h",
+    ] {
+        // Well under the 10 s a head may take: "at once", with room for a
+        // loaded machine.
+        let answer = exchange(&m.addr(), raw.to_vec(), Duration::from_secs(5));
+        let r = parse_response(&answer)
+            .unwrap_or_else(|| panic!("{:?}: no answer within 5 s", String::from_utf8_lossy(raw)));
+        expect_error(&r, 400, "malformed request: lines must end in CRLF");
+        assert_eq!(r.header("connection"), Some("close"));
+    }
+}
+
+/// A connection that sends a POST head and then its body one byte at a time.
+struct Dribbler {
+    s: TcpStream,
+    got: Vec<u8>,
+    done: bool,
+}
+
+impl Dribbler {
+    /// Reads what arrived without blocking; `done` once the server closed.
+    fn poll(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.s.read(&mut buf) {
+                Ok(0) => {
+                    self.done = true;
+                    return;
+                }
+                Ok(n) => self.got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.done = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> Option<u16> {
+        parse_response(&self.got).map(|r| r.status)
+    }
+}
+
+#[test]
+fn dribbling_request_bodies_from_one_address_do_not_starve_another() {
+    let m = Manager::start(&[]);
+    let app = pattern(19, 1 << 20);
+    fs::write(m.bin_dir().join("app"), &app).unwrap();
+    envelope(&get(&m, "/bins/app"), 200); // hashed now
+    let server: std::net::SocketAddrV4 = m.addr().parse().unwrap();
+    let dribbler_ip = std::net::Ipv4Addr::new(127, 0, 0, 2);
+
+    // 600 connections from 127.0.0.2, each a registration whose body comes
+    // one byte at a time.
+    let mut dribblers: Vec<Dribbler> = (0..600)
+        .map(|i| {
+            let mut s = bin_proxy::sys::connect_from(dribbler_ip, server)
+                .unwrap_or_else(|e| panic!("connect from {dribbler_ip}: {e}"));
+            write!(
+                s,
+                "POST /api/v1/keepalive?node=d{i} HTTP/1.1\r\nHost: h\r\nContent-Length: 1000\r\n\r\n{{"
+            )
+            .unwrap();
+            s.set_nonblocking(true).unwrap();
+            Dribbler {
+                s,
+                got: Vec::new(),
+                done: false,
+            }
+        })
+        .collect();
+    // The default 256 workers give one address at most 32: the rest are
+    // told 503 at once.
+    let mut refused = 0;
+    let told = common::wait_until(Duration::from_secs(30), || {
+        dribblers.iter_mut().for_each(Dribbler::poll);
+        refused = dribblers.iter().filter(|d| d.status() == Some(503)).count();
+        refused >= 600 - 32
+    });
+    assert!(told, "only {refused} of 600 dribblers were refused at once");
+    let sample = dribblers.iter().find(|d| d.status() == Some(503)).unwrap();
+    let r = parse_response(&sample.got).unwrap();
+    expect_error(
+        &r,
+        503,
+        "too many requests from your address at once; retry shortly",
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+
+    // Another address is served: a download and a registration (both need
+    // a worker). Generous bounds: a loaded machine, a debug build.
+    let started = Instant::now();
+    let r = http_within(
+        Duration::from_secs(30),
+        "GET",
+        &format!("{}/download/app", m.api()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.body == app, "the download is not the file");
+    let r = http_within(
+        Duration::from_secs(30),
+        "POST",
+        &format!("{}/keepalive?node=other", m.api()),
+        &[],
+        registration("other", "").as_bytes(),
+    );
+    envelope(&r, 200);
+    eprintln!("another address was served in {:?}", started.elapsed());
+
+    // The dribblers that got a worker are cut at their body deadline (10 s
+    // plus a second per 256 KiB): 408. Keep dribbling meanwhile.
+    let mut last = Instant::now();
+    let finished = common::wait_until(Duration::from_secs(60), || {
+        if last.elapsed() >= Duration::from_millis(500) {
+            last = Instant::now();
+            for d in dribblers.iter_mut().filter(|d| !d.done) {
+                let _ = d.s.write_all(b" ");
+            }
+        }
+        dribblers.iter_mut().for_each(Dribbler::poll);
+        dribblers.iter().all(|d| d.done || d.status().is_some())
+    });
+    let statuses: Vec<Option<u16>> = dribblers.iter().map(Dribbler::status).collect();
+    assert!(finished, "some dribblers are still held: {statuses:?}");
+    let timed_out = statuses.iter().filter(|s| **s == Some(408)).count();
+    assert!(
+        statuses.iter().all(|s| matches!(s, Some(503 | 408))),
+        "a dribbler got something other than 503 or 408: {statuses:?}"
+    );
+    assert!(timed_out >= 1, "no dribbler got a worker and a 408");
+    // Every 503 is in the access log.
+    let logged = m
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("/api/v1/keepalive?node=d") && l.contains(" 503 "))
+        .count();
+    let refused = statuses.iter().filter(|s| **s == Some(503)).count();
+    assert_eq!(logged, refused, "503s in the access log");
 }

@@ -1,7 +1,9 @@
 //! bin-manager's settings: `/etc/bin-manager/config.json`
-//! (`{"binDir","listen","stateFile","token","adminToken","maxUpload","workers"}`),
-//! overridden by environment (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`)
-//! and flags. Unknown keys are errors, as in the agent's manifest.
+//! (`{"binDir","listen","stateFile","token","adminToken","maxUpload","workers",
+//! "workersPerClient","requireNodeTokens","admission","maxNodes",
+//! "registrationsPerMinute"}`), overridden by environment
+//! (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`) and flags. Unknown keys
+//! and values of the wrong type are errors, as in the agent's manifest.
 
 use crate::cli::ManagerArgs;
 use crate::error::{Error, Result};
@@ -20,6 +22,20 @@ pub const DEFAULT_WORKERS: usize = 256;
 /// The most worker threads allowed.
 pub const MAX_WORKERS: usize = 4096;
 
+/// Nodes the registry holds by default (`maxNodes`).
+pub const DEFAULT_MAX_NODES: usize = 100_000;
+/// New nodes one client address may register per minute by default.
+pub const DEFAULT_REGISTRATIONS_PER_MINUTE: u32 = 60;
+
+/// Who may join the fleet (`admission`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Every node that registers is served (the default).
+    Open,
+    /// A new node is `pending` and served nothing until an admin accepts it.
+    Manual,
+}
+
 /// The validated settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -37,6 +53,18 @@ pub struct Config {
     pub max_upload: u64,
     /// Worker threads.
     pub workers: usize,
+    /// Requests one client address may have queued for or held by workers
+    /// at once (default: max(4, workers / 8)).
+    pub workers_per_client: usize,
+    /// Refuse registrations, reports and failures for a known node that do
+    /// not carry its node token.
+    pub require_node_tokens: bool,
+    /// Who may join.
+    pub admission: Admission,
+    /// Most nodes in the registry; a new one beyond it gets 503.
+    pub max_nodes: usize,
+    /// New nodes one client address may register per minute (0: no limit).
+    pub registrations_per_minute: u32,
     /// One stderr line per request.
     pub access_log: bool,
 }
@@ -49,6 +77,11 @@ const KEYS: &[&str] = &[
     "adminToken",
     "maxUpload",
     "workers",
+    "workersPerClient",
+    "requireNodeTokens",
+    "admission",
+    "maxNodes",
+    "registrationsPerMinute",
 ];
 
 impl Config {
@@ -63,6 +96,11 @@ impl Config {
             admin_token: None,
             max_upload: 2 << 30,
             workers: DEFAULT_WORKERS,
+            workers_per_client: 0, // derived from workers below unless set
+            require_node_tokens: false,
+            admission: Admission::Open,
+            max_nodes: DEFAULT_MAX_NODES,
+            registrations_per_minute: DEFAULT_REGISTRATIONS_PER_MINUTE,
             access_log: !args.quiet,
         };
         let path = args
@@ -94,6 +132,9 @@ impl Config {
         }
         if let Some(v) = args.workers {
             c.workers = v.clamp(1, MAX_WORKERS);
+        }
+        if c.workers_per_client == 0 {
+            c.workers_per_client = (c.workers / 8).max(4);
         }
         c.token = c.token.filter(|t| !t.trim().is_empty());
         c.admin_token = c.admin_token.filter(|t| !t.trim().is_empty());
@@ -132,6 +173,7 @@ impl Config {
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| bad(format!("key \"{key}\" must be a positive whole number")))
             };
+            let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
             match key.as_str() {
                 "binDir" => self.bin_dir = text()?.into(),
                 "listen" => self.listen = text()?,
@@ -139,7 +181,41 @@ impl Config {
                 "token" => self.token = Some(text()?),
                 "adminToken" => self.admin_token = Some(text()?),
                 "maxUpload" => self.max_upload = number()?,
-                _ => self.workers = (number()? as usize).min(MAX_WORKERS),
+                "workers" => self.workers = count(number()?).min(MAX_WORKERS),
+                "workersPerClient" => self.workers_per_client = count(number()?),
+                "maxNodes" => self.max_nodes = count(number()?),
+                "registrationsPerMinute" => {
+                    self.registrations_per_minute = value
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "key \"{key}\" must be a whole number (0: no limit)"
+                            ))
+                        })?
+                }
+                "requireNodeTokens" => {
+                    self.require_node_tokens = match value {
+                        Value::Bool(b) => *b,
+                        other => {
+                            return Err(bad(format!(
+                                "key \"{key}\" must be true or false, not {}",
+                                other.kind()
+                            )))
+                        }
+                    }
+                }
+                _ => {
+                    self.admission = match text()?.as_str() {
+                        "open" => Admission::Open,
+                        "manual" => Admission::Manual,
+                        other => {
+                            return Err(bad(format!(
+                                "key \"admission\" must be \"open\" or \"manual\", not \"{other}\""
+                            )))
+                        }
+                    }
+                }
             }
         }
         Ok(())
@@ -178,6 +254,46 @@ mod tests {
         let e = Config::resolve(&args, &|_| None).unwrap_err();
         assert!(e.to_string().contains("unknown key \"bindir\""), "{e}");
         assert_eq!(e.exit_code(), 2);
+
+        std::fs::write(
+            &file,
+            r#"{"requireNodeTokens":true,"admission":"manual","maxNodes":5,"registrationsPerMinute":0,"workers":64}"#,
+        )
+        .unwrap();
+        let c = Config::resolve(&args, &|_| None).unwrap();
+        assert_eq!(
+            (
+                c.require_node_tokens,
+                c.admission,
+                c.max_nodes,
+                c.registrations_per_minute,
+                c.workers_per_client
+            ),
+            (true, Admission::Manual, 5, 0, 8)
+        );
+        for (text, msg) in [
+            (
+                r#"{"admission":"closed"}"#,
+                "key \"admission\" must be \"open\" or \"manual\", not \"closed\"",
+            ),
+            (
+                r#"{"requireNodeTokens":"yes"}"#,
+                "key \"requireNodeTokens\" must be true or false, not a string",
+            ),
+            (
+                r#"{"maxNodes":0}"#,
+                "key \"maxNodes\" must be a positive whole number",
+            ),
+            (
+                r#"{"registrationsPerMinute":-1}"#,
+                "key \"registrationsPerMinute\" must be a whole number (0: no limit)",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let e = Config::resolve(&args, &|_| None).unwrap_err();
+            assert!(e.to_string().ends_with(msg), "{text}: {e}");
+            assert_eq!(e.exit_code(), 2);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -77,10 +77,14 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         }
     });
     let handler = app.clone();
+    let opts = http::Options {
+        workers: config.workers,
+        per_client: config.workers_per_client,
+        access_log: config.access_log,
+    };
     http::serve(
         listener,
-        config.workers,
-        config.access_log,
+        opts,
         Arc::new(move |req: &mut http::Request, ctx| handler.handle(req, ctx)),
     )
 }

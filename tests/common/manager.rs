@@ -8,7 +8,7 @@
 //! ```text
 //! ROOT/bins/              binDir
 //! ROOT/state/state.json   stateFile (and state.json.log beside it)
-//! ROOT/config.json        "{}" (so that a host's /etc/bin-manager/config.json is never read)
+//! ROOT/config.json        "{}" or what the test gave (so that a host's /etc/bin-manager/config.json is never read)
 //! ```
 
 use super::{wait_until, HttpResponse, TempDir};
@@ -37,10 +37,16 @@ pub struct Manager {
 impl Manager {
     /// Starts bin-manager on a fresh temp dir with these extra arguments.
     pub fn start(extra: &[&str]) -> Manager {
+        Manager::start_with("{}", extra)
+    }
+
+    /// Starts bin-manager with `config` as its config file (JSON text) and
+    /// these extra arguments.
+    pub fn start_with(config: &str, extra: &[&str]) -> Manager {
         let root = TempDir::new();
         fs::create_dir_all(root.join("bins")).expect("create binDir");
         fs::create_dir_all(root.join("state")).expect("create state dir");
-        fs::write(root.join("config.json"), "{}").expect("write config");
+        fs::write(root.join("config.json"), config).expect("write config");
         let mut m = Manager {
             root,
             args: extra.iter().map(|s| s.to_string()).collect(),

@@ -21,6 +21,36 @@ pub(super) fn find_blank_line(bytes: &[u8]) -> Option<usize> {
         .map(|i| i + 4)
 }
 
+/// What scanning a request head found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Scan {
+    /// No end yet.
+    Partial,
+    /// The head ends here (after its blank line).
+    Complete(usize),
+    /// A line ends in a bare LF: refused at once, never waited on (HTTP/1.1
+    /// lines end in CRLF, and a parser that also took bare LF could read
+    /// the same bytes as different requests than a proxy in front of it).
+    BareLf,
+}
+
+/// Scans `bytes` for the end of a request head, from `from` on (bytes
+/// before it were scanned already).
+pub(super) fn scan_head(bytes: &[u8], from: usize) -> Scan {
+    for (i, &b) in bytes.iter().enumerate().skip(from) {
+        if b != b'\n' {
+            continue;
+        }
+        if i == 0 || bytes[i - 1] != b'\r' {
+            return Scan::BareLf;
+        }
+        if i >= 3 && &bytes[i - 3..=i] == b"\r\n\r\n" {
+            return Scan::Complete(i + 1);
+        }
+    }
+    Scan::Partial
+}
+
 pub(super) struct Head {
     pub(super) method: String,
     pub(super) path: String,
@@ -69,6 +99,9 @@ pub(super) fn parse_head(head: &[u8]) -> Result<Head, Response> {
     if head.len() > MAX_HEAD {
         return Err(Response::error(431, "request head too large"));
     }
+    if scan_head(head, 0) == Scan::BareLf {
+        return Err(bare_lf());
+    }
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut slots);
     match req.parse(head) {
@@ -106,12 +139,7 @@ pub(super) fn parse_head(head: &[u8]) -> Result<Head, Response> {
             "send a Content-Length; chunked request bodies are not accepted",
         ));
     }
-    let body_len = match get("content-length") {
-        None => 0,
-        Some(v) => v
-            .parse()
-            .map_err(|_| Response::error(400, "invalid Content-Length"))?,
-    };
+    let body_len = content_length(&headers)?;
     let connection = get("connection").unwrap_or("").to_ascii_lowercase();
     let keep_alive = if version == 1 {
         !connection.contains("close")
@@ -134,6 +162,31 @@ pub(super) fn parse_head(head: &[u8]) -> Result<Head, Response> {
         body_len,
         keep_alive,
     })
+}
+
+/// The one `Content-Length` (0 when there is none): plain digits only.
+/// Two of them, even equal, or a value like `+2`, `2, 2` or `0x10` is a 400
+/// (and the connection is closed): a server that read such a head another
+/// way than the proxy in front of it would run the rest of the body as a
+/// second request.
+fn content_length(headers: &[(String, String)]) -> Result<u64, Response> {
+    let mut values = headers.iter().filter(|(k, _)| k == "content-length");
+    let Some((_, v)) = values.next() else {
+        return Ok(0);
+    };
+    if values.next().is_some() {
+        return Err(Response::error(400, "more than one Content-Length header"));
+    }
+    let invalid = || Response::error(400, "invalid Content-Length: plain digits only");
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    v.parse().map_err(|_| invalid())
+}
+
+/// The answer to a head with a bare-LF line end.
+pub(super) fn bare_lf() -> Response {
+    Response::error(400, "malformed request: lines must end in CRLF")
 }
 
 /// The status line and headers, then the body if `with_body` and in memory.
@@ -228,6 +281,51 @@ mod tests {
             400
         );
         assert_eq!(parse_head(b"NOT HTTP\r\n\r\n").err().unwrap().status, 400);
+        for bad in [
+            "Content-Length: +2",
+            "Content-Length: -1",
+            "Content-Length: 2, 2",
+            "Content-Length: 0x10",
+            "Content-Length: 1e3",
+            "Content-Length: 2 2",
+            "Content-Length:",
+            "Content-Length: 99999999999999999999999",
+            "Content-Length: 2\r\nContent-Length: 2",
+            "Content-Length: 2\r\ncontent-length: 02",
+        ] {
+            let head = format!("POST / HTTP/1.1\r\n{bad}\r\n\r\n");
+            let status = parse_head(head.as_bytes()).err().map(|r| r.status);
+            assert_eq!(status, Some(400), "{bad:?}");
+        }
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\nHost: h\n\n")
+                .err()
+                .unwrap()
+                .status,
+            400
+        );
+    }
+
+    #[test]
+    fn head_scans() {
+        let check = |bytes: &[u8], from: usize, expected: Scan| {
+            assert_eq!(
+                scan_head(bytes, from),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        };
+        check(
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\nrest",
+            0,
+            Scan::Complete(27),
+        );
+        check(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", 20, Scan::Complete(27));
+        check(b"GET / HTTP/1.1\r\nHost: h\r\n", 0, Scan::Partial);
+        check(b"GET / HTTP/1.1\nHost: h", 0, Scan::BareLf);
+        check(b"GET / HTTP/1.1\r\nHost: h\n", 0, Scan::BareLf);
+        check(b"\n", 0, Scan::BareLf);
         assert_eq!(
             parse_head(&vec![b'a'; MAX_HEAD + 1]).err().unwrap().status,
             431

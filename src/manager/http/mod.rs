@@ -18,11 +18,11 @@
 mod codec;
 mod server;
 
-pub use server::{serve, widen_backlog};
+pub use server::{serve, widen_backlog, Options};
 
 use server::Conn;
 use std::io::{self, Read};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 /// Largest request head (request line and headers).
@@ -79,7 +79,13 @@ impl Read for Body<'_> {
         }
         conn.before_socket_read((self.deadline - now).min(IO_TIMEOUT))?;
         let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        let n = conn.read(&mut buf[..max])?;
+        let n = conn.read(&mut buf[..max]).map_err(|e| match e.kind() {
+            // A socket read timeout says WouldBlock.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                io::Error::new(io::ErrorKind::TimedOut, "request body too slow")
+            }
+            _ => e,
+        })?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -111,9 +117,14 @@ impl Request<'_> {
             return Err(Response::error(413, "request body too large"));
         }
         let mut out = Vec::with_capacity(self.body_len as usize);
-        self.body
-            .read_to_end(&mut out)
-            .map_err(|e| Response::error(400, &format!("reading the body: {e}")))?;
+        self.body.read_to_end(&mut out).map_err(|e| {
+            let status = if e.kind() == io::ErrorKind::TimedOut {
+                408
+            } else {
+                400
+            };
+            Response::error(status, &format!("reading the body: {e}"))
+        })?;
         Ok(out)
     }
 }
@@ -172,6 +183,21 @@ impl Response {
             Payload::Bytes(b) => b.len() as u64,
             Payload::File { len, .. } => *len,
         }
+    }
+}
+
+/// The client a peer address stands for, for per-client limits: its IPv4
+/// address, or the /64 of an IPv6 one (one host usually holds a whole /64).
+pub fn client_of(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 

@@ -4,11 +4,12 @@
 //! (bodies, downloads, disk writes), each connection handed back to its
 //! loop after the answer. Every wait has a deadline.
 
-use super::codec::{encode, find_blank_line, parse_head};
-use super::{Context, Handler, Payload, Response, IO_TIMEOUT, MAX_HEAD};
+use super::codec::{bare_lf, encode, find_blank_line, parse_head, scan_head, Scan};
+use super::{client_of, Context, Handler, Payload, Response, IO_TIMEOUT, MAX_HEAD};
 use crate::sys;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -75,11 +76,11 @@ impl Conn {
         }
     }
 
-    /// The end of the first complete request head in the buffer.
-    fn head_end(&mut self) -> Option<usize> {
-        let from = self.scanned.saturating_sub(3);
+    /// Where the first request head in the buffer ends, if it is complete.
+    fn head_end(&mut self) -> Scan {
+        let from = self.scanned;
         self.scanned = self.buf.len();
-        find_blank_line(&self.buf[from..]).map(|i| from + i)
+        scan_head(&self.buf, from)
     }
 
     /// Drops the consumed bytes.
@@ -148,19 +149,64 @@ impl Loop {
     }
 }
 
+/// How the server shares itself out.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Worker threads for the requests that may block.
+    pub workers: usize,
+    /// Requests from one client address (an IPv4 address, an IPv6 /64) that
+    /// may be queued for or held by workers at once; the next one gets 503
+    /// at once. Keeps one address (a host dribbling request bodies, say)
+    /// from taking every worker.
+    pub per_client: usize,
+    /// One stderr line per request.
+    pub access_log: bool,
+}
+
 /// What the loops and workers share.
 struct Shared {
     loops: Vec<Loop>,
     queue: SyncSender<Conn>,
     handler: Arc<Handler>,
     access_log: bool,
+    per_client: usize,
+    /// Requests queued for or held by a worker, per client address. An
+    /// entry goes when its count drops to zero, so the table is never
+    /// larger than the requests in flight.
+    in_flight: Mutex<HashMap<IpAddr, usize>>,
 }
 
-/// Serves forever: one accept thread, one event loop per core, `workers`
-/// worker threads for the requests that may block.
-pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: Arc<Handler>) -> ! {
+impl Shared {
+    /// Counts one more worker request for `peer`; `false` (nothing
+    /// counted) when it already has its share.
+    fn take_share(&self, peer: SocketAddr) -> bool {
+        let mut table = lock(&self.in_flight);
+        let n = table.entry(client_of(peer)).or_insert(0);
+        if *n >= self.per_client {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back what [`Shared::take_share`] counted.
+    fn give_share(&self, peer: SocketAddr) {
+        let mut table = lock(&self.in_flight);
+        let key = client_of(peer);
+        if let Some(n) = table.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                table.remove(&key);
+            }
+        }
+    }
+}
+
+/// Serves forever: one accept thread, one event loop per core, workers
+/// for the requests that may block.
+pub fn serve(listener: TcpListener, opts: Options, handler: Arc<Handler>) -> ! {
     sys::raise_fd_limit();
-    let workers = workers.max(1);
+    let workers = opts.workers.max(1);
     let loops = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(MAX_LOOPS);
@@ -172,7 +218,9 @@ pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: A
             .unwrap_or_else(|e| panic!("cannot create the event loops: {e}")),
         queue,
         handler,
-        access_log,
+        access_log: opts.access_log,
+        per_client: opts.per_client.max(1),
+        in_flight: Mutex::new(HashMap::new()),
     });
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..workers {
@@ -211,8 +259,10 @@ fn worker(rx: &Mutex<Receiver<Conn>>, shared: &Shared) {
     loop {
         // The lock only guards taking the next request.
         let Ok(conn) = lock(rx).recv() else { return };
-        let home = conn.home;
-        if let Some(conn) = serve_one(conn, shared) {
+        let (home, peer) = (conn.home, conn.peer);
+        let kept = serve_one(conn, shared);
+        shared.give_share(peer);
+        if let Some(conn) = kept {
             shared.loops[home].give(conn);
         }
     }
@@ -226,6 +276,8 @@ enum Next {
     Close,
     /// Its request needs a worker.
     Worker,
+    /// Answer this and close.
+    Refuse(Response),
 }
 
 /// An event loop and the connections it owns, indexed by descriptor.
@@ -311,24 +363,50 @@ impl<'a> Owner<'a> {
             Next::Close => {}
             Next::Worker => {
                 let _ = sys::epoll_ctl(self.epoll(), sys::EPOLL_CTL_DEL, fd, 0, 0);
+                let peer = conn.peer;
+                if !self.shared.take_share(peer) {
+                    return self.refuse(
+                        conn,
+                        "too many requests from your address at once; retry shortly",
+                    );
+                }
                 match self.shared.queue.try_send(conn) {
-                    Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-                    Err(TrySendError::Full(mut conn)) => {
-                        // Every worker busy and the queue full: say so, close.
-                        let mut resp = Response::error(
-                            503,
-                            "server busy: every worker is taken; retry shortly",
-                        );
-                        resp.headers.push(("Retry-After", "1".into()));
-                        conn.consume(conn.buf.len());
-                        conn.out = encode(&resp, false, true);
-                        conn.sent = 0;
-                        conn.close_after = true;
-                        self.adopt(conn);
+                    Ok(()) => {}
+                    Err(TrySendError::Disconnected(_)) => self.shared.give_share(peer),
+                    Err(TrySendError::Full(conn)) => {
+                        self.shared.give_share(peer);
+                        self.refuse(conn, "server busy: every worker is taken; retry shortly");
                     }
                 }
             }
+            Next::Refuse(resp) => {
+                // Answered on the loop and closed (a malformed head).
+                let _ = sys::epoll_ctl(self.epoll(), sys::EPOLL_CTL_DEL, fd, 0, 0);
+                self.answer_and_close(conn, resp, Instant::now());
+            }
         }
+    }
+
+    /// Answers 503 with `Retry-After` at once and closes (logged, like
+    /// every answer).
+    fn refuse(&mut self, conn: Conn, why: &str) {
+        let mut resp = Response::error(503, why);
+        resp.headers.push(("Retry-After", "1".into()));
+        self.answer_and_close(conn, resp, Instant::now());
+    }
+
+    /// Sends `resp` from the loop, then closes; the request it answers is
+    /// dropped unread.
+    fn answer_and_close(&mut self, mut conn: Conn, resp: Response, started: Instant) {
+        if self.shared.access_log {
+            let (method, target) = request_line(&conn.buf);
+            log_request(conn.peer, &method, &target, &resp, false, started, true);
+        }
+        conn.consume(conn.buf.len());
+        conn.out = encode(&resp, false, true);
+        conn.sent = 0;
+        conn.close_after = true;
+        self.adopt(conn);
     }
 
     /// Closes the connections past their deadline; a half-sent head gets a 408.
@@ -373,11 +451,15 @@ fn drive(c: &mut Conn, shared: &Shared, mut readable: bool, scratch: &mut [u8]) 
                     HEAD_TIMEOUT
                 };
         }
-        if let Some(end) = c.head_end() {
-            if !answer_here(c, end, shared) {
-                return Next::Worker;
+        match c.head_end() {
+            Scan::Complete(end) => {
+                if !answer_here(c, end, shared) {
+                    return Next::Worker;
+                }
+                continue;
             }
-            continue;
+            Scan::BareLf => return Next::Refuse(bare_lf()),
+            Scan::Partial => {}
         }
         if c.buf.len() > MAX_HEAD {
             return Next::Worker; // which answers 431
@@ -440,7 +522,8 @@ fn serve_one(mut c: Conn, shared: &Shared) -> Option<Conn> {
     c.pos = end;
     let peer = c.peer;
     let (mut resp, method, target, keep_alive, body_left) = match parsed {
-        Err(resp) => (resp, String::from("-"), String::from("-"), false, 0),
+        // Whatever follows a malformed head is never read as a request.
+        Err(resp) => (resp, String::from("-"), String::from("-"), false, u64::MAX),
         Ok(head) => {
             let (method, target, keep) = (head.method.clone(), head.target(), head.keep_alive);
             let mut req = head.into_request(peer, Some(&mut c), Instant::now());
@@ -482,6 +565,16 @@ fn serve_one(mut c: Conn, shared: &Shared) -> Option<Conn> {
             HEAD_TIMEOUT
         };
     Some(c)
+}
+
+/// The method and target of the request line in `buf`, for the access log
+/// of a request answered without parsing it.
+fn request_line(buf: &[u8]) -> (String, String) {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(b"");
+    let line = String::from_utf8_lossy(&line[..line.len().min(512)]);
+    let mut words = line.split_whitespace();
+    let word = |w: Option<&str>| w.filter(|w| !w.is_empty()).unwrap_or("-").to_string();
+    (word(words.next()), word(words.next()))
 }
 
 fn log_request(
