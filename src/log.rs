@@ -2,7 +2,15 @@
 //! `2026-11-24T08:00:01Z INFO myapp: upgraded 1f3a2b4c…→9c0d1e2f… (12.4 MiB, 48.0 MiB/s)`.
 //! Also the small formatters every message uses: UTC timestamps, sizes, rates
 //! and shortened hashes.
+//!
+//! Nothing from outside can forge a line: every message is passed through
+//! [`escape`] as it is written, so a server's message, a header, a command's
+//! output or a file name holding a newline, a carriage return or a terminal
+//! escape sequence shows up as `\n`, `\r`, `\x1b` — text, on the one line
+//! of the event it belongs to. (Our own messages contain no control
+//! characters.) Where such strings are quoted, [`clip`] caps their length.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::Write;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -44,9 +52,48 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
         Level::Info => "INFO",
         Level::Debug => "DEBUG",
     };
+    let msg = args.to_string();
     // One write per line so that lines of concurrent runs do not interleave.
-    let line = format!("{} {tag} {args}\n", utc_now());
+    let line = format!("{} {tag} {}\n", utc_now(), escape(&msg));
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// `s` with every character that could change what a log reader (or a
+/// terminal) sees written as text: C0 controls and DEL as `\n`, `\r`, `\t`
+/// or `\xNN`; C1 controls, the Unicode line and paragraph separators and the
+/// bidirectional overrides and isolates (which reorder what a terminal
+/// shows) as `\u{NNNN}`. Everything else is kept, backslashes included.
+/// Borrowed when there is nothing to escape (the usual case).
+pub fn escape(s: &str) -> Cow<'_, str> {
+    let needs = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(needs) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x80 && needs(c) => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if needs(c) => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// `s` cut to at most `max` characters, with `…` when something was cut:
+/// the cap for a string from outside (a server's message, a header) quoted
+/// in a message.
+pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        None => Cow::Borrowed(s),
+        Some((end, _)) => Cow::Owned(format!("{}…", &s[..end])),
+    }
 }
 
 /// Logs at error level.
@@ -142,6 +189,31 @@ mod tests {
         check_time(951_782_400, "2000-02-29T00:00:00Z");
         check_time(1_795_507_201, "2026-11-24T08:00:01Z");
         check_time(4_107_542_399, "2100-02-28T23:59:59Z");
+    }
+
+    fn check_escape(raw: &str, shown: &str) {
+        assert_eq!(escape(raw), shown, "{raw:?}");
+    }
+
+    #[test]
+    fn outside_text_cannot_forge_lines_or_drive_a_terminal() {
+        check_escape(
+            "plain text, ünïcode → ok \\n",
+            "plain text, ünïcode → ok \\n",
+        );
+        check_escape(
+            "x\n2026-11-24T08:00:01Z INFO myapp: upgraded",
+            "x\\n2026-11-24T08:00:01Z INFO myapp: upgraded",
+        );
+        check_escape("a\rb\tc", "a\\rb\\tc");
+        check_escape("\x1b[2K\x1b]0;title\x07", "\\x1b[2K\\x1b]0;title\\x07");
+        check_escape("\0\x7f", "\\x00\\x7f");
+        check_escape("\u{9b}31m", "\\u{009b}31m");
+        check_escape("abc\u{202e}fed\u{2028}", "abc\\u{202e}fed\\u{2028}");
+        assert!(matches!(escape("nothing to do"), Cow::Borrowed(_)));
+        assert_eq!(clip("abcdef", 3), "abc…");
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("ééé", 2), "éé…");
     }
 
     #[test]

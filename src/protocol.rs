@@ -144,7 +144,7 @@ pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Resul
     };
     if !(200..300).contains(&status) {
         let message = match &doc {
-            Ok(v) => v.get("message").and_then(Value::as_str).map(str::to_string),
+            Ok(v) => v.get("message").and_then(Value::as_str).map(quoted),
             Err(_) => None,
         };
         let message = message.unwrap_or_else(|| match text.trim() {
@@ -170,7 +170,7 @@ pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Resul
             let message = doc
                 .get("message")
                 .and_then(Value::as_str)
-                .unwrap_or("no message");
+                .map_or_else(|| "no message".to_string(), quoted);
             return Err(Error::Server {
                 url: url.to_string(),
                 status,
@@ -179,6 +179,12 @@ pub fn unwrap_answer(url: &str, status: i32, reason: &str, body: &[u8]) -> Resul
         }
     }
     Ok(doc.get("data").cloned().unwrap_or(Value::Null))
+}
+
+/// A server's message as it is quoted in errors: capped (the log escapes
+/// what it holds).
+fn quoted(message: &str) -> String {
+    crate::log::clip(message, 300).into_owned()
 }
 
 /// Reads the `bins/NAME` data object.

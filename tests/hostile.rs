@@ -1153,3 +1153,104 @@ fn normal_server_upgrades() {
     assert_eq!(srv.count("POST", "/api/v1/bins/myapp"), 1);
     assert!(srv.count("POST", "/api/v1/keepalive") >= 1);
 }
+
+// ---------------------------------------------------------------------------
+// 12: the server's words cannot forge the agent's log
+// ---------------------------------------------------------------------------
+
+/// A server `message` holding a newline and a whole forged log line, CR,
+/// ESC sequences (erase line, OSC window title), BEL, a C1 CSI, a bidi
+/// override and 10,000 more bytes: in the agent's log it is escaped text,
+/// capped, on the one line of the event it belongs to.
+#[test]
+fn server_messages_cannot_forge_log_lines_or_drive_the_terminal() {
+    let forged = format!(
+        "nope\n2026-11-24T08:00:01Z INFO myapp: upgraded 1f3a2b4c…→9c0d1e2f… (12.4 MiB), restarted, RUNNING\r\x1b[2K\x1b]0;owned\x07\x07\u{9b}31m\u{202e}{}",
+        "x".repeat(10_000)
+    );
+    let (in_envelope, in_500) = (
+        format!(
+            r#"{{"code":1,"message":{},"data":null}}"#,
+            json_string(&forged)
+        ),
+        format!(r#"{{"code":500,"message":{}}}"#, json_string(&forged)),
+    );
+    let srv = Hostile::start(move |req, stream, _| {
+        if req.is("GET", "/api/v1/bins/myapp") {
+            respond_json(stream, 200, &in_envelope);
+        } else if req.is("GET", "/api/v1/bins/other") {
+            respond_json(stream, 500, &in_500);
+        } else {
+            return false;
+        }
+        true
+    });
+    let host = outdated(&srv, &["myapp", "other"]);
+    let before = snapshot(&host);
+
+    let (ran, _) = run(agent(&host, &srv, &["--timeout", "2"]));
+    assert_eq!(ran.code, 1, "{}", ran.stderr);
+    assert_unchanged(&host, &before, &ran);
+    let raw = ran.stderr.as_bytes();
+    let controls: Vec<u8> = raw
+        .iter()
+        .copied()
+        .filter(|&b| (b < 0x20 && b != b'\n') || b == 0x7f)
+        .collect();
+    assert!(
+        controls.is_empty(),
+        "raw control bytes in the log: {controls:?}"
+    );
+    for c in ['\u{9b}', '\u{202e}'] {
+        assert!(!ran.stderr.contains(c), "{c:?} reached the log raw");
+    }
+    // Exactly the lines of this run, each one event: timestamp, level, subject.
+    let events: Vec<(&str, &str)> = ran
+        .stderr
+        .lines()
+        .map(|l| {
+            let mut words = l.splitn(4, ' ');
+            let (at, level, subject) = (
+                words.next().unwrap_or(""),
+                words.next().unwrap_or(""),
+                words.next().unwrap_or(""),
+            );
+            let stamp = at.len() == 20
+                && at.ends_with('Z')
+                && at.as_bytes()[10] == b'T'
+                && at.bytes().filter(u8::is_ascii_digit).count() == 14;
+            assert!(stamp, "a line that is not an event of this run: {l:?}");
+            assert!(
+                l.len() < 1200,
+                "an outside string was not capped: {} bytes",
+                l.len()
+            );
+            (level, subject)
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("INFO", "registered"),
+            ("ERROR", "myapp:"),
+            ("ERROR", "other:"),
+            ("ERROR", "2")
+        ],
+        "\n{}",
+        ran.stderr
+    );
+    // The message is there, as text.
+    for (name, code) in [
+        ("myapp", "server answered 200: code 1: "),
+        ("other", "server answered 500: "),
+    ] {
+        let line = log_line(&ran, &[&format!("ERROR {name}:"), code]);
+        assert!(
+            line.contains(
+                "nope\\n2026-11-24T08:00:01Z INFO myapp: upgraded 1f3a2b4c…→9c0d1e2f… (12.4 MiB), restarted, RUNNING\\r\\x1b[2K\\x1b]0;owned\\x07\\x07\\u{009b}31m\\u{202e}xxx"
+            ),
+            "{line}"
+        );
+        assert!(line.ends_with("x…"), "not capped: {line}");
+    }
+}
