@@ -258,9 +258,30 @@ fn size(v: &str, flag: &str) -> Result<u64> {
         .ok_or_else(|| Error::Usage(format!("{flag} takes a size like 500M or 2G, not \"{v}\"")))
 }
 
+/// What `bin-manager` is asked to do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ManagerCommand {
+    /// Run the server (no subcommand).
+    #[default]
+    Serve,
+    /// `node reset NAME`: ask a running server to forget a node's token.
+    NodeReset(String),
+    /// `node accept NAME`: ask a running server to admit a pending node.
+    NodeAccept(String),
+}
+
+/// The server an admin subcommand talks to when `--server` is not given.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8081";
+
 /// bin-manager's parsed arguments (`None`: not given, config file or default applies).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ManagerArgs {
+    /// The subcommand.
+    pub command: ManagerCommand,
+    /// `--server URL` (admin subcommands).
+    pub server: Option<String>,
+    /// `--admin-token-file FILE` (admin subcommands).
+    pub admin_token_file: Option<PathBuf>,
     /// `--config PATH`
     pub config: Option<PathBuf>,
     /// `--bin-dir DIR`
@@ -296,7 +317,13 @@ serves pinned versions. Publish with an atomic mv into binDir or with
 PUT /api/v1/bins/NAME. Keeps the registry of nodes that check in.
 
 USAGE:
-    bin-manager [OPTIONS]
+    bin-manager [OPTIONS]                     run the server
+    bin-manager node reset NAME [--server URL] [--admin-token-file FILE]
+                                              make a running server forget NAME's
+                                              node token (a rebuilt host: its next
+                                              registration gets a new one)
+    bin-manager node accept NAME [--server URL] [--admin-token-file FILE]
+                                              admit a pending node (admission: manual)
 
 OPTIONS:
     -c, --config PATH        JSON config {\"binDir\",\"listen\",\"stateFile\",\"token\",
@@ -319,6 +346,24 @@ OPTIONS:
     -h, --help               Print this help.
     -V, --version            Print the version.
 
+NODE SUBCOMMANDS:
+        --server URL         The server to ask. Default: http://127.0.0.1:8081.
+        --admin-token-file FILE
+                             Read the admin token from FILE. Default:
+                             $BIN_MANAGER_ADMIN_TOKEN. Never taken from the command
+                             line, where every user of the host can read it.
+
+CONFIG KEYS BEYOND THE FLAGS (see README.md):
+    workersPerClient         Worker requests one client address may have at once
+                             (default max(4, workers/8)); the next gets 503.
+    requireNodeTokens        true: refuse (403) a registration, report or failure
+                             for a known node without its X-Node-Token.
+    admission                \"open\" (default) or \"manual\": new nodes are pending,
+                             served nothing until accepted.
+    maxNodes                 Most nodes in the registry (default 100000); beyond: 503.
+    registrationsPerMinute   New nodes one address may register a minute (default
+                             60; 0 = no limit); beyond: 429.
+
 ENDPOINTS (all JSON answers are {\"code\",\"message\",\"data\"}):
     GET|POST /api/v1/keepalive?node=NAME   heartbeat / registration
     GET      /api/v1/bins                   what is published
@@ -327,10 +372,13 @@ ENDPOINTS (all JSON answers are {\"code\",\"message\",\"data\"}):
     PUT      /api/v1/bins/NAME              publish (admin token; ?arch=&version=)
     GET|HEAD /api/v1/download/NAME          the file (Range supported)
     GET      /api/v1/nodes                  the fleet: who runs what, who is behind
+    POST     /api/v1/nodes/NAME/accept      admit a pending node (admin token)
+    POST     /api/v1/nodes/NAME/reset       forget a node's token (admin token)
     GET      /healthz                       liveness
 
 EXIT STATUS:
-    1  could not start (address in use, state unreadable)
+    1  could not start (address in use, state unreadable); a node subcommand
+       failed (server unreachable or refused)
     2  bad command line or configuration (binDir missing)
 "
 );
@@ -357,8 +405,38 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
                 out.workers = Some(usize::try_from(n).unwrap_or(usize::MAX));
             }
             Short('q') | Long("quiet") => out.quiet = true,
+            Long("server") => out.server = Some(string(&mut parser, "--server")?),
+            Long("admin-token-file") => {
+                out.admin_token_file = Some(parser.value().map_err(usage)?.into())
+            }
+            Value(word) if out.command == ManagerCommand::Serve && word == "node" => {
+                let mut word = || match parser.next().map_err(usage)? {
+                    Some(Value(w)) => w.into_string().map_err(|_| {
+                        Error::Usage("node subcommand arguments must be UTF-8".into())
+                    }),
+                    _ => Err(Error::Usage(
+                        "node needs a subcommand and a NAME: node reset NAME, node accept NAME"
+                            .into(),
+                    )),
+                };
+                let (action, name) = (word()?, word()?);
+                out.command = match action.as_str() {
+                    "reset" => ManagerCommand::NodeReset(name),
+                    "accept" => ManagerCommand::NodeAccept(name),
+                    other => {
+                        return Err(Error::Usage(format!(
+                            "unknown node subcommand \"{other}\" (use reset or accept)"
+                        )))
+                    }
+                };
+            }
             other => return Err(usage(other.unexpected())),
         }
+    }
+    if out.command != ManagerCommand::Serve && out.admin_token.is_some() {
+        return Err(Error::Usage(
+            "node subcommands never take the admin token from the command line (every user of this host can read it there): set BIN_MANAGER_ADMIN_TOKEN or use --admin-token-file FILE".into(),
+        ));
     }
     Ok(out)
 }
@@ -490,6 +568,31 @@ mod tests {
             "--workers takes a whole number, not \"many\" (see --help)"
         );
         assert_eq!(parse(&["serve"]).unwrap_err().exit_code(), 2);
+
+        let m = parse(&["node", "reset", "web-01", "--server", "http://m:1"]).unwrap();
+        assert_eq!(
+            (m.command, m.server.as_deref()),
+            (
+                ManagerCommand::NodeReset("web-01".into()),
+                Some("http://m:1")
+            )
+        );
+        let m = parse(&["--admin-token-file", "/t", "node", "accept", "n"]).unwrap();
+        assert_eq!(m.command, ManagerCommand::NodeAccept("n".into()));
+        assert_eq!(m.admin_token_file, Some(PathBuf::from("/t")));
+        for (args, msg) in [
+            (&["node"][..], "node needs a subcommand and a NAME: node reset NAME, node accept NAME"),
+            (&["node", "reset"], "node needs a subcommand and a NAME: node reset NAME, node accept NAME"),
+            (&["node", "delete", "n"], "unknown node subcommand \"delete\" (use reset or accept)"),
+            (
+                &["node", "reset", "n", "--admin-token", "s3cret"],
+                "node subcommands never take the admin token from the command line (every user of this host can read it there): set BIN_MANAGER_ADMIN_TOKEN or use --admin-token-file FILE",
+            ),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.to_string(), format!("{msg} (see --help)"), "{args:?}");
+            assert_eq!(e.exit_code(), 2);
+        }
     }
 
     #[test]

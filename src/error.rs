@@ -89,6 +89,14 @@ pub enum Error {
         /// Why it stopped: `UnexpectedEof` (cut off), `TimedOut` (too slow).
         source: io::Error,
     },
+    /// The server refused a request about this node (403): its node token
+    /// is missing or not the one the server issued.
+    NodeTokenRefused {
+        /// The node name.
+        node: String,
+        /// The request refused and the server's message.
+        msg: String,
+    },
     /// A failure a caller wants to describe in its own words (rollback, lock, state).
     Other(String),
 }
@@ -147,6 +155,10 @@ impl fmt::Display for Error {
                     write!(f, "upload stopped after {got} of {len} bytes: {source}")
                 }
             }
+            Error::NodeTokenRefused { node, msg } => write!(
+                f,
+                "node token refused: {msg}; run `bin-manager node reset {node}` on the server if this host was rebuilt"
+            ),
             Error::Other(msg) => f.write_str(msg),
         }
     }

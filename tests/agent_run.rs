@@ -1102,3 +1102,99 @@ fn token_goes_only_to_the_configured_origins_never_to_a_binarys_own_download_url
     );
     assert!(!ran.stderr.contains("s3cret"));
 }
+
+/// The node token the server issues on registration is kept in the state
+/// file (mode 0600, never logged) and sent as `X-Node-Token` with every
+/// later request about this node — heartbeat, build lookups and downloads
+/// (with `node=`), reports, the inventory — and never to another origin.
+#[test]
+fn the_node_token_is_kept_private_and_sent_about_this_node_only() {
+    let host = Host::new();
+    let cdn = common::Server::start();
+    let token = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    host.server.issue_token(token);
+    host.server.publish("app", OLD);
+    host.server.publish("tool", OLD);
+    cdn.publish("tool", OLD);
+    host.write_manifest(&format!(
+        r#"{{"node":{{"name":"{NODE}"}},"binaries":[
+            {{"name":"app","hash":"","path":"{}","restart":"none"}},
+            {{"name":"tool","hash":"","path":"{}","restart":"none","downloadUrl":"{}/download/tool"}}]}}"#,
+        host.target("app").display(),
+        host.target("tool").display(),
+        cdn.api()
+    ));
+    let ran = host.run(&[]);
+    ran.expect_code(0)
+        .expect_log("keeping the node token the server issued");
+    let state = host.dir.join("etc/bin-manifests.json.state");
+    assert_eq!(mode(&state), 0o600);
+    assert!(fs::read_to_string(&state).unwrap().contains(token));
+    // The first run registered (no token yet), then sent it from there on.
+    let first = host.server.requests();
+    assert_eq!(
+        (first[0].method.as_str(), first[0].header("x-node-token")),
+        ("GET", None)
+    );
+    assert_eq!(
+        (first[1].method.as_str(), first[1].header("x-node-token")),
+        ("POST", None)
+    );
+    for r in &first[2..] {
+        assert_eq!(
+            r.header("x-node-token"),
+            Some(token),
+            "{} {}",
+            r.method,
+            r.path
+        );
+    }
+
+    // An upgrade: heartbeat, lookups, download, report and inventory all carry it.
+    host.server.clear_requests();
+    host.server.register(NODE, "{}");
+    host.server.publish("app", NEW);
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log("app: upgraded");
+    let seen: Vec<(String, String, Option<String>)> = host
+        .server
+        .requests()
+        .iter()
+        .map(|r| {
+            (
+                r.method.clone(),
+                r.path.clone(),
+                r.header("x-node-token").map(str::to_string),
+            )
+        })
+        .collect();
+    let with = |m: &str, p: &str| (m.to_string(), p.to_string(), Some(token.to_string()));
+    for want in [
+        with("GET", "/api/v1/keepalive"),
+        with("GET", "/api/v1/bins/app"),
+        with("GET", "/api/v1/download/app"),
+        with("POST", "/api/v1/bins/app"),
+        with("POST", "/api/v1/keepalive"),
+    ] {
+        assert!(seen.contains(&want), "no {want:?} in {seen:?}");
+    }
+    assert!(
+        seen.iter().all(|(_, _, t)| t.as_deref() == Some(token)),
+        "{seen:?}"
+    );
+    let lookups = host.server.requests();
+    let lookup = lookups
+        .iter()
+        .find(|r| r.path == "/api/v1/bins/app")
+        .unwrap();
+    assert_eq!(lookup.param("node").as_deref(), Some(NODE));
+    assert!(
+        cdn.requests()
+            .iter()
+            .all(|r| r.header("x-node-token").is_none()),
+        "another origin got the node token"
+    );
+    for out in [&ran.stderr, &ran.stdout] {
+        assert!(!out.contains(token), "the node token was printed");
+    }
+}

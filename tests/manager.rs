@@ -6,7 +6,7 @@
 mod common;
 
 use common::json::{parse, Json};
-use common::manager::{exchange, http_within, run_to_exit, tree, Manager};
+use common::manager::{exchange, http_from, http_within, run_cli, run_to_exit, tree, Manager};
 use common::{
     http, http_raw, json_string, md5_hex, parse_response, sha256_hex, HttpResponse, TempDir,
 };
@@ -305,6 +305,7 @@ fn keepalive_registers_and_heartbeats() {
     let r = post(&m, "/keepalive?node=n1", &registration("n1", hash));
     let t1 = now_rfc3339();
     let rec = envelope(&r, 200);
+    // The first registration also hands the node its token (once).
     assert_eq!(
         rec.keys(),
         [
@@ -315,9 +316,11 @@ fn keepalive_registers_and_heartbeats() {
             "binaries",
             "failures",
             "lastSeen",
-            "registered"
+            "registered",
+            "nodeToken"
         ]
     );
+    assert_eq!(rec.get("nodeToken").s().len(), 64);
     assert_eq!(rec.get("name").s(), "n1");
     assert_eq!(rec.get("cpuArch").s(), "x86_64");
     assert_eq!(rec.get("osRelease").s(), "Test OS 1");
@@ -358,6 +361,11 @@ fn keepalive_registers_and_heartbeats() {
     ] {
         assert_eq!(again.get(k), rec.get(k), "{k}");
     }
+    assert!(
+        !again.keys().contains(&"nodeToken"),
+        "a heartbeat shows the token: {:?}",
+        again.keys()
+    );
 
     // Typed binding: binaries must be a list of objects.
     let bad = r#"{"name":"n1","cpuArch":"x86_64","osRelease":"Test OS 1","proxyVersion":"1.0.0","binaries":"x","lastSeen":"2020-01-01T00:00:00Z"}"#;
@@ -918,7 +926,7 @@ fn registry_survives_kill_9_and_restart() {
     assert_eq!(b2.get("status").s(), "behind");
     assert_eq!(
         nodes.get("summary"),
-        &parse("{\"nodes\":2,\"current\":1,\"behind\":1,\"failed\":0}")
+        &parse("{\"nodes\":2,\"current\":1,\"behind\":1,\"failed\":0,\"pending\":0}")
     );
     assert_eq!(tree(&state_dir), ["state.json", "state.json.log"]);
     assert_eq!(tree(&m.bin_dir()), ["app"]);
@@ -1237,7 +1245,7 @@ fn end_to_end_with_the_real_agent() {
     let nodes = envelope(&get(&m, "/nodes"), 200);
     assert_eq!(
         nodes.get("summary"),
-        &parse("{\"nodes\":1,\"current\":0,\"behind\":1,\"failed\":0}")
+        &parse("{\"nodes\":1,\"current\":0,\"behind\":1,\"failed\":0,\"pending\":0}")
     );
 
     // A manager that requires a token.
@@ -1630,7 +1638,7 @@ fn the_fleet_view_names_failed_and_unpublished_builds() {
     let view = envelope(&get(&m, "/nodes"), 200);
     assert_eq!(
         view.get("summary"),
-        &parse("{\"nodes\":2,\"current\":0,\"behind\":1,\"failed\":1}")
+        &parse("{\"nodes\":2,\"current\":0,\"behind\":1,\"failed\":1,\"pending\":0}")
     );
     let list = view.get("nodes").arr();
     let bins = |n: &str| {
@@ -2019,4 +2027,411 @@ fn dribbling_request_bodies_from_one_address_do_not_starve_another() {
         .count();
     let refused = statuses.iter().filter(|s| **s == Some(503)).count();
     assert_eq!(logged, refused, "503s in the access log");
+}
+
+// ---------------------------------------------------------------------------
+// 19. No host can speak for another: node tokens, admission, bounds
+// ---------------------------------------------------------------------------
+
+/// The agent's state file beside its manifest.
+fn agent_state(agent: &Agent) -> std::path::PathBuf {
+    agent.dir.join("manifest.json.state")
+}
+
+/// The node token the agent keeps.
+fn kept_token(agent: &Agent) -> String {
+    let state = parse(&fs::read_to_string(agent_state(agent)).unwrap());
+    state.get("node").get("token").s().to_string()
+}
+
+/// `bin-manager node ACTION NAME --server URL` with the admin token in the
+/// environment; (exit code, stdout, stderr).
+fn node_cli(m: &Manager, action: &str, name: &str, admin: &str) -> (i32, String, String) {
+    let url = m.url();
+    run_cli(
+        &["node", action, name, "--server", &url],
+        &[("BIN_MANAGER_ADMIN_TOKEN", admin)],
+        Duration::from_secs(20),
+    )
+}
+
+/// Everything in the registry's files, for "nothing changed" and "no
+/// token on disk".
+fn registry_text(m: &Manager) -> String {
+    let state = m.state_file();
+    let log = state.with_extension("json.log");
+    format!(
+        "{}{}",
+        fs::read_to_string(&state).unwrap_or_default(),
+        fs::read_to_string(&log).unwrap_or_default()
+    )
+}
+
+#[test]
+fn node_tokens_keep_hosts_from_speaking_for_each_other() {
+    let m = Manager::start_with(r#"{"requireNodeTokens":true}"#, &["--admin-token", "adm"]);
+    let (v0, v1, v2) = (
+        b"#!/bin/sh\necho v0\n".to_vec(),
+        b"#!/bin/sh\necho v1\n".to_vec(),
+        b"#!/bin/sh\necho v2\n".to_vec(),
+    );
+    m.publish_mv("app", &v1);
+    let agent = Agent::new(&v0);
+    let (code, log) = agent.run(&m.api(), None);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("keeping the node token the server issued"),
+        "{log}"
+    );
+    let token = kept_token(&agent);
+    assert_eq!(token.len(), 64, "{token}");
+    assert_eq!(common::mode(&agent_state(&agent)), 0o600);
+    assert!(!log.contains(&token), "the agent logged its token");
+    // The server keeps only a hash, in files only root can read.
+    let on_disk = registry_text(&m);
+    assert!(
+        !on_disk.contains(&token),
+        "the registry holds the token itself"
+    );
+    assert!(on_disk.contains(&sha256_hex(token.as_bytes())), "{on_disk}");
+    for file in [m.state_file(), m.state_file().with_extension("json.log")] {
+        assert_eq!(common::mode(&file), 0o600, "{}", file.display());
+    }
+    let before = node_app(&m, "e2e-node");
+    assert_eq!(before.get("status").s(), "current");
+
+    // Another host speaks for e2e-node: without the token, or with a wrong
+    // one, everything about the node is refused and nothing changes.
+    let forged = "{\"name\":\"e2e-node\",\"binaries\":[{\"name\":\"app\",\"version\":\"latest\",\"hash\":\"ffffffffffffffffffffffffffffffff\"}],\"failures\":[]}";
+    let missing = "node \"e2e-node\" has a node token and this server requires it (X-Node-Token)";
+    let wrong = "node \"e2e-node\": the X-Node-Token sent is not this node's token";
+    let api = m.api();
+    for (headers, why) in [
+        (vec![], missing),
+        (vec![("X-Node-Token", "0000")], wrong),
+        (vec![("X-Node-Token", &token[..63])], wrong),
+    ] {
+        let req = |method: &str, path: &str, body: &str| {
+            http(method, &format!("{api}{path}"), &headers, body.as_bytes())
+        };
+        expect_error(&req("POST", "/keepalive?node=e2e-node", forged), 403, why);
+        expect_error(
+            &req(
+                "POST",
+                "/bins/app?node=e2e-node",
+                "{\"hash\":\"ffffffffffffffffffffffffffffffff\"}",
+            ),
+            403,
+            why,
+        );
+        expect_error(&req("GET", "/keepalive?node=e2e-node", ""), 403, why);
+    }
+    assert_eq!(
+        node_app(&m, "e2e-node"),
+        before,
+        "a forged request changed the node"
+    );
+
+    // The agent itself, with its token, goes on: upgrade, report.
+    m.publish_mv("app", &v2);
+    let (code, log) = agent.run(&m.api(), None);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(agent.target(), v2);
+    assert_eq!(node_app(&m, "e2e-node").get("status").s(), "current");
+
+    // The host is rebuilt (its state file lost): refused, said clearly.
+    fs::remove_file(agent_state(&agent)).unwrap();
+    let (code, log) = agent.run(&m.api(), None);
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains("node token refused: ")
+            && log.contains(missing)
+            && log.contains(
+                "run `bin-manager node reset e2e-node` on the server if this host was rebuilt"
+            ),
+        "{log}"
+    );
+
+    // The admin forgets the node's token; the next run gets a new one.
+    let (code, _, err) = run_cli(
+        &[
+            "node",
+            "reset",
+            "e2e-node",
+            "--server",
+            &m.url(),
+            "--admin-token",
+            "adm",
+        ],
+        &[],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, 2, "the admin token on the command line: {err}");
+    assert!(
+        err.contains("never take the admin token from the command line"),
+        "{err}"
+    );
+    let (code, _, err) = node_cli(&m, "reset", "e2e-node", "wrong");
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("server answered 401: this needs the admin bearer token"),
+        "{err}"
+    );
+    let (code, _, err) = node_cli(&m, "reset", "nobody", "adm");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("server answered 404: node not found"), "{err}");
+    let (code, out, err) = node_cli(&m, "reset", "e2e-node", "adm");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "node \"e2e-node\": token forgotten; its next registration gets a new one"
+    );
+    assert!(m
+        .wait_log(Duration::from_secs(5), |l| l.contains(
+            "node \"e2e-node\" token forgotten: its next registration gets a new one"
+        ))
+        .is_some());
+    let (code, log) = agent.run(&m.api(), None);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("has no node token on the server; registered again to get one"),
+        "{log}"
+    );
+    let renewed = kept_token(&agent);
+    assert!(renewed.len() == 64 && renewed != token, "{renewed}");
+    // The old token is worthless now.
+    let r = http(
+        "GET",
+        &format!("{}/keepalive?node=e2e-node", m.api()),
+        &[("X-Node-Token", &token)],
+        b"",
+    );
+    expect_error(&r, 403, wrong);
+}
+
+#[test]
+fn without_required_tokens_seed_agents_work_and_a_wrong_token_is_still_refused() {
+    let m = Manager::start(&[]);
+    let hash = "0123456789abcdef0123456789abcdef";
+    let token = envelope(
+        &post(&m, "/keepalive?node=n1", &registration("n1", hash)),
+        200,
+    )
+    .get("nodeToken")
+    .s()
+    .to_string();
+    // A seed agent (no token at all) may refresh and report.
+    let other = "fedcba9876543210fedcba9876543210";
+    let r = post(&m, "/keepalive?node=n1", &registration("n1", other));
+    let data = envelope(&r, 200);
+    assert!(
+        !data.keys().contains(&"nodeToken"),
+        "a token handed out twice"
+    );
+    envelope(
+        &post(&m, "/bins/app?node=n1", &format!("{{\"hash\":\"{hash}\"}}")),
+        200,
+    );
+    // A token that is present but wrong is refused all the same.
+    let r = http(
+        "POST",
+        &format!("{}/keepalive?node=n1", m.api()),
+        &[("X-Node-Token", "not-it")],
+        registration("n1", other).as_bytes(),
+    );
+    expect_error(
+        &r,
+        403,
+        "node \"n1\": the X-Node-Token sent is not this node's token",
+    );
+    let r = http(
+        "POST",
+        &format!("{}/keepalive?node=n1", m.api()),
+        &[("X-Node-Token", &token)],
+        registration("n1", other).as_bytes(),
+    );
+    envelope(&r, 200);
+}
+
+#[test]
+fn manual_admission_serves_nothing_until_an_admin_accepts() {
+    let m = Manager::start_with(r#"{"admission":"manual"}"#, &["--admin-token", "adm"]);
+    let (v0, v1) = (
+        b"#!/bin/sh\necho v0\n".to_vec(),
+        b"#!/bin/sh\necho v1\n".to_vec(),
+    );
+    m.publish_mv("app", &v1);
+    let agent = Agent::new(&v0);
+    let (code, log) = agent.run(&m.api(), None);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("node \"e2e-node\" is waiting for an admin to accept it")
+            && log.contains("(bin-manager node accept e2e-node)"),
+        "{log}"
+    );
+    assert_eq!(agent.target(), v0, "a pending node installed something");
+    let view = envelope(&get(&m, "/nodes"), 200);
+    assert_eq!(view.get("summary").get("pending").n(), 1.0);
+    assert_eq!(view.get("nodes").arr()[0].get("admission").s(), "pending");
+
+    // Nothing is served to it, nor to anyone who does not say who they are.
+    let token = kept_token(&agent);
+    let pending = "node \"e2e-node\" is pending: an admin must accept it first (bin-manager node accept e2e-node)";
+    let anonymous = "admission is manual: name this node with ?node=NAME (and its X-Node-Token)";
+    let as_node = [("X-Node-Token", token.as_str())];
+    for path in ["/bins/app", "/download/app", "/bins"] {
+        let named = format!("{path}?node=e2e-node");
+        let r = http("GET", &format!("{}{named}", m.api()), &as_node, b"");
+        expect_error(&r, 403, pending);
+        expect_error(&get(&m, path), 403, anonymous);
+        expect_error(
+            &get(&m, &format!("{path}?node=stranger")),
+            403,
+            "node \"stranger\" is not registered: register it (POST keepalive), then an admin accepts it",
+        );
+    }
+    // An admin is served.
+    let r = http(
+        "GET",
+        &format!("{}/bins/app", m.api()),
+        &[("Authorization", "Bearer adm")],
+        b"",
+    );
+    assert_eq!(envelope(&r, 200).get("hash").s(), md5_hex(&v1));
+    assert!(
+        !m.log_lines().iter().any(|l| l
+            .contains("GET /api/v1/download/app?arch=x86_64&node=e2e-node")
+            && l.contains(" 200 ")),
+        "a pending node was sent a build"
+    );
+
+    let (code, out, err) = node_cli(&m, "accept", "e2e-node", "adm");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "node \"e2e-node\": accepted; it is served from now on"
+    );
+    // Accepted, but still only to itself: its token is checked.
+    expect_error(
+        &get(&m, "/bins/app?node=e2e-node"),
+        403,
+        "node \"e2e-node\" has a node token and this server requires it (X-Node-Token)",
+    );
+    let (code, log) = agent.run(&m.api(), None);
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(agent.target(), v1, "{log}");
+    let app = node_app(&m, "e2e-node");
+    assert_eq!(app.get("status").s(), "current");
+    let view = envelope(&get(&m, "/nodes"), 200);
+    assert_eq!(view.get("nodes").arr()[0].get("admission").s(), "accepted");
+}
+
+#[test]
+fn registrations_are_bounded_in_size_number_and_rate() {
+    let mut m = Manager::start_with(r#"{"maxNodes":3,"registrationsPerMinute":5}"#, &[]);
+    let big = |field: &str, value: String| {
+        format!("{{\"name\":\"big\",\"{field}\":{}}}", json_string(&value))
+    };
+    let bins = |n: usize| {
+        let one = "{\"name\":\"a\",\"version\":\"latest\",\"hash\":\"\"}";
+        format!(
+            "{{\"name\":\"big\",\"binaries\":[{}]}}",
+            vec![one; n].join(",")
+        )
+    };
+    let failure = format!(
+        "{{\"name\":\"big\",\"failures\":[{{\"name\":\"a\",\"hash\":\"\",\"error\":{},\"at\":\"\"}}]}}",
+        json_string(&"e".repeat(2000))
+    );
+    for (body, msg) in [
+        (
+            big("osRelease", "x".repeat(300_000)),
+            "\"osRelease\" is 300000 bytes long, more than the limit of 256",
+        ),
+        (
+            big("cpuArch", "x".repeat(100)),
+            "\"cpuArch\" is 100 bytes long, more than the limit of 64",
+        ),
+        (
+            big("proxyVersion", "x".repeat(100)),
+            "\"proxyVersion\" is 100 bytes long, more than the limit of 64",
+        ),
+        (
+            bins(1001),
+            "\"binaries\" has 1001 entries, more than the limit of 1000",
+        ),
+        (
+            failure,
+            "\"failures\"[0].\"error\" is 2000 bytes long, more than the limit of 1000",
+        ),
+    ] {
+        expect_error(&post(&m, "/keepalive?node=big", &body), 400, msg);
+    }
+    expect_error(&get(&m, "/keepalive?node=big"), 404, "node not found");
+
+    // maxNodes: a fourth node is refused, logged; known ones go on.
+    for n in ["n1", "n2", "n3"] {
+        envelope(
+            &post(&m, &format!("/keepalive?node={n}"), &registration(n, "")),
+            200,
+        );
+    }
+    let r = post(&m, "/keepalive?node=n4", &registration("n4", ""));
+    expect_error(
+        &r,
+        503,
+        "the registry is full (3 nodes); an admin must raise maxNodes",
+    );
+    assert_eq!(r.header("retry-after"), Some("600"));
+    assert!(m
+        .wait_log(Duration::from_secs(5), |l| {
+            l.contains(
+            "registry full: 3 nodes (maxNodes); refused to register new node \"n4\" from 127.0.0.1:"
+        )
+        })
+        .is_some());
+    envelope(
+        &post(&m, "/keepalive?node=n1", &registration("n1", "")),
+        200,
+    );
+
+    // Files of an older version, readable by everyone, become 0600.
+    let log = m.state_file().with_extension("json.log");
+    fs::set_permissions(&log, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    m.restart();
+    envelope(
+        &post(&m, "/keepalive?node=n1", &registration("n1", "")),
+        200,
+    );
+    for file in [m.state_file(), log] {
+        assert_eq!(common::mode(&file), 0o600, "{}", file.display());
+    }
+
+    // Five new nodes a minute per address: the sixth from 127.0.0.2 waits,
+    // 127.0.0.3 has its own allowance, and a known node's refresh is free.
+    let m = Manager::start_with(r#"{"registrationsPerMinute":5}"#, &["--quiet"]);
+    let from = |ip: [u8; 4], node: &str| {
+        http_from(
+            ip.into(),
+            "POST",
+            &format!("{}/keepalive?node={node}", m.api()),
+            &[],
+            registration(node, "").as_bytes(),
+        )
+    };
+    for i in 0..5 {
+        envelope(&from([127, 0, 0, 2], &format!("a{i}")), 200);
+    }
+    let r = from([127, 0, 0, 2], "a5");
+    envelope(&r, 429);
+    assert!(
+        parse_message(&r).starts_with("too many new registrations from your address; retry in "),
+        "{}",
+        r.body_str()
+    );
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=12).contains(&wait), "Retry-After {wait}");
+    expect_error(&get(&m, "/keepalive?node=a5"), 404, "node not found");
+    envelope(&from([127, 0, 0, 3], "b0"), 200);
+    envelope(&from([127, 0, 0, 2], "a0"), 200);
 }

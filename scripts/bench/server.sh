@@ -372,7 +372,11 @@ echo "| nginx (sendfile on) | $(fmt_int "$mb_ng") | $all_ng |"
 echo "| ratio bin-manager / nginx | $(ratio "$mb_bm" "$mb_ng") | |"
 
 # --- 3. fleet ---------------------------------------------------------------
-start_manager fleet --quiet
+# The whole simulated fleet comes from 127.0.0.1: lift the per-address
+# limits (new registrations a minute, worker requests at once) that would
+# otherwise throttle one address registering 10,000 nodes.
+echo '{"registrationsPerMinute":0,"workersPerClient":4096}' > "$T/fleet-config.json"
+start_manager fleet --quiet --config "$T/fleet-config.json"
 FPID=$MPID
 say "server-bench: fleet $fleet_nodes nodes x $fleet_bins over $fleet_rounds x $fleet_window s"
 echo

@@ -36,6 +36,12 @@ pub struct Client {
     pub download_timeout: u64,
     /// This node's cpuArch, sent as `arch=` so the server can pick a build.
     pub arch: String,
+    /// This node's name, sent as `node=` with build lookups and downloads
+    /// (so that a server with manual admission knows who asks).
+    pub node: String,
+    /// This node's token from the server (never logged), sent as
+    /// `X-Node-Token` with every request to the configured origins.
+    pub node_token: Option<String>,
 }
 
 /// A response whose body has not been read yet.
@@ -60,15 +66,15 @@ impl Client {
         self.json(resp).map(Some)
     }
 
-    /// `POST keepalive?node=` with the registration body.
-    pub fn keepalive_post(&self, reg: &Registration) -> Result<()> {
+    /// `POST keepalive?node=` with the registration body; the answer's data.
+    pub fn keepalive_post(&self, reg: &Registration) -> Result<Value> {
         let url = format!(
             "{}/keepalive?node={}",
             self.api,
             protocol::encode(&reg.name)
         );
         let resp = self.send(Method::Post, &url, Some(reg.to_json()), self.timeout)?;
-        self.json(resp).map(drop)
+        self.json(resp)
     }
 
     /// `GET bins/NAME`: what the server publishes for this binary.
@@ -132,15 +138,9 @@ impl Client {
         sink: &mut dyn FnMut(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(self.download_timeout.max(1));
-        let auth = |u: &str| {
-            self.token
-                .as_ref()
-                .filter(|_| self.trusts(u))
-                .map(|t| format!("Bearer {t}"))
-        };
         let mut resp = fetch::get(
             url,
-            &auth,
+            &|u| self.credentials(u),
             Duration::from_secs(self.timeout.max(1)),
             deadline,
         )?;
@@ -200,6 +200,20 @@ impl Client {
         }
     }
 
+    /// The headers `url` may receive: the bearer token and the node token,
+    /// for the configured origins only.
+    fn credentials(&self, url: &str) -> Vec<(&'static str, String)> {
+        if !self.trusts(url) {
+            return Vec::new();
+        }
+        let bearer = self
+            .token
+            .as_ref()
+            .map(|t| ("Authorization", format!("Bearer {t}")));
+        let node = self.node_token.clone().map(|t| ("X-Node-Token", t));
+        bearer.into_iter().chain(node).collect()
+    }
+
     /// Whether `url` may receive the token: only the configured API and
     /// download origins do — never a binary's own `downloadUrl` elsewhere,
     /// nor a host a redirect points to.
@@ -210,6 +224,9 @@ impl Client {
 
     fn query(&self, version: Option<&str>) -> String {
         let mut q = format!("?arch={}", protocol::encode(&self.arch));
+        if !self.node.is_empty() {
+            q.push_str(&format!("&node={}", protocol::encode(&self.node)));
+        }
         if let Some(v) = version {
             q.push_str(&format!("&version={}", protocol::encode(v)));
         }
@@ -250,8 +267,8 @@ impl Client {
                     "User-Agent",
                     concat!("bin-proxy/", env!("CARGO_PKG_VERSION")),
                 );
-            if let Some(token) = self.token.as_ref().filter(|_| self.trusts(&url)) {
-                req = req.with_header("Authorization", format!("Bearer {token}"));
+            for (name, value) in self.credentials(&url) {
+                req = req.with_header(name, value);
             }
             if let Some(body) = &body {
                 req = req

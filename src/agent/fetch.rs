@@ -39,19 +39,19 @@ enum Framing {
     Done,
 }
 
-/// GETs `url`, following up to three redirects. `auth` gives the
-/// Authorization value a URL may receive (it is asked again after each
-/// redirect). `connect` bounds connecting and receiving the head; `deadline`
-/// bounds everything, body included.
+/// GETs `url`, following up to three redirects. `credentials` gives the
+/// headers a URL may receive (Authorization, X-Node-Token; it is asked again
+/// after each redirect). `connect` bounds connecting and receiving the head;
+/// `deadline` bounds everything, body included.
 pub fn get(
     url: &str,
-    auth: &dyn Fn(&str) -> Option<String>,
+    credentials: &dyn Fn(&str) -> Vec<(&'static str, String)>,
     connect: Duration,
     deadline: Instant,
 ) -> Result<Response> {
     let mut url = url.to_string();
     for _ in 0..=MAX_REDIRECTS {
-        let resp = get_once(&url, auth(&url), connect, deadline)?;
+        let resp = get_once(&url, &credentials(&url), connect, deadline)?;
         if !matches!(resp.status, 301 | 302 | 303 | 307 | 308) {
             return Ok(resp.inner);
         }
@@ -87,7 +87,12 @@ impl std::ops::Deref for Once {
     }
 }
 
-fn get_once(url: &str, auth: Option<String>, connect: Duration, deadline: Instant) -> Result<Once> {
+fn get_once(
+    url: &str,
+    credentials: &[(&str, String)],
+    connect: Duration,
+    deadline: Instant,
+) -> Result<Once> {
     let http = |msg: String| Error::Http {
         url: url.to_string(),
         msg,
@@ -108,8 +113,8 @@ fn get_once(url: &str, auth: Option<String>, connect: Duration, deadline: Instan
         target.authority,
         env!("CARGO_PKG_VERSION")
     );
-    if let Some(value) = auth {
-        request.push_str(&format!("Authorization: {value}\r\n"));
+    for (name, value) in credentials {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
     conn.write_all(request.as_bytes())

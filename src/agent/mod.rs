@@ -23,6 +23,7 @@ mod upgrade;
 use crate::cli::{process_env, Args, Command};
 use crate::error::{Error, Result};
 use crate::hash;
+use crate::json::Value;
 use crate::log;
 use crate::protocol::{BinaryFact, FailureFact, Registration};
 use crate::{debug, error, info, warn};
@@ -124,6 +125,8 @@ struct Run<'a> {
     client: Client,
     /// Node name, cpuArch, osRelease: read from the host once per run.
     facts: NodeFacts,
+    /// The server refused a request about this node (403): exit 1.
+    token_refused: bool,
 }
 
 /// One upgrade cycle.
@@ -137,33 +140,16 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     };
     let manifest = Manifest::load(config)?;
     check_only(args, &manifest)?;
-    let NodeFacts {
-        name: node,
-        cpu_arch: arch,
-        ..
-    } = node_facts(&manifest);
-    let client = client_for(args, &process_env, &manifest, config, &arch)?;
+    let facts = node_facts(&manifest);
+    let client = client_for(args, &process_env, &manifest, config, &facts)?;
     if args.splay > 0 {
-        let secs = splay(&node, args.splay);
+        let secs = splay(&facts.name, args.splay);
         debug!("splay: sleeping {secs} s");
         std::thread::sleep(Duration::from_secs(secs));
     }
     let mut run = Run::new(args, config, manifest, client);
 
-    let registered = match run.client.keepalive_get(&node) {
-        Ok(found) => found.is_some(),
-        Err(e) => {
-            warn!("keepalive: {e}");
-            true // unknown: do not re-register blindly; a change below still reports
-        }
-    };
-    if !registered {
-        match run.client.keepalive_post(&run.registration()) {
-            Ok(()) => info!("registered node \"{node}\" with {}", run.client.api),
-            Err(e) => warn!("registering node \"{node}\": {e}"),
-        }
-    }
-
+    let pending = run.check_in();
     let (mut up_to_date, mut changed, mut failed, mut skipped) = (0, 0, 0, 0);
     let bins: Vec<Binary> = run
         .manifest
@@ -172,7 +158,14 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         .filter(|b| selected(args, b))
         .cloned()
         .collect();
-    for bin in &bins {
+    if pending {
+        warn!(
+            "node \"{}\" is waiting for an admin to accept it on {} (bin-manager node accept {}); nothing is installed until then",
+            run.facts.name, run.client.api, run.facts.name
+        );
+        skipped = bins.len();
+    }
+    for bin in bins.iter().filter(|_| !pending) {
         match run.binary(bin) {
             Ok(Outcome::UpToDate) => up_to_date += 1,
             Ok(Outcome::Changed) => changed += 1,
@@ -188,17 +181,21 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         warn!("{e}");
     }
     if changed + failed > 0 {
-        if let Err(e) = run.client.keepalive_post(&run.registration()) {
-            warn!("reporting the node's inventory: {e}");
+        match run.client.keepalive_post(&run.registration()) {
+            Ok(data) => run.take_token(&data),
+            Err(e) => run.node_request_failed("reporting the node's inventory", e),
         }
     }
-    let summary =
+    let mut summary =
         format!(
         "{} {}: {up_to_date} up to date, {changed} changed, {failed} failed, {skipped} held back",
         bins.len(),
         if bins.len() == 1 { "binary" } else { "binaries" }
     );
-    if failed > 0 {
+    if run.token_refused {
+        summary.push_str("; the server refused this node's token");
+    }
+    if failed > 0 || run.token_refused {
         error!("{summary}");
         Ok(1)
     } else {
@@ -233,16 +230,95 @@ fn splay(node: &str, max: u64) -> u64 {
 }
 
 impl<'a> Run<'a> {
-    fn new(args: &'a Args, config: &'a Path, manifest: Manifest, client: Client) -> Run<'a> {
+    fn new(args: &'a Args, config: &'a Path, manifest: Manifest, mut client: Client) -> Run<'a> {
         let state_path = State::path_for(config);
+        let state = State::load(&state_path);
+        let facts = node_facts(&manifest);
+        client.node_token = state.node_token(&facts.name).map(str::to_string);
         Run {
             args,
             config,
-            state: State::load(&state_path),
+            state,
             state_path,
-            facts: node_facts(&manifest),
+            facts,
             manifest,
             client,
+            token_refused: false,
+        }
+    }
+
+    /// Heartbeat; registers when the server does not know this node. A
+    /// failure is logged and the run goes on. Returns whether the server
+    /// says the node is pending admission.
+    fn check_in(&mut self) -> bool {
+        let node = self.facts.name.clone();
+        // A node the server holds no token for (an admin reset it) registers
+        // again to be given one; a seed server never says so.
+        let tokenless = |d: &Value| matches!(d.get("hasNodeToken"), Some(Value::Bool(false)));
+        let data = match self.client.keepalive_get(&node) {
+            Ok(Some(data)) if !tokenless(&data) => data,
+            Ok(found) => match self.client.keepalive_post(&self.registration()) {
+                Ok(data) => {
+                    match found {
+                        None => info!("registered node \"{node}\" with {}", self.client.api),
+                        Some(_) => info!("node \"{node}\" has no node token on the server; registered again to get one"),
+                    }
+                    data
+                }
+                Err(e) => {
+                    self.node_request_failed(&format!("registering node \"{node}\""), e);
+                    return false;
+                }
+            },
+            // Unknown: do not re-register blindly; a change below still reports.
+            Err(e) => {
+                self.node_request_failed("keepalive", e);
+                return false;
+            }
+        };
+        self.take_token(&data);
+        data.get("admission").and_then(Value::as_str) == Some("pending")
+    }
+
+    /// Keeps a node token the server issued (`data.nodeToken`): in the state
+    /// file at once, since the server keeps only its hash.
+    fn take_token(&mut self, data: &Value) {
+        let Some(token) = data.get("nodeToken").and_then(Value::as_str) else {
+            return;
+        };
+        let node = self.facts.name.clone();
+        if token.is_empty() || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            warn!("node \"{node}\": ignoring a malformed nodeToken from the server");
+            return;
+        }
+        self.state.set_node_token(&node, token);
+        self.client.node_token = Some(token.to_string());
+        match self.state.save_if_changed(&self.state_path) {
+            Ok(()) => info!(
+                "node \"{node}\": keeping the node token the server issued in \"{}\"",
+                self.state_path.display()
+            ),
+            Err(e) => error!("node \"{node}\": cannot keep the node token the server issued: {e}"),
+        }
+    }
+
+    /// Logs a failed request about this node: a refused token (403) as an
+    /// error that fails the run, anything else as a warning.
+    fn node_request_failed(&mut self, what: &str, e: Error) {
+        match e {
+            Error::Server {
+                status: 403,
+                url,
+                message,
+            } => {
+                self.token_refused = true;
+                let e = Error::NodeTokenRefused {
+                    node: self.facts.name.clone(),
+                    msg: format!("{url}: {message}"),
+                };
+                error!("{what}: {e}");
+            }
+            e => warn!("{what}: {e}"),
         }
     }
 
@@ -282,9 +358,9 @@ impl<'a> Run<'a> {
         self.manifest.save(self.config)
     }
 
-    fn report(&self, name: &str, md5: &str) {
+    fn report(&mut self, name: &str, md5: &str) {
         if let Err(e) = self.client.report_hash(&self.facts.name, name, md5) {
-            warn!("{name}: reporting hash {}: {e}", log::short(md5));
+            self.node_request_failed(&format!("{name}: reporting hash {}", log::short(md5)), e);
         }
     }
 

@@ -1,8 +1,11 @@
 //! The agent's own small state file, beside the manifest
 //! (`bin-manifests.json.state`): a cache of file hashes keyed by what `stat`
 //! says, so that an idle run does not re-read every binary every minute, and
-//! the quarantine of builds that failed here. Losing it costs one re-hash and
-//! one retry, never correctness, so a damaged file is logged and ignored.
+//! the quarantine of builds that failed here, and the node token the server
+//! issued (so the file is mode 0600, always). Losing it costs one re-hash
+//! and one retry — and, where the server requires node tokens, an admin's
+//! `bin-manager node reset` — never correctness, so a damaged file is
+//! logged and ignored.
 
 use crate::error::Result;
 use crate::fsutil;
@@ -71,6 +74,8 @@ pub struct State {
     pub quarantine: Vec<Quarantined>,
     /// Upgrades in flight (at most one per binary).
     pub pending: Vec<Pending>,
+    /// The node name and the token the server issued for it.
+    node_token: Option<(String, String)>,
     dirty: bool,
 }
 
@@ -126,6 +131,24 @@ impl State {
         let before = self.pending.len();
         self.pending.retain(|p| p.name != name);
         self.dirty |= self.pending.len() != before;
+    }
+
+    /// The token the server issued to `node` (none for another name: the
+    /// manifest's node name changed).
+    pub fn node_token(&self, node: &str) -> Option<&str> {
+        self.node_token
+            .as_ref()
+            .filter(|(n, _)| n == node)
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// Keeps the token the server issued to `node`. Save at once: the
+    /// server keeps only its hash.
+    pub fn set_node_token(&mut self, node: &str, token: &str) {
+        if self.node_token(node) != Some(token) {
+            self.node_token = Some((node.to_string(), token.to_string()));
+            self.dirty = true;
+        }
     }
 
     /// Writes the state atomically if anything changed.
@@ -233,11 +256,18 @@ impl State {
                 ("at", Value::str(&p.at)),
             ])
         });
-        Value::obj([
+        let mut top = vec![
             ("files", Value::Arr(files.collect())),
             ("quarantine", Value::Arr(quarantine.collect())),
             ("pending", Value::Arr(pending.collect())),
-        ])
+        ];
+        if let Some((name, token)) = &self.node_token {
+            top.push((
+                "node",
+                Value::obj([("name", Value::str(name)), ("token", Value::str(token))]),
+            ));
+        }
+        Value::obj(top)
     }
 
     fn from_json(v: &Value) -> Option<State> {
@@ -268,6 +298,9 @@ impl State {
                 error: s(&q, "error").unwrap_or_default(),
                 at: s(&q, "at").unwrap_or_default(),
             });
+        }
+        if let Some(node) = v.get("node") {
+            state.node_token = Some((s(node, "name")?, s(node, "token")?));
         }
         for p in list("pending")? {
             state.pending.push(Pending {
@@ -311,9 +344,20 @@ mod tests {
             new: "b".into(),
             at: "t".into(),
         });
+        state.set_node_token("n1", "tok");
+        // Mode 0600 always: it holds the node token.
+        fs::write(&state_path, b"{}").unwrap();
+        fs::set_permissions(
+            &state_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
         state.save_if_changed(&state_path).unwrap();
+        assert_eq!(fs::metadata(&state_path).unwrap().mode() & 0o777, 0o600);
 
         let mut loaded = State::load(&state_path);
+        assert_eq!(loaded.node_token("n1"), Some("tok"));
+        assert_eq!(loaded.node_token("renamed"), None);
         assert_eq!(loaded.files, state.files);
         assert!(loaded.quarantined("app", "ab").is_some());
         assert_eq!(loaded.pending_for("app").map(|p| p.new.as_str()), Some("b"));

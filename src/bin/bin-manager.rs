@@ -1,5 +1,6 @@
-//! `bin-manager`: parse the command line, start the server. Exit code 2 for
-//! usage and configuration errors, 1 when it cannot start otherwise.
+//! `bin-manager`: parse the command line, start the server (or run an admin
+//! subcommand against a running one). Exit code 2 for usage and
+//! configuration errors, 1 when it cannot start or the subcommand failed.
 
 use std::process::ExitCode;
 
@@ -18,6 +19,18 @@ fn main() -> ExitCode {
     if args.version {
         println!("bin-manager {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
+    }
+    if args.command != bin_proxy::cli::ManagerCommand::Serve {
+        return match bin_proxy::manager::admin::run(&args, &bin_proxy::cli::process_env) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                bin_proxy::error!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
     }
     match bin_proxy::manager::run(&args) {
         Ok(()) => ExitCode::SUCCESS,

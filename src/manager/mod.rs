@@ -3,8 +3,14 @@
 //! nodes that check in ([`registry`]), and answers the protocol
 //! ([`routes`]) over a small hardened HTTP/1.1 layer ([`http`]).
 
+pub mod admin;
 pub mod config;
+mod fleet;
 pub mod http;
+pub mod identity;
+pub mod limits;
+mod nodes;
+pub mod record;
 pub mod registry;
 pub mod routes;
 pub mod store;
@@ -49,13 +55,18 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         .local_addr()
         .map_err(|e| Error::Other(format!("cannot read the bound address: {e}")))?;
     crate::info!(
-        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} nodes known, token {}, publishing {})",
+        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} nodes known, token {}, publishing {}, node tokens {}, admission {})",
         env!("CARGO_PKG_VERSION"),
         config.bin_dir.display(),
         config.state_file.display(),
         registry.len(),
         if config.token.is_some() { "required" } else { "off" },
         if config.admin_token.is_some() { "on" } else { "off" },
+        if config.require_node_tokens { "required" } else { "optional" },
+        match config.admission {
+            config::Admission::Open => "open",
+            config::Admission::Manual => "manual",
+        },
     );
     let app = Arc::new(routes::App {
         store,
@@ -63,6 +74,13 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         token: config.token.clone(),
         admin_token: config.admin_token.clone(),
         max_upload: config.max_upload,
+        policy: registry::Policy {
+            require_tokens: config.require_node_tokens,
+            manual_admission: config.admission == config::Admission::Manual,
+            max_nodes: config.max_nodes,
+        },
+        admission: config.admission,
+        rate: std::sync::Mutex::new(limits::RateLimit::new(config.registrations_per_minute)),
     });
     let flusher = app.clone();
     std::thread::spawn(move || {

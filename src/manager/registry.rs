@@ -7,114 +7,67 @@
 //! line every few seconds; when the log grows past a limit it is set aside
 //! and folded into the snapshot `stateFile` (streamed, fsync, rename) while
 //! requests go on. Every line sets values, so replaying one again is
-//! harmless and a crash at any step loses nothing.
+//! harmless and a crash at any step loses nothing. The files are mode 0600:
+//! they hold the hashes of the nodes' tokens.
+//!
+//! Each node may hold the hash of its token ([`super::identity`]) and a
+//! `pending` mark (manual admission). Both are decided here, under the same
+//! lock as the write they guard, so two hosts registering one new name at
+//! once cannot both be given its token.
 
+use super::identity::{self, TokenCheck};
+pub use super::record::Node;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::json::{self, Value};
-use crate::protocol::{BinaryFact, FailureFact};
+use crate::protocol::BinaryFact;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The log is folded into the snapshot when it grows past this.
 const COMPACT_AT: u64 = 8 << 20;
 
-/// What the server knows about one node.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Node {
-    /// Node name.
-    pub name: String,
-    /// `uname -m`.
-    pub cpu_arch: String,
-    /// OS pretty name.
-    pub os_release: String,
-    /// The agent's version.
-    pub proxy_version: String,
-    /// What it runs, per its last registration and reports.
-    pub binaries: Vec<BinaryFact>,
-    /// Failures it reported (latest per binary).
-    pub failures: Vec<FailureFact>,
-    /// Last contact, RFC 3339 UTC.
-    pub last_seen: String,
-    /// First registration, RFC 3339 UTC.
-    pub registered: String,
+/// The policy a registration is judged by (from the config).
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Refuse writes for a known node without its token.
+    pub require_tokens: bool,
+    /// A new node starts `pending`.
+    pub manual_admission: bool,
+    /// Most nodes.
+    pub max_nodes: usize,
 }
 
-impl Node {
-    /// The node as a JSON object (the keepalive `data` and the snapshot entry).
-    pub fn to_json(&self) -> Value {
-        let bins = self.binaries.iter().map(BinaryFact::to_json);
-        let failures = self.failures.iter().map(FailureFact::to_json);
-        Value::obj([
-            ("name", Value::str(&self.name)),
-            ("cpuArch", Value::str(&self.cpu_arch)),
-            ("osRelease", Value::str(&self.os_release)),
-            ("proxyVersion", Value::str(&self.proxy_version)),
-            ("binaries", Value::Arr(bins.collect())),
-            ("failures", Value::Arr(failures.collect())),
-            ("lastSeen", Value::str(&self.last_seen)),
-            ("registered", Value::str(&self.registered)),
-        ])
-    }
+/// What became of a registration.
+#[derive(Debug)]
+pub enum Registered {
+    /// Stored; `token` is set when the node was given a new token (its
+    /// first registration, or the first after its token was reset).
+    Stored {
+        /// The record as stored.
+        node: Box<Node>,
+        /// The new token, to be sent once and never again.
+        token: Option<String>,
+    },
+    /// Refused, nothing changed: the token was wrong or missing.
+    Refused(TokenCheck),
+    /// Refused, nothing changed: a new node, and the registry is full.
+    Full,
+}
 
-    /// Reads a registration body or a stored node. Strings may be missing;
-    /// present ones must have the right type (as the original server's typed
-    /// binding demands).
-    pub fn from_json(v: &Value) -> std::result::Result<Node, String> {
-        if !matches!(v, Value::Obj(_)) {
-            return Err(format!("the body must be a JSON object, not {}", v.kind()));
-        }
-        let s = |obj: &Value, k: &str| -> std::result::Result<String, String> {
-            match obj.get(k) {
-                None | Some(Value::Null) => Ok(String::new()),
-                Some(Value::Str(s)) => Ok(s.clone()),
-                Some(o) => Err(format!("\"{k}\" must be a string, not {}", o.kind())),
-            }
-        };
-        let list = |k: &str| -> std::result::Result<Vec<Value>, String> {
-            match v.get(k) {
-                None | Some(Value::Null) => Ok(Vec::new()),
-                Some(Value::Arr(items)) => Ok(items.clone()),
-                Some(o) => Err(format!("\"{k}\" must be a list, not {}", o.kind())),
-            }
-        };
-        let mut binaries = Vec::new();
-        for (i, b) in list("binaries")?.iter().enumerate() {
-            if !matches!(b, Value::Obj(_)) {
-                return Err(format!(
-                    "\"binaries\"[{i}] must be an object, not {}",
-                    b.kind()
-                ));
-            }
-            binaries.push(BinaryFact {
-                name: s(b, "name")?,
-                version: s(b, "version")?,
-                hash: s(b, "hash")?.to_ascii_lowercase(),
-            });
-        }
-        let mut failures = Vec::new();
-        for f in list("failures")? {
-            failures.push(FailureFact {
-                name: s(&f, "name")?,
-                hash: s(&f, "hash")?,
-                error: s(&f, "error")?,
-                at: s(&f, "at")?,
-            });
-        }
-        Ok(Node {
-            name: s(v, "name")?,
-            cpu_arch: s(v, "cpuArch")?,
-            os_release: s(v, "osRelease")?,
-            proxy_version: s(v, "proxyVersion")?,
-            binaries,
-            failures,
-            last_seen: s(v, "lastSeen")?,
-            registered: s(v, "registered")?,
-        })
-    }
+/// What became of a report.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reported {
+    /// Stored.
+    Stored,
+    /// Ignored: no such node (a seed agent does not name itself).
+    UnknownNode,
+    /// Refused, nothing changed.
+    Refused(TokenCheck),
 }
 
 struct Inner {
@@ -164,7 +117,7 @@ impl Registry {
                 })?;
                 if let Some(Value::Arr(items)) = doc.get("nodes") {
                     for item in items {
-                        let node = Node::from_json(item).map_err(|msg| Error::Config {
+                        let node = Node::from_stored(item).map_err(|msg| Error::Config {
                             path: state_file.to_path_buf(),
                             msg,
                         })?;
@@ -229,50 +182,120 @@ impl Registry {
         self.len() == 0
     }
 
-    /// A heartbeat: the node's record with lastSeen now, or `None` if unknown.
+    /// A heartbeat: the node's record with lastSeen now, `Ok(None)` if
+    /// unknown, `Err` (nothing changed) when its token check refuses it.
     /// Only memory changes; [`Registry::flush_seen`] persists in batches.
-    pub fn heartbeat(&self, name: &str, now: &str) -> Option<Node> {
+    pub fn heartbeat(
+        &self,
+        name: &str,
+        token: Option<&str>,
+        policy: &Policy,
+        now: &str,
+    ) -> std::result::Result<Option<Node>, TokenCheck> {
         let mut inner = self.lock();
-        let node = Arc::make_mut(inner.nodes.get_mut(name)?);
+        let Some(node) = inner.nodes.get_mut(name) else {
+            return Ok(None);
+        };
+        let check = identity::check(&node.token_hash, token);
+        if check.refuses(policy.require_tokens) {
+            return Err(check);
+        }
+        let node = Arc::make_mut(node);
         node.last_seen = now.to_string();
         let node = node.clone();
         inner.seen.insert(name.to_string());
-        Some(node)
+        Ok(Some(node))
     }
 
-    /// Stores a registration durably; returns the stored record.
-    pub fn register(&self, mut node: Node, now: &str) -> Result<Node> {
+    /// Whether `name` is known.
+    pub fn knows(&self, name: &str) -> bool {
+        self.lock().nodes.contains_key(name)
+    }
+
+    /// A known node's admission and how `token` compares with its own.
+    pub fn standing(&self, name: &str, token: Option<&str>) -> Option<(bool, TokenCheck)> {
+        let inner = self.lock();
+        let node = inner.nodes.get(name)?;
+        Some((node.pending, identity::check(&node.token_hash, token)))
+    }
+
+    /// Stores a registration durably, judged under the lock: a known node
+    /// needs its token (see [`TokenCheck::refuses`]) and keeps its token,
+    /// admission and first-registration time; a new node needs room, starts
+    /// pending under manual admission, and gets `fresh` as its token (as
+    /// does a known node that has none).
+    pub fn register(
+        &self,
+        mut node: Node,
+        token: Option<&str>,
+        fresh: &str,
+        policy: &Policy,
+        now: &str,
+    ) -> Result<Registered> {
         node.last_seen = now.to_string();
-        let stored = node.clone();
-        self.commit(
+        let name = node.name.clone();
+        let mut verdict = None;
+        let mut issued = None;
+        self.commit_if(
             |inner| {
-                node.registered = inner
-                    .nodes
-                    .get(&node.name)
-                    .map(|n| n.registered.clone())
-                    .filter(|r| !r.is_empty())
-                    .unwrap_or_else(|| now.to_string());
-                Value::obj([("op", Value::str("node")), ("node", node.to_json())])
+                match inner.nodes.get(&name) {
+                    None if inner.nodes.len() >= policy.max_nodes => {
+                        verdict = Some(Registered::Full);
+                        return None;
+                    }
+                    None => {
+                        node.registered = now.to_string();
+                        node.pending = policy.manual_admission;
+                    }
+                    Some(old) => {
+                        let check = identity::check(&old.token_hash, token);
+                        if check.refuses(policy.require_tokens) {
+                            verdict = Some(Registered::Refused(check));
+                            return None;
+                        }
+                        node.registered = Some(old.registered.clone())
+                            .filter(|r| !r.is_empty())
+                            .unwrap_or_else(|| now.to_string());
+                        node.token_hash = old.token_hash.clone();
+                        node.pending = old.pending;
+                    }
+                }
+                if node.token_hash.is_empty() {
+                    node.token_hash = identity::token_hash(fresh);
+                    issued = Some(fresh.to_string());
+                }
+                Some(Value::obj([
+                    ("op", Value::str("node")),
+                    ("node", node.to_stored()),
+                ]))
             },
             |inner, op| {
                 apply(&mut inner.nodes, op);
-                inner.seen.remove(&stored.name);
+                inner.seen.remove(&name);
             },
         )?;
-        Ok(self
-            .lock()
-            .nodes
-            .get(&stored.name)
-            .map(|n| Node::clone(n))
-            .unwrap_or(stored))
+        if let Some(v) = verdict {
+            return Ok(v);
+        }
+        let stored = self.lock().nodes.get(&name).map(|n| Node::clone(n));
+        Ok(Registered::Stored {
+            node: Box::new(stored.unwrap_or(node)),
+            token: issued,
+        })
     }
 
     /// Stores "node runs hash of bin" durably. Unknown nodes are ignored
-    /// (a seed agent reports without naming itself).
-    pub fn report(&self, node: &str, bin: &str, hash: &str, now: &str) -> Result<bool> {
-        if !self.lock().nodes.contains_key(node) {
-            return Ok(false);
-        }
+    /// (a seed agent reports without naming itself); a known one's token
+    /// is checked as for a registration.
+    pub fn report(
+        &self,
+        node: &str,
+        bin: &str,
+        hash: &str,
+        token: Option<&str>,
+        policy: &Policy,
+        now: &str,
+    ) -> Result<Reported> {
         let op = Value::obj([
             ("op", Value::str("report")),
             ("node", Value::str(node)),
@@ -280,8 +303,44 @@ impl Registry {
             ("hash", Value::str(hash)),
             ("at", Value::str(now)),
         ]);
-        self.commit(|_| op.clone(), |inner, op| apply(&mut inner.nodes, op))?;
-        Ok(true)
+        let mut verdict = Reported::Stored;
+        self.commit_if(
+            |inner| {
+                let Some(known) = inner.nodes.get(node) else {
+                    verdict = Reported::UnknownNode;
+                    return None;
+                };
+                let check = identity::check(&known.token_hash, token);
+                if check.refuses(policy.require_tokens) {
+                    verdict = Reported::Refused(check);
+                    return None;
+                }
+                Some(op.clone())
+            },
+            |inner, op| apply(&mut inner.nodes, op),
+        )?;
+        Ok(verdict)
+    }
+
+    /// An admin's change to a known node (accepting it, forgetting its
+    /// token), stored durably; `None` when there is no such node.
+    pub fn amend(&self, name: &str, change: impl FnOnce(&mut Node)) -> Result<Option<Node>> {
+        let mut found = false;
+        self.commit_if(
+            |inner| {
+                let mut node = Node::clone(inner.nodes.get(name)?);
+                found = true;
+                change(&mut node);
+                Some(Value::obj([
+                    ("op", Value::str("node")),
+                    ("node", node.to_stored()),
+                ]))
+            },
+            |inner, op| apply(&mut inner.nodes, op),
+        )?;
+        Ok(found
+            .then(|| self.lock().nodes.get(name).map(|n| Node::clone(n)))
+            .flatten())
     }
 
     /// Writes the batched lastSeen changes (one line, one fsync).
@@ -321,9 +380,21 @@ impl Registry {
         make: impl FnOnce(&mut Inner) -> Value,
         then: impl FnOnce(&mut Inner, &Value),
     ) -> Result<()> {
+        self.commit_if(|inner| Some(make(inner)), then)
+    }
+
+    /// [`Registry::commit`] for a change decided under the lock: `make`
+    /// returning `None` writes nothing.
+    fn commit_if(
+        &self,
+        make: impl FnOnce(&mut Inner) -> Option<Value>,
+        then: impl FnOnce(&mut Inner, &Value),
+    ) -> Result<()> {
         let (log, fold) = {
             let mut inner = self.lock();
-            let op = make(&mut inner);
+            let Some(op) = make(&mut inner) else {
+                return Ok(());
+            };
             let mut line = op.to_compact();
             line.push('\n');
             (&*inner.log)
@@ -397,7 +468,7 @@ fn fold(files: &Files, inner: &Mutex<Inner>) -> Result<()> {
                 if i > 0 {
                     w.write_all(b",\n")?;
                 }
-                w.write_all(node.to_json().to_compact().as_bytes())?;
+                w.write_all(node.to_stored().to_compact().as_bytes())?;
             }
             w.write_all(b"\n]}\n")
         })?;
@@ -453,12 +524,18 @@ fn set_log_aside(files: &Files) -> Result<()> {
     fs::remove_file(&files.log).map_err(|e| Error::io("removing", &files.log, e))
 }
 
+/// Opens (creating) a registry log, mode 0600 — also one an older version
+/// created readable by everyone.
 fn open_log(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(path)
-        .map_err(|e| Error::io("opening", path, e))
+        .map_err(|e| Error::io("opening", path, e))?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("setting the mode of", path, e))?;
+    Ok(file)
 }
 
 /// Applies one log line to the node map. Idempotent.
@@ -466,7 +543,7 @@ fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
     let s = |k: &str| op.get(k).and_then(Value::as_str).unwrap_or("").to_string();
     match op.get("op").and_then(Value::as_str) {
         Some("node") => {
-            if let Some(node) = op.get("node").and_then(|n| Node::from_json(n).ok()) {
+            if let Some(node) = op.get("node").and_then(|n| Node::from_stored(n).ok()) {
                 nodes.insert(node.name.clone(), Arc::new(node));
             }
         }
@@ -503,6 +580,16 @@ fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
 mod tests {
     use super::*;
 
+    const OPEN: Policy = Policy {
+        require_tokens: false,
+        manual_admission: false,
+        max_nodes: 100,
+    };
+
+    fn register(reg: &Registry, node: Node, now: &str) -> Registered {
+        reg.register(node, None, "fresh-token", &OPEN, now).unwrap()
+    }
+
     #[test]
     fn survives_reopen_with_log_and_snapshot() {
         let dir = std::env::temp_dir().join(format!("bin-manager-registry-{}", std::process::id()));
@@ -514,14 +601,23 @@ mod tests {
             cpu_arch: "x86_64".into(),
             ..Node::default()
         };
-        reg.register(node, "2026-01-01T00:00:00Z").unwrap();
+        register(&reg, node, "2026-01-01T00:00:00Z");
+        let token = Some("fresh-token");
+        assert_eq!(
+            reg.report("n1", "app", "ab", token, &OPEN, "2026-01-01T00:00:01Z")
+                .unwrap(),
+            Reported::Stored
+        );
+        assert_eq!(
+            reg.report("nobody", "app", "ab", None, &OPEN, "t").unwrap(),
+            Reported::UnknownNode
+        );
         assert!(reg
-            .report("n1", "app", "ab", "2026-01-01T00:00:01Z")
-            .unwrap());
-        assert!(!reg.report("nobody", "app", "ab", "t").unwrap());
-        assert!(reg.heartbeat("n1", "2026-01-01T00:00:09Z").is_some());
+            .heartbeat("n1", token, &OPEN, "2026-01-01T00:00:09Z")
+            .unwrap()
+            .is_some());
         reg.flush_seen().unwrap();
-        assert!(reg.heartbeat("nobody", "t").is_none());
+        assert!(reg.heartbeat("nobody", None, &OPEN, "t").unwrap().is_none());
         drop(reg);
 
         // A torn line at the end (a crash mid-append) is ignored.
@@ -560,14 +656,14 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let state = dir.join("state.json");
         let reg = Registry::open(&state).unwrap();
-        reg.register(
+        register(
+            &reg,
             Node {
                 name: "n1".into(),
                 ..Node::default()
             },
             "t1",
-        )
-        .unwrap();
+        );
         drop(reg);
         // As if killed mid-fold: the old log set aside, a new one started, the
         // snapshot not yet rewritten.
@@ -590,22 +686,102 @@ mod tests {
     }
 
     #[test]
-    fn registration_types_are_checked() {
-        let bad = json::parse(r#"{"name":"n","binaries":"x"}"#).unwrap();
-        assert_eq!(
-            Node::from_json(&bad).unwrap_err(),
-            "\"binaries\" must be a list, not a string"
-        );
-        let bad = json::parse(r#"{"name":"n","binaries":[{"name":1}]}"#).unwrap();
-        assert_eq!(
-            Node::from_json(&bad).unwrap_err(),
-            "\"name\" must be a string, not a number"
-        );
-        let bad = json::parse(r#"{"name":"n","binaries":["a"]}"#).unwrap();
-        assert_eq!(
-            Node::from_json(&bad).unwrap_err(),
-            "\"binaries\"[0] must be an object, not a string"
-        );
+    fn a_node_keeps_its_token_and_no_other_host_speaks_for_it() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-tokens-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = dir.join("state.json");
+        let reg = Registry::open(&state).unwrap();
+        let node = |os: &str| Node {
+            name: "n1".into(),
+            os_release: os.into(),
+            ..Node::default()
+        };
+        let required = Policy {
+            require_tokens: true,
+            ..OPEN
+        };
+        let Registered::Stored { token, .. } = reg
+            .register(node("a"), None, "t-1", &required, "t")
+            .unwrap()
+        else {
+            panic!("first registration refused")
+        };
+        assert_eq!(token.as_deref(), Some("t-1"));
+        // Without, or with a wrong token: refused, nothing changed.
+        for (presented, why) in [
+            (None, TokenCheck::Missing),
+            (Some("t-2"), TokenCheck::Wrong),
+        ] {
+            match reg
+                .register(node("b"), presented, "t-3", &required, "t")
+                .unwrap()
+            {
+                Registered::Refused(c) => assert_eq!(c, why),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(
+                reg.report("n1", "app", "ab", presented, &required, "t")
+                    .unwrap(),
+                Reported::Refused(why)
+            );
+            assert_eq!(
+                reg.heartbeat("n1", presented, &required, "t").unwrap_err(),
+                why
+            );
+        }
+        // A wrong token is refused even where tokens are not required.
+        assert!(matches!(
+            reg.register(node("c"), Some("t-2"), "t-3", &OPEN, "t")
+                .unwrap(),
+            Registered::Refused(TokenCheck::Wrong)
+        ));
+        assert_eq!(reg.nodes()[0].os_release, "a");
+        // With it: stored, and no new token.
+        let Registered::Stored { token, .. } = reg
+            .register(node("d"), Some("t-1"), "t-4", &required, "t")
+            .unwrap()
+        else {
+            panic!("refused with the right token")
+        };
+        assert_eq!(token, None);
+        // Reset by an admin: the next registration gets a new token; on disk
+        // only hashes, in files of mode 0600.
+        reg.amend("n1", |n| n.token_hash.clear()).unwrap().unwrap();
+        drop(reg);
+        let reg = Registry::open(&state).unwrap();
+        let Registered::Stored { token, .. } = reg
+            .register(node("e"), None, "t-5", &required, "t")
+            .unwrap()
+        else {
+            panic!("refused after a reset")
+        };
+        assert_eq!(token.as_deref(), Some("t-5"));
+        reg.flush_seen().unwrap();
+        for file in ["state.json", "state.json.log"] {
+            let text = fs::read_to_string(dir.join(file)).unwrap();
+            assert!(!text.contains("t-5"), "{file} holds a token");
+            let mode = fs::metadata(dir.join(file)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        // Full: a new node is refused, a known one still registers.
+        let one = Policy {
+            max_nodes: 1,
+            ..OPEN
+        };
+        let other = Node {
+            name: "n2".into(),
+            ..Node::default()
+        };
+        assert!(matches!(
+            reg.register(other, None, "t-6", &one, "t").unwrap(),
+            Registered::Full
+        ));
+        assert!(matches!(
+            reg.register(node("f"), Some("t-5"), "t-7", &one, "t")
+                .unwrap(),
+            Registered::Stored { .. }
+        ));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -621,7 +797,7 @@ mod tests {
                 cpu_arch: "x86_64".into(),
                 ..Node::default()
             };
-            reg.register(node, "t1").unwrap();
+            register(&reg, node, "t1");
         }
         // The last fold finishes on its own thread (bounded wait).
         let until = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -1,16 +1,20 @@
 //! bin-manager's answers: the seed's protocol (keepalive, bins, download)
 //! with its `{"code","message","data"}` envelope on every JSON answer,
 //! errors included, plus publishing (`PUT bins/NAME`), the fleet view
-//! (`GET nodes`) and `GET /healthz`. Names are checked before any file is
-//! touched; tokens are compared in constant time.
+//! (`GET nodes`, in [`super::fleet`]), the admins' node requests and
+//! `GET /healthz`. This file dispatches and serves builds; the answers
+//! about nodes are in [`super::nodes`]. Names are checked before any file
+//! is touched; tokens are compared in constant time.
 
+use super::config::Admission;
 use super::http::{Context, Payload, Request, Response};
-use super::registry::{Node, Registry};
+use super::limits::RateLimit;
+use super::registry::{Policy, Registry};
 use super::store::{valid_name, Build, Lookup, Store};
 use crate::json::{self, Value};
 use crate::log;
-use crate::protocol::{self, BinaryFact, FailureFact};
-use std::collections::HashMap;
+use crate::protocol;
+use std::sync::Mutex;
 
 /// Largest JSON request body.
 const MAX_JSON: u64 = 1 << 20;
@@ -27,15 +31,21 @@ pub struct App {
     pub admin_token: Option<String>,
     /// Largest upload accepted.
     pub max_upload: u64,
+    /// How registrations are judged (tokens, admission, size).
+    pub policy: Policy,
+    /// Who is served.
+    pub admission: Admission,
+    /// New registrations per client address.
+    pub rate: Mutex<RateLimit>,
 }
 
 /// The seed's success envelope.
-fn ok(data: Value) -> Response {
+pub(super) fn ok(data: Value) -> Response {
     Response::json(200, protocol::envelope(200, "Success", data))
 }
 
 /// An error in the same envelope, `code` = HTTP status.
-fn fail(status: u16, message: &str) -> Response {
+pub(super) fn fail(status: u16, message: &str) -> Response {
     Response::error(status, message)
 }
 
@@ -69,6 +79,24 @@ impl App {
             Some((route, name)) => (route, Some(name)),
             None => (rest, None),
         };
+        // `nodes/NAME/ACTION` (admin): the one route with two segments.
+        if let (true, Some((node, action))) =
+            (route == "nodes", name.and_then(|n| n.split_once('/')))
+        {
+            if on_loop {
+                return None;
+            }
+            return Some(
+                match (
+                    percent_decode(node).filter(|n| valid_name(n)),
+                    req.method.as_str(),
+                ) {
+                    (None, _) => fail(400, "invalid node name"),
+                    (Some(node), "POST") => self.admin_node(req, &node, action),
+                    (Some(_), _) => fail(405, "use POST"),
+                },
+            );
+        }
         let name =
             match name.map(|n| percent_decode(n).filter(|n| valid_name(n))) {
                 None => None,
@@ -82,8 +110,16 @@ impl App {
             Ok(q) => q,
             Err(resp) => return Some(resp),
         };
+        if matches!(
+            (route, req.method.as_str()),
+            ("bins", "GET") | ("download", "GET" | "HEAD")
+        ) {
+            if let Some(refusal) = self.refuse_unadmitted(req, &query) {
+                return Some(refusal);
+            }
+        }
         Some(match (route, name, req.method.as_str()) {
-            ("keepalive", None, "GET") => self.keepalive_get(&query),
+            ("keepalive", None, "GET") => self.keepalive_get(req, &query),
             ("bins", Some(name), "GET") => return self.bin_info(&name, &query, on_loop),
             _ if on_loop => return None,
             ("keepalive", None, "POST") => self.keepalive_post(req, &query),
@@ -97,39 +133,6 @@ impl App {
             }
             _ => fail(404, "not found"),
         })
-    }
-
-    fn keepalive_get(&self, q: &Query) -> Response {
-        let Some(node) = &q.node else {
-            return fail(400, "missing ?node=NAME");
-        };
-        match self.registry.heartbeat(node, &log::utc_now()) {
-            Some(record) => ok(record.to_json()),
-            None => fail(404, "node not found"),
-        }
-    }
-
-    fn keepalive_post(&self, req: &mut Request, q: &Query) -> Response {
-        let doc = match json_body(req) {
-            Ok(doc) => doc,
-            Err(resp) => return resp,
-        };
-        let mut node = match Node::from_json(&doc) {
-            Ok(n) => n,
-            Err(msg) => return fail(400, &msg),
-        };
-        match (&q.node, node.name.is_empty()) {
-            (Some(name), _) => node.name = name.clone(),
-            (None, false) => {}
-            (None, true) => return fail(400, "missing ?node=NAME"),
-        }
-        if !valid_name(&node.name) {
-            return fail(400, "invalid node name");
-        }
-        match self.registry.register(node, &log::utc_now()) {
-            Ok(record) => ok(record.to_json()),
-            Err(e) => fail(500, &format!("could not store the registration: {e}")),
-        }
     }
 
     fn find(&self, name: &str, q: &Query) -> Result<Build, Response> {
@@ -174,24 +177,6 @@ impl App {
             ])
         });
         ok(Value::Arr(items.collect()))
-    }
-
-    fn report(&self, req: &mut Request, name: &str, q: &Query) -> Response {
-        let doc = match json_body(req) {
-            Ok(doc) => doc,
-            Err(resp) => return resp,
-        };
-        let hash = match doc.get("hash").and_then(Value::as_str) {
-            Some(h) if crate::hash::is_md5(h) => h.to_ascii_lowercase(),
-            _ => return fail(400, "body must be {\"hash\":\"<md5 hex>\"}"),
-        };
-        let Some(node) = &q.node else {
-            return ok(Value::Null);
-        }; // seed agents do not say who they are
-        match self.registry.report(node, name, &hash, &log::utc_now()) {
-            Ok(_) => ok(Value::Null),
-            Err(e) => fail(500, &format!("could not store the report: {e}")),
-        }
     }
 
     fn publish(&self, req: &mut Request, name: &str, q: &Query) -> Response {
@@ -284,119 +269,9 @@ impl App {
             },
         }
     }
-
-    /// The fleet view, written as text in two passes over the registry
-    /// (counts for the summary, then the nodes) with no document tree: at
-    /// 10,000 nodes × 50 binaries the answer is 60 MB, and a tree of it
-    /// would take several times that.
-    fn nodes(&self) -> Response {
-        let nodes = self.registry.nodes();
-        // One lookup per (binary, arch, version), however many nodes share it.
-        let mut published = HashMap::new();
-        let (mut current, mut behind, mut failed) = (0u64, 0u64, 0u64);
-        for node in &nodes {
-            for b in &node.binaries {
-                match self.standing(node, b, &mut published).0 {
-                    "current" => current += 1,
-                    "behind" => behind += 1,
-                    "failed" => failed += 1,
-                    _ => {}
-                }
-            }
-        }
-        let summary = Value::obj([
-            ("nodes", Value::int(nodes.len() as u64)),
-            ("current", Value::int(current)),
-            ("behind", Value::int(behind)),
-            ("failed", Value::int(failed)),
-        ]);
-        let body = protocol::envelope_with(200, "Success", |out| {
-            out.push_str("{\"summary\":");
-            summary.write_compact(out);
-            out.push_str(",\"nodes\":[");
-            for (i, node) in nodes.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let bins = node.binaries.iter().map(|b| {
-                    let (status, want, failure) = self.standing(node, b, &mut published);
-                    let mut entry = vec![
-                        ("name", Value::str(&b.name)),
-                        ("version", Value::str(&b.version)),
-                        ("hash", Value::str(&b.hash)),
-                        ("published", want.map_or(Value::Null, Value::Str)),
-                        ("status", Value::str(status)),
-                    ];
-                    if let Some(f) = failure {
-                        entry.push(("error", Value::str(&f.error)));
-                    }
-                    Value::obj(entry)
-                });
-                Value::obj([
-                    ("name", Value::str(&node.name)),
-                    ("cpuArch", Value::str(&node.cpu_arch)),
-                    ("osRelease", Value::str(&node.os_release)),
-                    ("proxyVersion", Value::str(&node.proxy_version)),
-                    ("lastSeen", Value::str(&node.last_seen)),
-                    ("binaries", Value::Arr(bins.collect())),
-                ])
-                .write_compact(out);
-            }
-            out.push_str("]}");
-        });
-        Response::json(200, body)
-    }
-
-    /// Where one binary of a node stands: "current", "behind", "failed" (its
-    /// failure names the published build) or "unpublished"; with the
-    /// published md5 and the failure.
-    fn standing<'n>(
-        &self,
-        node: &'n Node,
-        b: &BinaryFact,
-        published: &mut HashMap<(String, String, String), Option<String>>,
-    ) -> (&'static str, Option<String>, Option<&'n FailureFact>) {
-        let pinned = pinned(b);
-        let key = (
-            b.name.clone(),
-            node.cpu_arch.clone(),
-            pinned.unwrap_or("").to_string(),
-        );
-        let want = published
-            .entry(key)
-            .or_insert_with(|| {
-                let arch = Some(node.cpu_arch.as_str()).filter(|a| valid_name(a));
-                if !valid_name(&b.name) || pinned.is_some_and(|v| !valid_name(v)) {
-                    return None;
-                }
-                self.store
-                    .get(&b.name, arch, pinned)
-                    .ok()
-                    .flatten()
-                    .map(|build| build.md5)
-            })
-            .clone();
-        let failure = node.failures.iter().find(|f| {
-            f.name == b.name
-                && want
-                    .as_deref()
-                    .is_some_and(|w| f.hash.eq_ignore_ascii_case(w))
-        });
-        let status = match (&want, failure) {
-            (None, _) => "unpublished",
-            (Some(_), Some(_)) => "failed",
-            (Some(w), None) if w.eq_ignore_ascii_case(&b.hash) => "current",
-            (Some(_), None) => "behind",
-        };
-        (status, want, failure)
-    }
 }
 
-fn pinned(b: &BinaryFact) -> Option<&str> {
-    Some(b.version.as_str()).filter(|v| !v.is_empty() && *v != "latest")
-}
-
-fn json_body(req: &mut Request) -> Result<Value, Response> {
+pub(super) fn json_body(req: &mut Request) -> Result<Value, Response> {
     if req.body_len > MAX_JSON {
         return Err(fail(413, "JSON body larger than 1 MiB"));
     }
@@ -407,7 +282,7 @@ fn json_body(req: &mut Request) -> Result<Value, Response> {
     json::parse(text).map_err(|e| fail(400, &format!("invalid JSON at {e}")))
 }
 
-fn bearer<'a>(req: &'a Request) -> &'a str {
+pub(super) fn bearer<'a>(req: &'a Request) -> &'a str {
     req.header("authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
@@ -415,7 +290,7 @@ fn bearer<'a>(req: &'a Request) -> &'a str {
 }
 
 /// Compares secrets without an early exit that would leak their prefix.
-fn same_secret(given: &str, want: &str) -> bool {
+pub(super) fn same_secret(given: &str, want: &str) -> bool {
     let (g, w) = (given.as_bytes(), want.as_bytes());
     let mut diff = g.len() ^ w.len();
     for (i, b) in w.iter().enumerate() {
@@ -425,10 +300,13 @@ fn same_secret(given: &str, want: &str) -> bool {
 }
 
 /// The query parameters the protocol knows, validated.
-struct Query {
-    node: Option<String>,
-    arch: Option<String>,
-    version: Option<String>,
+pub(super) struct Query {
+    /// `node=`
+    pub(super) node: Option<String>,
+    /// `arch=`
+    pub(super) arch: Option<String>,
+    /// `version=`
+    pub(super) version: Option<String>,
 }
 
 impl Query {

@@ -209,19 +209,34 @@ fn listening_port(line: &str) -> Option<u16> {
 /// Runs `bin-manager ARGS` expecting it to exit by itself within `timeout`;
 /// returns (exit code, stderr). Kills it and panics if it does not exit.
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> (i32, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bin-manager"))
-        .args(args)
+    let (code, _, stderr) = run_cli(args, &[], timeout);
+    (code, stderr)
+}
+
+/// Like [`run_to_exit`] with these environment variables set (the tokens'
+/// are otherwise removed); returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-manager"));
+    cmd.args(args)
         .env_remove("BIN_MANAGER_TOKEN")
         .env_remove("BIN_MANAGER_ADMIN_TOKEN")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bin-manager");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start bin-manager");
     let mut stderr = child.stderr.take().expect("stderr pipe");
+    let mut stdout = child.stdout.take().expect("stdout pipe");
     let reader = thread::spawn(move || {
         let mut s = String::new();
         let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let out_reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
         s
     });
     let deadline = Instant::now() + timeout;
@@ -236,7 +251,11 @@ pub fn run_to_exit(args: &[&str], timeout: Duration) -> (i32, String) {
         }
         thread::sleep(Duration::from_millis(20));
     };
-    (code, reader.join().unwrap_or_default())
+    (
+        code,
+        out_reader.join().unwrap_or_default(),
+        reader.join().unwrap_or_default(),
+    )
 }
 
 /// Splits `http://host:port/path` into (`host:port`, `/path`).
@@ -277,6 +296,41 @@ pub fn exchange(addr: &str, raw: Vec<u8>, timeout: Duration) -> Vec<u8> {
     let _ = stream.shutdown(std::net::Shutdown::Both);
     let _ = sender.join();
     out
+}
+
+/// One request (`Connection: close`) to `url` sent from the local address
+/// `from` (any of 127.0.0.0/8), as another client would; read deadline 15 s.
+pub fn http_from(
+    from: std::net::Ipv4Addr,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let (host, target) = split(url);
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut stream = bin_proxy::sys::connect_from(from, host.parse().expect("127.0.0.1:PORT"))
+        .unwrap_or_else(|e| panic!("connect from {from} to {host}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("read timeout");
+    stream.write_all(req.as_bytes()).expect("send the head");
+    stream.write_all(body).expect("send the body");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    super::parse_response(&answer).unwrap_or_else(|| {
+        panic!(
+            "no parsable answer to {method} {url} from {from}: {:?}",
+            String::from_utf8_lossy(&answer)
+        )
+    })
 }
 
 /// One request (`Connection: close`) with a read deadline of `timeout`

@@ -138,6 +138,8 @@ struct State {
     nodes: HashMap<String, String>,
     reported: HashMap<String, Vec<String>>,
     requests: Vec<Request>,
+    /// Handed out in the answer to every `POST keepalive` (`data.nodeToken`).
+    node_token: Option<String>,
 }
 
 #[derive(Clone)]
@@ -174,6 +176,7 @@ impl Server {
                 nodes: HashMap::new(),
                 reported: HashMap::new(),
                 requests: Vec::new(),
+                node_token: None,
             })),
             stop: Arc::new(AtomicBool::new(false)),
             base: format!("http://{}", addr),
@@ -251,6 +254,12 @@ impl Server {
         self.state()
             .nodes
             .insert(node.to_string(), body.to_string());
+    }
+
+    /// Answers every `POST keepalive` with `{"nodeToken": TOKEN}` as its
+    /// data, as bin-manager does on a node's first registration.
+    pub fn issue_token(&self, token: &str) {
+        self.state().node_token = Some(token.to_string());
     }
 
     /// The last keepalive body POSTed for `node` (or given to `register`).
@@ -538,7 +547,11 @@ fn keepalive(st: &mut State, req: &Request) -> Action {
         },
         "POST" => {
             st.nodes.insert(node, req.body_str());
-            json(200, success(style, "null"))
+            let data = match &st.node_token {
+                Some(t) => format!("{{\"nodeToken\":{}}}", json_string(t)),
+                None => "null".to_string(),
+            };
+            json(200, success(style, &data))
         }
         _ => json(404, failure(style, 404, "not found")),
     }
