@@ -97,6 +97,36 @@ pub enum Error {
         /// The request refused and the server's message.
         msg: String,
     },
+    /// A managed file sits where someone other than root or its owner could
+    /// write: the agent refuses to replace it (nothing downloaded).
+    UnsafePath {
+        /// The file that would be replaced.
+        path: PathBuf,
+        /// The directory (the file's own or one above) that is not safe.
+        dir: PathBuf,
+        /// Who else could write it.
+        why: String,
+    },
+    /// rename(2) cannot replace the file here: a read-only mount, or a file
+    /// that is a mount point of its own.
+    CannotReplace {
+        /// The file.
+        path: PathBuf,
+        /// Its directory (the identity a failure is remembered by).
+        dir: PathBuf,
+        /// Why not.
+        why: String,
+    },
+    /// The managed path led to another directory at the swap than when the
+    /// download started (a symlinked directory was switched mid-run).
+    DirChanged {
+        /// The managed path.
+        path: PathBuf,
+        /// Where it led when the download started (the temp file was there).
+        was: PathBuf,
+        /// Where it leads now.
+        now: PathBuf,
+    },
     /// A failure a caller wants to describe in its own words (rollback, lock, state).
     Other(String),
 }
@@ -155,6 +185,22 @@ impl fmt::Display for Error {
                     write!(f, "upload stopped after {got} of {len} bytes: {source}")
                 }
             }
+            Error::UnsafePath { path, dir, why } => write!(
+                f,
+                "\"{}\": refusing to replace it: directory \"{}\": {why}; whoever can write there could choose what root installs (make every directory up to / owned by root and not writable by group or others)",
+                path.display(),
+                dir.display()
+            ),
+            Error::CannotReplace { path, why, .. } => {
+                write!(f, "\"{}\" cannot be replaced: {why}", path.display())
+            }
+            Error::DirChanged { path, was, now } => write!(
+                f,
+                "the directory of \"{}\" changed during the run: it led to \"{}\", now to \"{}\"; nothing replaced",
+                path.display(),
+                was.display(),
+                now.display()
+            ),
             Error::NodeTokenRefused { node, msg } => write!(
                 f,
                 "node token refused: {msg}; run `bin-manager node reset {node}` on the server if this host was rebuilt"

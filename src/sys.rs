@@ -2,7 +2,7 @@
 //! attributes (the agent keeps a file's capabilities and labels across a
 //! swap) and what bin-manager's event loops need (epoll, eventfd,
 //! non-blocking send/recv, sendfile, listen backlog, RLIMIT_NOFILE), the
-//! effective uid, and a connect from a chosen local address. This is
+//! effective uid, access(2), and a connect from a chosen local address. This is
 //! the crate's only module with `unsafe` code (the crate root denies it
 //! everywhere else) and the only user of the libc crate; every block says
 //! which invariant makes it sound.
@@ -243,4 +243,11 @@ pub fn connect_from(
 pub fn euid() -> u32 {
     // SAFETY: geteuid(2) takes nothing and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+/// access(2) for writing: fails with EROFS on a read-only mount, even for
+/// root, without writing anything.
+pub fn check_writable(path: &CStr) -> io::Result<()> {
+    // SAFETY: `path` is a live NUL-terminated string.
+    check(unsafe { libc::access(path.as_ptr(), libc::W_OK) } as isize).map(drop)
 }

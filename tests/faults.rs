@@ -826,3 +826,308 @@ fn run_killed_mid_download_releases_the_lock_and_is_swept() {
         temp_files(&host.opt)
     );
 }
+
+// ---------------------------------------------------------------------------
+// Files the agent touches: who else can write there, read-only mounts,
+// directories switched mid-run
+// ---------------------------------------------------------------------------
+
+/// Runs the agent on `host` expecting it to refuse the upgrade for a
+/// directory others could write; checks that nothing was downloaded or
+/// changed. Returns the log line.
+fn expect_refused(host: &Host, dir: &Path, why: &str) -> String {
+    let target = host.target("app");
+    let manifest = host.manifest_text();
+    let before = fs::read(&target).unwrap();
+    host.server.clear_requests();
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    let line = log_line(
+        &ran,
+        &[
+            "app",
+            "refusing to replace it",
+            &format!("directory \"{}\"", dir.display()),
+            why,
+        ],
+        "",
+    )
+    .to_string();
+    assert_eq!(
+        host.server.count("GET", "/api/v1/download/"),
+        0,
+        "downloaded: {line}"
+    );
+    assert_eq!(fs::read(&target).unwrap(), before);
+    assert_eq!(host.manifest_text(), manifest);
+    assert!(fs::symlink_metadata(host.target("app.bak")).is_err());
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+    line
+}
+
+/// Case 10: a managed path in a directory (or below one) that someone other
+/// than root or the file's owner can write is refused before any download.
+#[test]
+fn a_directory_others_can_write_is_refused_and_nothing_is_downloaded() {
+    require_root();
+    let host = outdated_host(OLD, NEW);
+    let chmod = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    for (m, shown) in [
+        (0o777, "mode 0777"),
+        (0o775, "mode 0775"),
+        (0o1777, "mode 1777"),
+    ] {
+        chmod(&host.opt, m);
+        expect_refused(
+            &host,
+            &host.opt,
+            &format!("it is writable by group or others ({shown})"),
+        );
+    }
+    chmod(&host.opt, 0o755);
+    // A directory above it, world-writable without the sticky bit.
+    chmod(&host.dir.path, 0o757);
+    expect_refused(&host, &host.dir.path, "mode 0757");
+    chmod(&host.dir.path, 0o755);
+    // Owned by another user than root or the file's owner.
+    std::os::unix::fs::chown(&host.opt, Some(1234), None).unwrap();
+    expect_refused(
+        &host,
+        &host.opt,
+        "owned by uid 1234, neither root nor the file's owner (uid 0)",
+    );
+    // The file's owner may own its directory: upgraded.
+    std::os::unix::fs::chown(host.target("app"), Some(1234), Some(1234)).unwrap();
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["app", "upgraded"], "");
+    assert_eq!(fs::read(host.target("app")).unwrap(), NEW);
+    std::os::unix::fs::chown(&host.opt, Some(0), None).unwrap();
+
+    // A symlink's target in an unsafe directory: refused, the link's own
+    // directory being fine does not help.
+    let host = Host::new();
+    let elsewhere = host.dir.join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    write_file(&elsewhere.join("app"), OLD, 0o755);
+    std::os::unix::fs::symlink(elsewhere.join("app"), host.target("app")).unwrap();
+    host.manifest_for(&[("app", &md5_hex(OLD))]);
+    host.server.publish("app", NEW);
+    chmod(&elsewhere, 0o777);
+    expect_refused(&host, &elsewhere, "mode 0777");
+    assert_eq!(fs::read(elsewhere.join("app")).unwrap(), OLD);
+}
+
+/// Case 11: the target directory is a read-only mount: one clear failure,
+/// no download, no backup; later runs hold the build back without
+/// downloading; a new build or a writable directory brings it back.
+#[test]
+fn a_read_only_target_fails_once_and_is_not_downloaded_again() {
+    let host = outdated_host(OLD, NEW);
+    let target = host.target("app");
+    let manifest = host.manifest_text();
+    let ro = mount_read_only(&host.opt);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    let line = log_line(
+        &ran,
+        &["ERROR app:", "cannot be replaced", "read-only mount"],
+        "",
+    );
+    assert!(
+        line.contains("is not downloaded again until a new build is published"),
+        "{line}"
+    );
+    assert_kept(&host, &target, OLD, 0o755, &manifest, &ran.stderr);
+    assert!(fs::symlink_metadata(host.target("app.bak")).is_err());
+    assert_eq!(host.server.count("GET", "/api/v1/download/"), 0);
+
+    for _ in 0..2 {
+        let ran = host.run(&[]);
+        ran.expect_code(0);
+        log_line(&ran, &["WARN app: holding back", "read-only mount"], "");
+        log_line(&ran, &["1 held back"], "");
+    }
+    assert_eq!(
+        host.server.count("GET", "/api/v1/download/"),
+        0,
+        "downloaded again"
+    );
+
+    // A new build is tried once (and fails once) even while read-only.
+    host.server.publish("app", NEWER);
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(
+        &ran,
+        &["app", "a new build", "is published; trying again"],
+        "",
+    );
+    log_line(&ran, &["ERROR app:", "cannot be replaced"], "");
+
+    // Writable again: installed.
+    drop(ro);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["app", "can be replaced again"], "");
+    log_line(&ran, &["app", "upgraded"], "");
+    assert_eq!(fs::read(&target).unwrap(), NEWER);
+    assert_eq!(host.server.count("GET", "/api/v1/download/"), 1);
+}
+
+const NEWER: &[u8] = b"#!/bin/sh\necho newer build\n";
+
+/// Case 12: the target file is a (read-only) bind mount of its own, as a
+/// container's volume makes it: rename cannot replace it, so it is refused
+/// before downloading, and no `.bak` copy is left.
+#[test]
+fn a_bind_mounted_target_file_is_refused_without_a_backup_copy() {
+    require_root();
+    let host = outdated_host(OLD, NEW);
+    let target = host.target("app");
+    let source = host.dir.join("volume-app");
+    write_file(&source, OLD, 0o755);
+    run_mount(&["--bind", source.to_str().unwrap(), target.to_str().unwrap()]);
+    let _bind = Mount {
+        path: target.clone(),
+    };
+    run_mount(&["-o", "remount,bind,ro", target.to_str().unwrap()]);
+    let manifest = host.manifest_text();
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["ERROR app:", "is a mount point of its own"], "");
+    assert_kept(&host, &target, OLD, 0o755, &manifest, &ran.stderr);
+    assert!(
+        fs::symlink_metadata(host.target("app.bak")).is_err(),
+        "a .bak copy was left"
+    );
+    assert_eq!(host.server.count("GET", "/api/v1/download/"), 0);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(&ran, &["app: holding back", "mount point"], "");
+    assert_eq!(host.server.count("GET", "/api/v1/download/"), 0);
+}
+
+/// Points `link` at `to` atomically (a new link renamed over the old one),
+/// as a deploy that switches `current` does.
+fn switch_link(link: &Path, to: &str) {
+    let tmp = link.with_extension("switching");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(to, &tmp).unwrap();
+    fs::rename(&tmp, link).unwrap();
+}
+
+/// Case 13: the managed path's directory is a symlink switched to another
+/// directory mid-run. The swap is refused naming the change (nothing
+/// replaced in either directory, the temp file removed); a run killed after
+/// such a switch leaves its temp file in the old directory, and the next
+/// run sweeps it there, saying why.
+#[test]
+fn a_directory_switched_mid_run_is_named_and_its_temp_file_swept() {
+    let host = Host::new();
+    let (v1, v2) = (host.opt.join("v1"), host.opt.join("v2"));
+    for d in [&v1, &v2] {
+        fs::create_dir(d).unwrap();
+        write_file(&d.join("app"), OLD, 0o755);
+    }
+    let current = host.opt.join("current");
+    std::os::unix::fs::symlink("v1", &current).unwrap();
+    let managed = current.join("app");
+    host.write_manifest(&format!(
+        r#"{{"node":{{"name":"n"}},"binaries":[{{"name":"app","hash":"{}","path":"{}","restart":"none"}}]}}"#,
+        md5_hex(OLD),
+        managed.display()
+    ));
+    let body = pattern(100);
+    host.server.publish("app", &body);
+    host.server
+        .fault("app", Fault::SlowDownload(Duration::from_millis(20)));
+    let in_v1 = || temp_files(&v1).iter().any(|t| t.starts_with(".app."));
+
+    // Switched while downloading: refused at the swap, named.
+    let child = host
+        .command(&[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the run");
+    let downloading = wait_until(Duration::from_secs(10), || {
+        in_v1() && host.server.count("GET", "/api/v1/download/") >= 1
+    });
+    switch_link(&current, "v2");
+    let ran = ran_of(child.wait_with_output().unwrap());
+    assert!(downloading, "never saw the download start\n{}", ran.stderr);
+    ran.expect_code(1);
+    log_line(
+        &ran,
+        &[
+            "ERROR app:",
+            &format!(
+                "the directory of \"{}\" changed during the run",
+                managed.display()
+            ),
+            &format!(
+                "it led to \"{}\", now to \"{}\"; nothing replaced",
+                v1.display(),
+                v2.display()
+            ),
+        ],
+        "",
+    );
+    for d in [&v1, &v2] {
+        assert_eq!(fs::read(d.join("app")).unwrap(), OLD, "{}", d.display());
+        assert!(
+            temp_files(d).is_empty(),
+            "{}: {:?}",
+            d.display(),
+            temp_files(d)
+        );
+        assert!(fs::symlink_metadata(d.join("app.bak")).is_err());
+    }
+
+    // Killed after a switch: the next run sweeps the old directory.
+    switch_link(&current, "v1");
+    let mut child = host
+        .command(&[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the run");
+    host.server.clear_requests();
+    let downloading = wait_until(Duration::from_secs(10), || {
+        in_v1() && host.server.count("GET", "/api/v1/download/") >= 1
+    });
+    switch_link(&current, "v2");
+    child.kill().expect("kill -9");
+    child.wait().unwrap();
+    assert!(downloading, "never saw the second download start");
+    assert!(
+        in_v1(),
+        "the killed run left no temp file in v1: {:?}",
+        temp_files(&v1)
+    );
+
+    host.server.fault("app", Fault::None);
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    log_line(
+        &ran,
+        &[
+            "app: removed 1 temp file(s) an interrupted run left in",
+            &format!("\"{}\"", v1.display()),
+            &format!("it leads to \"{}\" now", v2.display()),
+        ],
+        "",
+    );
+    log_line(&ran, &["app", "upgraded"], "");
+    assert_eq!(fs::read(v2.join("app")).unwrap(), body);
+    assert_eq!(fs::read(v1.join("app")).unwrap(), OLD);
+    assert!(temp_files(&v1).is_empty(), "{:?}", temp_files(&v1));
+    assert!(temp_files(&v2).is_empty(), "{:?}", temp_files(&v2));
+}

@@ -183,6 +183,7 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let client = client_for(args, &process_env, &manifest, config, &facts)?;
     let mut run = Run::new(args, config, manifest, client);
     let target = install::real_target(&bin.path);
+    super::paths::check_owners(&bin.path, &target)?;
     let backup = backup_of(&target);
     let from = run.state.actual_hash(&target)?.unwrap_or_default();
     let to = hash::md5_file(&backup)?;
@@ -241,7 +242,8 @@ pub(super) fn retry(config: &Path, name: &str) -> Result<u8> {
     }
     let state_path = State::path_for(config);
     let mut state = State::load(&state_path);
-    if state.clear_quarantine(name) {
+    let blocked = state.clear_block(name);
+    if state.clear_quarantine(name) | blocked {
         state.save_if_changed(&state_path)?;
         info!("{name}: quarantine cleared; the next run installs the published build again");
     } else {

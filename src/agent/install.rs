@@ -46,13 +46,20 @@ impl Drop for Staged {
 }
 
 /// The path that is actually replaced: a symlink at the managed path is
-/// followed, so the link keeps pointing where the operator made it point.
+/// followed, so the link keeps pointing where the operator made it point;
+/// and its directory is resolved, so that the temp file, the backup and the
+/// swap all happen in the directory the path leads to now — and a switch of
+/// a symlinked directory mid-run shows as a different result.
 pub fn real_target(path: &Path) -> PathBuf {
-    match fs::symlink_metadata(path) {
+    let file = match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => {
             fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
         }
         _ => path.to_path_buf(),
+    };
+    match (fs::canonicalize(fsutil::parent(&file)), file.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => file,
     }
 }
 

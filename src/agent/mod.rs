@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod host;
 pub mod install;
 pub mod manifest;
+pub mod paths;
 pub mod plan;
 pub mod service;
 pub mod state;

@@ -66,6 +66,24 @@ pub struct Pending {
     pub at: String,
 }
 
+/// A build that could not be put in place because its directory cannot be
+/// written (a read-only mount) or its file is a mount point: not downloaded
+/// again until the server publishes another hash or the place becomes
+/// writable.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Blocked {
+    /// Binary name.
+    pub name: String,
+    /// The published md5 that could not be installed.
+    pub hash: String,
+    /// The target's directory.
+    pub dir: PathBuf,
+    /// Why, one line.
+    pub why: String,
+    /// Since when, RFC 3339 UTC.
+    pub at: String,
+}
+
 /// The state file's contents.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
@@ -76,6 +94,12 @@ pub struct State {
     pub pending: Vec<Pending>,
     /// The node name and the token the server issued for it.
     node_token: Option<(String, String)>,
+    /// Builds held back because their target cannot be replaced.
+    pub blocked: Vec<Blocked>,
+    /// Per binary, the (resolved) directory its last download was staged
+    /// in: where a killed run's temp file is, even after a symlinked
+    /// directory was switched to another.
+    staged_in: Vec<(String, PathBuf)>,
     dirty: bool,
 }
 
@@ -149,6 +173,47 @@ impl State {
             self.node_token = Some((node.to_string(), token.to_string()));
             self.dirty = true;
         }
+    }
+
+    /// The block of a binary, if one is recorded.
+    pub fn blocked_for(&self, name: &str) -> Option<&Blocked> {
+        self.blocked.iter().find(|b| b.name == name)
+    }
+
+    /// Records a block (replacing an older one for that binary).
+    pub fn add_block(&mut self, b: Blocked) {
+        self.blocked.retain(|o| o.name != b.name);
+        self.blocked.push(b);
+        self.dirty = true;
+    }
+
+    /// Lifts a binary's block; returns whether there was one.
+    pub fn clear_block(&mut self, name: &str) -> bool {
+        let before = self.blocked.len();
+        self.blocked.retain(|b| b.name != name);
+        let changed = self.blocked.len() != before;
+        self.dirty |= changed;
+        changed
+    }
+
+    /// Where a binary's last download was staged.
+    pub fn staged_in(&self, name: &str) -> Option<&Path> {
+        self.staged_in
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.as_path())
+    }
+
+    /// Remembers where a binary's downloads are staged; `true` when that
+    /// changed (and the state must be saved before the download starts).
+    pub fn set_staged_in(&mut self, name: &str, dir: &Path) -> bool {
+        if self.staged_in(name) == Some(dir) {
+            return false;
+        }
+        self.staged_in.retain(|(n, _)| n != name);
+        self.staged_in.push((name.to_string(), dir.to_path_buf()));
+        self.dirty = true;
+        true
     }
 
     /// Writes the state atomically if anything changed.
@@ -261,6 +326,27 @@ impl State {
             ("quarantine", Value::Arr(quarantine.collect())),
             ("pending", Value::Arr(pending.collect())),
         ];
+        if !self.blocked.is_empty() {
+            let blocked = self.blocked.iter().map(|b| {
+                Value::obj([
+                    ("name", Value::str(&b.name)),
+                    ("hash", Value::str(&b.hash)),
+                    ("dir", Value::str(b.dir.display().to_string())),
+                    ("why", Value::str(&b.why)),
+                    ("at", Value::str(&b.at)),
+                ])
+            });
+            top.push(("blocked", Value::Arr(blocked.collect())));
+        }
+        if !self.staged_in.is_empty() {
+            let staged = self.staged_in.iter().map(|(name, dir)| {
+                Value::obj([
+                    ("name", Value::str(name)),
+                    ("dir", Value::str(dir.display().to_string())),
+                ])
+            });
+            top.push(("stagedIn", Value::Arr(staged.collect())));
+        }
         if let Some((name, token)) = &self.node_token {
             top.push((
                 "node",
@@ -298,6 +384,20 @@ impl State {
                 error: s(&q, "error").unwrap_or_default(),
                 at: s(&q, "at").unwrap_or_default(),
             });
+        }
+        for b in list("blocked")? {
+            state.blocked.push(Blocked {
+                name: s(&b, "name")?,
+                hash: s(&b, "hash")?,
+                dir: PathBuf::from(s(&b, "dir")?),
+                why: s(&b, "why").unwrap_or_default(),
+                at: s(&b, "at").unwrap_or_default(),
+            });
+        }
+        for d in list("stagedIn")? {
+            state
+                .staged_in
+                .push((s(&d, "name")?, PathBuf::from(s(&d, "dir")?)));
         }
         if let Some(node) = v.get("node") {
             state.node_token = Some((s(node, "name")?, s(node, "token")?));
@@ -345,6 +445,15 @@ mod tests {
             at: "t".into(),
         });
         state.set_node_token("n1", "tok");
+        state.add_block(Blocked {
+            name: "app".into(),
+            hash: "cd".into(),
+            dir: dir.clone(),
+            why: "read-only".into(),
+            at: "t".into(),
+        });
+        assert!(state.set_staged_in("app", &dir));
+        assert!(!state.set_staged_in("app", &dir));
         // Mode 0600 always: it holds the node token.
         fs::write(&state_path, b"{}").unwrap();
         fs::set_permissions(
@@ -358,6 +467,8 @@ mod tests {
         let mut loaded = State::load(&state_path);
         assert_eq!(loaded.node_token("n1"), Some("tok"));
         assert_eq!(loaded.node_token("renamed"), None);
+        assert_eq!(loaded.blocked_for("app"), state.blocked_for("app"));
+        assert_eq!(loaded.staged_in("app"), Some(dir.as_path()));
         assert_eq!(loaded.files, state.files);
         assert!(loaded.quarantined("app", "ab").is_some());
         assert_eq!(loaded.pending_for("app").map(|p| p.new.as_str()), Some("b"));

@@ -6,11 +6,13 @@
 
 use super::install::{self, Staged};
 use super::manifest::Binary;
+use super::paths;
 use super::plan::{self, Action, Reason};
 use super::service::{self, Restart, Restarted};
-use super::state::{Pending, Quarantined, Stamp};
+use super::state::{Blocked, Pending, Quarantined, Stamp};
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
+use crate::fsutil;
 use crate::hash;
 use crate::log;
 use crate::protocol::BinInfo;
@@ -25,14 +27,7 @@ impl Run<'_> {
         }
         let remote = self.client.bin_info(&bin.name, bin.pinned_version())?;
         let target = install::real_target(&bin.path);
-        let swept =
-            crate::fsutil::sweep_temps(&target) + crate::fsutil::sweep_temps(&backup_of(&target));
-        if swept > 0 {
-            info!(
-                "{}: removed {swept} temp file(s) left by an interrupted run",
-                bin.name
-            );
-        }
+        self.sweep(bin, &target);
         let actual = self.state.actual_hash(&target)?;
         if self
             .state
@@ -46,6 +41,21 @@ impl Run<'_> {
                 bin.name,
                 log::short(&remote.hash)
             );
+        }
+        if let Some(b) = self.state.blocked_for(&bin.name).cloned() {
+            let moved = b.dir != fsutil::parent(&target);
+            if moved || !hash::same(&b.hash, &remote.hash) {
+                self.state.clear_block(&bin.name);
+                info!(
+                    "{}: {}; trying again",
+                    bin.name,
+                    if moved {
+                        format!("\"{}\" leads elsewhere now", bin.path.display())
+                    } else {
+                        format!("a new build {} is published", log::short(&remote.hash))
+                    }
+                );
+            }
         }
         let quarantine = self.state.quarantined(&bin.name, &remote.hash).cloned();
         match plan::decide(
@@ -77,7 +87,64 @@ impl Run<'_> {
                 Ok(Outcome::Skipped)
             }
             Action::Install(reason) => {
+                if let Some(b) = self.state.blocked_for(&bin.name).cloned() {
+                    match paths::check_replaceable(&target) {
+                        Err(e) => {
+                            warn!(
+                                "{}: holding back {}: {e} (since {}); waiting for a new build or for it to become replaceable",
+                                bin.name,
+                                log::short(&remote.hash),
+                                b.at
+                            );
+                            return Ok(Outcome::Skipped);
+                        }
+                        Ok(()) => {
+                            self.state.clear_block(&bin.name);
+                            info!(
+                                "{}: \"{}\" can be replaced again; trying {} again",
+                                bin.name,
+                                target.display(),
+                                log::short(&remote.hash)
+                            );
+                        }
+                    }
+                }
                 self.install(bin, &target, actual.as_deref(), &remote, reason)
+            }
+        }
+    }
+
+    /// Removes the temp files a killed run left beside the target — and in
+    /// the directory its last download was staged in, when the managed path
+    /// leads elsewhere now (a symlinked directory was switched).
+    fn sweep(&mut self, bin: &Binary, target: &Path) {
+        let swept = fsutil::sweep_temps(target) + fsutil::sweep_temps(&backup_of(target));
+        if swept > 0 {
+            info!(
+                "{}: removed {swept} temp file(s) left by an interrupted run",
+                bin.name
+            );
+        }
+        // Where this run stages (saved with the state at the latest before
+        // the swap): a later run killed after the directory was switched is
+        // cleaned up by the next one.
+        let here = fsutil::parent(target).to_path_buf();
+        let before = self.state.staged_in(&bin.name).map(Path::to_path_buf);
+        self.state.set_staged_in(&bin.name, &here);
+        let Some(before) = before.filter(|b| *b != here) else {
+            return;
+        };
+        if let Some(file) = target.file_name() {
+            let old = before.join(file);
+            let swept = fsutil::sweep_temps(&old) + fsutil::sweep_temps(&backup_of(&old));
+            if swept > 0 {
+                info!(
+                    "{}: removed {swept} temp file(s) an interrupted run left in \"{}\": the directory of \"{}\" changed since, it leads to \"{}\" now",
+                    bin.name,
+                    before.display(),
+                    bin.path.display(),
+                    here.display()
+                );
             }
         }
     }
@@ -102,6 +169,23 @@ impl Run<'_> {
             log::short(&remote.hash)
         );
         let kept = |e: Error| Error::Other(format!("{e}; kept the running version"));
+        paths::check_owners(&bin.path, target)?;
+        let dir = fsutil::parent(target).to_path_buf();
+        if let Err(e) = paths::check_replaceable(target) {
+            self.state.add_block(Blocked {
+                name: bin.name.clone(),
+                hash: remote.hash.clone(),
+                dir: dir.clone(),
+                why: crate::protocol::one_line(&e.to_string(), 300),
+                at: log::utc_now(),
+            });
+            self.save_state();
+            return Err(Error::Other(format!(
+                "{e}; kept the running version; {} is not downloaded again until a new build is published or \"{}\" can be replaced",
+                log::short(&remote.hash),
+                target.display()
+            )));
+        }
         let staged = install::stage(
             &self.client,
             &bin.name,
@@ -115,6 +199,15 @@ impl Run<'_> {
             let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
             service::run_hook(cmd, &env)
                 .map_err(|e| Error::Other(format!("preUpgrade failed, nothing changed: {e}")))?;
+        }
+        // The managed path must still lead where the file was staged.
+        let now = install::real_target(&bin.path);
+        if now != target {
+            return Err(kept(Error::DirChanged {
+                path: bin.path.clone(),
+                was: dir,
+                now: fsutil::parent(&now).to_path_buf(),
+            }));
         }
         // Journal first: a run killed from here on is finished by the next one.
         self.state.set_pending(Pending {
