@@ -132,7 +132,8 @@ ENVIRONMENT:
 
 EXIT STATUS:
     0  nothing failed (also: another run holds the lock)
-    1  at least one binary failed, or the server could not be reached
+    1  at least one binary failed, the server could not be reached, or it
+       refused this node's token
     2  bad command line or invalid manifest; nothing was changed
 
 Logs go to stderr, one line per event, UTC timestamps. Manifest format, install

@@ -298,15 +298,8 @@ pub fn exchange(addr: &str, raw: Vec<u8>, timeout: Duration) -> Vec<u8> {
     out
 }
 
-/// One request (`Connection: close`) to `url` sent from the local address
-/// `from` (any of 127.0.0.0/8), as another client would; read deadline 15 s.
-pub fn http_from(
-    from: std::net::Ipv4Addr,
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> HttpResponse {
+/// `host:port` of `url` and the bytes of one `Connection: close` request to it.
+fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> (String, Vec<u8>) {
     let (host, target) = split(url);
     let mut req = format!(
         "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -316,13 +309,27 @@ pub fn http_from(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
+    let mut raw = req.into_bytes();
+    raw.extend_from_slice(body);
+    (host, raw)
+}
+
+/// One request (`Connection: close`) to `url` sent from the local address
+/// `from` (any of 127.0.0.0/8), as another client would; read deadline 15 s.
+pub fn http_from(
+    from: std::net::Ipv4Addr,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let (host, raw) = request(method, url, headers, body);
     let mut stream = bin_proxy::sys::connect_from(from, host.parse().expect("127.0.0.1:PORT"))
         .unwrap_or_else(|e| panic!("connect from {from} to {host}: {e}"));
     stream
         .set_read_timeout(Some(Duration::from_secs(15)))
         .expect("read timeout");
-    stream.write_all(req.as_bytes()).expect("send the head");
-    stream.write_all(body).expect("send the body");
+    stream.write_all(&raw).expect("send the request");
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     super::parse_response(&answer).unwrap_or_else(|| {
@@ -342,17 +349,7 @@ pub fn http_within(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> HttpResponse {
-    let (host, target) = split(url);
-    let mut req = format!(
-        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut raw = req.into_bytes();
-    raw.extend_from_slice(body);
+    let (host, raw) = request(method, url, headers, body);
     let answer = exchange(&host, raw, timeout);
     super::parse_response(&answer).unwrap_or_else(|| {
         panic!(
