@@ -6,6 +6,7 @@
 pub mod config;
 pub mod http;
 pub mod registry;
+pub mod rollout;
 pub mod routes;
 pub mod store;
 
