@@ -5,84 +5,23 @@
 //! the real agent end to end, the access log and start-up errors.
 mod common;
 
+use common::agent::Agent;
 use common::json::{parse, Json};
-use common::manager::{exchange, http_within, run_to_exit, tree, Manager};
-use common::{
-    http, http_raw, json_string, md5_hex, parse_response, sha256_hex, HttpResponse, TempDir,
+use common::manager::{
+    envelope, exchange, expect_error, get, http_within, post, put, run_to_exit, snippet, tree,
+    Manager,
 };
+use common::{http, http_raw, md5_hex, parse_response, sha256_hex, HttpResponse, TempDir};
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// Checks the envelope of a JSON answer: Content-Type, Content-Length, keys
-/// `code,message,data` in that order, `code` = HTTP status, message "Success"
-/// on 200. Returns `data`.
-fn envelope(r: &HttpResponse, status: u16) -> Json {
-    assert_eq!(r.status, status, "HTTP status; body: {}", snippet(&r.body));
-    let body = r.body_str();
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json"),
-        "Content-Type; body: {body}"
-    );
-    assert_eq!(r.content_length(), Some(r.body.len()), "Content-Length");
-    let j = parse(&body);
-    assert_eq!(
-        j.keys(),
-        ["code", "message", "data"],
-        "envelope keys: {body}"
-    );
-    assert_eq!(j.get("code"), &Json::Num(f64::from(status)), "code: {body}");
-    if status == 200 {
-        assert_eq!(j.get("message").s(), "Success", "{body}");
-    } else {
-        assert!(!j.get("message").s().is_empty(), "empty message: {body}");
-        assert_eq!(j.get("data"), &Json::Null, "error data: {body}");
-    }
-    j.get("data").clone()
-}
-
-/// An error answer, exactly `{"code":S,"message":M,"data":null}`.
-fn expect_error(r: &HttpResponse, status: u16, message: &str) {
-    envelope(r, status);
-    assert_eq!(
-        r.body_str(),
-        format!(
-            "{{\"code\":{status},\"message\":{},\"data\":null}}",
-            json_string(message)
-        )
-    );
-}
-
-fn get(m: &Manager, path: &str) -> HttpResponse {
-    http("GET", &format!("{}{path}", m.api()), &[], b"")
-}
-
-fn post(m: &Manager, path: &str, body: &str) -> HttpResponse {
-    http(
-        "POST",
-        &format!("{}{path}", m.api()),
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-}
-
-fn put(m: &Manager, path: &str, token: Option<&str>, body: &[u8]) -> HttpResponse {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let headers: Vec<(&str, &str)> = auth
-        .as_deref()
-        .map(|a| vec![("Authorization", a)])
-        .unwrap_or_default();
-    http("PUT", &format!("{}{path}", m.api()), &headers, body)
-}
 
 /// A raw `GET TARGET` (the target sent byte for byte); returns the parsed
 /// answer and the raw bytes.
@@ -144,21 +83,6 @@ fn now_rfc3339() -> String {
 fn assert_between(t: &str, t0: &str, t1: &str, what: &str) {
     assert_eq!(t.len(), 20, "{what} {t:?} is not YYYY-MM-DDTHH:MM:SSZ");
     assert!(t0 <= t && t <= t1, "{what} {t} not between {t0} and {t1}");
-}
-
-/// A body for a failure message: text (cut at 500 chars) or a byte count.
-fn snippet(body: &[u8]) -> String {
-    match std::str::from_utf8(body) {
-        Ok(t) if t.chars().count() > 500 => {
-            format!(
-                "{}… ({} bytes)",
-                t.chars().take(500).collect::<String>(),
-                body.len()
-            )
-        }
-        Ok(t) => t.to_string(),
-        Err(_) => format!("<{} bytes, not UTF-8>", body.len()),
-    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -315,10 +239,14 @@ fn keepalive_registers_and_heartbeats() {
             "binaries",
             "failures",
             "lastSeen",
-            "registered"
+            "registered",
+            "labels",
+            "since"
         ]
     );
     assert_eq!(rec.get("name").s(), "n1");
+    assert!(rec.get("labels").keys().is_empty(), "{rec:?}");
+    assert_eq!(rec.get("since").keys(), ["app"], "{rec:?}");
     assert_eq!(rec.get("cpuArch").s(), "x86_64");
     assert_eq!(rec.get("osRelease").s(), "Test OS 1");
     assert_eq!(rec.get("proxyVersion").s(), "1.0.0");
@@ -584,7 +512,7 @@ fn put_publishes_with_the_admin_token_only() {
     );
     assert_eq!(d.get("hash").s(), md5_hex(&v1));
     assert_eq!(fs::read(m.bin_dir().join("app")).unwrap(), v1);
-    assert_eq!(tree(&m.bin_dir()), ["app"]);
+    assert_eq!(m.bin_dir_tree(), ["app"]);
     assert_eq!(
         envelope(&get(&m, "/bins/app"), 200).get("hash").s(),
         md5_hex(&v1)
@@ -634,7 +562,7 @@ fn put_publishes_with_the_admin_token_only() {
     assert!(!m.bin_dir().join("big").exists());
     assert_eq!(fs::read(m.bin_dir().join("app")).unwrap(), v1);
     assert_eq!(
-        tree(&m.bin_dir()),
+        m.bin_dir_tree(),
         ["aarch64", "aarch64/app@2", "app", "edge"],
         "no temp file left in binDir"
     );
@@ -921,7 +849,7 @@ fn registry_survives_kill_9_and_restart() {
         &parse("{\"nodes\":2,\"current\":1,\"behind\":1,\"failed\":0}")
     );
     assert_eq!(tree(&state_dir), ["state.json", "state.json.log"]);
-    assert_eq!(tree(&m.bin_dir()), ["app"]);
+    assert_eq!(m.bin_dir_tree(), ["app"]);
     // The snapshot is valid JSON that names both nodes.
     let snap = parse(&fs::read_to_string(m.state_file()).unwrap());
     let names: Vec<&str> = snap
@@ -1111,78 +1039,6 @@ fn download_started_before_a_publish_finishes_with_the_old_bytes() {
 // ---------------------------------------------------------------------------
 // 13. End to end with the real agent
 // ---------------------------------------------------------------------------
-
-struct Agent {
-    dir: TempDir,
-}
-
-impl Agent {
-    fn new(initial: &[u8]) -> Agent {
-        let dir = TempDir::new();
-        fs::create_dir_all(dir.join("opt")).unwrap();
-        fs::write(dir.join("opt/app"), initial).unwrap();
-        let manifest = format!(
-            "{{\n  \"node\": {{\n    \"name\": \"e2e-node\",\n    \"cpuArch\": \"x86_64\",\n    \"osRelease\": \"Test OS 1\",\n    \"proxyVersion\": \"1.0.0\"\n  }},\n  \"binaries\": [\n    {{\n      \"name\": \"app\",\n      \"version\": \"latest\",\n      \"hash\": \"{}\",\n      \"path\": \"{}\",\n      \"restart\": \"none\"\n    }}\n  ]\n}}\n",
-            md5_hex(initial),
-            dir.join("opt/app").display()
-        );
-        fs::write(dir.join("manifest.json"), manifest).unwrap();
-        Agent { dir }
-    }
-
-    fn target(&self) -> Vec<u8> {
-        fs::read(self.dir.join("opt/app")).unwrap()
-    }
-
-    /// Runs the real agent (bounded: 60 s); returns (exit code, stderr).
-    fn run(&self, api: &str, token: Option<&str>) -> (i32, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
-        cmd.arg("--config")
-            .arg(self.dir.join("manifest.json"))
-            .arg("--api")
-            .arg(api)
-            .arg("--timeout")
-            .arg("20")
-            .env_remove("BIN_PROXY_CONFIG")
-            .env_remove("BIN_MANAGER_API")
-            .env_remove("BIN_DOWNLOAD_URL")
-            .env_remove("BIN_MANAGER_TOKEN")
-            .env_remove("BIN_PROXY_SUPERVISORCTL")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        if let Some(t) = token {
-            cmd.env("BIN_MANAGER_TOKEN", t);
-        }
-        let mut child = cmd.spawn().expect("run bin-proxy");
-        let mut err = child.stderr.take().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let out_reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let code = loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                break st.code().unwrap_or(-1);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("bin-proxy did not finish within 60 s");
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let _ = out_reader.join();
-        (code, reader.join().unwrap_or_default())
-    }
-}
 
 fn node_app(m: &Manager, node: &str) -> Json {
     let nodes = envelope(&get(m, "/nodes"), 200);

@@ -36,6 +36,9 @@ pub struct Client {
     pub download_timeout: u64,
     /// This node's cpuArch, sent as `arch=` so the server can pick a build.
     pub arch: String,
+    /// This node's name, sent as `node=` so that a staged rollout can
+    /// answer the build this node should run.
+    pub node: String,
 }
 
 /// A response whose body has not been read yet.
@@ -209,7 +212,11 @@ impl Client {
     }
 
     fn query(&self, version: Option<&str>) -> String {
-        let mut q = format!("?arch={}", protocol::encode(&self.arch));
+        let mut q = format!(
+            "?arch={}&node={}",
+            protocol::encode(&self.arch),
+            protocol::encode(&self.node)
+        );
         if let Some(v) = version {
             q.push_str(&format!("&version={}", protocol::encode(v)));
         }

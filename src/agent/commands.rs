@@ -22,8 +22,8 @@ use std::path::Path;
 pub(super) fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
     let manifest = Manifest::load(config)?;
     check_only(args, &manifest)?;
-    let arch = node_facts(&manifest).cpu_arch;
-    let client = client_for(args, &process_env, &manifest, config, &arch)?;
+    let facts = node_facts(&manifest);
+    let client = client_for(args, &process_env, &manifest, config, &facts)?;
     let state = State::load(&State::path_for(config));
     let mut failed = false;
     let mut rows =
@@ -178,9 +178,9 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
                 config.display()
             ))
         })?;
-    let arch = node_facts(&manifest).cpu_arch;
-    let client = client_for(args, &process_env, &manifest, config, &arch)?;
-    let mut run = Run::new(args, config, manifest, client);
+    let facts = node_facts(&manifest);
+    let client = client_for(args, &process_env, &manifest, config, &facts)?;
+    let mut run = Run::new(args, config, manifest, client, facts);
     let target = install::real_target(&bin.path);
     let backup = backup_of(&target);
     let from = run.state.actual_hash(&target)?.unwrap_or_default();

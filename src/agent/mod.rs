@@ -137,18 +137,15 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     };
     let manifest = Manifest::load(config)?;
     check_only(args, &manifest)?;
-    let NodeFacts {
-        name: node,
-        cpu_arch: arch,
-        ..
-    } = node_facts(&manifest);
-    let client = client_for(args, &process_env, &manifest, config, &arch)?;
+    let facts = node_facts(&manifest);
+    let node = facts.name.clone();
+    let client = client_for(args, &process_env, &manifest, config, &facts)?;
     if args.splay > 0 {
         let secs = splay(&node, args.splay);
         debug!("splay: sleeping {secs} s");
         std::thread::sleep(Duration::from_secs(secs));
     }
-    let mut run = Run::new(args, config, manifest, client);
+    let mut run = Run::new(args, config, manifest, client, facts);
 
     let registered = match run.client.keepalive_get(&node) {
         Ok(found) => found.is_some(),
@@ -233,14 +230,20 @@ fn splay(node: &str, max: u64) -> u64 {
 }
 
 impl<'a> Run<'a> {
-    fn new(args: &'a Args, config: &'a Path, manifest: Manifest, client: Client) -> Run<'a> {
+    fn new(
+        args: &'a Args,
+        config: &'a Path,
+        manifest: Manifest,
+        client: Client,
+        facts: NodeFacts,
+    ) -> Run<'a> {
         let state_path = State::path_for(config);
         Run {
             args,
             config,
             state: State::load(&state_path),
             state_path,
-            facts: node_facts(&manifest),
+            facts,
             manifest,
             client,
         }
@@ -271,6 +274,7 @@ impl<'a> Run<'a> {
             binaries: binaries.collect(),
             last_seen: log::utc_now(),
             failures: failures.collect(),
+            labels: self.manifest.node.labels.clone(),
         }
     }
 

@@ -3,9 +3,11 @@
 //! overridden by environment (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`)
 //! and flags. Unknown keys are errors, as in the agent's manifest.
 
+use super::rollout::Policy;
 use crate::cli::ManagerArgs;
 use crate::error::{Error, Result};
 use crate::json::{self, Value};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Where the config file is when `--config` is not given.
@@ -39,6 +41,9 @@ pub struct Config {
     pub workers: usize,
     /// One stderr line per request.
     pub access_log: bool,
+    /// Default rollout policy per binary (`"rollouts": {"NAME": {…}}`),
+    /// applied to every publish of it, by `mv` or `PUT`.
+    pub rollouts: HashMap<String, Policy>,
 }
 
 const KEYS: &[&str] = &[
@@ -49,6 +54,7 @@ const KEYS: &[&str] = &[
     "adminToken",
     "maxUpload",
     "workers",
+    "rollouts",
 ];
 
 impl Config {
@@ -64,6 +70,7 @@ impl Config {
             max_upload: 2 << 30,
             workers: DEFAULT_WORKERS,
             access_log: !args.quiet,
+            rollouts: HashMap::new(),
         };
         let path = args
             .config
@@ -139,6 +146,22 @@ impl Config {
                 "token" => self.token = Some(text()?),
                 "adminToken" => self.admin_token = Some(text()?),
                 "maxUpload" => self.max_upload = number()?,
+                "rollouts" => {
+                    let Value::Obj(policies) = value else {
+                        return Err(bad(format!(
+                            "key \"rollouts\" must be an object of binary names, not {}",
+                            value.kind()
+                        )));
+                    };
+                    for (name, policy) in policies {
+                        if !super::store::valid_name(name) {
+                            return Err(bad(format!("rollouts: \"{name}\" is not a binary name")));
+                        }
+                        let policy = Policy::from_json(policy)
+                            .map_err(|msg| bad(format!("rollouts.{name}: {msg}")))?;
+                        self.rollouts.insert(name.clone(), policy);
+                    }
+                }
                 _ => self.workers = (number()? as usize).min(MAX_WORKERS),
             }
         }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod http;
 pub mod registry;
+pub mod release;
 pub mod rollout;
 pub mod routes;
 pub mod store;
@@ -19,6 +20,8 @@ use std::time::Duration;
 
 /// How often batched lastSeen updates are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// How often the rollouts' health gate runs (failure reports run it at once).
+const GATE_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts the server; returns only on a start-up error.
 pub fn run(args: &ManagerArgs) -> Result<()> {
@@ -52,6 +55,7 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         token: config.token.clone(),
         admin_token: config.admin_token.clone(),
         max_upload: config.max_upload,
+        releases: release::Releases::new(config.rollouts.clone()),
     });
     let flusher = app.clone();
     std::thread::spawn(move || loop {
@@ -59,6 +63,17 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         if let Err(e) = flusher.registry.flush_seen() {
             crate::error!("writing lastSeen updates: {e}");
         }
+    });
+    let gate = app.clone();
+    std::thread::spawn(move || loop {
+        // New builds moved into binDir are noticed here even when no agent
+        // asks (hashing them keeps them, so that a rollout can still serve
+        // a build a later `mv` replaces); then the health gate runs.
+        gate.notice_publishes();
+        if let Err(e) = gate.releases.tick(&gate.registry, None) {
+            crate::error!("running the rollout health gate: {e}");
+        }
+        std::thread::sleep(GATE_EVERY);
     });
     let handler = app.clone();
     http::serve(

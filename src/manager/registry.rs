@@ -9,6 +9,7 @@
 //! requests go on. Every line sets values, so replaying one again is
 //! harmless and a crash at any step loses nothing.
 
+use super::rollout::Rollout;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::json::{self, Value};
@@ -41,6 +42,10 @@ pub struct Node {
     pub last_seen: String,
     /// First registration, RFC 3339 UTC.
     pub registered: String,
+    /// Labels it registered with (`node.labels` in its manifest), sorted.
+    pub labels: Vec<(String, String)>,
+    /// Per binary, since when it runs the hash it last said (RFC 3339 UTC).
+    pub since: BTreeMap<String, String>,
 }
 
 impl Node {
@@ -57,7 +62,23 @@ impl Node {
             ("failures", Value::Arr(failures.collect())),
             ("lastSeen", Value::str(&self.last_seen)),
             ("registered", Value::str(&self.registered)),
+            (
+                "labels",
+                Value::obj(self.labels.iter().map(|(k, v)| (k.clone(), Value::str(v)))),
+            ),
+            (
+                "since",
+                Value::obj(self.since.iter().map(|(k, v)| (k.clone(), Value::str(v)))),
+            ),
         ])
+    }
+
+    /// The hash it last said it runs for `bin` ("" when none).
+    pub fn hash_of(&self, bin: &str) -> &str {
+        self.binaries
+            .iter()
+            .find(|b| b.name == bin)
+            .map_or("", |b| b.hash.as_str())
     }
 
     /// Reads a registration body or a stored node. Strings may be missing;
@@ -104,7 +125,28 @@ impl Node {
                 at: s(&f, "at")?,
             });
         }
+        let strings = |k: &str| -> std::result::Result<Vec<(String, String)>, String> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::Obj(pairs)) => pairs
+                    .iter()
+                    .map(|(name, val)| match val {
+                        Value::Str(s) => Ok((name.clone(), s.clone())),
+                        o => Err(format!(
+                            "\"{k}\".\"{name}\" must be a string, not {}",
+                            o.kind()
+                        )),
+                    })
+                    .collect(),
+                Some(o) => Err(format!("\"{k}\" must be an object, not {}", o.kind())),
+            }
+        };
+        let mut labels = strings("labels")?;
+        labels.sort();
+        labels.dedup_by(|a, b| a.0 == b.0);
         Ok(Node {
+            labels,
+            since: strings("since")?.into_iter().collect(),
             name: s(v, "name")?,
             cpu_arch: s(v, "cpuArch")?,
             os_release: s(v, "osRelease")?,
@@ -117,9 +159,17 @@ impl Node {
     }
 }
 
-struct Inner {
+/// What the registry holds: the nodes and the rollouts.
+#[derive(Clone, Default)]
+struct Fleet {
     /// Nodes by name; an `Arc` each so that a snapshot is a cheap map clone.
     nodes: BTreeMap<String, Arc<Node>>,
+    /// The latest rollout of each binary, by [`Rollout::key`].
+    rollouts: BTreeMap<String, Rollout>,
+}
+
+struct Inner {
+    fleet: Fleet,
     /// Nodes whose lastSeen changed since the last batch was written.
     seen: BTreeSet<String>,
     log: Arc<File>,
@@ -155,7 +205,7 @@ impl Registry {
             PathBuf::from(p)
         };
         let (log_path, folded_path) = (with_suffix(".log"), with_suffix(".log.folding"));
-        let mut nodes = BTreeMap::new();
+        let mut fleet = Fleet::default();
         match fs::read_to_string(state_file) {
             Ok(text) => {
                 let doc = json::parse(&text).map_err(|e| Error::Config {
@@ -168,7 +218,16 @@ impl Registry {
                             path: state_file.to_path_buf(),
                             msg,
                         })?;
-                        nodes.insert(node.name.clone(), Arc::new(node));
+                        fleet.nodes.insert(node.name.clone(), Arc::new(node));
+                    }
+                }
+                if let Some(Value::Arr(items)) = doc.get("rollouts") {
+                    for item in items {
+                        let r = Rollout::from_json(item).map_err(|msg| Error::Config {
+                            path: state_file.to_path_buf(),
+                            msg,
+                        })?;
+                        fleet.rollouts.insert(r.key(), r);
                     }
                 }
             }
@@ -184,7 +243,7 @@ impl Registry {
             let lines: Vec<&str> = text.split('\n').filter(|l| !l.trim().is_empty()).collect();
             for (i, line) in lines.iter().enumerate() {
                 match json::parse(line) {
-                    Ok(op) => apply(&mut nodes, &op),
+                    Ok(op) => apply(&mut fleet, &op),
                     Err(_) if i + 1 == lines.len() => {
                         crate::warn!("ignoring a torn last line in \"{}\"", path.display())
                     }
@@ -206,7 +265,7 @@ impl Registry {
             }),
             compact_at: COMPACT_AT,
             inner: Arc::new(Mutex::new(Inner {
-                nodes,
+                fleet,
                 seen: BTreeSet::new(),
                 log: Arc::new(log),
                 log_len,
@@ -221,7 +280,7 @@ impl Registry {
 
     /// How many nodes are known.
     pub fn len(&self) -> usize {
-        self.lock().nodes.len()
+        self.lock().fleet.nodes.len()
     }
 
     /// Whether no node is known.
@@ -233,7 +292,7 @@ impl Registry {
     /// Only memory changes; [`Registry::flush_seen`] persists in batches.
     pub fn heartbeat(&self, name: &str, now: &str) -> Option<Node> {
         let mut inner = self.lock();
-        let node = Arc::make_mut(inner.nodes.get_mut(name)?);
+        let node = Arc::make_mut(inner.fleet.nodes.get_mut(name)?);
         node.last_seen = now.to_string();
         let node = node.clone();
         inner.seen.insert(name.to_string());
@@ -246,21 +305,31 @@ impl Registry {
         let stored = node.clone();
         self.commit(
             |inner| {
-                node.registered = inner
-                    .nodes
-                    .get(&node.name)
+                let old = inner.fleet.nodes.get(&node.name);
+                node.registered = old
                     .map(|n| n.registered.clone())
                     .filter(|r| !r.is_empty())
                     .unwrap_or_else(|| now.to_string());
+                node.since = node
+                    .binaries
+                    .iter()
+                    .map(|b| {
+                        let kept = old
+                            .filter(|o| o.hash_of(&b.name).eq_ignore_ascii_case(&b.hash))
+                            .and_then(|o| o.since.get(&b.name).cloned());
+                        (b.name.clone(), kept.unwrap_or_else(|| now.to_string()))
+                    })
+                    .collect();
                 Value::obj([("op", Value::str("node")), ("node", node.to_json())])
             },
             |inner, op| {
-                apply(&mut inner.nodes, op);
+                apply(&mut inner.fleet, op);
                 inner.seen.remove(&stored.name);
             },
         )?;
         Ok(self
             .lock()
+            .fleet
             .nodes
             .get(&stored.name)
             .map(|n| Node::clone(n))
@@ -270,7 +339,7 @@ impl Registry {
     /// Stores "node runs hash of bin" durably. Unknown nodes are ignored
     /// (a seed agent reports without naming itself).
     pub fn report(&self, node: &str, bin: &str, hash: &str, now: &str) -> Result<bool> {
-        if !self.lock().nodes.contains_key(node) {
+        if !self.lock().fleet.nodes.contains_key(node) {
             return Ok(false);
         }
         let op = Value::obj([
@@ -280,7 +349,7 @@ impl Registry {
             ("hash", Value::str(hash)),
             ("at", Value::str(now)),
         ]);
-        self.commit(|_| op.clone(), |inner, op| apply(&mut inner.nodes, op))?;
+        self.commit(|_| op.clone(), |inner, op| apply(&mut inner.fleet, op))?;
         Ok(true)
     }
 
@@ -296,6 +365,7 @@ impl Registry {
                     .iter()
                     .filter_map(|n| {
                         inner
+                            .fleet
                             .nodes
                             .get(n)
                             .map(|node| (n.clone(), Value::str(&node.last_seen)))
@@ -309,7 +379,44 @@ impl Registry {
 
     /// A copy of every node, by name.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
-        self.lock().nodes.values().cloned().collect()
+        self.lock().fleet.nodes.values().cloned().collect()
+    }
+
+    /// One node's record.
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.lock().fleet.nodes.get(name).cloned()
+    }
+
+    /// The latest rollout of the binary at `key` ([`Rollout::key`]).
+    pub fn rollout(&self, key: &str) -> Option<Rollout> {
+        self.lock().fleet.rollouts.get(key).cloned()
+    }
+
+    /// Every binary's latest rollout, by key.
+    pub fn rollouts(&self) -> Vec<Rollout> {
+        self.lock().fleet.rollouts.values().cloned().collect()
+    }
+
+    /// Stores a rollout durably if the stored one still has revision
+    /// `expected` (0: there is none): a conditional update, so that two
+    /// requests (or replicas) that read the same revision cannot both
+    /// change it. `Ok(false)` when it was changed meanwhile.
+    pub fn put_rollout(&self, rollout: &Rollout, expected: u64) -> Result<bool> {
+        let key = rollout.key();
+        let mut fresh = true;
+        let op = Value::obj([
+            ("op", Value::str("rollout")),
+            ("rollout", rollout.to_json()),
+        ]);
+        self.commit_if(
+            |inner| {
+                let current = inner.fleet.rollouts.get(&key).map_or(0, |r| r.revision);
+                fresh = current == expected;
+                fresh.then(|| op.clone())
+            },
+            |inner, op| apply(&mut inner.fleet, op),
+        )?;
+        Ok(fresh)
     }
 
     /// Appends one log line and applies it, under the lock; then makes it
@@ -321,9 +428,21 @@ impl Registry {
         make: impl FnOnce(&mut Inner) -> Value,
         then: impl FnOnce(&mut Inner, &Value),
     ) -> Result<()> {
+        self.commit_if(|inner| Some(make(inner)), then)
+    }
+
+    /// [`Registry::commit`], where `make` may decide under the lock that
+    /// there is nothing to write (`None`).
+    fn commit_if(
+        &self,
+        make: impl FnOnce(&mut Inner) -> Option<Value>,
+        then: impl FnOnce(&mut Inner, &Value),
+    ) -> Result<()> {
         let (log, fold) = {
             let mut inner = self.lock();
-            let op = make(&mut inner);
+            let Some(op) = make(&mut inner) else {
+                return Ok(());
+            };
             let mut line = op.to_compact();
             line.push('\n');
             (&*inner.log)
@@ -384,20 +503,27 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 /// set-aside log is removed. Ends with `folding` cleared, whatever happened.
 fn fold(files: &Files, inner: &Mutex<Inner>) -> Result<()> {
     let result = (|| {
-        let nodes = {
+        let fleet = {
             let mut inner = lock(inner);
             set_log_aside(files)?;
             inner.log = Arc::new(open_log(&files.log)?);
             inner.log_len = 0;
-            inner.nodes.clone()
+            inner.fleet.clone()
         };
         fsutil::atomic_write_with(&files.snapshot, 0o600, &mut |w| {
             w.write_all(b"{\"nodes\":[\n")?;
-            for (i, node) in nodes.values().enumerate() {
+            for (i, node) in fleet.nodes.values().enumerate() {
                 if i > 0 {
                     w.write_all(b",\n")?;
                 }
                 w.write_all(node.to_json().to_compact().as_bytes())?;
+            }
+            w.write_all(b"\n],\"rollouts\":[\n")?;
+            for (i, r) in fleet.rollouts.values().enumerate() {
+                if i > 0 {
+                    w.write_all(b",\n")?;
+                }
+                w.write_all(r.to_json().to_compact().as_bytes())?;
             }
             w.write_all(b"\n]}\n")
         })?;
@@ -461,10 +587,18 @@ fn open_log(path: &Path) -> Result<File> {
         .map_err(|e| Error::io("opening", path, e))
 }
 
-/// Applies one log line to the node map. Idempotent.
-fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
+/// Applies one log line to the fleet. Idempotent.
+fn apply(fleet: &mut Fleet, op: &Value) {
     let s = |k: &str| op.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let nodes = &mut fleet.nodes;
     match op.get("op").and_then(Value::as_str) {
+        Some("rollout") => match op.get("rollout").map(Rollout::from_json) {
+            Some(Ok(r)) => {
+                fleet.rollouts.insert(r.key(), r);
+            }
+            Some(Err(e)) => crate::warn!("ignoring a damaged rollout record: {e}"),
+            None => {}
+        },
         Some("node") => {
             if let Some(node) = op.get("node").and_then(|n| Node::from_json(n).ok()) {
                 nodes.insert(node.name.clone(), Arc::new(node));
@@ -473,6 +607,9 @@ fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
         Some("report") => {
             if let Some(node) = nodes.get_mut(&s("node")).map(Arc::make_mut) {
                 let (bin, hash) = (s("bin"), s("hash"));
+                if !node.hash_of(&bin).eq_ignore_ascii_case(&hash) {
+                    node.since.insert(bin.clone(), s("at"));
+                }
                 match node.binaries.iter_mut().find(|b| b.name == bin) {
                     Some(b) => b.hash = hash,
                     None => node.binaries.push(BinaryFact {

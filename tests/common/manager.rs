@@ -11,7 +11,8 @@
 //! ROOT/config.json        "{}" (so that a host's /etc/bin-manager/config.json is never read)
 //! ```
 
-use super::{wait_until, HttpResponse, TempDir};
+use super::json::{parse, Json};
+use super::{http, json_string, wait_until, HttpResponse, TempDir};
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -37,10 +38,15 @@ pub struct Manager {
 impl Manager {
     /// Starts bin-manager on a fresh temp dir with these extra arguments.
     pub fn start(extra: &[&str]) -> Manager {
+        Manager::start_with_config("{}", extra)
+    }
+
+    /// Starts bin-manager with `config` as its config file's text.
+    pub fn start_with_config(config: &str, extra: &[&str]) -> Manager {
         let root = TempDir::new();
         fs::create_dir_all(root.join("bins")).expect("create binDir");
         fs::create_dir_all(root.join("state")).expect("create state dir");
-        fs::write(root.join("config.json"), "{}").expect("write config");
+        fs::write(root.join("config.json"), config).expect("write config");
         let mut m = Manager {
             root,
             args: extra.iter().map(|s| s.to_string()).collect(),
@@ -139,6 +145,15 @@ impl Manager {
     /// The binDir (`ROOT/bins`).
     pub fn bin_dir(&self) -> PathBuf {
         self.root.join("bins")
+    }
+
+    /// Everything below binDir (as [`tree`] lists it) but the builds kept
+    /// for rollouts (`.builds/`).
+    pub fn bin_dir_tree(&self) -> Vec<String> {
+        tree(&self.bin_dir())
+            .into_iter()
+            .filter(|p| p != ".builds" && !p.starts_with(".builds/"))
+            .collect()
     }
 
     /// The state file (`ROOT/state/state.json`).
@@ -328,4 +343,96 @@ pub fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out, 0);
     out.sort();
     out
+}
+
+// ---------------------------------------------------------------------------
+// Requests to the API and checks of its answers
+// ---------------------------------------------------------------------------
+
+/// Checks the envelope of a JSON answer: Content-Type, Content-Length, keys
+/// `code,message,data` in that order, `code` = HTTP status, message "Success"
+/// on 200. Returns `data`.
+pub fn envelope(r: &HttpResponse, status: u16) -> Json {
+    assert_eq!(r.status, status, "HTTP status; body: {}", snippet(&r.body));
+    let body = r.body_str();
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "Content-Type; body: {body}"
+    );
+    assert_eq!(r.content_length(), Some(r.body.len()), "Content-Length");
+    let j = parse(&body);
+    assert_eq!(
+        j.keys(),
+        ["code", "message", "data"],
+        "envelope keys: {body}"
+    );
+    assert_eq!(j.get("code"), &Json::Num(f64::from(status)), "code: {body}");
+    if status == 200 {
+        assert_eq!(j.get("message").s(), "Success", "{body}");
+    } else {
+        assert!(!j.get("message").s().is_empty(), "empty message: {body}");
+        assert_eq!(j.get("data"), &Json::Null, "error data: {body}");
+    }
+    j.get("data").clone()
+}
+
+/// An error answer, exactly `{"code":S,"message":M,"data":null}`.
+pub fn expect_error(r: &HttpResponse, status: u16, message: &str) {
+    envelope(r, status);
+    assert_eq!(
+        r.body_str(),
+        format!(
+            "{{\"code\":{status},\"message\":{},\"data\":null}}",
+            json_string(message)
+        )
+    );
+}
+
+pub fn get(m: &Manager, path: &str) -> HttpResponse {
+    http("GET", &format!("{}{path}", m.api()), &[], b"")
+}
+
+pub fn post(m: &Manager, path: &str, body: &str) -> HttpResponse {
+    http(
+        "POST",
+        &format!("{}{path}", m.api()),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
+pub fn put(m: &Manager, path: &str, token: Option<&str>, body: &[u8]) -> HttpResponse {
+    call(m, "PUT", path, token, body)
+}
+
+/// `METHOD {api}PATH` with the bearer `token`, if any.
+pub fn call(
+    m: &Manager,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> HttpResponse {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    http(method, &format!("{}{path}", m.api()), &headers, body)
+}
+
+/// A body for a failure message: text (cut at 500 chars) or a byte count.
+pub fn snippet(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(t) if t.chars().count() > 500 => {
+            format!(
+                "{}… ({} bytes)",
+                t.chars().take(500).collect::<String>(),
+                body.len()
+            )
+        }
+        Ok(t) => t.to_string(),
+        Err(_) => format!("<{} bytes, not UTF-8>", body.len()),
+    }
 }

@@ -78,6 +78,9 @@ pub struct Rollout {
     /// Bumped by every change: replicas update it only from the revision
     /// they read (a conditional update), so a step advances once.
     pub revision: u64,
+    /// A staged publish; `false` for a publish that went to the whole fleet
+    /// at once (kept only to know what the fleet runs).
+    pub staged: bool,
 }
 
 /// Which of the two builds a node should run now.
@@ -158,6 +161,15 @@ pub fn within(bucket: u64, percent: u8) -> bool {
     u128::from(bucket) * 100 < u128::from(percent) << 64
 }
 
+/// The registry key of a binary's rollout: `NAME`, or `ARCH/NAME` for a
+/// build published under an arch directory.
+pub fn key(name: &str, arch: Option<&str>) -> String {
+    match arch {
+        Some(a) => format!("{a}/{name}"),
+        None => name.to_string(),
+    }
+}
+
 /// A rollout id: the binary, its arch and both builds, so that every server
 /// derives the same one and a new publish gets fresh buckets.
 pub fn rollout_id(name: &str, arch: Option<&str>, from: &str, to: &str, created: u64) -> String {
@@ -213,7 +225,38 @@ impl Rollout {
             failures_acknowledged: 0,
             reason: "published".into(),
             revision: 1,
+            staged: true,
         }
+    }
+
+    /// The record of a publish that goes to the whole fleet at once.
+    pub fn immediate(
+        name: &str,
+        arch: Option<&str>,
+        from: BuildRef,
+        to: BuildRef,
+        now: u64,
+    ) -> Rollout {
+        let mut r = Rollout::start(name, arch, from, to, Policy::whole_fleet(), now);
+        r.state = State::Done;
+        r.staged = false;
+        r.reason = "published to the whole fleet at once".into();
+        r
+    }
+
+    /// The build the fleet as a whole runs: what a seed agent (which does
+    /// not say who it is) gets, and what a new rollout starts from.
+    pub fn baseline(&self) -> &BuildRef {
+        match self.state {
+            State::Done => &self.to,
+            State::Running | State::Paused | State::Aborted => &self.from,
+        }
+    }
+
+    /// Where the registry keeps it: the binary, under its arch directory
+    /// when it was published in one (`aarch64/app`).
+    pub fn key(&self) -> String {
+        key(&self.name, self.arch.as_deref())
     }
 
     /// Whether the current phase is the canary phase.
@@ -430,6 +473,7 @@ impl Rollout {
             ),
             ("reason", Value::str(&self.reason)),
             ("revision", Value::int(self.revision)),
+            ("staged", Value::Bool(self.staged)),
         ])
     }
 
@@ -498,6 +542,7 @@ impl Rollout {
             failures_acknowledged: n("failuresAcknowledged")?,
             reason: s("reason")?,
             revision: n("revision")?,
+            staged: !matches!(v.get("staged"), Some(Value::Bool(false))),
         })
     }
 }

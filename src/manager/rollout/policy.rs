@@ -152,6 +152,11 @@ impl Policy {
         Ok(p)
     }
 
+    /// The policy of a plain publish: the whole fleet at once.
+    pub fn whole_fleet() -> Policy {
+        Policy::new(vec![100])
+    }
+
     fn new(steps: Vec<u8>) -> Policy {
         Policy {
             steps,

@@ -6,7 +6,11 @@
 
 use super::http::{Context, Payload, Request, Response};
 use super::registry::{Node, Registry};
-use super::store::{valid_name, Build, Lookup, Store};
+mod rollouts;
+
+use super::release::{Releases, Resolved};
+use super::rollout::{Policy, Rollout};
+use super::store::{valid_name, Build, Store};
 use crate::json::{self, Value};
 use crate::log;
 use crate::protocol::{self, BinaryFact, FailureFact};
@@ -27,6 +31,8 @@ pub struct App {
     pub admin_token: Option<String>,
     /// Largest upload accepted.
     pub max_upload: u64,
+    /// Rollouts: who gets which build.
+    pub releases: Releases,
 }
 
 /// The seed's success envelope.
@@ -69,6 +75,11 @@ impl App {
             Some((route, name)) => (route, Some(name)),
             None => (rest, None),
         };
+        // `rollouts/NAME/ACTION`: the action travels in the query.
+        let (name, action) = match (route, name.and_then(|n| n.split_once('/'))) {
+            ("rollouts", Some((n, action))) => (Some(n), Some(action)),
+            _ => (name, None),
+        };
         let name =
             match name.map(|n| percent_decode(n).filter(|n| valid_name(n))) {
                 None => None,
@@ -78,10 +89,11 @@ impl App {
                     "invalid name: use letters, digits, '.', '_' and '-', not starting with '.'",
                 )),
             };
-        let query = match Query::parse(&req.query) {
+        let mut query = match Query::parse(&req.query) {
             Ok(q) => q,
             Err(resp) => return Some(resp),
         };
+        query.action = action.map(str::to_string);
         Some(match (route, name, req.method.as_str()) {
             ("keepalive", None, "GET") => self.keepalive_get(&query),
             ("bins", Some(name), "GET") => return self.bin_info(&name, &query, on_loop),
@@ -92,7 +104,10 @@ impl App {
             ("bins", Some(name), "PUT") => self.publish(req, &name, &query),
             ("download", Some(name), "GET" | "HEAD") => self.download(req, &name, &query),
             ("nodes", None, "GET") => self.nodes(),
-            ("keepalive" | "bins" | "download" | "nodes", _, _) => {
+            ("rollouts", None, "GET") => self.rollouts(),
+            ("rollouts", Some(name), "GET") => self.rollout(&name, &query),
+            ("rollouts", Some(name), "POST") => self.control(req, &name, &query),
+            ("keepalive" | "bins" | "download" | "nodes" | "rollouts", _, _) => {
                 fail(405, "method not allowed here")
             }
             _ => fail(404, "not found"),
@@ -126,19 +141,45 @@ impl App {
         if !valid_name(&node.name) {
             return fail(400, "invalid node name");
         }
+        let failed: std::collections::HashSet<String> =
+            node.failures.iter().map(|f| f.name.clone()).collect();
         match self.registry.register(node, &log::utc_now()) {
-            Ok(record) => ok(record.to_json()),
+            Ok(record) => {
+                if !failed.is_empty() {
+                    // A failure may pause a rollout: at once, not at the next tick.
+                    if let Err(e) = self.releases.tick(&self.registry, Some(&failed)) {
+                        crate::error!("running the rollout health gate: {e}");
+                    }
+                }
+                ok(record.to_json())
+            }
             Err(e) => fail(500, &format!("could not store the registration: {e}")),
         }
     }
 
-    fn find(&self, name: &str, q: &Query) -> Result<Build, Response> {
-        match self
-            .store
-            .get(name, q.arch.as_deref(), q.version.as_deref())
-        {
-            Ok(Some(build)) => Ok(build),
-            Ok(None) => Err(fail(404, "binary not found")),
+    /// The build this request should get (through a rollout when one
+    /// runs); `Ok(None)` when that needs a worker and `may_hash` is false.
+    fn resolve(
+        &self,
+        name: &str,
+        q: &Query,
+        download: bool,
+        may_hash: bool,
+    ) -> Result<Option<Served>, Response> {
+        let found = self.releases.resolve(
+            &self.store,
+            &self.registry,
+            name,
+            q.arch.as_deref(),
+            q.version.as_deref(),
+            q.node.as_deref(),
+            download,
+            may_hash,
+        );
+        match found {
+            Ok(Resolved::Found(b, r)) => Ok(Some((b, r))),
+            Ok(Resolved::Missing) => Err(fail(404, "binary not found")),
+            Ok(Resolved::Unhashed) => Ok(None),
             Err(e) => Err(fail(500, &e.to_string())),
         }
     }
@@ -146,20 +187,35 @@ impl App {
     /// A build's hashes; `None` when it would have to be hashed first and
     /// `on_loop` forbids that.
     fn bin_info(&self, name: &str, q: &Query, on_loop: bool) -> Option<Response> {
-        let found = self
-            .store
-            .lookup(name, q.arch.as_deref(), q.version.as_deref(), !on_loop);
-        Some(match found {
-            Ok(Lookup::Found(b)) => ok(Value::obj([
-                ("name", Value::str(name)),
-                ("version", Value::str(&b.version)),
-                ("hash", Value::str(&b.md5)),
-                ("sha256", Value::str(&b.sha256)),
-                ("size", Value::int(b.size)),
-            ])),
-            Ok(Lookup::Missing) => fail(404, "binary not found"),
-            Ok(Lookup::Unhashed) => return None,
-            Err(e) => fail(500, &e.to_string()),
+        Some(match self.resolve(name, q, false, !on_loop) {
+            Ok(Some((b, r))) => {
+                let mut data = vec![
+                    ("name", Value::str(name)),
+                    ("version", Value::str(&b.version)),
+                    ("hash", Value::str(&b.md5)),
+                    ("sha256", Value::str(&b.sha256)),
+                    ("size", Value::int(b.size)),
+                ];
+                if let Some(r) = r {
+                    let build = if crate::hash::same(&b.md5, &r.to.md5) {
+                        "new"
+                    } else {
+                        "previous"
+                    };
+                    data.push((
+                        "rollout",
+                        Value::obj([
+                            ("id", Value::str(&r.id)),
+                            ("state", Value::str(r.state.word())),
+                            ("percent", Value::int(r.percent())),
+                            ("build", Value::str(build)),
+                        ]),
+                    ));
+                }
+                ok(Value::obj(data))
+            }
+            Ok(None) => return None,
+            Err(resp) => resp,
         })
     }
 
@@ -194,15 +250,23 @@ impl App {
         }
     }
 
-    fn publish(&self, req: &mut Request, name: &str, q: &Query) -> Response {
+    /// Admin actions need the admin token, and are off without one.
+    fn check_admin(&self, req: &Request, what: &str) -> Result<(), Response> {
         let Some(admin) = &self.admin_token else {
-            return fail(
+            return Err(fail(
                 403,
-                "publishing over HTTP is disabled: configure an adminToken",
-            );
+                &format!("{what} over HTTP is disabled: configure an adminToken"),
+            ));
         };
         if !same_secret(bearer(req), admin) {
-            return fail(401, "publishing needs the admin bearer token");
+            return Err(fail(401, &format!("{what} needs the admin bearer token")));
+        }
+        Ok(())
+    }
+
+    fn publish(&self, req: &mut Request, name: &str, q: &Query) -> Response {
+        if let Err(resp) = self.check_admin(req, "publishing") {
+            return resp;
         }
         if req.body_len > self.max_upload {
             return fail(
@@ -214,13 +278,56 @@ impl App {
             );
         }
         let len = req.body_len;
-        match self.store.publish(
+        let policy = match Policy::from_query(&q.pairs) {
+            Ok(p) => p,
+            Err(msg) => return fail(400, &msg),
+        };
+        if policy.is_some() && q.version.is_some() {
+            return fail(
+                400,
+                "a pinned version (version=) is not rolled out in steps",
+            );
+        }
+        if policy.is_some() {
+            // Record (and keep) the build being replaced: the rollout starts
+            // from it and serves it to the rest of the fleet.
+            let _ = self.resolve(
+                name,
+                &Query {
+                    node: None,
+                    ..q.clone()
+                },
+                false,
+                true,
+            );
+        }
+        // A staged publish records its rollout before any request can see
+        // the new file and record it as an ordinary publish.
+        let _guard = policy.as_ref().map(|_| self.releases.lock_publishing());
+        let published = self.store.publish(
             name,
             q.arch.as_deref(),
             q.version.as_deref(),
             req.body(),
             len,
-        ) {
+        );
+        let published = match (published, policy) {
+            (Ok(hashes), Some(policy)) => self
+                .store
+                .lookup(name, q.arch.as_deref(), None, true)
+                .and_then(|found| match found {
+                    super::store::Lookup::Found(b) => {
+                        self.releases
+                            .record(&self.store, &self.registry, name, &b, Some(policy))
+                    }
+                    _ => Err(crate::error::Error::Other(format!(
+                        "{name}: the published file vanished"
+                    ))),
+                })
+                .map(|_| hashes),
+            (other, _) => other,
+        };
+        match published {
             Ok((md5, sha256)) => {
                 crate::info!(
                     "published {name} ({}, {})",
@@ -243,8 +350,9 @@ impl App {
     }
 
     fn download(&self, req: &Request, name: &str, q: &Query) -> Response {
-        let build = match self.find(name, q) {
-            Ok(b) => b,
+        let build = match self.resolve(name, q, true, true) {
+            Ok(Some((b, _))) => b,
+            Ok(None) => return fail(500, "no answer for this download"),
             Err(resp) => return resp,
         };
         let size = build.size;
@@ -346,7 +454,7 @@ impl App {
         &self,
         node: &'n Node,
         b: &BinaryFact,
-        published: &mut HashMap<(String, String, String), Option<String>>,
+        published: &mut Published,
     ) -> (&'static str, Option<String>, Option<&'n FailureFact>) {
         let pinned = pinned(b);
         let key = (
@@ -361,13 +469,25 @@ impl App {
                 if !valid_name(&b.name) || pinned.is_some_and(|v| !valid_name(v)) {
                     return None;
                 }
-                self.store
-                    .get(&b.name, arch, pinned)
-                    .ok()
-                    .flatten()
-                    .map(|build| build.md5)
+                let build = self.store.get(&b.name, arch, pinned).ok().flatten()?;
+                let key = super::rollout::key(&b.name, build.arch_dir.as_deref());
+                let governing = self
+                    .registry
+                    .rollout(&key)
+                    .filter(|r| r.staged && pinned.is_none())
+                    .filter(|r| r.state != super::rollout::State::Done)
+                    .filter(|r| crate::hash::same(&r.to.md5, &build.md5));
+                Some((build.md5, governing))
             })
-            .clone();
+            .as_ref()
+            .map(|(md5, governing)| match governing {
+                // During a rollout a node should run what the rollout gives it.
+                Some(r) => match r.choose(&super::release::view(node, r), super::release::now()) {
+                    super::rollout::Choice::To => r.to.md5.clone(),
+                    super::rollout::Choice::From => r.from.md5.clone(),
+                },
+                None => md5.clone(),
+            });
         let failure = node.failures.iter().find(|f| {
             f.name == b.name
                 && want
@@ -383,6 +503,13 @@ impl App {
         (status, want, failure)
     }
 }
+
+/// A build to serve, and the rollout that chose it.
+type Served = (Build, Option<Box<Rollout>>);
+
+/// Per (binary, arch, pinned version): the published md5 and the rollout
+/// that governs it, looked up once however many nodes share them.
+type Published = HashMap<(String, String, String), Option<(String, Option<Rollout>)>>;
 
 fn pinned(b: &BinaryFact) -> Option<&str> {
     Some(b.version.as_str()).filter(|v| !v.is_empty() && *v != "latest")
@@ -417,10 +544,15 @@ fn same_secret(given: &str, want: &str) -> bool {
 }
 
 /// The query parameters the protocol knows, validated.
+#[derive(Clone)]
 struct Query {
     node: Option<String>,
     arch: Option<String>,
     version: Option<String>,
+    /// Every parameter, decoded (a staged publish's policy reads them).
+    pairs: Vec<(String, String)>,
+    /// `rollouts/NAME/ACTION`'s action.
+    action: Option<String>,
 }
 
 impl Query {
@@ -429,12 +561,15 @@ impl Query {
             node: None,
             arch: None,
             version: None,
+            pairs: Vec::new(),
+            action: None,
         };
         for pair in raw.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let Some(v) = percent_decode(&v.replace('+', " ")) else {
                 return Err(fail(400, "invalid percent-encoding in the query"));
             };
+            q.pairs.push((k.to_string(), v.clone()));
             let slot = match k {
                 "node" => &mut q.node,
                 "arch" => &mut q.arch,
