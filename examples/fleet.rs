@@ -374,7 +374,10 @@ fn report_rollout(ctx: &Ctx, halt: Option<(Duration, String)>) {
     let failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
     let first = received.values().min().copied();
     let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
-    println!("\nRollout of a bad build ({}): every node that installs it fails and reports it.\n", ctx.o.bad_bin);
+    println!(
+        "\nRollout of a bad build ({}): every node that installs it fails and reports it.\n",
+        ctx.o.bad_bin
+    );
     println!("| nodes that ever received it | failures reported | first received | paused (seen by a 50 ms poll) | first receipt → paused | failures answered before the pause | last of them → paused | counts when paused |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---|");
     match halt {
@@ -445,7 +448,10 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
     for b in 0..ctx.o.bins {
         targets.push((
             "GET",
-            format!("/api/v1/bins/{}{b:03}?arch={arch}&node={node}", ctx.o.bin_prefix),
+            format!(
+                "/api/v1/bins/{}{b:03}?arch={arch}&node={node}",
+                ctx.o.bin_prefix
+            ),
             None,
         ));
     }
@@ -520,7 +526,9 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
 fn install_bad(ctx: &Ctx, index: usize, node: &str, target: &str, body: &[u8]) -> Option<String> {
     let bad = ctx.o.bad_hash.as_ref()?;
     let prefix = format!("/api/v1/bins/{}?", ctx.o.bad_bin);
-    if !target.starts_with(&prefix) || !String::from_utf8_lossy(body).contains(&format!("\"hash\":\"{bad}\"")) {
+    if !target.starts_with(&prefix)
+        || !String::from_utf8_lossy(body).contains(&format!("\"hash\":\"{bad}\""))
+    {
         return None;
     }
     let mut received = ctx.received.lock().unwrap_or_else(|p| p.into_inner());
