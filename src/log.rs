@@ -80,6 +80,26 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Formats a time as an HTTP date (RFC 9110 IMF-fixdate):
+/// `Tue, 24 Nov 2026 08:00:01 GMT`.
+pub fn http_date(t: SystemTime) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize], // 1970-01-01 was a Thursday
+        MONTHS[(m as usize).clamp(1, 12) - 1],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// Reads an RFC 3339 time in UTC as written by [`rfc3339`]
 /// (`2026-11-24T08:00:01Z`; fractional seconds are ignored): seconds since
 /// the epoch, or `None` for anything else.
@@ -187,6 +207,11 @@ mod tests {
         check_time(951_782_400, "2000-02-29T00:00:00Z");
         check_time(1_795_507_201, "2026-11-24T08:00:01Z");
         check_time(4_107_542_399, "2100-02-28T23:59:59Z");
+        let http = |secs| http_date(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(http(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(http(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(http(1_795_507_201), "Tue, 24 Nov 2026 08:00:01 GMT");
+        assert_eq!(http(4_107_542_399), "Sun, 28 Feb 2100 23:59:59 GMT");
     }
 
     #[test]

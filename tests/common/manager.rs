@@ -43,10 +43,23 @@ impl Manager {
 
     /// Starts bin-manager with `config` as its config file's text.
     pub fn start_with_config(config: &str, extra: &[&str]) -> Manager {
+        Manager::start_in(config, None, extra)
+    }
+
+    /// Starts bin-manager on a registry snapshot (`state.json`'s text):
+    /// nodes as a server that ran before left them, e.g. long unseen.
+    pub fn start_with_state(state: &str, extra: &[&str]) -> Manager {
+        Manager::start_in("{}", Some(state), extra)
+    }
+
+    fn start_in(config: &str, state: Option<&str>, extra: &[&str]) -> Manager {
         let root = TempDir::new();
         fs::create_dir_all(root.join("bins")).expect("create binDir");
         fs::create_dir_all(root.join("state")).expect("create state dir");
         fs::write(root.join("config.json"), config).expect("write config");
+        if let Some(state) = state {
+            fs::write(root.join("state").join("state.json"), state).expect("write state");
+        }
         let mut m = Manager {
             root,
             args: extra.iter().map(|s| s.to_string()).collect(),

@@ -1,11 +1,12 @@
 //! bin-manager's answers: the seed's protocol (keepalive, bins, download)
 //! with its `{"code","message","data"}` envelope on every JSON answer,
 //! errors included, plus publishing (`PUT bins/NAME`), the fleet view
-//! (`GET nodes`) and `GET /healthz`. Names are checked before any file is
-//! touched; tokens are compared in constant time.
+//! (`GET nodes`), `GET /healthz` and the console page at `/`. Names are
+//! checked before any file is touched; tokens are compared in constant time.
 
 use super::http::{Context, Payload, Request, Response};
 use super::registry::{Node, Registry};
+mod console;
 mod rollouts;
 
 use super::release::{Releases, Resolved};
@@ -57,6 +58,9 @@ impl App {
                 "GET" | "HEAD" => Response::text(200, "ok"),
                 _ => fail(405, "use GET"),
             });
+        }
+        if req.path == "/" {
+            return Some(console::page(&req.method));
         }
         let Some(rest) = req.path.strip_prefix("/api/v1/") else {
             return Some(fail(404, "not found"));
@@ -386,9 +390,10 @@ impl App {
     }
 
     /// The fleet view, written as text in two passes over the registry
-    /// (counts for the summary, then the nodes) with no document tree: at
-    /// 10,000 nodes × 50 binaries the answer is 60 MB, and a tree of it
-    /// would take several times that.
+    /// (counts for the summary, then the nodes, each with its binaries,
+    /// labels and failures) with no document tree: at 10,000 nodes × 50
+    /// binaries the answer is 60 MB, and a tree of it would take several
+    /// times that.
     fn nodes(&self) -> Response {
         let nodes = self.registry.nodes();
         // One lookup per (binary, arch, version), however many nodes share it.
@@ -439,12 +444,25 @@ impl App {
                     ("proxyVersion", Value::str(&node.proxy_version)),
                     ("lastSeen", Value::str(&node.last_seen)),
                     ("binaries", Value::Arr(bins.collect())),
+                    (
+                        "labels",
+                        Value::obj(node.labels.iter().map(|(k, v)| (k.clone(), Value::str(v)))),
+                    ),
+                    (
+                        "failures",
+                        Value::Arr(node.failures.iter().map(FailureFact::to_json).collect()),
+                    ),
                 ])
                 .write_compact(out);
             }
             out.push_str("]}");
         });
-        Response::json(200, body)
+        let mut resp = Response::json(200, body);
+        // The clock lastSeen is written by: the console tells silent nodes
+        // by it, not by the browser's clock.
+        resp.headers
+            .push(("Date", log::http_date(std::time::SystemTime::now())));
+        resp
     }
 
     /// Where one binary of a node stands: "current", "behind", "failed" (its
