@@ -124,14 +124,31 @@ fn every_json_answer_is_an_envelope() {
     assert_eq!(
         r.body_str(),
         format!(
-            "{{\"code\":200,\"message\":\"Success\",\"data\":{{\"name\":\"app\",\"version\":\"latest\",\"hash\":\"{}\",\"sha256\":\"{}\",\"size\":3000}}}}",
+            "{{\"code\":200,\"message\":\"Success\",\"data\":{{\"name\":\"app\",\"version\":\"latest\",\"hash\":\"{}\",\"sha256\":\"{}\",\"size\":3000}},\"sha256\":\"{2}\",\"sha256sum\":\"{2}\"}}",
             md5_hex(&app),
+            sha256_hex(&app),
             sha256_hex(&app)
-        )
+        ),
+        "the envelope, then the sha256 where the original project's agents read it"
     );
+    // Only the bins/NAME answer carries them: a publish's answer does not.
+    let r = put(&m, "/bins/other", Some("adm"), b"other");
+    assert_eq!(parse(&r.body_str()).keys(), ["code", "message", "data"]);
+    envelope(&r, 200);
+
+    // A heartbeat naming no node (the original project's shell agent):
+    // 204, no body, no Content-Length.
+    let r = get(&m, "/keepalive");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (204, &b""[..]),
+        "{}",
+        r.body_str()
+    );
+    assert_eq!(r.content_length(), None);
 
     // 400
-    expect_error(&get(&m, "/keepalive"), 400, "missing ?node=NAME");
+    expect_error(&post(&m, "/keepalive", "{}"), 400, "missing ?node=NAME");
     expect_error(
         &get(&m, "/bins/.hidden"),
         400,
@@ -208,7 +225,7 @@ fn every_json_answer_is_an_envelope() {
     let nodes = envelope(&get(&m, "/nodes"), 200);
     assert_eq!(nodes.keys(), ["summary", "nodes"]);
     let list = envelope(&get(&m, "/bins"), 200);
-    assert_eq!(list.arr().len(), 1);
+    assert_eq!(list.arr().len(), 2);
 }
 
 fn parse_message(r: &HttpResponse) -> String {

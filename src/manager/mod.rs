@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod http;
+pub mod legacy;
 pub mod registry;
 pub mod release;
 pub mod rollout;

@@ -9,6 +9,7 @@
 //! requests go on. Every line sets values, so replaying one again is
 //! harmless and a crash at any step loses nothing.
 
+use super::legacy::LegacyBin;
 use super::rollout::Rollout;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -46,6 +47,9 @@ pub struct Node {
     pub labels: Vec<(String, String)>,
     /// Per binary, since when it runs the hash it last said (RFC 3339 UTC).
     pub since: BTreeMap<String, String>,
+    /// Per binary, what an agent of the original project said (its sha256,
+    /// its progress); empty for bin-proxy nodes. See `legacy.rs`.
+    pub legacy: BTreeMap<String, LegacyBin>,
 }
 
 impl Node {
@@ -53,7 +57,7 @@ impl Node {
     pub fn to_json(&self) -> Value {
         let bins = self.binaries.iter().map(BinaryFact::to_json);
         let failures = self.failures.iter().map(FailureFact::to_json);
-        Value::obj([
+        let mut v = Value::obj([
             ("name", Value::str(&self.name)),
             ("cpuArch", Value::str(&self.cpu_arch)),
             ("osRelease", Value::str(&self.os_release)),
@@ -70,7 +74,12 @@ impl Node {
                 "since",
                 Value::obj(self.since.iter().map(|(k, v)| (k.clone(), Value::str(v)))),
             ),
-        ])
+        ]);
+        if let (false, Value::Obj(fields)) = (self.legacy.is_empty(), &mut v) {
+            let legacy = self.legacy.iter().map(|(k, l)| (k.clone(), l.to_json()));
+            fields.push(("legacy".into(), Value::Obj(legacy.collect())));
+        }
+        v
     }
 
     /// The hash it last said it runs for `bin` ("" when none).
@@ -144,8 +153,17 @@ impl Node {
         let mut labels = strings("labels")?;
         labels.sort();
         labels.dedup_by(|a, b| a.0 == b.0);
+        let legacy = match v.get("legacy") {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Obj(pairs)) => pairs
+                .iter()
+                .map(|(k, l)| Ok((k.clone(), LegacyBin::from_json(l)?)))
+                .collect::<std::result::Result<_, String>>()?,
+            Some(o) => return Err(format!("\"legacy\" must be an object, not {}", o.kind())),
+        };
         Ok(Node {
             labels,
+            legacy,
             since: strings("since")?.into_iter().collect(),
             name: s(v, "name")?,
             cpu_arch: s(v, "cpuArch")?,
@@ -351,6 +369,55 @@ impl Registry {
         ]);
         self.commit(|_| op.clone(), |inner, op| apply(&mut inner.fleet, op))?;
         Ok(true)
+    }
+
+    /// Changes one node's record under the lock: `change` gets the stored
+    /// record (a new one named `name` when the node is unknown and `create`).
+    /// A change is stored durably like a registration; no change only
+    /// refreshes lastSeen, batched like a heartbeat. `Ok(None)` when the node
+    /// is unknown and not `create`d. `change` must not call the registry.
+    pub fn update_node(
+        &self,
+        name: &str,
+        now: &str,
+        create: bool,
+        change: impl FnOnce(&mut Node),
+    ) -> Result<Option<Node>> {
+        let mut found = false;
+        self.commit_if(
+            |inner| {
+                let before = match inner.fleet.nodes.get(name) {
+                    Some(n) => Some(n.clone()),
+                    None if create => None,
+                    None => return None,
+                };
+                found = true;
+                let mut node = before.as_deref().cloned().unwrap_or_else(|| Node {
+                    name: name.to_string(),
+                    registered: now.to_string(),
+                    ..Node::default()
+                });
+                change(&mut node);
+                let unchanged = before.as_deref() == Some(&node);
+                node.last_seen = now.to_string();
+                if unchanged {
+                    inner.fleet.nodes.insert(name.to_string(), Arc::new(node));
+                    inner.seen.insert(name.to_string());
+                    return None;
+                }
+                Some(Value::obj([
+                    ("op", Value::str("node")),
+                    ("node", node.to_json()),
+                ]))
+            },
+            |inner, op| {
+                apply(&mut inner.fleet, op);
+                inner.seen.remove(name);
+            },
+        )?;
+        Ok(found
+            .then(|| self.node(name).map(|n| Node::clone(&n)))
+            .flatten())
     }
 
     /// Writes the batched lastSeen changes (one line, one fsync).

@@ -365,6 +365,11 @@ pub fn tree(dir: &Path) -> Vec<String> {
 /// Checks the envelope of a JSON answer: Content-Type, Content-Length, keys
 /// `code,message,data` in that order, `code` = HTTP status, message "Success"
 /// on 200. Returns `data`.
+///
+/// One extension: a successful answer whose `data` has a `sha256` (a
+/// `bins/NAME` answer) may also carry `sha256` and `sha256sum` after `data`,
+/// both exactly `data.sha256`, for the original project's agents that read
+/// them there ([`legacy_sha256`] requires them).
 pub fn envelope(r: &HttpResponse, status: u16) -> Json {
     assert_eq!(r.status, status, "HTTP status; body: {}", snippet(&r.body));
     let body = r.body_str();
@@ -375,8 +380,12 @@ pub fn envelope(r: &HttpResponse, status: u16) -> Json {
     );
     assert_eq!(r.content_length(), Some(r.body.len()), "Content-Length");
     let j = parse(&body);
+    if j.keys().len() > 3 {
+        assert_eq!(status, 200, "top-level keys beyond the envelope: {body}");
+        assert_eq!(legacy_sha256(&j), j.get("data").get("sha256").s(), "{body}");
+    }
     assert_eq!(
-        j.keys(),
+        j.keys()[..3.min(j.keys().len())],
         ["code", "message", "data"],
         "envelope keys: {body}"
     );
@@ -388,6 +397,26 @@ pub fn envelope(r: &HttpResponse, status: u16) -> Json {
         assert_eq!(j.get("data"), &Json::Null, "error data: {body}");
     }
     j.get("data").clone()
+}
+
+/// The top-level sha256 of a `bins/NAME` answer (`j`, the whole document),
+/// asserting the keys are exactly `code,message,data,sha256,sha256sum` and
+/// both hashes the same lowercase 64-hex string.
+pub fn legacy_sha256(j: &Json) -> String {
+    assert_eq!(
+        j.keys(),
+        ["code", "message", "data", "sha256", "sha256sum"],
+        "keys of a bins/NAME answer: {j:?}"
+    );
+    let (a, b) = (j.get("sha256").s(), j.get("sha256sum").s());
+    assert_eq!(a, b, "sha256 and sha256sum differ: {j:?}");
+    assert!(
+        a.len() == 64
+            && a.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+        "not a lowercase sha256: {a:?}"
+    );
+    a.to_string()
 }
 
 /// An error answer, exactly `{"code":S,"message":M,"data":null}`.

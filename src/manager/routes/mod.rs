@@ -7,6 +7,7 @@
 use super::http::{Context, Payload, Request, Response};
 use super::registry::{Node, Registry};
 mod console;
+mod legacy;
 mod rollouts;
 
 use super::release::{Releases, Resolved};
@@ -82,6 +83,8 @@ impl App {
         // `rollouts/NAME/ACTION`: the action travels in the query.
         let (name, action) = match (route, name.and_then(|n| n.split_once('/'))) {
             ("rollouts", Some((n, action))) => (Some(n), Some(action)),
+            // The original project's agents (routes/legacy.rs).
+            ("bins", Some((n, action @ "progress"))) => (Some(n), Some(action)),
             _ => (name, None),
         };
         let name =
@@ -99,6 +102,9 @@ impl App {
         };
         query.action = action.map(str::to_string);
         Some(match (route, name, req.method.as_str()) {
+            ("bins", Some(name), _) if query.action.is_some() => {
+                return self.legacy_progress(req, &name, on_loop)
+            }
             ("keepalive", None, "GET") => self.keepalive_get(&query),
             ("bins", Some(name), "GET") => return self.bin_info(&name, &query, on_loop),
             _ if on_loop => return None,
@@ -120,7 +126,7 @@ impl App {
 
     fn keepalive_get(&self, q: &Query) -> Response {
         let Some(node) = &q.node else {
-            return fail(400, "missing ?node=NAME");
+            return legacy::anonymous_keepalive(); // the original shell agent's
         };
         match self.registry.heartbeat(node, &log::utc_now()) {
             Some(record) => ok(record.to_json()),
@@ -133,6 +139,9 @@ impl App {
             Ok(doc) => doc,
             Err(resp) => return resp,
         };
+        if let Some(resp) = self.legacy_register(&doc, q) {
+            return resp;
+        }
         let mut node = match Node::from_json(&doc) {
             Ok(n) => n,
             Err(msg) => return fail(400, &msg),
@@ -216,7 +225,7 @@ impl App {
                         ]),
                     ));
                 }
-                ok(Value::obj(data))
+                legacy::bin_answer(Value::obj(data), &b.sha256)
             }
             Ok(None) => return None,
             Err(resp) => resp,
@@ -241,6 +250,9 @@ impl App {
             Ok(doc) => doc,
             Err(resp) => return resp,
         };
+        if let Some(resp) = self.legacy_report(&doc, name, q) {
+            return resp;
+        }
         let hash = match doc.get("hash").and_then(Value::as_str) {
             Some(h) if crate::hash::is_md5(h) => h.to_ascii_lowercase(),
             _ => return fail(400, "body must be {\"hash\":\"<md5 hex>\"}"),
@@ -415,6 +427,7 @@ impl App {
             ("behind", Value::int(behind)),
             ("failed", Value::int(failed)),
         ]);
+        let now = super::release::now();
         let body = protocol::envelope_with(200, "Success", |out| {
             out.push_str("{\"summary\":");
             summary.write_compact(out);
@@ -435,6 +448,7 @@ impl App {
                     if let Some(f) = failure {
                         entry.push(("error", Value::str(&f.error)));
                     }
+                    super::legacy::annotate(node.legacy.get(&b.name), status, now, &mut entry);
                     Value::obj(entry)
                 });
                 Value::obj([
@@ -516,6 +530,7 @@ impl App {
             (None, _) => "unpublished",
             (Some(_), Some(_)) => "failed",
             (Some(w), None) if w.eq_ignore_ascii_case(&b.hash) => "current",
+            (Some(w), None) if super::legacy::failed(node.legacy.get(&b.name), w) => "failed",
             (Some(_), None) => "behind",
         };
         (status, want, failure)
@@ -590,6 +605,8 @@ impl Query {
             q.pairs.push((k.to_string(), v.clone()));
             let slot = match k {
                 "node" => &mut q.node,
+                // The original project's agents' name for it; `node` wins.
+                "node_id" if q.node.is_none() => &mut q.node,
                 "arch" => &mut q.arch,
                 "version" => &mut q.version,
                 _ => continue,
