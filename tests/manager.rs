@@ -8,8 +8,8 @@ mod common;
 use common::agent::Agent;
 use common::json::{parse, Json};
 use common::manager::{
-    envelope, exchange, expect_error, get, http_within, post, put, run_to_exit, snippet, tree,
-    Manager,
+    envelope, exchange, expect_error, get, http_within, post, put, read_answer, run_to_exit,
+    snippet, tree, Manager,
 };
 use common::{http, http_raw, md5_hex, parse_response, sha256_hex, HttpResponse, TempDir};
 use std::fs;
@@ -1276,36 +1276,6 @@ fn start_up_errors_have_exit_codes() {
 // ---------------------------------------------------------------------------
 // 16. Event loops and the worker pool
 // ---------------------------------------------------------------------------
-
-/// Reads exactly one answer (with a Content-Length body) from a connection
-/// that stays open; `pending` carries bytes read past it. Panics after 10 s.
-fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> HttpResponse {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = parse_response(&pending[..end + 4]).expect("an answer head");
-            let len = head.content_length().expect("Content-Length");
-            if pending.len() >= end + 4 + len {
-                let raw: Vec<u8> = pending.drain(..end + 4 + len).collect();
-                return parse_response(&raw).expect("an answer");
-            }
-        }
-        let now = Instant::now();
-        assert!(
-            now < deadline,
-            "no complete answer within 10 s; have {:?}",
-            snippet(pending)
-        );
-        s.set_read_timeout(Some(deadline - now)).unwrap();
-        let mut buf = [0u8; 64 * 1024];
-        match s.read(&mut buf) {
-            Ok(0) => panic!("server closed; have {:?}", snippet(pending)),
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("reading an answer: {e}; have {:?}", snippet(pending)),
-        }
-    }
-}
 
 #[test]
 fn new_and_kept_alive_connections_are_all_answered() {

@@ -794,6 +794,43 @@ mod tests {
     }
 
     #[test]
+    fn update_node_writes_only_changes() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-update-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = dir.join("state.json");
+        let reg = Registry::open(&state).unwrap();
+        let log_len = || fs::metadata(dir.join("state.json.log")).unwrap().len();
+        assert!(reg
+            .update_node("n1", "t1", false, |_| {})
+            .unwrap()
+            .is_none());
+        assert_eq!(log_len(), 0, "nothing created without `create`");
+        let set = |n: &mut Node| n.os_release = "OS 1".into();
+        let stored = reg.update_node("n1", "t1", true, set).unwrap().unwrap();
+        assert_eq!(
+            (stored.registered.as_str(), stored.os_release.as_str()),
+            ("t1", "OS 1")
+        );
+        let written = log_len();
+        assert!(written > 0);
+        // The same facts again (an agent that posts them every run): only
+        // lastSeen changes, in memory, batched like a heartbeat.
+        let again = reg.update_node("n1", "t2", true, set).unwrap().unwrap();
+        assert_eq!((again.last_seen.as_str(), log_len()), ("t2", written));
+        reg.update_node("n1", "t3", false, |n| n.os_release = "OS 2".into())
+            .unwrap();
+        assert!(log_len() > written);
+        drop(reg);
+        let reg = Registry::open(&state).unwrap();
+        let n = reg.node("n1").unwrap();
+        assert_eq!(
+            (n.os_release.as_str(), n.registered.as_str()),
+            ("OS 2", "t1")
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn registration_types_are_checked() {
         let bad = json::parse(r#"{"name":"n","binaries":"x"}"#).unwrap();
         assert_eq!(

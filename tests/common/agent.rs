@@ -3,14 +3,13 @@
 //! `app` at `DIR/opt/app` with `restart: none`, and a bounded run of the
 //! agent with `--api`.
 
+use super::host::Ran;
 use super::{md5_hex, TempDir};
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// Longest a run may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -92,39 +91,11 @@ impl Agent {
             .env_remove("BIN_MANAGER_API")
             .env_remove("BIN_DOWNLOAD_URL")
             .env_remove("BIN_MANAGER_TOKEN")
-            .env_remove("BIN_PROXY_SUPERVISORCTL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env_remove("BIN_PROXY_SUPERVISORCTL");
         if let Some(t) = token {
             cmd.env("BIN_MANAGER_TOKEN", t);
         }
-        let mut child = cmd.spawn().expect("run bin-proxy");
-        let mut err = child.stderr.take().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let out_reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + RUN_TIMEOUT;
-        let code = loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                break st.code().unwrap_or(-1);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("bin-proxy did not finish within {RUN_TIMEOUT:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let _ = out_reader.join();
-        (code, reader.join().unwrap_or_default())
+        let ran = Ran::bounded(&mut cmd, RUN_TIMEOUT, "bin-proxy");
+        (ran.code, ran.stderr)
     }
 }

@@ -231,34 +231,12 @@ fn listening_port(line: &str) -> Option<u16> {
 /// Runs `bin-manager ARGS` expecting it to exit by itself within `timeout`;
 /// returns (exit code, stderr). Kills it and panics if it does not exit.
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> (i32, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bin-manager"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-manager"));
+    cmd.args(args)
         .env_remove("BIN_MANAGER_TOKEN")
-        .env_remove("BIN_MANAGER_ADMIN_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bin-manager");
-    let mut stderr = child.stderr.take().expect("stderr pipe");
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let code = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status.code().unwrap_or(-1);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("bin-manager {args:?} did not exit within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    (code, reader.join().unwrap_or_default())
+        .env_remove("BIN_MANAGER_ADMIN_TOKEN");
+    let ran = super::host::Ran::bounded(&mut cmd, timeout, &format!("bin-manager {args:?}"));
+    (ran.code, ran.stderr)
 }
 
 /// Splits `http://host:port/path` into (`host:port`, `/path`).
@@ -328,6 +306,40 @@ pub fn http_within(
             String::from_utf8_lossy(&answer)
         )
     })
+}
+
+/// Reads exactly one answer (with a Content-Length body, or a 204 without
+/// one) from a connection that stays open; `pending` carries bytes read
+/// past it. Panics after 10 s.
+pub fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> HttpResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = super::parse_response(&pending[..end + 4]).expect("an answer head");
+            let len = match head.status {
+                204 => 0,
+                _ => head.content_length().expect("Content-Length"),
+            };
+            if pending.len() >= end + 4 + len {
+                let raw: Vec<u8> = pending.drain(..end + 4 + len).collect();
+                return super::parse_response(&raw).expect("an answer");
+            }
+        }
+        let now = Instant::now();
+        assert!(
+            now < deadline,
+            "no complete answer within 10 s; have {:?}",
+            snippet(pending)
+        );
+        s.set_read_timeout(Some(deadline - now)).unwrap();
+        let mut buf = [0u8; 64 * 1024];
+        match s.read(&mut buf) {
+            Ok(0) => panic!("server closed; have {:?}", snippet(pending)),
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading an answer: {e}; have {:?}", snippet(pending)),
+        }
+    }
 }
 
 /// Names (sorted) of every entry below `dir`, recursively, as paths relative to it.

@@ -20,6 +20,7 @@ pub mod agent;
 pub mod browser;
 pub mod host;
 pub mod json;
+pub mod legacy;
 pub mod manager;
 pub mod supervisor;
 
