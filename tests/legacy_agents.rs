@@ -258,6 +258,28 @@ fn their_exact_requests_install_upgrade_and_show_in_the_fleet_view() {
         "success",
         &sha2,
     );
+
+    // Moving py-host to bin-proxy: its first run registers it, and the
+    // record is bin-proxy's from then on.
+    let agent = Agent::with("py-host", None, Setup::default());
+    let (code, log) = agent.run(&m.api(), None);
+    assert_eq!(code, 0, "{log}");
+    let n = fleet_node(&m, "py-host");
+    assert_eq!(
+        n.get("proxyVersion").s(),
+        env!("CARGO_PKG_VERSION"),
+        "{n:?}"
+    );
+    let b = fleet_bin(&m, "py-host", "app");
+    assert_eq!(
+        b.keys(),
+        ["name", "version", "hash", "published", "status"],
+        "{b:?}"
+    );
+    assert_eq!(
+        (b.get("status").s(), b.get("hash").s()),
+        ("current", md5_hex(V2).as_str())
+    );
 }
 
 #[test]
