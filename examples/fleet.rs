@@ -22,6 +22,13 @@
 //! and its log. Prints Markdown tables on stdout. Uses std only (and this
 //! crate's md5, for the splay).
 //!
+//! With `--bad-hash MD5 --bad-bin NAME` it simulates a bad build in a
+//! staged rollout: every node whose `bins/NAME?node=` answer names that md5
+//! "installs" it, fails, and reports the failure in its next keepalive (as
+//! a real agent does after its rollback); a watcher polls
+//! `GET rollouts/NAME` and the report says how many nodes ever received the
+//! build and how long the rollout took to halt.
+//!
 //! ```text
 //! cargo run --release --example fleet -- --addr 127.0.0.1:8081 --nodes 10000 \
 //!     --bins 50 --window 60 --rounds 2 --threads 64 --server-pid PID --state-file PATH
@@ -57,13 +64,17 @@ struct Opts {
     server_pid: Option<u32>,
     state_file: Option<PathBuf>,
     clk_tck: u64,
+    /// A build that fails on every node that installs it (rollout mode).
+    bad_hash: Option<String>,
+    /// The binary it is published as.
+    bad_bin: String,
 }
 
 const USAGE: &str =
     "usage: fleet --addr IP:PORT [--nodes N] [--bins B] [--window SECS] [--rounds R]
              [--threads T] [--arch ARCH] [--node-prefix P] [--bin-prefix P]
              [--timeout SECS] [--grace SECS] [--server-pid PID] [--state-file PATH]
-             [--clk-tck HZ]
+             [--clk-tck HZ] [--bad-hash MD5 --bad-bin NAME]
 Binaries are named BIN_PREFIX000 .. (three digits); they must be published.";
 
 fn parse_args() -> Result<Opts, String> {
@@ -82,6 +93,8 @@ fn parse_args() -> Result<Opts, String> {
         server_pid: None,
         state_file: None,
         clk_tck: 100,
+        bad_hash: None,
+        bad_bin: String::new(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -112,6 +125,8 @@ fn parse_args() -> Result<Opts, String> {
             "--server-pid" => o.server_pid = Some(num(value)? as u32),
             "--state-file" => o.state_file = Some(PathBuf::from(value)),
             "--clk-tck" => o.clk_tck = num(value)?.max(1),
+            "--bad-hash" => o.bad_hash = Some(value.to_ascii_lowercase()),
+            "--bad-bin" => o.bad_bin = value.clone(),
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
@@ -120,6 +135,9 @@ fn parse_args() -> Result<Opts, String> {
     }
     if o.bins > 1000 || o.rounds > 100 || o.threads > 4096 {
         return Err("at most 1000 binaries, 100 rounds and 4096 threads".into());
+    }
+    if o.bad_hash.is_some() && o.bad_bin.is_empty() {
+        return Err("--bad-hash needs --bad-bin NAME".into());
     }
     if !o.addr.ip().is_loopback() {
         return Err("--addr must be a loopback address (127.x)".into());
@@ -213,6 +231,10 @@ struct Ctx {
     hard_deadline: Instant,
     host: String,
     registration_bins: String,
+    /// Rollout mode: when each node first received the bad build, and when
+    /// each failure report was answered (since the start).
+    received: std::sync::Mutex<BTreeMap<usize, Duration>>,
+    failures: std::sync::Mutex<Vec<Duration>>,
 }
 
 fn main() {
@@ -257,11 +279,17 @@ fn main() {
         next: AtomicUsize::new(0),
         start,
         registration_bins,
+        received: std::sync::Mutex::new(BTreeMap::new()),
+        failures: std::sync::Mutex::new(Vec::new()),
     });
     let done = Arc::new(AtomicBool::new(false));
     let sampler = o.server_pid.map(|pid| {
         let (o, done) = (o.clone(), done.clone());
         std::thread::spawn(move || sample_server(pid, &o, start, &done))
+    });
+    let watcher = o.bad_hash.as_ref().map(|_| {
+        let (ctx, done) = (ctx.clone(), done.clone());
+        std::thread::spawn(move || watch_rollout(&ctx, &done))
     });
     let client_cpu0 = proc_cpu_ticks("self");
     eprintln!(
@@ -308,6 +336,7 @@ fn main() {
         _ => None,
     };
     let server = sampler.and_then(|h| h.join().ok());
+    let halt = watcher.and_then(|h| h.join().ok());
     report(
         &o,
         &rounds,
@@ -316,6 +345,63 @@ fn main() {
         client_cpu,
         server.as_ref(),
     );
+    if o.bad_hash.is_some() {
+        report_rollout(&ctx, halt.flatten());
+    }
+}
+
+/// Polls `GET rollouts/BIN` every 50 ms until the simulation ends; returns
+/// when it was first seen paused and its counts then.
+fn watch_rollout(ctx: &Ctx, done: &AtomicBool) -> Option<(Duration, String)> {
+    let target = format!("/api/v1/rollouts/{}", ctx.o.bad_bin);
+    while !done.load(Ordering::Relaxed) {
+        if let Ok((200, body)) = request(ctx, "GET", &target, None) {
+            let text = String::from_utf8_lossy(&body);
+            if text.contains("\"state\":\"paused\"") {
+                let at = ctx.start.elapsed();
+                let nodes = text.find("\"nodes\":").map_or("", |i| &text[i..]);
+                return Some((at, nodes.trim_end_matches('}').to_string()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+/// The rollout mode's table.
+fn report_rollout(ctx: &Ctx, halt: Option<(Duration, String)>) {
+    let received = ctx.received.lock().unwrap_or_else(|p| p.into_inner());
+    let failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let first = received.values().min().copied();
+    let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    println!(
+        "\nRollout of a bad build ({}): every node that installs it fails and reports it.\n",
+        ctx.o.bad_bin
+    );
+    println!("| nodes that ever received it | failures reported | first received | paused (seen by a 50 ms poll) | first receipt → paused | failures answered before the pause | last of them → paused | counts when paused |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|");
+    match halt {
+        Some((at, counts)) => {
+            let before: Vec<&Duration> = failures.iter().filter(|f| **f <= at).collect();
+            let last = before.iter().max().map(|l| at.saturating_sub(**l));
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | `{counts}` |",
+                received.len(),
+                failures.len(),
+                first.map_or("-".into(), secs),
+                secs(at),
+                first.map_or("-".into(), |f| secs(at.saturating_sub(f))),
+                before.len(),
+                last.map_or("-".into(), secs),
+            );
+        }
+        None => println!(
+            "| {} | {} | {} | never | - | - | - | - |",
+            received.len(),
+            failures.len(),
+            first.map_or("-".into(), secs)
+        ),
+    }
 }
 
 fn client_thread(ctx: &Ctx) -> ThreadStats {
@@ -362,7 +448,10 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
     for b in 0..ctx.o.bins {
         targets.push((
             "GET",
-            format!("/api/v1/bins/{}{b:03}?arch={arch}", ctx.o.bin_prefix),
+            format!(
+                "/api/v1/bins/{}{b:03}?arch={arch}&node={node}",
+                ctx.o.bin_prefix
+            ),
             None,
         ));
     }
@@ -372,9 +461,10 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
             st.rounds[run.round].aborted_runs += 1;
             return;
         }
-        let (method, target, body) = &targets[idx];
+        let (method, target, sent) = &targets[idx];
+        let reports_failure = sent.as_deref().is_some_and(|b| b.contains("\"failures\""));
         let t0 = Instant::now();
-        let result = request(ctx, method, target, body.as_deref());
+        let result = request(ctx, method, target, sent.as_deref());
         let t1 = Instant::now();
         let us = t1.duration_since(t0).as_micros().min(u32::MAX as u128) as u32;
         let sec = t1.duration_since(ctx.start).as_secs() as usize;
@@ -410,7 +500,14 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
                 if *method == "POST" {
                     stats.registrations += 1;
                 }
+                if reports_failure {
+                    let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+                    f.push(t1.duration_since(ctx.start));
+                }
                 stats.ok += 1;
+                if let Some(failure) = install_bad(ctx, run.node, &node, target, &body) {
+                    targets.insert(idx + 1, ("POST", keepalive.clone(), Some(failure)));
+                }
                 Ok(())
             }
             Ok((200, _)) => Err("200 without envelope code 200".to_string()),
@@ -421,6 +518,28 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
         }
         idx += 1;
     }
+}
+
+/// Rollout mode: when a `bins/` answer names the bad build for a node that
+/// has not had it yet, the node "installs" it and it fails; returns the
+/// keepalive body that reports the failure (sent next, as an agent does).
+fn install_bad(ctx: &Ctx, index: usize, node: &str, target: &str, body: &[u8]) -> Option<String> {
+    let bad = ctx.o.bad_hash.as_ref()?;
+    let prefix = format!("/api/v1/bins/{}?", ctx.o.bad_bin);
+    if !target.starts_with(&prefix)
+        || !String::from_utf8_lossy(body).contains(&format!("\"hash\":\"{bad}\""))
+    {
+        return None;
+    }
+    let mut received = ctx.received.lock().unwrap_or_else(|p| p.into_inner());
+    if received.contains_key(&index) {
+        return None; // it failed here before: held back, as the agent does
+    }
+    received.insert(index, ctx.start.elapsed());
+    Some(format!(
+        "{{\"name\":\"{node}\",\"cpuArch\":\"{}\",\"osRelease\":\"Debian GNU/Linux 12 (bookworm)\",\"proxyVersion\":\"1.0.0\",\"binaries\":[{}],\"lastSeen\":\"\",\"failures\":[{{\"name\":\"{}\",\"hash\":\"{bad}\",\"error\":\"postUpgrade exited with status 1\",\"at\":\"\"}}]}}",
+        ctx.o.arch, ctx.registration_bins, ctx.o.bad_bin
+    ))
 }
 
 /// One request on a new connection; `Ok((status, body))` or an error kind.

@@ -7,8 +7,11 @@ set -euo pipefail
 # Debian packages the tests and the demo use: a real supervisord for
 # restarts, curl to talk to bin-manager from the shell; strace (fault
 # injection), libcap2-bin and attr (setcap/getcap, setfattr/getfattr) for
-# tests/faults.rs.
-packages=(supervisor curl strace libcap2-bin attr)
+# tests/faults.rs; headless chromium (and a font) for the console's browser
+# test, tests/console.rs, which installs them itself when they are missing;
+# jq and python3-requests for the original project's agents
+# (tests/legacy_agents.rs runs stand-ins of its shell and Python agents).
+packages=(supervisor curl strace libcap2-bin attr chromium fonts-dejavu-core jq python3-requests)
 # With --release: what static musl builds for both targets need, and what the
 # release tests use (qemu for aarch64, nginx + openssl for HTTPS, readelf).
 release=0

@@ -363,7 +363,7 @@ CONFIG KEYS BEYOND THE FLAGS (see README.md):
                              served nothing until accepted.
     maxNodes                 Most nodes in the registry (default 100000); beyond: 503.
     registrationsPerMinute   New nodes one address may register a minute (default
-                             60; 0 = no limit); beyond: 429.
+                             600; 0 = no limit); beyond: 429.
 
 ENDPOINTS (all JSON answers are {\"code\",\"message\",\"data\"}):
     GET|POST /api/v1/keepalive?node=NAME   heartbeat / registration

@@ -248,7 +248,12 @@ impl Sha256 {
 
     /// The lowercase hex digest.
     pub fn hex(self) -> String {
-        hex(&sha2::Digest::finalize(self.0))
+        hex(&self.bytes())
+    }
+
+    /// The digest's 32 bytes.
+    pub fn bytes(self) -> [u8; 32] {
+        sha2::Digest::finalize(self.0).into()
     }
 }
 

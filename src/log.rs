@@ -127,6 +127,71 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
+/// Formats a time as an HTTP date (RFC 9110 IMF-fixdate):
+/// `Tue, 24 Nov 2026 08:00:01 GMT`.
+pub fn http_date(t: SystemTime) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize], // 1970-01-01 was a Thursday
+        MONTHS[(m as usize).clamp(1, 12) - 1],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Reads an RFC 3339 time in UTC as written by [`rfc3339`]
+/// (`2026-11-24T08:00:01Z`; fractional seconds are ignored): seconds since
+/// the epoch, or `None` for anything else.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = s.get(r)?;
+        part.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| part.parse().ok())?
+    };
+    let seps = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if b.len() < 20 || seps.iter().any(|&(i, c)| !b[i].eq_ignore_ascii_case(&c)) {
+        return None;
+    }
+    let tail = &s[19..];
+    let tail = match tail.strip_prefix('.') {
+        Some(frac) => frac.trim_start_matches(|c: char| c.is_ascii_digit()),
+        None => tail,
+    };
+    if !tail.eq_ignore_ascii_case("z") {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let days = days_from_civil(i64::from(y), mo, d);
+    let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + sec);
+    u64::try_from(secs).ok()
+}
+
+/// (year, month, day) to days since 1970-01-01 (the inverse of
+/// [`civil_from_days`]).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian
 /// calendar (Howard Hinnant's `civil_from_days`).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -189,6 +254,37 @@ mod tests {
         check_time(951_782_400, "2000-02-29T00:00:00Z");
         check_time(1_795_507_201, "2026-11-24T08:00:01Z");
         check_time(4_107_542_399, "2100-02-28T23:59:59Z");
+        let http = |secs| http_date(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(http(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(http(951_782_400), "Tue, 29 Feb 2000 00:00:00 GMT");
+        assert_eq!(http(1_795_507_201), "Tue, 24 Nov 2026 08:00:01 GMT");
+        assert_eq!(http(4_107_542_399), "Sun, 28 Feb 2100 23:59:59 GMT");
+    }
+
+    #[test]
+    fn timestamps_read_back() {
+        for secs in [0, 951_782_400, 1_795_507_201, 4_107_542_399, 1_709_164_800] {
+            let text = rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+            assert_eq!(parse_rfc3339(&text), Some(secs), "{text}");
+        }
+        assert_eq!(
+            parse_rfc3339("2026-11-24T08:00:01.250Z"),
+            Some(1_795_507_201)
+        );
+        assert_eq!(parse_rfc3339("2026-11-24t08:00:01z"), Some(1_795_507_201));
+        for bad in [
+            "",
+            "2026-11-24",
+            "2026-11-24T08:00:01",
+            "2026-11-24T08:00:01+01:00",
+            "2026-13-24T08:00:01Z",
+            "2026-11-24T24:00:01Z",
+            "2026-11-24 08:00:01Z",
+            "2026-1a-24T08:00:01Z",
+            "+026-11-24T08:00:01Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     fn check_escape(raw: &str, shown: &str) {

@@ -64,6 +64,8 @@ pub struct Registration {
     pub last_seen: String,
     /// Failures of this run (omitted when empty).
     pub failures: Vec<FailureFact>,
+    /// The node's labels (omitted when empty).
+    pub labels: Vec<(String, String)>,
 }
 
 impl BinaryFact {
@@ -104,6 +106,10 @@ impl Registration {
         if !self.failures.is_empty() {
             let failures = self.failures.iter().map(FailureFact::to_json);
             top.push(("failures", Value::Arr(failures.collect())));
+        }
+        if !self.labels.is_empty() {
+            let labels = self.labels.iter().map(|(k, v)| (k.clone(), Value::str(v)));
+            top.push(("labels", Value::Obj(labels.collect())));
         }
         Value::obj(top).to_compact()
     }
@@ -357,6 +363,7 @@ mod tests {
             }],
             last_seen: "2026-11-24T08:00:01Z".into(),
             failures: vec![],
+            labels: vec![],
         };
         assert_eq!(
             r.to_json(),

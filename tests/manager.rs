@@ -5,8 +5,12 @@
 //! the real agent end to end, the access log and start-up errors.
 mod common;
 
+use common::agent::Agent;
 use common::json::{parse, Json};
-use common::manager::{exchange, http_from, http_within, run_cli, run_to_exit, tree, Manager};
+use common::manager::{
+    envelope, exchange, expect_error, get, http_from, http_within, post, put, read_answer, run_cli,
+    run_to_exit, snippet, tree, Manager,
+};
 use common::{
     http, http_raw, json_string, md5_hex, parse_response, sha256_hex, HttpResponse, TempDir,
 };
@@ -14,75 +18,12 @@ use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// Checks the envelope of a JSON answer: Content-Type, Content-Length, keys
-/// `code,message,data` in that order, `code` = HTTP status, message "Success"
-/// on 200. Returns `data`.
-fn envelope(r: &HttpResponse, status: u16) -> Json {
-    assert_eq!(r.status, status, "HTTP status; body: {}", snippet(&r.body));
-    let body = r.body_str();
-    assert_eq!(
-        r.header("content-type"),
-        Some("application/json"),
-        "Content-Type; body: {body}"
-    );
-    assert_eq!(r.content_length(), Some(r.body.len()), "Content-Length");
-    let j = parse(&body);
-    assert_eq!(
-        j.keys(),
-        ["code", "message", "data"],
-        "envelope keys: {body}"
-    );
-    assert_eq!(j.get("code"), &Json::Num(f64::from(status)), "code: {body}");
-    if status == 200 {
-        assert_eq!(j.get("message").s(), "Success", "{body}");
-    } else {
-        assert!(!j.get("message").s().is_empty(), "empty message: {body}");
-        assert_eq!(j.get("data"), &Json::Null, "error data: {body}");
-    }
-    j.get("data").clone()
-}
-
-/// An error answer, exactly `{"code":S,"message":M,"data":null}`.
-fn expect_error(r: &HttpResponse, status: u16, message: &str) {
-    envelope(r, status);
-    assert_eq!(
-        r.body_str(),
-        format!(
-            "{{\"code\":{status},\"message\":{},\"data\":null}}",
-            json_string(message)
-        )
-    );
-}
-
-fn get(m: &Manager, path: &str) -> HttpResponse {
-    http("GET", &format!("{}{path}", m.api()), &[], b"")
-}
-
-fn post(m: &Manager, path: &str, body: &str) -> HttpResponse {
-    http(
-        "POST",
-        &format!("{}{path}", m.api()),
-        &[("Content-Type", "application/json")],
-        body.as_bytes(),
-    )
-}
-
-fn put(m: &Manager, path: &str, token: Option<&str>, body: &[u8]) -> HttpResponse {
-    let auth = token.map(|t| format!("Bearer {t}"));
-    let headers: Vec<(&str, &str)> = auth
-        .as_deref()
-        .map(|a| vec![("Authorization", a)])
-        .unwrap_or_default();
-    http("PUT", &format!("{}{path}", m.api()), &headers, body)
-}
 
 /// A raw `GET TARGET` (the target sent byte for byte); returns the parsed
 /// answer and the raw bytes.
@@ -146,21 +87,6 @@ fn assert_between(t: &str, t0: &str, t1: &str, what: &str) {
     assert!(t0 <= t && t <= t1, "{what} {t} not between {t0} and {t1}");
 }
 
-/// A body for a failure message: text (cut at 500 chars) or a byte count.
-fn snippet(body: &[u8]) -> String {
-    match std::str::from_utf8(body) {
-        Ok(t) if t.chars().count() > 500 => {
-            format!(
-                "{}… ({} bytes)",
-                t.chars().take(500).collect::<String>(),
-                body.len()
-            )
-        }
-        Ok(t) => t.to_string(),
-        Err(_) => format!("<{} bytes, not UTF-8>", body.len()),
-    }
-}
-
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -200,14 +126,31 @@ fn every_json_answer_is_an_envelope() {
     assert_eq!(
         r.body_str(),
         format!(
-            "{{\"code\":200,\"message\":\"Success\",\"data\":{{\"name\":\"app\",\"version\":\"latest\",\"hash\":\"{}\",\"sha256\":\"{}\",\"size\":3000}}}}",
+            "{{\"code\":200,\"message\":\"Success\",\"data\":{{\"name\":\"app\",\"version\":\"latest\",\"hash\":\"{}\",\"sha256\":\"{}\",\"size\":3000}},\"sha256\":\"{2}\",\"sha256sum\":\"{2}\"}}",
             md5_hex(&app),
+            sha256_hex(&app),
             sha256_hex(&app)
-        )
+        ),
+        "the envelope, then the sha256 where the original project's agents read it"
     );
+    // Only the bins/NAME answer carries them: a publish's answer does not.
+    let r = put(&m, "/bins/other", Some("adm"), b"other");
+    assert_eq!(parse(&r.body_str()).keys(), ["code", "message", "data"]);
+    envelope(&r, 200);
+
+    // A heartbeat naming no node (the original project's shell agent):
+    // 204, no body, no Content-Length.
+    let r = get(&m, "/keepalive");
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (204, &b""[..]),
+        "{}",
+        r.body_str()
+    );
+    assert_eq!(r.content_length(), None);
 
     // 400
-    expect_error(&get(&m, "/keepalive"), 400, "missing ?node=NAME");
+    expect_error(&post(&m, "/keepalive", "{}"), 400, "missing ?node=NAME");
     expect_error(
         &get(&m, "/bins/.hidden"),
         400,
@@ -284,7 +227,7 @@ fn every_json_answer_is_an_envelope() {
     let nodes = envelope(&get(&m, "/nodes"), 200);
     assert_eq!(nodes.keys(), ["summary", "nodes"]);
     let list = envelope(&get(&m, "/bins"), 200);
-    assert_eq!(list.arr().len(), 1);
+    assert_eq!(list.arr().len(), 2);
 }
 
 fn parse_message(r: &HttpResponse) -> String {
@@ -317,11 +260,15 @@ fn keepalive_registers_and_heartbeats() {
             "failures",
             "lastSeen",
             "registered",
+            "labels",
+            "since",
             "nodeToken"
         ]
     );
     assert_eq!(rec.get("nodeToken").s().len(), 64);
     assert_eq!(rec.get("name").s(), "n1");
+    assert!(rec.get("labels").keys().is_empty(), "{rec:?}");
+    assert_eq!(rec.get("since").keys(), ["app"], "{rec:?}");
     assert_eq!(rec.get("cpuArch").s(), "x86_64");
     assert_eq!(rec.get("osRelease").s(), "Test OS 1");
     assert_eq!(rec.get("proxyVersion").s(), "1.0.0");
@@ -592,7 +539,7 @@ fn put_publishes_with_the_admin_token_only() {
     );
     assert_eq!(d.get("hash").s(), md5_hex(&v1));
     assert_eq!(fs::read(m.bin_dir().join("app")).unwrap(), v1);
-    assert_eq!(tree(&m.bin_dir()), ["app"]);
+    assert_eq!(m.bin_dir_tree(), ["app"]);
     assert_eq!(
         envelope(&get(&m, "/bins/app"), 200).get("hash").s(),
         md5_hex(&v1)
@@ -642,7 +589,7 @@ fn put_publishes_with_the_admin_token_only() {
     assert!(!m.bin_dir().join("big").exists());
     assert_eq!(fs::read(m.bin_dir().join("app")).unwrap(), v1);
     assert_eq!(
-        tree(&m.bin_dir()),
+        m.bin_dir_tree(),
         ["aarch64", "aarch64/app@2", "app", "edge"],
         "no temp file left in binDir"
     );
@@ -929,7 +876,7 @@ fn registry_survives_kill_9_and_restart() {
         &parse("{\"nodes\":2,\"current\":1,\"behind\":1,\"failed\":0,\"pending\":0}")
     );
     assert_eq!(tree(&state_dir), ["state.json", "state.json.log"]);
-    assert_eq!(tree(&m.bin_dir()), ["app"]);
+    assert_eq!(m.bin_dir_tree(), ["app"]);
     // The snapshot is valid JSON that names both nodes.
     let snap = parse(&fs::read_to_string(m.state_file()).unwrap());
     let names: Vec<&str> = snap
@@ -1119,78 +1066,6 @@ fn download_started_before_a_publish_finishes_with_the_old_bytes() {
 // ---------------------------------------------------------------------------
 // 13. End to end with the real agent
 // ---------------------------------------------------------------------------
-
-struct Agent {
-    dir: TempDir,
-}
-
-impl Agent {
-    fn new(initial: &[u8]) -> Agent {
-        let dir = TempDir::new();
-        fs::create_dir_all(dir.join("opt")).unwrap();
-        fs::write(dir.join("opt/app"), initial).unwrap();
-        let manifest = format!(
-            "{{\n  \"node\": {{\n    \"name\": \"e2e-node\",\n    \"cpuArch\": \"x86_64\",\n    \"osRelease\": \"Test OS 1\",\n    \"proxyVersion\": \"1.0.0\"\n  }},\n  \"binaries\": [\n    {{\n      \"name\": \"app\",\n      \"version\": \"latest\",\n      \"hash\": \"{}\",\n      \"path\": \"{}\",\n      \"restart\": \"none\"\n    }}\n  ]\n}}\n",
-            md5_hex(initial),
-            dir.join("opt/app").display()
-        );
-        fs::write(dir.join("manifest.json"), manifest).unwrap();
-        Agent { dir }
-    }
-
-    fn target(&self) -> Vec<u8> {
-        fs::read(self.dir.join("opt/app")).unwrap()
-    }
-
-    /// Runs the real agent (bounded: 60 s); returns (exit code, stderr).
-    fn run(&self, api: &str, token: Option<&str>) -> (i32, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
-        cmd.arg("--config")
-            .arg(self.dir.join("manifest.json"))
-            .arg("--api")
-            .arg(api)
-            .arg("--timeout")
-            .arg("20")
-            .env_remove("BIN_PROXY_CONFIG")
-            .env_remove("BIN_MANAGER_API")
-            .env_remove("BIN_DOWNLOAD_URL")
-            .env_remove("BIN_MANAGER_TOKEN")
-            .env_remove("BIN_PROXY_SUPERVISORCTL")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        if let Some(t) = token {
-            cmd.env("BIN_MANAGER_TOKEN", t);
-        }
-        let mut child = cmd.spawn().expect("run bin-proxy");
-        let mut err = child.stderr.take().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
-        let out_reader = thread::spawn(move || {
-            let mut s = String::new();
-            let _ = out.read_to_string(&mut s);
-            s
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let code = loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                break st.code().unwrap_or(-1);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("bin-proxy did not finish within 60 s");
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let _ = out_reader.join();
-        (code, reader.join().unwrap_or_default())
-    }
-}
 
 fn node_app(m: &Manager, node: &str) -> Json {
     let nodes = envelope(&get(m, "/nodes"), 200);
@@ -1412,36 +1287,6 @@ fn start_up_errors_have_exit_codes() {
 // 16. Event loops and the worker pool
 // ---------------------------------------------------------------------------
 
-/// Reads exactly one answer (with a Content-Length body) from a connection
-/// that stays open; `pending` carries bytes read past it. Panics after 10 s.
-fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> HttpResponse {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = parse_response(&pending[..end + 4]).expect("an answer head");
-            let len = head.content_length().expect("Content-Length");
-            if pending.len() >= end + 4 + len {
-                let raw: Vec<u8> = pending.drain(..end + 4 + len).collect();
-                return parse_response(&raw).expect("an answer");
-            }
-        }
-        let now = Instant::now();
-        assert!(
-            now < deadline,
-            "no complete answer within 10 s; have {:?}",
-            snippet(pending)
-        );
-        s.set_read_timeout(Some(deadline - now)).unwrap();
-        let mut buf = [0u8; 64 * 1024];
-        match s.read(&mut buf) {
-            Ok(0) => panic!("server closed; have {:?}", snippet(pending)),
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("reading an answer: {e}; have {:?}", snippet(pending)),
-        }
-    }
-}
-
 #[test]
 fn new_and_kept_alive_connections_are_all_answered() {
     // Requests answered on the event loops (bins/NAME, healthz) and by
@@ -1546,7 +1391,7 @@ fn new_and_kept_alive_connections_are_all_answered() {
 fn a_full_worker_queue_answers_503_at_once() {
     // One worker, so its queue holds 16 requests (all from one address here,
     // so that address may have them all).
-    let m = Manager::start_with(
+    let m = Manager::start_with_config(
         r#"{"workersPerClient":100}"#,
         &["--quiet", "--workers", "1", "--admin-token", "adm"],
     );
@@ -1766,13 +1611,20 @@ fn concurrent_uploads_publish_only_complete_builds() {
         let r = get(&m, &format!("/download/{name}"));
         assert_eq!(r.body, on_disk, "{name}: download");
     }
-    // The cut-off uploads' temp files go as soon as the server sees the cut.
+    // The cut-off uploads' temp files go as soon as the server sees the cut
+    // (`.builds/` is where bin-manager keeps builds by md5 for rollouts).
     let mut left = Vec::new();
     let clean = common::wait_until(Duration::from_secs(20), || {
         left = tree(&m.bin_dir());
+        left.retain(|p| !p.starts_with(".builds"));
         left == ["app", "app.1", "app.x"]
     });
     assert!(clean, "binDir holds more than the three builds: {left:?}");
+    assert!(
+        temps_below(&m.bin_dir()).is_empty(),
+        "{:?}",
+        tree(&m.bin_dir())
+    );
 }
 
 #[test]
@@ -2069,7 +1921,7 @@ fn registry_text(m: &Manager) -> String {
 
 #[test]
 fn node_tokens_keep_hosts_from_speaking_for_each_other() {
-    let m = Manager::start_with(r#"{"requireNodeTokens":true}"#, &["--admin-token", "adm"]);
+    let m = Manager::start_with_config(r#"{"requireNodeTokens":true}"#, &["--admin-token", "adm"]);
     let (v0, v1, v2) = (
         b"#!/bin/sh\necho v0\n".to_vec(),
         b"#!/bin/sh\necho v1\n".to_vec(),
@@ -2125,6 +1977,12 @@ fn node_tokens_keep_hosts_from_speaking_for_each_other() {
             why,
         );
         expect_error(&req("GET", "/keepalive?node=e2e-node", ""), 403, why);
+        // Nor in the original project's agents' dialect.
+        let legacy = "{\"nodeName\":\"e2e-node\",\"cpuArch\":\"x86_64\",\"osRelease\":\"forged\",\"binProxyVersion\":\"1.2.0\"}";
+        expect_error(&req("POST", "/keepalive", legacy), 403, why);
+        let sha = sha256_hex(b"forged");
+        let legacy_report = format!("{{\"node_id\":\"e2e-node\",\"sha256sum\":\"{sha}\"}}");
+        expect_error(&req("POST", "/bins/app", &legacy_report), 403, why);
     }
     assert_eq!(
         node_app(&m, "e2e-node"),
@@ -2255,7 +2113,7 @@ fn without_required_tokens_seed_agents_work_and_a_wrong_token_is_still_refused()
 
 #[test]
 fn manual_admission_serves_nothing_until_an_admin_accepts() {
-    let m = Manager::start_with(r#"{"admission":"manual"}"#, &["--admin-token", "adm"]);
+    let m = Manager::start_with_config(r#"{"admission":"manual"}"#, &["--admin-token", "adm"]);
     let (v0, v1) = (
         b"#!/bin/sh\necho v0\n".to_vec(),
         b"#!/bin/sh\necho v1\n".to_vec(),
@@ -2328,7 +2186,7 @@ fn manual_admission_serves_nothing_until_an_admin_accepts() {
 
 #[test]
 fn registrations_are_bounded_in_size_number_and_rate() {
-    let mut m = Manager::start_with(r#"{"maxNodes":3,"registrationsPerMinute":5}"#, &[]);
+    let mut m = Manager::start_with_config(r#"{"maxNodes":3,"registrationsPerMinute":5}"#, &[]);
     let big = |field: &str, value: String| {
         format!("{{\"name\":\"big\",\"{field}\":{}}}", json_string(&value))
     };
@@ -2409,7 +2267,7 @@ fn registrations_are_bounded_in_size_number_and_rate() {
 
     // Five new nodes a minute per address: the sixth from 127.0.0.2 waits,
     // 127.0.0.3 has its own allowance, and a known node's refresh is free.
-    let m = Manager::start_with(r#"{"registrationsPerMinute":5}"#, &["--quiet"]);
+    let m = Manager::start_with_config(r#"{"registrationsPerMinute":5}"#, &["--quiet"]);
     let from = |ip: [u8; 4], node: &str| {
         http_from(
             ip.into(),

@@ -18,6 +18,9 @@
 #      request, two rounds (first check-in with registrations, then steady
 #      state), with the server's CPU, peak RSS, thread states and what the
 #      registry wrote.
+#   4. A bad build in a staged rollout (steps 1,10,50,100): how many nodes
+#      ever received it before the health gate paused it, and how long that
+#      took.
 #
 # Usage: scripts/bench/server.sh [--smoke]
 #   --smoke: ~2 s per wrk row, no extra rows, a 32 MiB download and
@@ -404,6 +407,31 @@ known=$(grep -c '"registered"' "$S" 2>/dev/null || true)
 echo
 echo "Registry files after the run: snapshot $(fmt_int "$(stat -c %s "$S" 2>/dev/null || echo 0)") bytes ($(fmt_int "${known:-0}") nodes in it), log $(fmt_int "$(stat -c %s "$S.log" 2>/dev/null || echo 0)") bytes ($(count '"op":"node"' "$S.log") registration lines, $(count '"op":"seen"' "$S.log") batched lastSeen lines, $(count '"op":"report"' "$S.log") report lines since the last fold into the snapshot). GET /api/v1/nodes afterwards: $(fmt_int "$nodes_size") bytes in $nodes_t s. Server peak RSS after that: $(awk '/^VmHWM/ { print $2, $3 }' "/proc/$FPID/status")."
 stop_pid "$FPID"
+
+# --- 4. a bad build in a staged rollout -------------------------------------
+# The fleet checks in once (registrations), then a build of fleetbin000 that
+# fails on every node that installs it is published in steps 1,10,50,100;
+# the fleet checks in again, each node that is offered it fails and reports
+# it, and the health gate must pause the rollout after maxFailures.
+if ((smoke)); then max_failures=2; else max_failures=10; fi
+start_manager rollout --quiet --admin-token bench-admin --config "$T/fleet-config.json"
+RPID=$MPID
+addr=${API#http://}; addr=${addr%%/*}
+say "server-bench: rollout of a bad build over $fleet_nodes nodes"
+"$fleet_exe" --addr "$addr" --nodes "$fleet_nodes" --bins "$fleet_bins" --window "$fleet_window" \
+    --rounds 1 --threads "$fleet_threads" --grace 60 --timeout 30 > /dev/null
+head -c 4096 /dev/urandom > "$T/bad"
+bad=$(md5sum < "$T/bad" | cut -d' ' -f1)
+curl -sf -X PUT -H 'Authorization: Bearer bench-admin' --data-binary @"$T/bad" \
+    "$API/bins/fleetbin000?rollout=1,10,50,100&maxFailures=$max_failures&soak=600" > /dev/null
+echo
+echo "## A bad build in a staged rollout"
+echo
+echo "Steps 1,10,50,100, maxFailures=$max_failures, soak 600 s; $fleet_nodes nodes check in once over $fleet_window s after the publish."
+"$fleet_exe" --addr "$addr" --nodes "$fleet_nodes" --bins "$fleet_bins" --window "$fleet_window" \
+    --rounds 1 --threads "$fleet_threads" --grace 60 --timeout 30 --bad-hash "$bad" --bad-bin fleetbin000 \
+    | sed -n '/^Rollout of a bad build/,$p'
+stop_pid "$RPID"
 say "server-bench: done"
 echo
 echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

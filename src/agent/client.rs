@@ -36,8 +36,9 @@ pub struct Client {
     pub download_timeout: u64,
     /// This node's cpuArch, sent as `arch=` so the server can pick a build.
     pub arch: String,
-    /// This node's name, sent as `node=` with build lookups and downloads
-    /// (so that a server with manual admission knows who asks).
+    /// This node's name, sent as `node=` so that a staged rollout can
+    /// answer the build this node should run (and a server with manual
+    /// admission knows who asks).
     pub node: String,
     /// This node's token from the server (never logged), sent as
     /// `X-Node-Token` with every request to the configured origins.
@@ -223,10 +224,11 @@ impl Client {
     }
 
     fn query(&self, version: Option<&str>) -> String {
-        let mut q = format!("?arch={}", protocol::encode(&self.arch));
-        if !self.node.is_empty() {
-            q.push_str(&format!("&node={}", protocol::encode(&self.node)));
-        }
+        let mut q = format!(
+            "?arch={}&node={}",
+            protocol::encode(&self.arch),
+            protocol::encode(&self.node)
+        );
         if let Some(v) = version {
             q.push_str(&format!("&version={}", protocol::encode(v)));
         }

@@ -181,7 +181,7 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
         })?;
     let facts = node_facts(&manifest);
     let client = client_for(args, &process_env, &manifest, config, &facts)?;
-    let mut run = Run::new(args, config, manifest, client);
+    let mut run = Run::new(args, config, manifest, client, facts);
     let target = install::real_target(&bin.path);
     super::paths::check_owners(&bin.path, &target)?;
     let backup = backup_of(&target);

@@ -46,6 +46,9 @@ pub struct Node {
     pub os_release: Option<String>,
     /// `proxyVersion` (kept as written; the agent always reports its own).
     pub proxy_version: Option<String>,
+    /// `labels`: `{"region": "eu-west", "dc": "fra1"}`, sent with every
+    /// registration; staged rollouts can target them.
+    pub labels: Vec<(String, String)>,
 }
 
 /// One managed binary.
@@ -103,9 +106,44 @@ impl Binary {
     }
 }
 
+/// `node.labels`: an object of short strings (letters, digits, `._-/:`).
+fn labels(node: &Value) -> Result<Vec<(String, String)>, String> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/:".contains(&b))
+    };
+    match node.get("labels") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Obj(pairs)) => {
+            let mut out = Vec::new();
+            for (k, v) in pairs {
+                let Some(v) = v.as_str() else {
+                    return Err(format!(
+                        "\"node\".\"labels\".\"{k}\" must be a string, not {}",
+                        v.kind()
+                    ));
+                };
+                if !ok(k) || !ok(v) {
+                    return Err(format!(
+                        "\"node\".\"labels\": \"{k}\": \"{v}\" is not a label (1 to 128 of letters, digits, '.', '_', '-', '/', ':')"
+                    ));
+                }
+                out.push((k.clone(), v.to_string()));
+            }
+            Ok(out)
+        }
+        Some(other) => Err(format!(
+            "\"node\".\"labels\" must be an object, not {}",
+            other.kind()
+        )),
+    }
+}
+
 const TOP_KEYS: &[&str] = &["manager", "node", "binaries"];
 const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile"];
-const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion"];
+const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion", "labels"];
 const BINARY_KEYS: &[&str] = &[
     "name",
     "version",
@@ -162,6 +200,7 @@ impl Manifest {
                 cpu_arch: o.opt_str("cpuArch")?,
                 os_release: o.opt_str("osRelease")?,
                 proxy_version: o.opt_str("proxyVersion")?,
+                labels: labels(v)?,
             };
         }
         let Some(list) = top.get("binaries") else {
@@ -219,6 +258,13 @@ impl Manifest {
         opt(&mut o, "cpuArch", &n.cpu_arch);
         opt(&mut o, "osRelease", &n.os_release);
         opt(&mut o, "proxyVersion", &n.proxy_version);
+        if !n.labels.is_empty() {
+            let labels = n
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::str(v.clone())));
+            o.push(("labels".to_string(), Value::Obj(labels.collect())));
+        }
         top.push(("node".to_string(), Value::Obj(o)));
         let bins = self.binaries.iter().map(|b| {
             let mut o = vec![("name".to_string(), Value::str(b.name.clone()))];

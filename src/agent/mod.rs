@@ -148,7 +148,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         debug!("splay: sleeping {secs} s");
         std::thread::sleep(Duration::from_secs(secs));
     }
-    let mut run = Run::new(args, config, manifest, client);
+    let mut run = Run::new(args, config, manifest, client, facts);
 
     let pending = run.check_in();
     let (mut up_to_date, mut changed, mut failed, mut skipped) = (0, 0, 0, 0);
@@ -231,10 +231,15 @@ fn splay(node: &str, max: u64) -> u64 {
 }
 
 impl<'a> Run<'a> {
-    fn new(args: &'a Args, config: &'a Path, manifest: Manifest, mut client: Client) -> Run<'a> {
+    fn new(
+        args: &'a Args,
+        config: &'a Path,
+        manifest: Manifest,
+        mut client: Client,
+        facts: NodeFacts,
+    ) -> Run<'a> {
         let state_path = State::path_for(config);
         let state = State::load(&state_path);
-        let facts = node_facts(&manifest);
         client.node_token = state.node_token(&facts.name).map(str::to_string);
         Run {
             args,
@@ -348,6 +353,7 @@ impl<'a> Run<'a> {
             binaries: binaries.collect(),
             last_seen: log::utc_now(),
             failures: failures.collect(),
+            labels: self.manifest.node.labels.clone(),
         }
     }
 

@@ -119,23 +119,26 @@ mod tests {
         }
     }
 
+    fn facts() -> NodeFacts {
+        NodeFacts {
+            name: "web-01".into(),
+            cpu_arch: "x86_64".into(),
+            os_release: "Debian".into(),
+        }
+    }
+
     #[test]
     fn precedence_flag_env_manifest_default() {
         let mut m = Manifest::default();
         let cfg = Path::new("/m.json");
         let none = env_of(&[]);
-        let facts = NodeFacts {
-            name: "n1".into(),
-            cpu_arch: "x86_64".into(),
-            os_release: String::new(),
-        };
-        let c = client_for(&Args::default(), &none, &m, cfg, &facts).unwrap();
+        let c = client_for(&Args::default(), &none, &m, cfg, &facts()).unwrap();
         assert_eq!(
             (c.api.as_str(), c.download_base.as_str()),
             (DEFAULT_API, "http://127.0.0.1:8081/api/v1/download")
         );
         m.manager.api = Some("http://manifest/api/v1/".into());
-        let c = client_for(&Args::default(), &none, &m, cfg, &facts).unwrap();
+        let c = client_for(&Args::default(), &none, &m, cfg, &facts()).unwrap();
         assert_eq!(
             (c.api.as_str(), c.download_base.as_str()),
             ("http://manifest/api/v1", "http://manifest/api/v1/download")
@@ -145,7 +148,7 @@ mod tests {
             ("BIN_DOWNLOAD_URL", "http://cdn/"),
             ("BIN_MANAGER_TOKEN", " s3cret\n"),
         ]);
-        let c = client_for(&Args::default(), &env, &m, cfg, &facts).unwrap();
+        let c = client_for(&Args::default(), &env, &m, cfg, &facts()).unwrap();
         assert_eq!(
             (c.api.as_str(), c.download_base.as_str(), c.token.as_deref()),
             ("http://env/api", "http://cdn", Some("s3cret"))
@@ -154,14 +157,14 @@ mod tests {
             api: Some("https://flag/api".into()),
             ..Args::default()
         };
-        let c = client_for(&args, &env, &m, cfg, &facts).unwrap();
+        let c = client_for(&args, &env, &m, cfg, &facts()).unwrap();
         assert_eq!(c.api, "https://flag/api");
         let args = Args {
             api: Some("ftp://x".into()),
             ..Args::default()
         };
         assert_eq!(
-            client_for(&args, &none, &m, cfg, &facts)
+            client_for(&args, &none, &m, cfg, &facts())
                 .unwrap_err()
                 .exit_code(),
             2

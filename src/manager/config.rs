@@ -5,9 +5,11 @@
 //! (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`) and flags. Unknown keys
 //! and values of the wrong type are errors, as in the agent's manifest.
 
+use super::rollout::Policy;
 use crate::cli::ManagerArgs;
 use crate::error::{Error, Result};
 use crate::json::{self, Value};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Where the config file is when `--config` is not given.
@@ -25,7 +27,7 @@ pub const MAX_WORKERS: usize = 4096;
 /// Nodes the registry holds by default (`maxNodes`).
 pub const DEFAULT_MAX_NODES: usize = 100_000;
 /// New nodes one client address may register per minute by default.
-pub const DEFAULT_REGISTRATIONS_PER_MINUTE: u32 = 60;
+pub const DEFAULT_REGISTRATIONS_PER_MINUTE: u32 = 600;
 
 /// Who may join the fleet (`admission`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,9 @@ pub struct Config {
     pub registrations_per_minute: u32,
     /// One stderr line per request.
     pub access_log: bool,
+    /// Default rollout policy per binary (`"rollouts": {"NAME": {…}}`),
+    /// applied to every publish of it, by `mv` or `PUT`.
+    pub rollouts: HashMap<String, Policy>,
 }
 
 const KEYS: &[&str] = &[
@@ -82,6 +87,7 @@ const KEYS: &[&str] = &[
     "admission",
     "maxNodes",
     "registrationsPerMinute",
+    "rollouts",
 ];
 
 impl Config {
@@ -102,6 +108,7 @@ impl Config {
             max_nodes: DEFAULT_MAX_NODES,
             registrations_per_minute: DEFAULT_REGISTRATIONS_PER_MINUTE,
             access_log: !args.quiet,
+            rollouts: HashMap::new(),
         };
         let path = args
             .config
@@ -203,6 +210,22 @@ impl Config {
                                 other.kind()
                             )))
                         }
+                    }
+                }
+                "rollouts" => {
+                    let Value::Obj(policies) = value else {
+                        return Err(bad(format!(
+                            "key \"rollouts\" must be an object of binary names, not {}",
+                            value.kind()
+                        )));
+                    };
+                    for (name, policy) in policies {
+                        if !super::store::valid_name(name) {
+                            return Err(bad(format!("rollouts: \"{name}\" is not a binary name")));
+                        }
+                        let policy = Policy::from_json(policy)
+                            .map_err(|msg| bad(format!("rollouts.{name}: {msg}")))?;
+                        self.rollouts.insert(name.clone(), policy);
                     }
                 }
                 _ => {

@@ -18,6 +18,8 @@ const NAME: usize = 128;
 const ERROR: usize = 1000;
 /// Most `binaries` (and most `failures`) in one registration.
 pub const MAX_BINARIES: usize = 1000;
+/// Most `labels`; a label's key is at most [`SHORT`] bytes, its value [`NAME`].
+const MAX_LABELS: usize = 64;
 
 /// Checks every field of a registration against its limit; the error names
 /// the field, its size and the limit.
@@ -50,6 +52,20 @@ pub fn check_registration(node: &Node) -> Result<(), String> {
         len(&format!("binaries\"[{i}].\"name"), &b.name, NAME)?;
         len(&format!("binaries\"[{i}].\"version"), &b.version, NAME)?;
         len(&format!("binaries\"[{i}].\"hash"), &b.hash, SHORT)?;
+    }
+    if node.labels.len() > MAX_LABELS {
+        return Err(format!(
+            "\"labels\" has {} entries, more than the limit of {MAX_LABELS}",
+            node.labels.len()
+        ));
+    }
+    for (k, v) in &node.labels {
+        len(
+            &format!("labels\" key \"{}", crate::log::clip(k, 32)),
+            k,
+            SHORT,
+        )?;
+        len(&format!("labels\".\"{}", crate::log::clip(k, 32)), v, NAME)?;
     }
     count("failures", node.failures.len())?;
     for (i, f) in node.failures.iter().enumerate() {
@@ -174,6 +190,14 @@ mod tests {
                 n.binaries[2].version = "v".repeat(129);
             },
             Err("\"binaries\"[2].\"version\" is 129 bytes long, more than the limit of 128"),
+        );
+        check(
+            |n| n.labels = (0..65).map(|i| (format!("k{i}"), "v".into())).collect(),
+            Err("\"labels\" has 65 entries, more than the limit of 64"),
+        );
+        check(
+            |n| n.labels = vec![("team".into(), "v".repeat(129))],
+            Err("\"labels\".\"team\" is 129 bytes long, more than the limit of 128"),
         );
         let failure = FailureFact {
             name: "app".into(),

@@ -5,13 +5,14 @@
 
 pub mod admin;
 pub mod config;
-mod fleet;
 pub mod http;
 pub mod identity;
+pub mod legacy;
 pub mod limits;
-mod nodes;
 pub mod record;
 pub mod registry;
+pub mod release;
+pub mod rollout;
 pub mod routes;
 pub mod store;
 
@@ -24,6 +25,8 @@ use std::time::Duration;
 
 /// How often batched lastSeen updates are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
+/// How often the rollouts' health gate runs (failure reports run it at once).
+const GATE_EVERY: Duration = Duration::from_secs(1);
 
 /// Stale upload temp files are looked for every this many flushes (a minute).
 const SWEEP_EVERY: u64 = 12;
@@ -81,6 +84,7 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         },
         admission: config.admission,
         rate: std::sync::Mutex::new(limits::RateLimit::new(config.registrations_per_minute)),
+        releases: release::Releases::new(config.rollouts.clone()),
     });
     let flusher = app.clone();
     std::thread::spawn(move || {
@@ -93,6 +97,17 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
                 sweep_uploads(&flusher.store);
             }
         }
+    });
+    let gate = app.clone();
+    std::thread::spawn(move || loop {
+        // New builds moved into binDir are noticed here even when no agent
+        // asks (hashing them keeps them, so that a rollout can still serve
+        // a build a later `mv` replaces); then the health gate runs.
+        gate.notice_publishes();
+        if let Err(e) = gate.releases.tick(&gate.registry, None) {
+            crate::error!("running the rollout health gate: {e}");
+        }
+        std::thread::sleep(GATE_EVERY);
     });
     let handler = app.clone();
     let opts = http::Options {

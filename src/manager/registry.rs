@@ -15,8 +15,8 @@
 //! lock as the write they guard, so two hosts registering one new name at
 //! once cannot both be given its token.
 
-use super::identity::{self, TokenCheck};
 pub use super::record::Node;
+use super::rollout::Rollout;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::json::{self, Value};
@@ -28,51 +28,23 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod writes;
+pub use writes::{Policy, Registered, Reported};
+
 /// The log is folded into the snapshot when it grows past this.
 const COMPACT_AT: u64 = 8 << 20;
 
-/// The policy a registration is judged by (from the config).
-#[derive(Clone, Copy, Debug)]
-pub struct Policy {
-    /// Refuse writes for a known node without its token.
-    pub require_tokens: bool,
-    /// A new node starts `pending`.
-    pub manual_admission: bool,
-    /// Most nodes.
-    pub max_nodes: usize,
-}
-
-/// What became of a registration.
-#[derive(Debug)]
-pub enum Registered {
-    /// Stored; `token` is set when the node was given a new token (its
-    /// first registration, or the first after its token was reset).
-    Stored {
-        /// The record as stored.
-        node: Box<Node>,
-        /// The new token, to be sent once and never again.
-        token: Option<String>,
-    },
-    /// Refused, nothing changed: the token was wrong or missing.
-    Refused(TokenCheck),
-    /// Refused, nothing changed: a new node, and the registry is full.
-    Full,
-}
-
-/// What became of a report.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Reported {
-    /// Stored.
-    Stored,
-    /// Ignored: no such node (a seed agent does not name itself).
-    UnknownNode,
-    /// Refused, nothing changed.
-    Refused(TokenCheck),
+/// What the registry holds: the nodes and the rollouts.
+#[derive(Clone, Default)]
+struct Fleet {
+    /// Nodes by name; an `Arc` each so that a snapshot is a cheap map clone.
+    nodes: BTreeMap<String, Arc<Node>>,
+    /// The latest rollout of each binary, by [`Rollout::key`].
+    rollouts: BTreeMap<String, Rollout>,
 }
 
 struct Inner {
-    /// Nodes by name; an `Arc` each so that a snapshot is a cheap map clone.
-    nodes: BTreeMap<String, Arc<Node>>,
+    fleet: Fleet,
     /// Nodes whose lastSeen changed since the last batch was written.
     seen: BTreeSet<String>,
     log: Arc<File>,
@@ -108,7 +80,7 @@ impl Registry {
             PathBuf::from(p)
         };
         let (log_path, folded_path) = (with_suffix(".log"), with_suffix(".log.folding"));
-        let mut nodes = BTreeMap::new();
+        let mut fleet = Fleet::default();
         match fs::read_to_string(state_file) {
             Ok(text) => {
                 let doc = json::parse(&text).map_err(|e| Error::Config {
@@ -121,7 +93,16 @@ impl Registry {
                             path: state_file.to_path_buf(),
                             msg,
                         })?;
-                        nodes.insert(node.name.clone(), Arc::new(node));
+                        fleet.nodes.insert(node.name.clone(), Arc::new(node));
+                    }
+                }
+                if let Some(Value::Arr(items)) = doc.get("rollouts") {
+                    for item in items {
+                        let r = Rollout::from_json(item).map_err(|msg| Error::Config {
+                            path: state_file.to_path_buf(),
+                            msg,
+                        })?;
+                        fleet.rollouts.insert(r.key(), r);
                     }
                 }
             }
@@ -137,7 +118,7 @@ impl Registry {
             let lines: Vec<&str> = text.split('\n').filter(|l| !l.trim().is_empty()).collect();
             for (i, line) in lines.iter().enumerate() {
                 match json::parse(line) {
-                    Ok(op) => apply(&mut nodes, &op),
+                    Ok(op) => apply(&mut fleet, &op),
                     Err(_) if i + 1 == lines.len() => {
                         crate::warn!("ignoring a torn last line in \"{}\"", path.display())
                     }
@@ -159,7 +140,7 @@ impl Registry {
             }),
             compact_at: COMPACT_AT,
             inner: Arc::new(Mutex::new(Inner {
-                nodes,
+                fleet,
                 seen: BTreeSet::new(),
                 log: Arc::new(log),
                 log_len,
@@ -174,173 +155,12 @@ impl Registry {
 
     /// How many nodes are known.
     pub fn len(&self) -> usize {
-        self.lock().nodes.len()
+        self.lock().fleet.nodes.len()
     }
 
     /// Whether no node is known.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// A heartbeat: the node's record with lastSeen now, `Ok(None)` if
-    /// unknown, `Err` (nothing changed) when its token check refuses it.
-    /// Only memory changes; [`Registry::flush_seen`] persists in batches.
-    pub fn heartbeat(
-        &self,
-        name: &str,
-        token: Option<&str>,
-        policy: &Policy,
-        now: &str,
-    ) -> std::result::Result<Option<Node>, TokenCheck> {
-        let mut inner = self.lock();
-        let Some(node) = inner.nodes.get_mut(name) else {
-            return Ok(None);
-        };
-        let check = identity::check(&node.token_hash, token);
-        if check.refuses(policy.require_tokens) {
-            return Err(check);
-        }
-        let node = Arc::make_mut(node);
-        node.last_seen = now.to_string();
-        let node = node.clone();
-        inner.seen.insert(name.to_string());
-        Ok(Some(node))
-    }
-
-    /// Whether `name` is known.
-    pub fn knows(&self, name: &str) -> bool {
-        self.lock().nodes.contains_key(name)
-    }
-
-    /// A known node's admission and how `token` compares with its own.
-    pub fn standing(&self, name: &str, token: Option<&str>) -> Option<(bool, TokenCheck)> {
-        let inner = self.lock();
-        let node = inner.nodes.get(name)?;
-        Some((node.pending, identity::check(&node.token_hash, token)))
-    }
-
-    /// Stores a registration durably, judged under the lock: a known node
-    /// needs its token (see [`TokenCheck::refuses`]) and keeps its token,
-    /// admission and first-registration time; a new node needs room, starts
-    /// pending under manual admission, and gets `fresh` as its token (as
-    /// does a known node that has none).
-    pub fn register(
-        &self,
-        mut node: Node,
-        token: Option<&str>,
-        fresh: &str,
-        policy: &Policy,
-        now: &str,
-    ) -> Result<Registered> {
-        node.last_seen = now.to_string();
-        let name = node.name.clone();
-        let mut verdict = None;
-        let mut issued = None;
-        self.commit_if(
-            |inner| {
-                match inner.nodes.get(&name) {
-                    None if inner.nodes.len() >= policy.max_nodes => {
-                        verdict = Some(Registered::Full);
-                        return None;
-                    }
-                    None => {
-                        node.registered = now.to_string();
-                        node.pending = policy.manual_admission;
-                    }
-                    Some(old) => {
-                        let check = identity::check(&old.token_hash, token);
-                        if check.refuses(policy.require_tokens) {
-                            verdict = Some(Registered::Refused(check));
-                            return None;
-                        }
-                        node.registered = Some(old.registered.clone())
-                            .filter(|r| !r.is_empty())
-                            .unwrap_or_else(|| now.to_string());
-                        node.token_hash = old.token_hash.clone();
-                        node.pending = old.pending;
-                    }
-                }
-                if node.token_hash.is_empty() {
-                    node.token_hash = identity::token_hash(fresh);
-                    issued = Some(fresh.to_string());
-                }
-                Some(Value::obj([
-                    ("op", Value::str("node")),
-                    ("node", node.to_stored()),
-                ]))
-            },
-            |inner, op| {
-                apply(&mut inner.nodes, op);
-                inner.seen.remove(&name);
-            },
-        )?;
-        if let Some(v) = verdict {
-            return Ok(v);
-        }
-        let stored = self.lock().nodes.get(&name).map(|n| Node::clone(n));
-        Ok(Registered::Stored {
-            node: Box::new(stored.unwrap_or(node)),
-            token: issued,
-        })
-    }
-
-    /// Stores "node runs hash of bin" durably. Unknown nodes are ignored
-    /// (a seed agent reports without naming itself); a known one's token
-    /// is checked as for a registration.
-    pub fn report(
-        &self,
-        node: &str,
-        bin: &str,
-        hash: &str,
-        token: Option<&str>,
-        policy: &Policy,
-        now: &str,
-    ) -> Result<Reported> {
-        let op = Value::obj([
-            ("op", Value::str("report")),
-            ("node", Value::str(node)),
-            ("bin", Value::str(bin)),
-            ("hash", Value::str(hash)),
-            ("at", Value::str(now)),
-        ]);
-        let mut verdict = Reported::Stored;
-        self.commit_if(
-            |inner| {
-                let Some(known) = inner.nodes.get(node) else {
-                    verdict = Reported::UnknownNode;
-                    return None;
-                };
-                let check = identity::check(&known.token_hash, token);
-                if check.refuses(policy.require_tokens) {
-                    verdict = Reported::Refused(check);
-                    return None;
-                }
-                Some(op.clone())
-            },
-            |inner, op| apply(&mut inner.nodes, op),
-        )?;
-        Ok(verdict)
-    }
-
-    /// An admin's change to a known node (accepting it, forgetting its
-    /// token), stored durably; `None` when there is no such node.
-    pub fn amend(&self, name: &str, change: impl FnOnce(&mut Node)) -> Result<Option<Node>> {
-        let mut found = false;
-        self.commit_if(
-            |inner| {
-                let mut node = Node::clone(inner.nodes.get(name)?);
-                found = true;
-                change(&mut node);
-                Some(Value::obj([
-                    ("op", Value::str("node")),
-                    ("node", node.to_stored()),
-                ]))
-            },
-            |inner, op| apply(&mut inner.nodes, op),
-        )?;
-        Ok(found
-            .then(|| self.lock().nodes.get(name).map(|n| Node::clone(n)))
-            .flatten())
     }
 
     /// Writes the batched lastSeen changes (one line, one fsync).
@@ -355,6 +175,7 @@ impl Registry {
                     .iter()
                     .filter_map(|n| {
                         inner
+                            .fleet
                             .nodes
                             .get(n)
                             .map(|node| (n.clone(), Value::str(&node.last_seen)))
@@ -368,7 +189,44 @@ impl Registry {
 
     /// A copy of every node, by name.
     pub fn nodes(&self) -> Vec<Arc<Node>> {
-        self.lock().nodes.values().cloned().collect()
+        self.lock().fleet.nodes.values().cloned().collect()
+    }
+
+    /// One node's record.
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.lock().fleet.nodes.get(name).cloned()
+    }
+
+    /// The latest rollout of the binary at `key` ([`Rollout::key`]).
+    pub fn rollout(&self, key: &str) -> Option<Rollout> {
+        self.lock().fleet.rollouts.get(key).cloned()
+    }
+
+    /// Every binary's latest rollout, by key.
+    pub fn rollouts(&self) -> Vec<Rollout> {
+        self.lock().fleet.rollouts.values().cloned().collect()
+    }
+
+    /// Stores a rollout durably if the stored one still has revision
+    /// `expected` (0: there is none): a conditional update, so that two
+    /// requests (or replicas) that read the same revision cannot both
+    /// change it. `Ok(false)` when it was changed meanwhile.
+    pub fn put_rollout(&self, rollout: &Rollout, expected: u64) -> Result<bool> {
+        let key = rollout.key();
+        let mut fresh = true;
+        let op = Value::obj([
+            ("op", Value::str("rollout")),
+            ("rollout", rollout.to_json()),
+        ]);
+        self.commit_if(
+            |inner| {
+                let current = inner.fleet.rollouts.get(&key).map_or(0, |r| r.revision);
+                fresh = current == expected;
+                fresh.then(|| op.clone())
+            },
+            |inner, op| apply(&mut inner.fleet, op),
+        )?;
+        Ok(fresh)
     }
 
     /// Appends one log line and applies it, under the lock; then makes it
@@ -383,8 +241,8 @@ impl Registry {
         self.commit_if(|inner| Some(make(inner)), then)
     }
 
-    /// [`Registry::commit`] for a change decided under the lock: `make`
-    /// returning `None` writes nothing.
+    /// [`Registry::commit`], where `make` may decide under the lock that
+    /// there is nothing to write (`None`).
     fn commit_if(
         &self,
         make: impl FnOnce(&mut Inner) -> Option<Value>,
@@ -455,20 +313,27 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 /// set-aside log is removed. Ends with `folding` cleared, whatever happened.
 fn fold(files: &Files, inner: &Mutex<Inner>) -> Result<()> {
     let result = (|| {
-        let nodes = {
+        let fleet = {
             let mut inner = lock(inner);
             set_log_aside(files)?;
             inner.log = Arc::new(open_log(&files.log)?);
             inner.log_len = 0;
-            inner.nodes.clone()
+            inner.fleet.clone()
         };
         fsutil::atomic_write_with(&files.snapshot, fsutil::Mode::Force(0o600), &mut |w| {
             w.write_all(b"{\"nodes\":[\n")?;
-            for (i, node) in nodes.values().enumerate() {
+            for (i, node) in fleet.nodes.values().enumerate() {
                 if i > 0 {
                     w.write_all(b",\n")?;
                 }
                 w.write_all(node.to_stored().to_compact().as_bytes())?;
+            }
+            w.write_all(b"\n],\"rollouts\":[\n")?;
+            for (i, r) in fleet.rollouts.values().enumerate() {
+                if i > 0 {
+                    w.write_all(b",\n")?;
+                }
+                w.write_all(r.to_json().to_compact().as_bytes())?;
             }
             w.write_all(b"\n]}\n")
         })?;
@@ -538,10 +403,18 @@ fn open_log(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Applies one log line to the node map. Idempotent.
-fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
+/// Applies one log line to the fleet. Idempotent.
+fn apply(fleet: &mut Fleet, op: &Value) {
     let s = |k: &str| op.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let nodes = &mut fleet.nodes;
     match op.get("op").and_then(Value::as_str) {
+        Some("rollout") => match op.get("rollout").map(Rollout::from_json) {
+            Some(Ok(r)) => {
+                fleet.rollouts.insert(r.key(), r);
+            }
+            Some(Err(e)) => crate::warn!("ignoring a damaged rollout record: {e}"),
+            None => {}
+        },
         Some("node") => {
             if let Some(node) = op.get("node").and_then(|n| Node::from_stored(n).ok()) {
                 nodes.insert(node.name.clone(), Arc::new(node));
@@ -550,6 +423,9 @@ fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
         Some("report") => {
             if let Some(node) = nodes.get_mut(&s("node")).map(Arc::make_mut) {
                 let (bin, hash) = (s("bin"), s("hash"));
+                if !node.hash_of(&bin).eq_ignore_ascii_case(&hash) {
+                    node.since.insert(bin.clone(), s("at"));
+                }
                 match node.binaries.iter_mut().find(|b| b.name == bin) {
                     Some(b) => b.hash = hash,
                     None => node.binaries.push(BinaryFact {
@@ -579,6 +455,7 @@ fn apply(nodes: &mut BTreeMap<String, Arc<Node>>, op: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manager::identity::TokenCheck;
 
     const OPEN: Policy = Policy {
         require_tokens: false,
@@ -588,6 +465,19 @@ mod tests {
 
     fn register(reg: &Registry, node: Node, now: &str) -> Registered {
         reg.register(node, None, "fresh-token", &OPEN, now).unwrap()
+    }
+
+    fn update(
+        reg: &Registry,
+        name: &str,
+        now: &str,
+        create: bool,
+        f: impl FnOnce(&mut Node),
+    ) -> Option<Node> {
+        match reg.update_node(name, now, create, None, &OPEN, f).unwrap() {
+            Registered::Stored { node, .. } => Some(*node),
+            _ => None,
+        }
     }
 
     #[test]
@@ -682,6 +572,39 @@ mod tests {
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].binaries[0].hash, "ab");
         assert!(!dir.join("state.json.log.folding").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn update_node_writes_only_changes() {
+        let dir = std::env::temp_dir().join(format!("bin-manager-update-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let state = dir.join("state.json");
+        let reg = Registry::open(&state).unwrap();
+        let log_len = || fs::metadata(dir.join("state.json.log")).unwrap().len();
+        assert!(update(&reg, "n1", "t1", false, |_| {}).is_none());
+        assert_eq!(log_len(), 0, "nothing created without `create`");
+        let set = |n: &mut Node| n.os_release = "OS 1".into();
+        let stored = update(&reg, "n1", "t1", true, set).unwrap();
+        assert_eq!(
+            (stored.registered.as_str(), stored.os_release.as_str()),
+            ("t1", "OS 1")
+        );
+        let written = log_len();
+        assert!(written > 0);
+        // The same facts again (an agent that posts them every run): only
+        // lastSeen changes, in memory, batched like a heartbeat.
+        let again = update(&reg, "n1", "t2", true, set).unwrap();
+        assert_eq!((again.last_seen.as_str(), log_len()), ("t2", written));
+        update(&reg, "n1", "t3", false, |n| n.os_release = "OS 2".into()).unwrap();
+        assert!(log_len() > written);
+        drop(reg);
+        let reg = Registry::open(&state).unwrap();
+        let n = reg.node("n1").unwrap();
+        assert_eq!(
+            (n.os_release.as_str(), n.registered.as_str()),
+            ("OS 2", "t1")
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -5,6 +5,12 @@
 //! so publishing is just an atomic `mv` into binDir. Every answer comes from
 //! one open file descriptor, so a download that started before a publish
 //! finishes with the old bytes, and a hash always describes the bytes served.
+//!
+//! Every build of a binary's slot (`NAME` or `ARCH/NAME`) is also kept as a
+//! hard link `binDir/.builds/MD5` once it has been hashed, so that a staged
+//! rollout can go on serving the previous build to the nodes not yet in it
+//! after the file was replaced (a name starting with `.` is never served by
+//! name). Builds no rollout needs are pruned.
 
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -18,6 +24,9 @@ use std::sync::Mutex;
 
 /// The tag of upload temp files (`.NAME.PIDup-N-RANDOM.bin-proxy-tmp`).
 const UPLOAD_TAG: &str = "up";
+/// The tag of the temp links that keep a build in `.builds/` (a hard link
+/// shares the build's old mtime, so these are never swept by age).
+const KEEP_TAG: &str = "keep";
 /// An upload temp file not written to for this long is a crashed server's
 /// leftover: a live upload's body reads time out after 10 s of silence, and
 /// the last write is followed only by an fsync.
@@ -59,6 +68,8 @@ pub struct Build {
     pub sha256: String,
     /// "latest", or the pinned version served.
     pub version: String,
+    /// The arch directory it was found in (`binDir/ARCH/NAME`), if any.
+    pub arch_dir: Option<String>,
 }
 
 /// What [`Store::lookup`] found.
@@ -83,6 +94,9 @@ pub struct Listed {
     pub size: u64,
 }
 
+/// The directory under binDir that keeps builds by md5.
+const KEPT: &str = ".builds";
+
 /// The binDir and its hash cache.
 pub struct Store {
     dir: PathBuf,
@@ -101,16 +115,21 @@ impl Store {
 
     /// The file that serves `name` for `arch` and `version`, most specific
     /// first. All parts must be [`valid_name`]s (the caller checks).
-    fn candidates(&self, name: &str, arch: Option<&str>, version: Option<&str>) -> Vec<PathBuf> {
+    fn candidates<'a>(
+        &self,
+        name: &str,
+        arch: Option<&'a str>,
+        version: Option<&str>,
+    ) -> Vec<(PathBuf, Option<&'a str>)> {
         let file = match version {
             Some(v) => format!("{name}@{v}"),
             None => name.to_string(),
         };
         let mut out = Vec::with_capacity(2);
         if let Some(arch) = arch {
-            out.push(self.dir.join(arch).join(&file));
+            out.push((self.dir.join(arch).join(&file), Some(arch)));
         }
-        out.push(self.dir.join(file));
+        out.push((self.dir.join(file), None));
         out
     }
 
@@ -136,7 +155,7 @@ impl Store {
         version: Option<&str>,
         may_hash: bool,
     ) -> Result<Lookup> {
-        for path in self.candidates(name, arch, version) {
+        for (path, arch_dir) in self.candidates(name, arch, version) {
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -161,6 +180,15 @@ impl Store {
                     // Hash the very descriptor that will be served (the
                     // response seeks back to its start).
                     let (md5, sha, _) = hash::digest_all(&file, &path)?;
+                    let mut k = k;
+                    if version.is_none() {
+                        self.keep(&path, &meta, &file, &md5);
+                        // A new link changes the inode's ctime, which the
+                        // cache key holds: take the key again.
+                        if let Ok(m) = file.metadata() {
+                            k = key(&m);
+                        }
+                    }
                     self.lock()
                         .insert(path.clone(), (k, md5.clone(), sha.clone()));
                     (md5, sha)
@@ -173,9 +201,93 @@ impl Store {
                 md5,
                 sha256,
                 version,
+                arch_dir: arch_dir.map(str::to_string),
             }));
         }
         Ok(Lookup::Missing)
+    }
+
+    /// A kept build by md5 (see the module comment), or `None` when it is
+    /// not kept. Its hashes are trusted from `sha256` (ours, from when it
+    /// was published); its size is the file's.
+    pub fn kept(&self, md5: &str, sha256: &str) -> Result<Option<Build>> {
+        if !hash::is_md5(md5) {
+            return Ok(None);
+        }
+        let path = self.dir.join(KEPT).join(md5.to_ascii_lowercase());
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("opening", &path, e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("inspecting", &path, e))?;
+        Ok(Some(Build {
+            file,
+            size: meta.size(),
+            md5: md5.to_ascii_lowercase(),
+            sha256: sha256.to_string(),
+            version: "latest".into(),
+            arch_dir: None,
+        }))
+    }
+
+    /// Keeps the build just hashed from `file` (opened at `path`) as
+    /// `.builds/MD5`: a hard link under a temp name, checked to be the very
+    /// inode that was hashed (the path may have been replaced meanwhile),
+    /// then renamed into place; a copy of the open file where a link is not
+    /// possible. Failing to keep a build is logged, not fatal: only a later
+    /// rollout from it would miss it (and says so).
+    fn keep(&self, path: &Path, meta: &fs::Metadata, file: &File, md5: &str) {
+        let dir = self.dir.join(KEPT);
+        let dest = dir.join(md5);
+        if dest.exists() {
+            return;
+        }
+        let result = (|| -> Result<()> {
+            fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            // Of its own: two requests may keep the same new build at once.
+            let tmp = fsutil::unique_temp_path(&dest, KEEP_TAG);
+            let linked = fs::hard_link(path, &tmp).is_ok()
+                && fs::metadata(&tmp).is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()));
+            if !linked {
+                let _ = fs::remove_file(&tmp);
+                let mut out = fsutil::create_exclusive(&tmp, 0o644)?;
+                let copied = std::io::copy(&mut Read::take(&mut &*file, meta.size()), &mut out)
+                    .map_err(|e| Error::io("copying", &tmp, e));
+                let synced =
+                    copied.and_then(|_| out.sync_all().map_err(|e| Error::io("syncing", &tmp, e)));
+                if let Err(e) = synced {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                use std::io::Seek;
+                let _ = (&*file).seek(std::io::SeekFrom::Start(0));
+            }
+            fs::rename(&tmp, &dest).map_err(|e| Error::io("renaming into place", &dest, e))?;
+            fsutil::sync_dir(&dir)
+        })();
+        if let Err(e) = result {
+            crate::warn!(
+                "cannot keep a copy of \"{}\" for rollouts: {e}",
+                path.display()
+            );
+        }
+    }
+
+    /// Removes the kept builds whose md5 is not in `needed`.
+    pub fn prune_kept(&self, needed: &std::collections::HashSet<String>) {
+        let dir = self.dir.join(KEPT);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if hash::is_md5(&name) && !needed.contains(&name) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Publishes `len` bytes from `body` as `name` (for `arch`, `version`):
@@ -194,7 +306,7 @@ impl Store {
         body: &mut dyn Read,
         len: u64,
     ) -> Result<(String, String)> {
-        let dest = self.candidates(name, arch, version).remove(0);
+        let dest = self.candidates(name, arch, version).remove(0).0;
         let dir = fsutil::parent(&dest).to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
         let tmp = fsutil::unique_temp_path(&dest, UPLOAD_TAG);

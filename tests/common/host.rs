@@ -5,9 +5,12 @@
 use super::{fake_supervisorctl, path_with, temp_files, Server, TempDir};
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// The node name every test manifest uses.
 pub const NODE: &str = "test-node";
@@ -34,6 +37,43 @@ impl Ran {
     /// Runs a prepared command to completion.
     pub fn from_command(cmd: &mut Command) -> Ran {
         Ran::from(cmd.output().expect("run bin-proxy"))
+    }
+
+    /// Runs a prepared command (stdin closed, output captured) for at most
+    /// `timeout`; kills it and panics, naming `what`, when it takes longer.
+    pub fn bounded(cmd: &mut Command, timeout: Duration, what: &str) -> Ran {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let drain = |mut r: Box<dyn Read + Send>| {
+            thread::spawn(move || {
+                let mut s = String::new();
+                let _ = r.read_to_string(&mut s);
+                s
+            })
+        };
+        let out = drain(Box::new(child.stdout.take().expect("stdout pipe")));
+        let err = drain(Box::new(child.stderr.take().expect("stderr pipe")));
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st.code().unwrap_or(-1);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} did not finish within {timeout:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        Ran {
+            code,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        }
     }
 
     /// Panics with the whole log unless the exit code is `code`.

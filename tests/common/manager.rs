@@ -11,7 +11,8 @@
 //! ROOT/config.json        "{}" or what the test gave (so that a host's /etc/bin-manager/config.json is never read)
 //! ```
 
-use super::{wait_until, HttpResponse, TempDir};
+use super::json::{parse, Json};
+use super::{http, json_string, wait_until, HttpResponse, TempDir};
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -37,16 +38,28 @@ pub struct Manager {
 impl Manager {
     /// Starts bin-manager on a fresh temp dir with these extra arguments.
     pub fn start(extra: &[&str]) -> Manager {
-        Manager::start_with("{}", extra)
+        Manager::start_with_config("{}", extra)
     }
 
-    /// Starts bin-manager with `config` as its config file (JSON text) and
-    /// these extra arguments.
-    pub fn start_with(config: &str, extra: &[&str]) -> Manager {
+    /// Starts bin-manager with `config` as its config file's text.
+    pub fn start_with_config(config: &str, extra: &[&str]) -> Manager {
+        Manager::start_in(config, None, extra)
+    }
+
+    /// Starts bin-manager on a registry snapshot (`state.json`'s text):
+    /// nodes as a server that ran before left them, e.g. long unseen.
+    pub fn start_with_state(state: &str, extra: &[&str]) -> Manager {
+        Manager::start_in("{}", Some(state), extra)
+    }
+
+    fn start_in(config: &str, state: Option<&str>, extra: &[&str]) -> Manager {
         let root = TempDir::new();
         fs::create_dir_all(root.join("bins")).expect("create binDir");
         fs::create_dir_all(root.join("state")).expect("create state dir");
         fs::write(root.join("config.json"), config).expect("write config");
+        if let Some(state) = state {
+            fs::write(root.join("state").join("state.json"), state).expect("write state");
+        }
         let mut m = Manager {
             root,
             args: extra.iter().map(|s| s.to_string()).collect(),
@@ -147,6 +160,15 @@ impl Manager {
         self.root.join("bins")
     }
 
+    /// Everything below binDir (as [`tree`] lists it) but the builds kept
+    /// for rollouts (`.builds/`).
+    pub fn bin_dir_tree(&self) -> Vec<String> {
+        tree(&self.bin_dir())
+            .into_iter()
+            .filter(|p| p != ".builds" && !p.starts_with(".builds/"))
+            .collect()
+    }
+
     /// The state file (`ROOT/state/state.json`).
     pub fn state_file(&self) -> PathBuf {
         self.root.join("state").join("state.json")
@@ -219,43 +241,12 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (i32, 
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-manager"));
     cmd.args(args)
         .env_remove("BIN_MANAGER_TOKEN")
-        .env_remove("BIN_MANAGER_ADMIN_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env_remove("BIN_MANAGER_ADMIN_TOKEN");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("start bin-manager");
-    let mut stderr = child.stderr.take().expect("stderr pipe");
-    let mut stdout = child.stdout.take().expect("stdout pipe");
-    let reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let out_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + timeout;
-    let code = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status.code().unwrap_or(-1);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("bin-manager {args:?} did not exit within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    (
-        code,
-        out_reader.join().unwrap_or_default(),
-        reader.join().unwrap_or_default(),
-    )
+    let ran = super::host::Ran::bounded(&mut cmd, timeout, &format!("bin-manager {args:?}"));
+    (ran.code, ran.stdout, ran.stderr)
 }
 
 /// Splits `http://host:port/path` into (`host:port`, `/path`).
@@ -359,6 +350,40 @@ pub fn http_within(
     })
 }
 
+/// Reads exactly one answer (with a Content-Length body, or a 204 without
+/// one) from a connection that stays open; `pending` carries bytes read
+/// past it. Panics after 10 s.
+pub fn read_answer(s: &mut TcpStream, pending: &mut Vec<u8>) -> HttpResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = super::parse_response(&pending[..end + 4]).expect("an answer head");
+            let len = match head.status {
+                204 => 0,
+                _ => head.content_length().expect("Content-Length"),
+            };
+            if pending.len() >= end + 4 + len {
+                let raw: Vec<u8> = pending.drain(..end + 4 + len).collect();
+                return super::parse_response(&raw).expect("an answer");
+            }
+        }
+        let now = Instant::now();
+        assert!(
+            now < deadline,
+            "no complete answer within 10 s; have {:?}",
+            snippet(pending)
+        );
+        s.set_read_timeout(Some(deadline - now)).unwrap();
+        let mut buf = [0u8; 64 * 1024];
+        match s.read(&mut buf) {
+            Ok(0) => panic!("server closed; have {:?}", snippet(pending)),
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading an answer: {e}; have {:?}", snippet(pending)),
+        }
+    }
+}
+
 /// Names (sorted) of every entry below `dir`, recursively, as paths relative to it.
 pub fn tree(dir: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>, depth: usize) {
@@ -385,4 +410,125 @@ pub fn tree(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out, 0);
     out.sort();
     out
+}
+
+// ---------------------------------------------------------------------------
+// Requests to the API and checks of its answers
+// ---------------------------------------------------------------------------
+
+/// Checks the envelope of a JSON answer: Content-Type, Content-Length, keys
+/// `code,message,data` in that order, `code` = HTTP status, message "Success"
+/// on 200. Returns `data`.
+///
+/// One extension: a successful answer whose `data` has a `sha256` (a
+/// `bins/NAME` answer) may also carry `sha256` and `sha256sum` after `data`,
+/// both exactly `data.sha256`, for the original project's agents that read
+/// them there ([`legacy_sha256`] requires them).
+pub fn envelope(r: &HttpResponse, status: u16) -> Json {
+    assert_eq!(r.status, status, "HTTP status; body: {}", snippet(&r.body));
+    let body = r.body_str();
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "Content-Type; body: {body}"
+    );
+    assert_eq!(r.content_length(), Some(r.body.len()), "Content-Length");
+    let j = parse(&body);
+    if j.keys().len() > 3 {
+        assert_eq!(status, 200, "top-level keys beyond the envelope: {body}");
+        assert_eq!(legacy_sha256(&j), j.get("data").get("sha256").s(), "{body}");
+    }
+    assert_eq!(
+        j.keys()[..3.min(j.keys().len())],
+        ["code", "message", "data"],
+        "envelope keys: {body}"
+    );
+    assert_eq!(j.get("code"), &Json::Num(f64::from(status)), "code: {body}");
+    if status == 200 {
+        assert_eq!(j.get("message").s(), "Success", "{body}");
+    } else {
+        assert!(!j.get("message").s().is_empty(), "empty message: {body}");
+        assert_eq!(j.get("data"), &Json::Null, "error data: {body}");
+    }
+    j.get("data").clone()
+}
+
+/// The top-level sha256 of a `bins/NAME` answer (`j`, the whole document),
+/// asserting the keys are exactly `code,message,data,sha256,sha256sum` and
+/// both hashes the same lowercase 64-hex string.
+pub fn legacy_sha256(j: &Json) -> String {
+    assert_eq!(
+        j.keys(),
+        ["code", "message", "data", "sha256", "sha256sum"],
+        "keys of a bins/NAME answer: {j:?}"
+    );
+    let (a, b) = (j.get("sha256").s(), j.get("sha256sum").s());
+    assert_eq!(a, b, "sha256 and sha256sum differ: {j:?}");
+    assert!(
+        a.len() == 64
+            && a.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)),
+        "not a lowercase sha256: {a:?}"
+    );
+    a.to_string()
+}
+
+/// An error answer, exactly `{"code":S,"message":M,"data":null}`.
+pub fn expect_error(r: &HttpResponse, status: u16, message: &str) {
+    envelope(r, status);
+    assert_eq!(
+        r.body_str(),
+        format!(
+            "{{\"code\":{status},\"message\":{},\"data\":null}}",
+            json_string(message)
+        )
+    );
+}
+
+pub fn get(m: &Manager, path: &str) -> HttpResponse {
+    http("GET", &format!("{}{path}", m.api()), &[], b"")
+}
+
+pub fn post(m: &Manager, path: &str, body: &str) -> HttpResponse {
+    http(
+        "POST",
+        &format!("{}{path}", m.api()),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
+pub fn put(m: &Manager, path: &str, token: Option<&str>, body: &[u8]) -> HttpResponse {
+    call(m, "PUT", path, token, body)
+}
+
+/// `METHOD {api}PATH` with the bearer `token`, if any.
+pub fn call(
+    m: &Manager,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> HttpResponse {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    http(method, &format!("{}{path}", m.api()), &headers, body)
+}
+
+/// A body for a failure message: text (cut at 500 chars) or a byte count.
+pub fn snippet(body: &[u8]) -> String {
+    match std::str::from_utf8(body) {
+        Ok(t) if t.chars().count() > 500 => {
+            format!(
+                "{}… ({} bytes)",
+                t.chars().take(500).collect::<String>(),
+                body.len()
+            )
+        }
+        Ok(t) => t.to_string(),
+        Err(_) => format!("<{} bytes, not UTF-8>", body.len()),
+    }
 }

@@ -10,13 +10,17 @@
 //!   [`fake_supervisorctl`], [`temp_files`], [`mode`], [`path_with`], [`wait_until`];
 //! - a tiny raw-`TcpStream` HTTP client ([`http`], [`HttpResponse`]) used to poke the
 //!   server directly;
+//! - [`browser`]: a real headless Chromium driven over the DevTools protocol;
 //! - [`json`]: a small strict JSON reader ([`json::Json`], [`json::parse`]) for
 //!   assertions on the shape of answers, registrations and manifests.
 //!
 //! Only the standard library and the `md5` crate are used.
 
+pub mod agent;
+pub mod browser;
 pub mod host;
 pub mod json;
+pub mod legacy;
 pub mod manager;
 pub mod supervisor;
 

@@ -192,13 +192,11 @@ pub(super) fn bare_lf() -> Response {
 /// The status line and headers, then the body if `with_body` and in memory.
 pub(super) fn encode(resp: &Response, keep_alive: bool, with_body: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + if with_body { resp.len() as usize } else { 0 });
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\nContent-Length: {}\r\n",
-        resp.status,
-        reason(resp.status),
-        resp.len()
-    );
+    let _ = write!(out, "HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
+    if resp.status != 204 {
+        // RFC 9110 §8.6: never on a 204, which has no body by definition.
+        let _ = write!(out, "Content-Length: {}\r\n", resp.len());
+    }
     for (k, v) in &resp.headers {
         let _ = write!(out, "{k}: {v}\r\n");
     }
@@ -216,6 +214,7 @@ pub(super) fn encode(resp: &Response, keep_alive: bool, with_body: bool) -> Vec<
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        204 => "No Content",
         206 => "Partial Content",
         400 => "Bad Request",
         401 => "Unauthorized",

@@ -1,16 +1,24 @@
 //! bin-manager's answers: the seed's protocol (keepalive, bins, download)
 //! with its `{"code","message","data"}` envelope on every JSON answer,
 //! errors included, plus publishing (`PUT bins/NAME`), the fleet view
-//! (`GET nodes`, in [`super::fleet`]), the admins' node requests and
-//! `GET /healthz`. This file dispatches and serves builds; the answers
-//! about nodes are in [`super::nodes`]. Names are checked before any file
+//! (`GET nodes`, in [`fleet`]), the admins' node requests, `GET /healthz`
+//! and the console page at `/`. This file dispatches and serves builds; the
+//! answers about nodes are in [`nodes`]. Names are checked before any file
 //! is touched; tokens are compared in constant time.
 
 use super::config::Admission;
 use super::http::{Context, Payload, Request, Response};
 use super::limits::RateLimit;
-use super::registry::{Policy, Registry};
-use super::store::{valid_name, Build, Lookup, Store};
+use super::registry::{self, Registry};
+mod console;
+mod fleet;
+mod legacy;
+mod nodes;
+mod rollouts;
+
+use super::release::{Releases, Resolved};
+use super::rollout::{Policy, Rollout};
+use super::store::{valid_name, Build, Store};
 use crate::json::{self, Value};
 use crate::log;
 use crate::protocol;
@@ -31,8 +39,10 @@ pub struct App {
     pub admin_token: Option<String>,
     /// Largest upload accepted.
     pub max_upload: u64,
+    /// Rollouts: who gets which build.
+    pub releases: Releases,
     /// How registrations are judged (tokens, admission, size).
-    pub policy: Policy,
+    pub policy: registry::Policy,
     /// Who is served.
     pub admission: Admission,
     /// New registrations per client address.
@@ -40,12 +50,12 @@ pub struct App {
 }
 
 /// The seed's success envelope.
-pub(super) fn ok(data: Value) -> Response {
+fn ok(data: Value) -> Response {
     Response::json(200, protocol::envelope(200, "Success", data))
 }
 
 /// An error in the same envelope, `code` = HTTP status.
-pub(super) fn fail(status: u16, message: &str) -> Response {
+fn fail(status: u16, message: &str) -> Response {
     Response::error(status, message)
 }
 
@@ -61,6 +71,9 @@ impl App {
                 "GET" | "HEAD" => Response::text(200, "ok"),
                 _ => fail(405, "use GET"),
             });
+        }
+        if req.path == "/" {
+            return Some(console::page(&req.method));
         }
         let Some(rest) = req.path.strip_prefix("/api/v1/") else {
             return Some(fail(404, "not found"));
@@ -79,24 +92,15 @@ impl App {
             Some((route, name)) => (route, Some(name)),
             None => (rest, None),
         };
-        // `nodes/NAME/ACTION` (admin): the one route with two segments.
-        if let (true, Some((node, action))) =
-            (route == "nodes", name.and_then(|n| n.split_once('/')))
-        {
-            if on_loop {
-                return None;
-            }
-            return Some(
-                match (
-                    percent_decode(node).filter(|n| valid_name(n)),
-                    req.method.as_str(),
-                ) {
-                    (None, _) => fail(400, "invalid node name"),
-                    (Some(node), "POST") => self.admin_node(req, &node, action),
-                    (Some(_), _) => fail(405, "use POST"),
-                },
-            );
-        }
+        // `rollouts/NAME/ACTION`: the action travels in the query.
+        let (name, action) = match (route, name.and_then(|n| n.split_once('/'))) {
+            ("rollouts", Some((n, action))) => (Some(n), Some(action)),
+            // The admins' `nodes/NAME/accept` and `nodes/NAME/reset`.
+            ("nodes", Some((n, action))) => (Some(n), Some(action)),
+            // The original project's agents (routes/legacy.rs).
+            ("bins", Some((n, action @ "progress"))) => (Some(n), Some(action)),
+            _ => (name, None),
+        };
         let name =
             match name.map(|n| percent_decode(n).filter(|n| valid_name(n))) {
                 None => None,
@@ -106,10 +110,11 @@ impl App {
                     "invalid name: use letters, digits, '.', '_' and '-', not starting with '.'",
                 )),
             };
-        let query = match Query::parse(&req.query) {
+        let mut query = match Query::parse(&req.query) {
             Ok(q) => q,
             Err(resp) => return Some(resp),
         };
+        query.action = action.map(str::to_string);
         if matches!(
             (route, req.method.as_str()),
             ("bins", "GET") | ("download", "GET" | "HEAD")
@@ -119,6 +124,14 @@ impl App {
             }
         }
         Some(match (route, name, req.method.as_str()) {
+            ("bins", Some(name), _) if query.action.is_some() => {
+                return self.legacy_progress(req, &name, on_loop)
+            }
+            ("nodes", Some(_), _) if on_loop && query.action.is_some() => return None,
+            ("nodes", Some(name), "POST") if query.action.is_some() => {
+                let action = query.action.clone().unwrap_or_default();
+                self.admin_node(req, &name, &action)
+            }
             ("keepalive", None, "GET") => self.keepalive_get(req, &query),
             ("bins", Some(name), "GET") => return self.bin_info(&name, &query, on_loop),
             _ if on_loop => return None,
@@ -128,20 +141,39 @@ impl App {
             ("bins", Some(name), "PUT") => self.publish(req, &name, &query),
             ("download", Some(name), "GET" | "HEAD") => self.download(req, &name, &query),
             ("nodes", None, "GET") => self.nodes(),
-            ("keepalive" | "bins" | "download" | "nodes", _, _) => {
+            ("rollouts", None, "GET") => self.rollouts(),
+            ("rollouts", Some(name), "GET") => self.rollout(&name, &query),
+            ("rollouts", Some(name), "POST") => self.control(req, &name, &query),
+            ("keepalive" | "bins" | "download" | "nodes" | "rollouts", _, _) => {
                 fail(405, "method not allowed here")
             }
             _ => fail(404, "not found"),
         })
     }
 
-    fn find(&self, name: &str, q: &Query) -> Result<Build, Response> {
-        match self
-            .store
-            .get(name, q.arch.as_deref(), q.version.as_deref())
-        {
-            Ok(Some(build)) => Ok(build),
-            Ok(None) => Err(fail(404, "binary not found")),
+    /// The build this request should get (through a rollout when one
+    /// runs); `Ok(None)` when that needs a worker and `may_hash` is false.
+    fn resolve(
+        &self,
+        name: &str,
+        q: &Query,
+        download: bool,
+        may_hash: bool,
+    ) -> Result<Option<Served>, Response> {
+        let found = self.releases.resolve(
+            &self.store,
+            &self.registry,
+            name,
+            q.arch.as_deref(),
+            q.version.as_deref(),
+            q.node.as_deref(),
+            download,
+            may_hash,
+        );
+        match found {
+            Ok(Resolved::Found(b, r)) => Ok(Some((b, r))),
+            Ok(Resolved::Missing) => Err(fail(404, "binary not found")),
+            Ok(Resolved::Unhashed) => Ok(None),
             Err(e) => Err(fail(500, &e.to_string())),
         }
     }
@@ -149,20 +181,35 @@ impl App {
     /// A build's hashes; `None` when it would have to be hashed first and
     /// `on_loop` forbids that.
     fn bin_info(&self, name: &str, q: &Query, on_loop: bool) -> Option<Response> {
-        let found = self
-            .store
-            .lookup(name, q.arch.as_deref(), q.version.as_deref(), !on_loop);
-        Some(match found {
-            Ok(Lookup::Found(b)) => ok(Value::obj([
-                ("name", Value::str(name)),
-                ("version", Value::str(&b.version)),
-                ("hash", Value::str(&b.md5)),
-                ("sha256", Value::str(&b.sha256)),
-                ("size", Value::int(b.size)),
-            ])),
-            Ok(Lookup::Missing) => fail(404, "binary not found"),
-            Ok(Lookup::Unhashed) => return None,
-            Err(e) => fail(500, &e.to_string()),
+        Some(match self.resolve(name, q, false, !on_loop) {
+            Ok(Some((b, r))) => {
+                let mut data = vec![
+                    ("name", Value::str(name)),
+                    ("version", Value::str(&b.version)),
+                    ("hash", Value::str(&b.md5)),
+                    ("sha256", Value::str(&b.sha256)),
+                    ("size", Value::int(b.size)),
+                ];
+                if let Some(r) = r {
+                    let build = if crate::hash::same(&b.md5, &r.to.md5) {
+                        "new"
+                    } else {
+                        "previous"
+                    };
+                    data.push((
+                        "rollout",
+                        Value::obj([
+                            ("id", Value::str(&r.id)),
+                            ("state", Value::str(r.state.word())),
+                            ("percent", Value::int(r.percent())),
+                            ("build", Value::str(build)),
+                        ]),
+                    ));
+                }
+                legacy::bin_answer(Value::obj(data), &b.sha256)
+            }
+            Ok(None) => return None,
+            Err(resp) => resp,
         })
     }
 
@@ -179,15 +226,23 @@ impl App {
         ok(Value::Arr(items.collect()))
     }
 
-    fn publish(&self, req: &mut Request, name: &str, q: &Query) -> Response {
+    /// Admin actions need the admin token, and are off without one.
+    fn check_admin(&self, req: &Request, what: &str) -> Result<(), Response> {
         let Some(admin) = &self.admin_token else {
-            return fail(
+            return Err(fail(
                 403,
-                "publishing over HTTP is disabled: configure an adminToken",
-            );
+                &format!("{what} over HTTP is disabled: configure an adminToken"),
+            ));
         };
         if !same_secret(bearer(req), admin) {
-            return fail(401, "publishing needs the admin bearer token");
+            return Err(fail(401, &format!("{what} needs the admin bearer token")));
+        }
+        Ok(())
+    }
+
+    fn publish(&self, req: &mut Request, name: &str, q: &Query) -> Response {
+        if let Err(resp) = self.check_admin(req, "publishing") {
+            return resp;
         }
         if req.body_len > self.max_upload {
             return fail(
@@ -199,13 +254,56 @@ impl App {
             );
         }
         let len = req.body_len;
-        match self.store.publish(
+        let policy = match Policy::from_query(&q.pairs) {
+            Ok(p) => p,
+            Err(msg) => return fail(400, &msg),
+        };
+        if policy.is_some() && q.version.is_some() {
+            return fail(
+                400,
+                "a pinned version (version=) is not rolled out in steps",
+            );
+        }
+        if policy.is_some() {
+            // Record (and keep) the build being replaced: the rollout starts
+            // from it and serves it to the rest of the fleet.
+            let _ = self.resolve(
+                name,
+                &Query {
+                    node: None,
+                    ..q.clone()
+                },
+                false,
+                true,
+            );
+        }
+        // A staged publish records its rollout before any request can see
+        // the new file and record it as an ordinary publish.
+        let _guard = policy.as_ref().map(|_| self.releases.lock_publishing());
+        let published = self.store.publish(
             name,
             q.arch.as_deref(),
             q.version.as_deref(),
             req.body(),
             len,
-        ) {
+        );
+        let published = match (published, policy) {
+            (Ok(hashes), Some(policy)) => self
+                .store
+                .lookup(name, q.arch.as_deref(), None, true)
+                .and_then(|found| match found {
+                    super::store::Lookup::Found(b) => {
+                        self.releases
+                            .record(&self.store, &self.registry, name, &b, Some(policy))
+                    }
+                    _ => Err(crate::error::Error::Other(format!(
+                        "{name}: the published file vanished"
+                    ))),
+                })
+                .map(|_| hashes),
+            (other, _) => other,
+        };
+        match published {
             Ok((md5, sha256)) => {
                 crate::info!(
                     "published {name} ({}, {})",
@@ -236,8 +334,9 @@ impl App {
     }
 
     fn download(&self, req: &Request, name: &str, q: &Query) -> Response {
-        let build = match self.find(name, q) {
-            Ok(b) => b,
+        let build = match self.resolve(name, q, true, true) {
+            Ok(Some((b, _))) => b,
+            Ok(None) => return fail(500, "no answer for this download"),
             Err(resp) => return resp,
         };
         let size = build.size;
@@ -271,7 +370,10 @@ impl App {
     }
 }
 
-pub(super) fn json_body(req: &mut Request) -> Result<Value, Response> {
+/// A build to serve, and the rollout that chose it.
+type Served = (Build, Option<Box<Rollout>>);
+
+fn json_body(req: &mut Request) -> Result<Value, Response> {
     if req.body_len > MAX_JSON {
         return Err(fail(413, "JSON body larger than 1 MiB"));
     }
@@ -282,7 +384,7 @@ pub(super) fn json_body(req: &mut Request) -> Result<Value, Response> {
     json::parse(text).map_err(|e| fail(400, &format!("invalid JSON at {e}")))
 }
 
-pub(super) fn bearer<'a>(req: &'a Request) -> &'a str {
+fn bearer<'a>(req: &'a Request) -> &'a str {
     req.header("authorization")
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
@@ -290,7 +392,7 @@ pub(super) fn bearer<'a>(req: &'a Request) -> &'a str {
 }
 
 /// Compares secrets without an early exit that would leak their prefix.
-pub(super) fn same_secret(given: &str, want: &str) -> bool {
+fn same_secret(given: &str, want: &str) -> bool {
     let (g, w) = (given.as_bytes(), want.as_bytes());
     let mut diff = g.len() ^ w.len();
     for (i, b) in w.iter().enumerate() {
@@ -300,13 +402,15 @@ pub(super) fn same_secret(given: &str, want: &str) -> bool {
 }
 
 /// The query parameters the protocol knows, validated.
-pub(super) struct Query {
-    /// `node=`
-    pub(super) node: Option<String>,
-    /// `arch=`
-    pub(super) arch: Option<String>,
-    /// `version=`
-    pub(super) version: Option<String>,
+#[derive(Clone)]
+struct Query {
+    node: Option<String>,
+    arch: Option<String>,
+    version: Option<String>,
+    /// Every parameter, decoded (a staged publish's policy reads them).
+    pairs: Vec<(String, String)>,
+    /// `rollouts/NAME/ACTION`'s action.
+    action: Option<String>,
 }
 
 impl Query {
@@ -315,14 +419,19 @@ impl Query {
             node: None,
             arch: None,
             version: None,
+            pairs: Vec::new(),
+            action: None,
         };
         for pair in raw.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let Some(v) = percent_decode(&v.replace('+', " ")) else {
                 return Err(fail(400, "invalid percent-encoding in the query"));
             };
+            q.pairs.push((k.to_string(), v.clone()));
             let slot = match k {
                 "node" => &mut q.node,
+                // The original project's agents' name for it; `node` wins.
+                "node_id" if q.node.is_none() => &mut q.node,
                 "arch" => &mut q.arch,
                 "version" => &mut q.version,
                 _ => continue,

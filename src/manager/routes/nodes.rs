@@ -1,17 +1,17 @@
 //! The answers about nodes: heartbeats and registrations (`keepalive`),
 //! hash reports (`POST bins/NAME?node=`), the admins' `accept` and `reset`,
 //! and the admission check in front of what is served. Each writes only
-//! what the node's token allows ([`super::identity`]), within the bounds of
-//! [`super::limits`].
+//! what the node's token allows ([`crate::manager::identity`]), within the
+//! bounds of [`crate::manager::limits`].
 
-use super::config::Admission;
-use super::http::{client_of, Request, Response};
-use super::identity::{self, TokenCheck};
-use super::limits;
-use super::registry::{Node, Registered, Reported};
-use super::routes::{bearer, fail, json_body, ok, same_secret, App, Query};
+use super::{bearer, fail, json_body, ok, same_secret, App, Query};
 use crate::json::Value;
 use crate::log;
+use crate::manager::config::Admission;
+use crate::manager::http::{client_of, Request, Response};
+use crate::manager::identity::{self, TokenCheck};
+use crate::manager::limits;
+use crate::manager::registry::{Node, Registered, Reported};
 use std::time::Instant;
 
 /// Retry-After of a 503 for a full registry: an admin has to act first.
@@ -21,7 +21,7 @@ impl App {
     /// `GET keepalive?node=`: the node's record, lastSeen refreshed.
     pub(super) fn keepalive_get(&self, req: &Request, q: &Query) -> Response {
         let Some(node) = &q.node else {
-            return fail(400, "missing ?node=NAME");
+            return super::legacy::anonymous_keepalive(); // the original shell agent's
         };
         let token = node_token(req);
         match self
@@ -42,6 +42,9 @@ impl App {
             Ok(doc) => doc,
             Err(resp) => return resp,
         };
+        if let Some(resp) = self.legacy_register(req, &doc, q) {
+            return resp;
+        }
         let mut node = match Node::from_json(&doc) {
             Ok(n) => n,
             Err(msg) => return fail(400, &msg),
@@ -51,27 +54,14 @@ impl App {
             (None, false) => {}
             (None, true) => return fail(400, "missing ?node=NAME"),
         }
-        if !super::store::valid_name(&node.name) {
+        if !crate::manager::store::valid_name(&node.name) {
             return fail(400, "invalid node name");
         }
         if let Err(msg) = limits::check_registration(&node) {
             return fail(400, &msg);
         }
-        if !self.registry.knows(&node.name) {
-            let taken = self
-                .rate
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(client_of(req.peer), Instant::now());
-            if let Err(wait) = taken {
-                let secs = wait.as_secs().max(1);
-                let mut resp = fail(
-                    429,
-                    &format!("too many new registrations from your address; retry in {secs} s"),
-                );
-                resp.headers.push(("Retry-After", secs.to_string()));
-                return resp;
-            }
+        if let Err(resp) = self.within_rate(req, &node.name) {
+            return resp;
         }
         let fresh = match identity::new_token() {
             Ok(t) => t,
@@ -79,10 +69,28 @@ impl App {
         };
         let name = node.name.clone();
         let token = node_token(req);
-        match self
+        let failed: std::collections::HashSet<String> =
+            node.failures.iter().map(|f| f.name.clone()).collect();
+        let stored = self
             .registry
-            .register(node, token, &fresh, &self.policy, &log::utc_now())
-        {
+            .register(node, token, &fresh, &self.policy, &log::utc_now());
+        if matches!(stored, Ok(Registered::Stored { .. })) && !failed.is_empty() {
+            // A failure may pause a rollout: at once, not at the next tick.
+            if let Err(e) = self.releases.tick(&self.registry, Some(&failed)) {
+                crate::error!("running the rollout health gate: {e}");
+            }
+        }
+        self.registered(req, &name, stored)
+    }
+
+    /// The answer to a registration, ours or a legacy agent's.
+    pub(super) fn registered(
+        &self,
+        req: &Request,
+        name: &str,
+        stored: crate::error::Result<Registered>,
+    ) -> Response {
+        match stored {
             Ok(Registered::Stored { node, token }) => {
                 let mut data = node.to_json();
                 if let (Some(token), Value::Obj(entries)) = (token, &mut data) {
@@ -90,7 +98,7 @@ impl App {
                 }
                 ok(data)
             }
-            Ok(Registered::Refused(check)) => fail(403, &check.refusal(&name)),
+            Ok(Registered::Refused(check)) => fail(403, &check.refusal(name)),
             Ok(Registered::Full) => {
                 crate::error!(
                     "registry full: {} nodes (maxNodes); refused to register new node \"{name}\" from {}",
@@ -108,8 +116,31 @@ impl App {
                     .push(("Retry-After", FULL_RETRY_SECS.to_string()));
                 resp
             }
+            Ok(Registered::Unknown) => fail(404, "node not found"),
             Err(e) => fail(500, &format!("could not store the registration: {e}")),
         }
+    }
+
+    /// A registration of a new node from `req`'s address within the rate
+    /// (`registrationsPerMinute`); a 429 with `Retry-After` beyond it.
+    pub(super) fn within_rate(&self, req: &Request, name: &str) -> Result<(), Response> {
+        if self.registry.knows(name) {
+            return Ok(());
+        }
+        let taken = self
+            .rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(client_of(req.peer), Instant::now());
+        taken.map_err(|wait| {
+            let secs = wait.as_secs().max(1);
+            let mut resp = fail(
+                429,
+                &format!("too many new registrations from your address; retry in {secs} s"),
+            );
+            resp.headers.push(("Retry-After", secs.to_string()));
+            resp
+        })
     }
 
     /// `POST bins/NAME?node=`: the hash a node now runs.
@@ -118,6 +149,9 @@ impl App {
             Ok(doc) => doc,
             Err(resp) => return resp,
         };
+        if let Some(resp) = self.legacy_report(req, &doc, name, q) {
+            return resp;
+        }
         let hash = match doc.get("hash").and_then(Value::as_str) {
             Some(h) if crate::hash::is_md5(h) => h.to_ascii_lowercase(),
             _ => return fail(400, "body must be {\"hash\":\"<md5 hex>\"}"),
@@ -200,6 +234,6 @@ impl App {
 }
 
 /// The request's `X-Node-Token`, if any.
-fn node_token<'r>(req: &'r Request) -> Option<&'r str> {
+pub(super) fn node_token<'r>(req: &'r Request) -> Option<&'r str> {
     req.header(identity::HEADER).filter(|t| !t.is_empty())
 }

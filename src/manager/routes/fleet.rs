@@ -1,21 +1,24 @@
 //! The fleet view (`GET /api/v1/nodes`): every node, what it runs, and
-//! where each binary stands against what is published — `current`,
-//! `behind`, `failed` (its failure names the published build) or
-//! `unpublished` — plus whether the node is `pending` admission.
+//! where each binary stands against what it should run — `current`,
+//! `behind`, `failed` (its failure names that build) or `unpublished` —
+//! with its labels, failures, and whether it is `pending` admission.
 
-use super::http::Response;
-use super::registry::Node;
-use super::routes::App;
-use super::store::valid_name;
+use super::App;
 use crate::json::Value;
+use crate::log;
+use crate::manager::http::Response;
+use crate::manager::registry::Node;
+use crate::manager::rollout::Rollout;
+use crate::manager::store::valid_name;
 use crate::protocol::{self, BinaryFact, FailureFact};
 use std::collections::HashMap;
 
 impl App {
     /// The fleet view, written as text in two passes over the registry
-    /// (counts for the summary, then the nodes) with no document tree: at
-    /// 10,000 nodes × 50 binaries the answer is 60 MB, and a tree of it
-    /// would take several times that.
+    /// (counts for the summary, then the nodes, each with its binaries,
+    /// labels and failures) with no document tree: at 10,000 nodes × 50
+    /// binaries the answer is 60 MB, and a tree of it would take several
+    /// times that.
     pub(super) fn nodes(&self) -> Response {
         let nodes = self.registry.nodes();
         // One lookup per (binary, arch, version), however many nodes share it.
@@ -39,6 +42,7 @@ impl App {
             ("failed", Value::int(failed)),
             ("pending", Value::int(pending as u64)),
         ]);
+        let now = crate::manager::release::now();
         let body = protocol::envelope_with(200, "Success", |out| {
             out.push_str("{\"summary\":");
             summary.write_compact(out);
@@ -59,6 +63,12 @@ impl App {
                     if let Some(f) = failure {
                         entry.push(("error", Value::str(&f.error)));
                     }
+                    crate::manager::legacy::annotate(
+                        node.legacy.get(&b.name),
+                        status,
+                        now,
+                        &mut entry,
+                    );
                     Value::obj(entry)
                 });
                 Value::obj([
@@ -72,12 +82,25 @@ impl App {
                         Value::str(if node.pending { "pending" } else { "accepted" }),
                     ),
                     ("binaries", Value::Arr(bins.collect())),
+                    (
+                        "labels",
+                        Value::obj(node.labels.iter().map(|(k, v)| (k.clone(), Value::str(v)))),
+                    ),
+                    (
+                        "failures",
+                        Value::Arr(node.failures.iter().map(FailureFact::to_json).collect()),
+                    ),
                 ])
                 .write_compact(out);
             }
             out.push_str("]}");
         });
-        Response::json(200, body)
+        let mut resp = Response::json(200, body);
+        // The clock lastSeen is written by: the console tells silent nodes
+        // by it, not by the browser's clock.
+        resp.headers
+            .push(("Date", log::http_date(std::time::SystemTime::now())));
+        resp
     }
 
     /// Where one binary of a node stands: "current", "behind", "failed" (its
@@ -87,7 +110,7 @@ impl App {
         &self,
         node: &'n Node,
         b: &BinaryFact,
-        published: &mut HashMap<(String, String, String), Option<String>>,
+        published: &mut Published,
     ) -> (&'static str, Option<String>, Option<&'n FailureFact>) {
         let pinned = pinned(b);
         let key = (
@@ -102,13 +125,28 @@ impl App {
                 if !valid_name(&b.name) || pinned.is_some_and(|v| !valid_name(v)) {
                     return None;
                 }
-                self.store
-                    .get(&b.name, arch, pinned)
-                    .ok()
-                    .flatten()
-                    .map(|build| build.md5)
+                let build = self.store.get(&b.name, arch, pinned).ok().flatten()?;
+                let key = crate::manager::rollout::key(&b.name, build.arch_dir.as_deref());
+                let governing = self
+                    .registry
+                    .rollout(&key)
+                    .filter(|r| r.staged && pinned.is_none())
+                    .filter(|r| r.state != crate::manager::rollout::State::Done)
+                    .filter(|r| crate::hash::same(&r.to.md5, &build.md5));
+                Some((build.md5, governing))
             })
-            .clone();
+            .as_ref()
+            .map(|(md5, governing)| match governing {
+                // During a rollout a node should run what the rollout gives it.
+                Some(r) => match r.choose(
+                    &crate::manager::release::view(node, r),
+                    crate::manager::release::now(),
+                ) {
+                    crate::manager::rollout::Choice::To => r.to.md5.clone(),
+                    crate::manager::rollout::Choice::From => r.from.md5.clone(),
+                },
+                None => md5.clone(),
+            });
         let failure = node.failures.iter().find(|f| {
             f.name == b.name
                 && want
@@ -119,11 +157,18 @@ impl App {
             (None, _) => "unpublished",
             (Some(_), Some(_)) => "failed",
             (Some(w), None) if w.eq_ignore_ascii_case(&b.hash) => "current",
+            (Some(w), None) if crate::manager::legacy::failed(node.legacy.get(&b.name), w) => {
+                "failed"
+            }
             (Some(_), None) => "behind",
         };
         (status, want, failure)
     }
 }
+
+/// Per (binary, arch, pinned version): the published md5 and the rollout
+/// that governs it, looked up once however many nodes share them.
+type Published = HashMap<(String, String, String), Option<(String, Option<Rollout>)>>;
 
 fn pinned(b: &BinaryFact) -> Option<&str> {
     Some(b.version.as_str()).filter(|v| !v.is_empty() && *v != "latest")
