@@ -269,6 +269,36 @@ pub enum ManagerCommand {
     NodeReset(String),
     /// `node accept NAME`: ask a running server to admit a pending node.
     NodeAccept(String),
+    /// `rollout ACTION NAME`: show or steer a running server's rollout of NAME.
+    Rollout(RolloutAction, String),
+}
+
+/// What `bin-manager rollout` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutAction {
+    /// Show where it stands.
+    Status,
+    /// Stop offering the build.
+    Pause,
+    /// Go on after a pause.
+    Resume,
+    /// To the whole fleet now.
+    Promote,
+    /// Everyone back to the previous build.
+    Abort,
+}
+
+impl RolloutAction {
+    /// The word on the command line and in the API path.
+    pub fn word(self) -> &'static str {
+        match self {
+            RolloutAction::Status => "status",
+            RolloutAction::Pause => "pause",
+            RolloutAction::Resume => "resume",
+            RolloutAction::Promote => "promote",
+            RolloutAction::Abort => "abort",
+        }
+    }
 }
 
 /// The server an admin subcommand talks to when `--server` is not given.
@@ -283,6 +313,8 @@ pub struct ManagerArgs {
     pub server: Option<String>,
     /// `--admin-token-file FILE` (admin subcommands).
     pub admin_token_file: Option<PathBuf>,
+    /// `--arch ARCH` (`rollout`: the rollout of the `binDir/ARCH/NAME` build).
+    pub arch: Option<String>,
     /// `--config PATH`
     pub config: Option<PathBuf>,
     /// `--bin-dir DIR`
@@ -325,6 +357,11 @@ USAGE:
                                               registration gets a new one)
     bin-manager node accept NAME [--server URL] [--admin-token-file FILE]
                                               admit a pending node (admission: manual)
+    bin-manager rollout status|pause|resume|promote|abort NAME [--arch ARCH]
+                [--server URL] [--admin-token-file FILE]
+                                              show or steer the staged rollout of NAME
+                                              (status needs a token only when the
+                                              server guards reads)
 
 OPTIONS:
     -c, --config PATH        JSON config {\"binDir\",\"listen\",\"stateFile\",\"token\",
@@ -410,6 +447,32 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
             Long("admin-token-file") => {
                 out.admin_token_file = Some(parser.value().map_err(usage)?.into())
             }
+            Long("arch") => out.arch = Some(string(&mut parser, "--arch")?),
+            Value(word) if out.command == ManagerCommand::Serve && word == "rollout" => {
+                let need = "rollout needs an action and a binary: rollout status|pause|resume|promote|abort NAME";
+                let mut word = || match parser.next().map_err(usage)? {
+                    Some(Value(w)) => w
+                        .into_string()
+                        .map_err(|_| Error::Usage("rollout arguments must be UTF-8".into())),
+                    _ => Err(Error::Usage(need.into())),
+                };
+                let (action, name) = (word()?, word()?);
+                let action = [
+                    RolloutAction::Status,
+                    RolloutAction::Pause,
+                    RolloutAction::Resume,
+                    RolloutAction::Promote,
+                    RolloutAction::Abort,
+                ]
+                .into_iter()
+                .find(|a| a.word() == action)
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "unknown rollout action \"{action}\" (use status, pause, resume, promote or abort)"
+                    ))
+                })?;
+                out.command = ManagerCommand::Rollout(action, name);
+            }
             Value(word) if out.command == ManagerCommand::Serve && word == "node" => {
                 let mut word = || match parser.next().map_err(usage)? {
                     Some(Value(w)) => w.into_string().map_err(|_| {
@@ -436,7 +499,7 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
     }
     if out.command != ManagerCommand::Serve && out.admin_token.is_some() {
         return Err(Error::Usage(
-            "node subcommands never take the admin token from the command line (every user of this host can read it there): set BIN_MANAGER_ADMIN_TOKEN or use --admin-token-file FILE".into(),
+            "admin subcommands never take the admin token from the command line (every user of this host can read it there): set BIN_MANAGER_ADMIN_TOKEN or use --admin-token-file FILE".into(),
         ));
     }
     Ok(out)
@@ -587,7 +650,7 @@ mod tests {
             (&["node", "delete", "n"], "unknown node subcommand \"delete\" (use reset or accept)"),
             (
                 &["node", "reset", "n", "--admin-token", "s3cret"],
-                "node subcommands never take the admin token from the command line (every user of this host can read it there): set BIN_MANAGER_ADMIN_TOKEN or use --admin-token-file FILE",
+                "admin subcommands never take the admin token from the command line (every user of this host can read it there): set BIN_MANAGER_ADMIN_TOKEN or use --admin-token-file FILE",
             ),
         ] {
             let e = parse(args).unwrap_err();

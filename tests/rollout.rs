@@ -10,10 +10,11 @@ mod common;
 use bin_proxy::manager::rollout::{bucket, within};
 use common::agent::{Agent, Setup};
 use common::json::Json;
-use common::manager::{call, envelope, expect_error, get, post, put, Manager};
+use common::manager::{call, envelope, expect_error, get, post, put, run_cli, Manager};
 use common::{http, md5_hex};
 use std::collections::BTreeSet;
 use std::fs;
+use std::time::Duration;
 
 const GOOD_A: &[u8] = b"#!/bin/sh\n# build a\nexit 0\n";
 const BAD_B: &[u8] = b"#!/bin/sh\n# build b: fails its health check\nexit 1\n";
@@ -379,4 +380,68 @@ fn a_config_policy_applies_to_a_publish_by_mv_and_labels_target() {
         GOOD_C,
         "a refused publish changes nothing"
     );
+}
+
+#[test]
+fn the_rollout_command_shows_and_steers_it_from_a_shell() {
+    let m = Manager::start(&["--quiet", "--admin-token", "adm"]);
+    m.publish_mv("app", GOOD_A);
+    register_all(&m, &nodes(10), GOOD_A);
+    let r = put(
+        &m,
+        "/bins/app?rollout=10,100&soak=3600&maxFailures=2",
+        Some("adm"),
+        GOOD_C,
+    );
+    envelope(&r, 200);
+    let server = m.url();
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        let mut all = args.to_vec();
+        all.extend(["--server", server.as_str()]);
+        run_cli(&all, env, Duration::from_secs(30))
+    };
+    let admin = [("BIN_MANAGER_ADMIN_TOKEN", "adm")];
+
+    let (code, out, err) = cli(&["rollout", "status", "app"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let want = format!(
+        "app: running at 10% (steps 10,100; soak 3600 s; maxFailures 2)\n  {}… → {}…\n",
+        &md5_hex(GOOD_A)[..8],
+        &md5_hex(GOOD_C)[..8]
+    );
+    assert!(out.starts_with(&want), "{out}");
+    assert!(
+        out.contains("  nodes: ") && out.contains("0 on the new build"),
+        "{out}"
+    );
+
+    let (code, _, err) = cli(&["rollout", "pause", "app"], &[]);
+    assert_eq!(code, 2, "no admin token: {err}");
+    assert!(
+        err.contains("no admin token: set BIN_MANAGER_ADMIN_TOKEN"),
+        "{err}"
+    );
+    assert_eq!(rollout(&m).get("state").s(), "running");
+    let (code, out, err) = cli(&["rollout", "pause", "app"], &admin);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("app: paused at 10%"), "{out}");
+    assert_eq!(rollout(&m).get("state").s(), "paused");
+    let (code, _, err) = cli(&["rollout", "pause", "app"], &admin);
+    assert_eq!(code, 1, "pausing twice: {err}");
+    assert!(
+        err.contains("cannot pause a rollout that is paused"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&["rollout", "pause", "app", "--admin-token", "adm"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("never take the admin token from the command line"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&["rollout", "explode", "app"], &admin);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown rollout action \"explode\""), "{err}");
+    let (code, out, err) = cli(&["rollout", "promote", "app"], &admin);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("app: done at 100%"), "{out}");
 }

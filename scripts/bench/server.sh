@@ -413,7 +413,7 @@ stop_pid "$FPID"
 # fails on every node that installs it is published in steps 1,10,50,100;
 # the fleet checks in again, each node that is offered it fails and reports
 # it, and the health gate must pause the rollout after maxFailures.
-if ((smoke)); then max_failures=2; else max_failures=10; fi
+if ((smoke)); then max_failures=1; else max_failures=10; fi
 start_manager rollout --quiet --admin-token bench-admin --config "$T/fleet-config.json"
 RPID=$MPID
 addr=${API#http://}; addr=${addr%%/*}
