@@ -35,6 +35,8 @@
 #   --api URL      bin-manager's API base, written into a new starter manifest.
 #   --uninstall    remove instead of install.
 set -euo pipefail
+set -E
+trap 'echo "install.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 umask 022
 
 me=install.sh

@@ -10,6 +10,8 @@
 # Usage: scripts/killloop.sh [ITERATIONS]   (default 200; scripts/test.sh runs 40)
 # Uses dist/ (scripts/build-release.sh) when present, else target/release.
 set -euo pipefail
+set -E
+trap 'echo "killloop.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 iterations=${1:-200}
 

@@ -11,6 +11,8 @@
 #      with a clear error without it.
 # Prints one line per check and "release: N passed, M failed" at the end.
 set -euo pipefail
+set -E
+trap 'echo "test-release.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 
 passed=0 failed=0

@@ -1228,3 +1228,53 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// For a test that needs something this machine may lack (root, a kernel
+/// feature, a Debian package that cannot be installed): `true` when it is
+/// there. When it is not, says so on stderr and returns `false` (the test
+/// returns early) — except under `CI=true`, where a test that cannot run
+/// fails.
+pub fn can_run(have: bool, why: &str) -> bool {
+    if have {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "cannot run here under CI=true: {why}"
+    );
+    eprintln!("SKIPPED (cannot run here): {why}");
+    false
+}
+
+/// Whether this process runs as root (reads `/proc/self/status`).
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Installs Debian packages the way `scripts/setup.sh` does (idempotent:
+/// nothing happens when they are there). Returns whether `program` (a path)
+/// exists afterwards.
+pub fn ensure_debian_packages(packages: &str, program: &str) -> bool {
+    if Path::new(program).exists() {
+        return true;
+    }
+    let out = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup.sh"))
+        .env("BIN_PROXY_SETUP_PACKAGES", packages)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "scripts/setup.sh ({packages}) failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!("cannot run scripts/setup.sh: {e}"),
+    }
+    Path::new(program).exists()
+}
