@@ -78,6 +78,11 @@ case $prefix in
     /*) ;;
     *) die "--prefix must be an absolute path: $prefix" ;;
 esac
+# Refused before anything is written: the agent could never use it.
+case $api in
+    '' | http://?* | https://?*) ;;
+    *) die "--api \"$api\" must start with http:// or https:// (e.g. http://mgr:8081/api/v1); nothing was changed" ;;
+esac
 while [ "${prefix%/}" != "$prefix" ]; do prefix=${prefix%/}; done
 if [ "$root_given" = 1 ]; then
     [ -n "$root" ] || die "--root needs a directory"

@@ -379,6 +379,145 @@ fn invalid_entries_and_a_missing_manifest_are_refused() {
     eprintln!("missing manifest: exit {}: {}", ran.code, ran.stderr);
 }
 
+/// Mistakes that would otherwise surface only after a download and a swap
+/// (and blame the build): found when the manifest and settings are read,
+/// exit 2, nothing touched, no request sent.
+#[test]
+fn load_time_mistakes_name_where_they_are_and_touch_nothing() {
+    // (what, manager JSON, extra keys of the entry, args, env, expected texts)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        Option<&'a str>,
+        &'a [&'a str],
+    );
+    let cases: &[Case] = &[
+        (
+            "unclosed quote in postUpgrade",
+            "",
+            ",\n      \"postUpgrade\": \"/usr/local/bin/x --check 'quick\"",
+            &[],
+            None,
+            &[
+                "binaries[0] (\"myapp\")",
+                "key \"postUpgrade\"",
+                "unclosed quote",
+            ],
+        ),
+        (
+            "unclosed quote in restart",
+            "",
+            ",\n      \"restart\": \"systemctl \\\"restart myapp\"",
+            &[],
+            None,
+            &[
+                "binaries[0] (\"myapp\")",
+                "key \"restart\"",
+                "unclosed quote",
+            ],
+        ),
+        (
+            "manager.api without a scheme",
+            "\"api\": \"mgr:8081/api/v1\"",
+            "",
+            &[],
+            None,
+            &[
+                "\"manager\": key \"api\"",
+                "\"mgr:8081/api/v1\"",
+                "http:// or https://",
+            ],
+        ),
+        (
+            "--api without a scheme",
+            "",
+            "",
+            &["--api", "mgr:8081/api/v1"],
+            None,
+            &["--api \"mgr:8081/api/v1\" must start with http:// or https://"],
+        ),
+        (
+            "BIN_MANAGER_API without a scheme",
+            "",
+            "",
+            &[],
+            Some("127.0.0.1:8081/api/v1"),
+            &["$BIN_MANAGER_API \"127.0.0.1:8081/api/v1\" must start with http:// or https://"],
+        ),
+    ];
+    for (what, manager, extra, args, env, expected) in cases {
+        let host = Host::new();
+        host.server.publish("myapp", b"published");
+        write_manifest(&host, manager, &[entry(&host, "myapp", "", extra)]);
+        let before = fs::read(&host.manifest).unwrap();
+        let mut cmd = host.command(args);
+        if let Some(api) = env {
+            cmd.env("BIN_MANAGER_API", api);
+        }
+        let ran = output(&mut cmd);
+        assert_eq!(ran.code, 2, "{what}: exit code\n{}", ran.stderr);
+        for text in *expected {
+            assert!(
+                ran.stderr.contains(text),
+                "{what}: log lacks {text:?}\n{}",
+                ran.stderr
+            );
+        }
+        if args.is_empty() && env.is_none() {
+            let file = host.manifest.display().to_string();
+            assert!(
+                ran.stderr.contains(&file),
+                "{what}: names the file\n{}",
+                ran.stderr
+            );
+        }
+        assert_untouched(&host, &before, what);
+        assert!(
+            !host.target("myapp").exists(),
+            "{what}: something was installed"
+        );
+    }
+
+    // A trailing comma: strict JSON, with line and column.
+    let host = Host::new();
+    host.server.publish("myapp", b"published");
+    let text = format!(
+        "{{\n  \"binaries\": [\n    {{ \"name\": \"myapp\", \"hash\": \"\", \"path\": \"{}\" }},\n  ]\n}}\n",
+        host.target("myapp").display()
+    );
+    host.write_manifest(&text);
+    let ran = host.run(&[]);
+    let column = text.lines().nth(2).unwrap().len();
+    ran.expect_code(2)
+        .expect_log(&host.manifest.display().to_string())
+        .expect_log(&format!(
+            "line 3, column {column}: trailing comma before ']'"
+        ));
+    assert_untouched(&host, text.as_bytes(), "trailing comma");
+}
+
+/// `init --api` with a URL the agent could never use writes nothing.
+#[test]
+fn init_refuses_a_bad_api_url_and_writes_nothing() {
+    let dir = TempDir::new();
+    let config = dir.join("etc/bin-proxy/bin-manifests.json");
+    let ran = output(bare(&["init", "--api", "mgr:8081/api/v1", "--config"]).arg(&config));
+    ran.expect_code(2);
+    assert!(
+        ran.stderr
+            .contains("--api \"mgr:8081/api/v1\" must start with http:// or https://"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        !dir.join("etc").exists(),
+        "init created {}",
+        dir.join("etc").display()
+    );
+}
+
 /// Addition to case 3: the most common "missing manifest" on a fresh host is a
 /// missing /etc/bin-proxy directory (the agent was copied before `init`). The
 /// operator named the manifest, so the error must name the manifest.
@@ -805,6 +944,7 @@ fn rollback_without_a_backup_or_of_an_unknown_name_fails() {
 
     let ran = host.run(&["rollback", "myapp"]);
     ran.expect_code(1)
+        .expect_log("no backup of myapp to roll back to")
         .expect_log(&host.opt.join("myapp.bak").display().to_string());
     assert_eq!(fs::read(host.target("myapp")).unwrap(), app);
     assert_eq!(mtime(&host.target("myapp")), app_mtime);

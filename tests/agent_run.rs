@@ -316,6 +316,43 @@ fn fresh_install_gets_mode_0755_and_no_backup() {
     );
 }
 
+/// A `path` whose directory does not exist is most often a typo: the agent
+/// says so and creates nothing (no directory tree on a guess, no download);
+/// the other binaries go on.
+#[test]
+fn a_path_in_a_missing_directory_is_named_and_nothing_is_created() {
+    let host = Host::new();
+    let typo = host.dir.join("usr/lcoal/bin/myapp");
+    let entries = [
+        format!(
+            "{{ \"name\": \"myapp\", \"hash\": \"\", \"path\": {} }}",
+            json_string(&typo.display().to_string())
+        ),
+        entry(&host, "other", "", &[]),
+    ];
+    write_manifest(&host, None, &entries);
+    host.server.publish("myapp", NEW);
+    host.server.publish("other", NEWER);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    let line = log_line(&ran, &["myapp", "does not exist"]);
+    assert!(
+        line.contains(&format!(
+            "directory \"{}\"",
+            typo.parent().unwrap().display()
+        )),
+        "{line}"
+    );
+    assert!(line.contains("nothing was downloaded"), "{line}");
+    assert!(
+        !host.dir.join("usr").exists(),
+        "a directory tree was created"
+    );
+    assert_eq!(host.server.count("GET", "/api/v1/download/myapp"), 0);
+    assert_eq!(fs::read(host.target("other")).unwrap(), NEWER);
+}
+
 /// Case 5: someone edited the file after it was installed (same size, so only
 /// a fresh look at the file can tell).
 #[test]

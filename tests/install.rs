@@ -331,3 +331,16 @@ fn refuses_an_executable_that_is_not_the_agent() {
     assert!(stderr.contains("not the bin-proxy agent"), "{stderr}");
     assert!(root.snapshot().is_empty(), "created {:?}", root.snapshot());
 }
+
+#[test]
+fn a_bad_api_url_is_refused_before_anything_is_written() {
+    let root = Root::new();
+    let out = root.run(&["--binary", BIN, "--api", "mgr:8081/api/v1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--api \"mgr:8081/api/v1\" must start with http:// or https://"),
+        "{stderr}"
+    );
+    assert!(root.snapshot().is_empty(), "created {:?}", root.snapshot());
+}

@@ -6,10 +6,10 @@ use super::install;
 use super::manifest::Manifest;
 use super::plan::{self, Action, Reason};
 use super::service::{self, Restart};
-use super::settings::{client_for, node_facts};
+use super::settings::{api_url, client_for, node_facts};
 use super::state::{Quarantined, State};
 use super::upgrade::{backup_of, describe, hook_env};
-use super::{check_only, host, lock, selected, Run, DEFAULT_API, VERSION};
+use super::{check_only, host, lock, selected, Run, VERSION};
 use crate::cli::{process_env, Args};
 use crate::error::{Error, Result};
 use crate::hash;
@@ -135,13 +135,10 @@ pub(super) fn init(args: &Args, config: &Path) -> Result<u8> {
             config.display()
         )));
     }
+    // Checked before anything is written.
+    let api = api_url(args, &process_env, None, config)?;
     let dir = crate::fsutil::parent(config);
     fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
-    let api = args
-        .api
-        .clone()
-        .or_else(|| process_env("BIN_MANAGER_API"))
-        .unwrap_or_else(|| DEFAULT_API.into());
     let mut m = Manifest::default();
     m.manager.api = Some(api);
     m.node.name = Some(host::hostname());
@@ -183,6 +180,12 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let mut run = Run::new(args, config, manifest, client);
     let target = install::real_target(&bin.path);
     let backup = backup_of(&target);
+    if fs::symlink_metadata(&backup).is_err() {
+        return Err(Error::Other(format!(
+            "no backup of {name} to roll back to (\"{}\" does not exist); nothing changed",
+            backup.display()
+        )));
+    }
     let from = run.state.actual_hash(&target)?.unwrap_or_default();
     let to = hash::md5_file(&backup)?;
     install::restore(&target, &backup)?;

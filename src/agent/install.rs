@@ -67,9 +67,14 @@ pub fn stage(
     want: &BinInfo,
     max: u64,
 ) -> Result<Staged> {
+    // A missing directory is most often a typo in "path": never create a
+    // tree on a guess.
     let dir = fsutil::parent(target);
     if !dir.is_dir() {
-        fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
+        return Err(Error::Other(format!(
+            "directory \"{}\" does not exist (create it, or correct \"path\" in the manifest); nothing was downloaded",
+            dir.display()
+        )));
     }
     let mut attempt = 1;
     loop {

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::hash;
 use crate::json::{self, Value};
+use crate::protocol;
 use std::path::{Path, PathBuf};
 
 /// The default manifest location.
@@ -146,8 +147,8 @@ impl Manifest {
         let mut m = Manifest::default();
         if let Some(v) = top.get("manager") {
             let o = object(v, "\"manager\"", MANAGER_KEYS)?;
-            m.manager.api = o.opt_str("api")?;
-            m.manager.download_url = o.opt_str("downloadUrl")?;
+            m.manager.api = o.opt_url("api")?;
+            m.manager.download_url = o.opt_url("downloadUrl")?;
             m.manager.token_file = o.opt_str("tokenFile")?.map(PathBuf::from);
             if let Some(f) = &m.manager.token_file {
                 if !f.is_absolute() {
@@ -289,6 +290,30 @@ impl Obj<'_> {
         }
     }
 
+    /// An optional URL, which must be one the agent can fetch.
+    fn opt_url(&self, key: &str) -> Result<Option<String>, String> {
+        let url = self.opt_str(key)?;
+        match url.as_deref().and_then(protocol::url_problem) {
+            Some(problem) => {
+                Err(self.bad(key, &format!("\"{}\" {problem}", url.unwrap_or_default())))
+            }
+            None => Ok(url),
+        }
+    }
+
+    /// An optional command line, which must split into words (see
+    /// [`service::split`](super::service::split)): a mistake such as an
+    /// unclosed quote is found now, not after a swap.
+    fn opt_command(&self, key: &str) -> Result<Option<String>, String> {
+        let cmd = self.opt_str(key)?;
+        if let Some(c) = &cmd {
+            if let Err(e) = super::service::split(c) {
+                return Err(self.bad(key, &format!("cannot be split into words: {e}")));
+            }
+        }
+        Ok(cmd)
+    }
+
     fn opt_seconds(&self, key: &str, max: u64) -> Result<Option<u64>, String> {
         match self.get(key) {
             None | Some(Value::Null) => Ok(None),
@@ -348,8 +373,12 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
         ));
     }
     let restart = o.opt_str("restart")?;
-    if restart.as_deref().is_some_and(|r| r.trim().is_empty()) {
-        return Err(o.bad("restart", "must be \"supervisor\", \"none\" or a command"));
+    match restart.as_deref().map(str::trim) {
+        None | Some("supervisor" | "none") => {}
+        Some("") => {
+            return Err(o.bad("restart", "must be \"supervisor\", \"none\" or a command"));
+        }
+        Some(_) => drop(o.opt_command("restart")?),
     }
     let service = o.opt_str("service")?;
     let supervised = matches!(restart.as_deref().map(str::trim), None | Some("supervisor"));
@@ -369,11 +398,11 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
         version: o.opt_str("version")?,
         hash: hash.to_ascii_lowercase(),
         path,
-        download_url: o.opt_str("downloadUrl")?,
+        download_url: o.opt_url("downloadUrl")?,
         service,
         restart,
-        pre_upgrade: o.opt_str("preUpgrade")?,
-        post_upgrade: o.opt_str("postUpgrade")?,
+        pre_upgrade: o.opt_command("preUpgrade")?,
+        post_upgrade: o.opt_command("postUpgrade")?,
         confirm_seconds: o.opt_seconds("confirmSeconds", 600)?,
     })
 }
@@ -485,6 +514,30 @@ mod tests {
         check_err(
             &with_binary(r#""name":"b","path":"/x/b","name":"c""#),
             "binaries[1] (\"c\"): key \"name\" appears twice",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","postUpgrade":"/x/b --check 'quick""#),
+            "binaries[1] (\"b\"): key \"postUpgrade\" cannot be split into words: \"/x/b --check 'quick\" has an unclosed quote",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","restart":"systemctl \"restart b""#),
+            "binaries[1] (\"b\"): key \"restart\" cannot be split into words: \"systemctl \"restart b\" has an unclosed quote",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","preUpgrade":"  ""#),
+            "binaries[1] (\"b\"): key \"preUpgrade\" cannot be split into words: \"  \" is empty",
+        );
+        check_err(
+            r#"{"binaries":[],"manager":{"api":"mgr:8081/api/v1"}}"#,
+            "\"manager\": key \"api\" \"mgr:8081/api/v1\" must start with http:// or https://",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","downloadUrl":"cdn/b""#),
+            "binaries[1] (\"b\"): key \"downloadUrl\" \"cdn/b\" must start with http:// or https://",
+        );
+        check_err(
+            "{\"binaries\": [\n  {\"name\": \"a\", \"path\": \"/x/a\"},\n]}",
+            "invalid JSON at line 2, column 32: trailing comma before ']' (JSON allows none)",
         );
         check_err(
             r#"{"binaries":{}}"#,
