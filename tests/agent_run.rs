@@ -8,7 +8,9 @@ mod common;
 
 use common::host::{assert_unchanged, install_file, log_line, snapshot, Host, Ran, NODE};
 use common::json::{parse, try_parse, Json};
-use common::{json_string, md5_hex, mode, supervisorctl_log, temp_files, Fault, Style};
+use common::{
+    json_string, md5_hex, mode, supervisorctl_actions, supervisorctl_log, temp_files, Fault, Style,
+};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -422,7 +424,7 @@ fn wrong_md5_changes_nothing_and_reports_nothing() {
     assert_eq!(mode(&host.target("myapp")), 0o750);
     assert!(!host.opt.join("myapp.bak").exists());
     assert!(host.server.reported("myapp").is_empty());
-    assert!(supervisorctl_log(&host.dir.path).is_empty());
+    assert!(supervisorctl_actions(&host.dir.path).is_empty());
 }
 
 /// Case 7b: the server offers a sha256 (as bin-manager does): it is checked
@@ -439,7 +441,7 @@ fn sha256_is_verified_when_offered() {
     assert_unchanged(&host, &before, &ran);
     assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
     assert!(host.server.reported("myapp").is_empty());
-    assert!(supervisorctl_log(&host.dir.path).is_empty());
+    assert!(supervisorctl_actions(&host.dir.path).is_empty());
 
     host.server.fault("myapp", Fault::Sha256);
     let ran = host.run(&[]);
@@ -460,7 +462,7 @@ fn truncated_download_changes_nothing() {
     log_line(&ran, &["myapp", "truncated"]);
     assert_unchanged(&host, &before, &ran);
     assert!(host.server.reported("myapp").is_empty());
-    assert!(supervisorctl_log(&host.dir.path).is_empty());
+    assert!(supervisorctl_actions(&host.dir.path).is_empty());
 }
 
 /// Case 9: one binary's 500 does not stop the others.
@@ -499,7 +501,10 @@ fn one_binary_failing_with_500_does_not_stop_the_others() {
 /// Case 10: nobody listens at the API address.
 #[test]
 fn server_down_exits_1_with_connection_refused() {
-    let host = outdated_host();
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    install_file(&host, "other", OLD, 0o750);
+    host.manifest_for(&[("myapp", &md5_hex(OLD)), ("other", &md5_hex(OLD))]);
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -513,7 +518,24 @@ fn server_down_exits_1_with_connection_refused() {
         .unwrap();
     let ran = ran_of(out);
     ran.expect_code(1);
-    log_line(&ran, &["myapp", "connection refused"]);
+    // One line about the outage (not one per binary and one per heartbeat),
+    // and the binaries are not counted as failed.
+    let lines: Vec<&str> = ran.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", ran.stderr);
+    assert!(
+        lines[0].contains(" ERROR server unreachable: ")
+            && lines[0].contains("connection refused")
+            && lines[0].contains("2 binaries not checked, nothing changed"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].ends_with(
+            "2 binaries: 0 up to date, 0 changed, 0 failed, 0 held back, 2 not checked (server unreachable)"
+        ),
+        "{}",
+        lines[1]
+    );
     assert_unchanged(&host, &before, &ran);
     assert!(host.server.requests().is_empty());
     assert!(supervisorctl_log(&host.dir.path).is_empty());
@@ -596,14 +618,18 @@ fn pre_upgrade_failure_aborts_and_success_sees_the_new_file() {
 
     let ran = host.run(&[]);
     ran.expect_code(1);
-    let line = log_line(&ran, &["myapp", "preUpgrade failed"]);
-    assert!(line.contains("status 3"), "{line}");
+    // The failed command named, with its exit status and last stderr line.
+    let line = log_line(&ran, &["myapp", "preUpgrade \"/bin/sh -c"]);
+    assert!(
+        line.contains("exited 3: pre-check says no; nothing changed"),
+        "{line}"
+    );
     assert_unchanged(&host, &before, &ran);
     assert!(host.server.reported("myapp").is_empty());
     assert!(
-        supervisorctl_log(&host.dir.path).is_empty(),
+        supervisorctl_actions(&host.dir.path).is_empty(),
         "{:?}",
-        supervisorctl_log(&host.dir.path)
+        supervisorctl_actions(&host.dir.path)
     );
 
     // A hook that agrees, and keeps a copy of what it was shown.
@@ -682,7 +708,16 @@ fn post_upgrade_failure_rolls_back_and_holds_back_until_a_new_build() {
     let ran = host.run(&[]);
     ran.expect_code(1);
     log_line(&ran, &["myapp", "rolled back"]);
-    assert!(ran.stderr.contains("health check failed"), "{}", ran.stderr);
+    log_line(
+        &ran,
+        &[
+            "myapp",
+            &format!(
+                "postUpgrade \"{}\" exited 4: health check failed",
+                check.display()
+            ),
+        ],
+    );
     assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
     assert_eq!(mode(&host.target("myapp")), 0o750);
     let ctl = supervisorctl_log(&host.dir.path);
@@ -740,6 +775,14 @@ fn restart_failure_rolls_back_none_skips_and_missing_supervisorctl_warns() {
     let ran = host.run(&[]);
     ran.expect_code(1);
     log_line(&ran, &["myapp", "rolled back"]);
+    // The failed command named, with its status and answer, and where to
+    // look for why the program did not start.
+    let line = log_line(&ran, &["myapp", "did not come up"]);
+    assert!(
+        line.contains("supervisorctl restart myapp exited 7: myapp: ERROR (spawn error)"),
+        "{line}"
+    );
+    assert!(line.contains("`supervisorctl tail myapp stderr`"), "{line}");
     assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
     assert_eq!(mode(&host.target("myapp")), 0o750);
     assert_eq!(fs::read(&host.manifest).unwrap(), manifest_before);
@@ -1091,7 +1134,14 @@ fn seed_manifest_keeps_exactly_the_seed_keys_after_an_upgrade() {
 /// status, several times: the watch window in which it must stay RUNNING
 /// with the same pid (3 s by default, polled every 0.5 s).
 fn expect_restart_then_watch(host: &Host, service: &str) {
-    let log = supervisorctl_log(&host.dir.path);
+    let mut log = supervisorctl_log(&host.dir.path);
+    // First the question whether supervisord can restart it at all.
+    assert_eq!(
+        log.first().map(String::as_str),
+        Some(format!("status {service}").as_str()),
+        "{log:?}"
+    );
+    log.remove(0);
     assert_eq!(
         log.first().map(String::as_str),
         Some(format!("restart {service}").as_str()),

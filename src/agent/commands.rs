@@ -13,8 +13,8 @@ use super::{check_only, host, lock, selected, Run, VERSION};
 use crate::cli::{process_env, Args};
 use crate::error::{Error, Result};
 use crate::hash;
-use crate::log;
-use crate::{error, info, warn};
+use crate::log::{self, Event};
+use crate::{event, info, warn};
 use std::fs;
 use std::path::Path;
 
@@ -36,7 +36,7 @@ pub(super) fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
             (Err(e), _) | (_, Err(e)) => {
                 failed = true;
                 if table {
-                    error!("{}: {e}", bin.name);
+                    event!(Error, Event::new(&bin.name, "failed"), "{e}");
                 }
                 (
                     format!("{}: cannot check: {e}", bin.name),
@@ -58,14 +58,14 @@ pub(super) fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
                         ),
                         "unrecorded".into(),
                     ),
-                    Action::Quarantined => (
+                    Action::HeldBack => (
                         format!(
                             "{}: would hold back {} (failed here: {})",
                             bin.name,
                             log::short(&remote.hash),
                             q.map_or("", |q| &q.error)
                         ),
-                        "quarantined".into(),
+                        "held back".into(),
                     ),
                     Action::Install(reason) => (
                         format!(
@@ -155,7 +155,7 @@ pub(super) fn init(args: &Args, config: &Path) -> Result<u8> {
     Ok(0)
 }
 
-/// `rollback NAME`: put `PATH.bak` back, restart, quarantine the build rolled
+/// `rollback NAME`: put `PATH.bak` back, restart, hold back the build rolled
 /// back from (so the next cron run does not reinstall it), record and report.
 pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let Some(_lock) = lock(config)? else {
@@ -211,14 +211,25 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     if let Err(e) = run.client.keepalive_post(&run.registration()) {
         warn!("reporting the node's inventory: {e}");
     }
+    let ev = Event::new(name, "rolled_back").hashes(&from, &to);
     match restarted {
         Ok(r) => {
-            info!("{name}: rolled back {}→{}, {}; {} stays held back until a new build or `bin-proxy retry {name}`", log::short(&from), log::short(&to), describe(&r), log::short(&from));
+            event!(
+                Info,
+                ev,
+                "rolled back {}→{}, {}; {} stays held back until a new build or `bin-proxy retry {name}`",
+                log::short(&from),
+                log::short(&to),
+                describe(&r),
+                log::short(&from)
+            );
             Ok(0)
         }
         Err(e) => {
-            error!(
-                "{name}: rolled back {}→{}, but the restart failed: {e}",
+            event!(
+                Error,
+                ev,
+                "rolled back {}→{}, but the restart failed: {e}",
                 log::short(&from),
                 log::short(&to)
             );
@@ -245,7 +256,7 @@ pub(super) fn retry(config: &Path, name: &str) -> Result<u8> {
     let mut state = State::load(&state_path);
     if state.clear_quarantine(name) {
         state.save_if_changed(&state_path)?;
-        info!("{name}: quarantine cleared; the next run installs the published build again");
+        info!("{name}: no longer held back; the next run installs the published build again");
     } else {
         info!("{name}: nothing is held back");
     }

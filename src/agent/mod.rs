@@ -23,9 +23,9 @@ mod upgrade;
 use crate::cli::{process_env, Args, Command};
 use crate::error::{Error, Result};
 use crate::hash;
-use crate::log;
+use crate::log::{self, Event};
 use crate::protocol::{BinaryFact, FailureFact, Registration};
-use crate::{debug, error, info, warn};
+use crate::{debug, error, event, info, warn};
 use client::Client;
 use manifest::{Binary, Manifest};
 use settings::{client_for, config_path, node_facts, NodeFacts};
@@ -48,6 +48,18 @@ pub fn main(args: &Args) -> u8 {
     } else {
         log::Level::Info
     });
+    let format = match (args.log_format, process_env("BIN_PROXY_LOG_FORMAT")) {
+        (Some(f), _) => Ok(f),
+        (None, Some(v)) => crate::cli::log_format(&v, "$BIN_PROXY_LOG_FORMAT"),
+        (None, None) => Ok(log::Format::Text),
+    };
+    match format {
+        Ok(f) => log::set_format(f),
+        Err(e) => {
+            error!("{e}");
+            return e.exit_code();
+        }
+    }
     let config = config_path(args, &process_env);
     let result = match &args.command {
         Command::Help => {
@@ -55,7 +67,14 @@ pub fn main(args: &Args) -> u8 {
             Ok(0)
         }
         Command::Version => {
-            println!("bin-proxy {VERSION}");
+            println!(
+                "bin-proxy {VERSION}{}",
+                if cfg!(feature = "tls") {
+                    ""
+                } else {
+                    " (without TLS: http:// only)"
+                }
+            );
             Ok(0)
         }
         Command::Run => match args.every {
@@ -110,8 +129,21 @@ fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
 enum Outcome {
     UpToDate,
     Changed,
-    Skipped,
+    /// Its published build failed here before.
+    HeldBack,
     Failed,
+    /// supervisord cannot restart its service: not attempted, not held back.
+    Waiting,
+    /// The server could not be reached to ask about it.
+    Unreachable(Error),
+}
+
+/// What this run did to the fleet's binaries, for the metrics.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    upgrades: u64,
+    failures: u64,
+    rollbacks: u64,
 }
 
 /// Everything one run works with.
@@ -124,6 +156,7 @@ struct Run<'a> {
     client: Client,
     /// Node name, cpuArch, osRelease: read from the host once per run.
     facts: NodeFacts,
+    counts: Counts,
 }
 
 /// One upgrade cycle.
@@ -150,10 +183,13 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     }
     let mut run = Run::new(args, config, manifest, client);
 
+    // A heartbeat that cannot reach the server is told once, below, if the
+    // binaries' lookups cannot reach it either.
+    let mut keepalive_error = None;
     let registered = match run.client.keepalive_get(&node) {
         Ok(found) => found.is_some(),
         Err(e) => {
-            warn!("keepalive: {e}");
+            keepalive_error = Some(e);
             true // unknown: do not re-register blindly; a change below still reports
         }
     };
@@ -164,7 +200,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         }
     }
 
-    let (mut up_to_date, mut changed, mut failed, mut skipped) = (0, 0, 0, 0);
+    let mut tally = Tally::default();
     let bins: Vec<Binary> = run
         .manifest
         .binaries
@@ -172,39 +208,93 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         .filter(|b| selected(args, b))
         .cloned()
         .collect();
-    for bin in &bins {
+    let mut unreachable = None;
+    for (i, bin) in bins.iter().enumerate() {
         match run.binary(bin) {
-            Ok(Outcome::UpToDate) => up_to_date += 1,
-            Ok(Outcome::Changed) => changed += 1,
-            Ok(Outcome::Skipped) => skipped += 1,
-            Ok(Outcome::Failed) => failed += 1,
+            Ok(Outcome::UpToDate) => tally.up_to_date += 1,
+            Ok(Outcome::Changed) => tally.changed += 1,
+            Ok(Outcome::HeldBack) => tally.held_back += 1,
+            Ok(Outcome::Failed) => tally.failed += 1,
+            Ok(Outcome::Waiting) => tally.waiting += 1,
+            Ok(Outcome::Unreachable(e)) => {
+                // The rest would only wait for the same outage.
+                tally.unreachable = bins.len() - i;
+                unreachable = Some(e);
+                break;
+            }
             Err(e) => {
-                error!("{}: {e}", bin.name);
-                failed += 1;
+                event!(Error, Event::new(&bin.name, "failed"), "{e}");
+                tally.failed += 1;
             }
         }
+    }
+    match (&unreachable, keepalive_error) {
+        (Some(e), _) => event!(
+            Error,
+            Event::run("server_unreachable"),
+            "server unreachable: {e}; {} not checked, nothing changed",
+            plural(tally.unreachable, "binary", "binaries")
+        ),
+        (None, Some(e)) => warn!("keepalive: {e}"),
+        (None, None) => {}
     }
     if let Err(e) = run.state.save_if_changed(&run.state_path) {
         warn!("{e}");
     }
-    if changed + failed > 0 {
+    if unreachable.is_none() && tally.changed + tally.failed > 0 {
         if let Err(e) = run.client.keepalive_post(&run.registration()) {
             warn!("reporting the node's inventory: {e}");
         }
     }
-    let summary =
-        format!(
-        "{} {}: {up_to_date} up to date, {changed} changed, {failed} failed, {skipped} held back",
-        bins.len(),
-        if bins.len() == 1 { "binary" } else { "binaries" }
-    );
-    if failed > 0 {
-        error!("{summary}");
+    let summary = tally.summary(bins.len());
+    if tally.failed + tally.waiting + tally.unreachable > 0 {
+        event!(Error, Event::run("summary"), "{summary}");
         Ok(1)
     } else {
-        info!("{summary}");
+        event!(Info, Event::run("summary"), "{summary}");
         Ok(0)
     }
+}
+
+/// How the binaries of one run fared.
+#[derive(Default)]
+struct Tally {
+    up_to_date: usize,
+    changed: usize,
+    failed: usize,
+    held_back: usize,
+    waiting: usize,
+    unreachable: usize,
+}
+
+impl Tally {
+    /// `2 binaries: 1 up to date, 1 changed, 0 failed, 0 held back` (and the
+    /// infrastructure's share when there is one).
+    fn summary(&self, total: usize) -> String {
+        let mut s = format!(
+            "{}: {} up to date, {} changed, {} failed, {} held back",
+            plural(total, "binary", "binaries"),
+            self.up_to_date,
+            self.changed,
+            self.failed,
+            self.held_back
+        );
+        if self.waiting > 0 {
+            s.push_str(&format!(", {} waiting for supervisord", self.waiting));
+        }
+        if self.unreachable > 0 {
+            s.push_str(&format!(
+                ", {} not checked (server unreachable)",
+                self.unreachable
+            ));
+        }
+        s
+    }
+}
+
+/// `1 binary`, `2 binaries`.
+pub(crate) fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn selected(args: &Args, bin: &Binary) -> bool {
@@ -243,6 +333,7 @@ impl<'a> Run<'a> {
             facts: node_facts(&manifest),
             manifest,
             client,
+            counts: Counts::default(),
         }
     }
 

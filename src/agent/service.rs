@@ -19,8 +19,26 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Output {
     /// Exit code (`None` when killed by a signal).
     pub code: Option<i32>,
+    /// What it wrote to stdout.
+    pub stdout: String,
+    /// What it wrote to stderr.
+    pub stderr: String,
+}
+
+impl Output {
     /// stdout and stderr, stdout first.
-    pub text: String,
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// The last non-empty line of stderr, else of stdout (what a failing
+    /// program usually says last about why).
+    fn last_line(&self) -> Option<&str> {
+        fn last(t: &str) -> Option<&str> {
+            t.lines().rev().map(str::trim).find(|l| !l.is_empty())
+        }
+        last(&self.stderr).or_else(|| last(&self.stdout))
+    }
 }
 
 /// Splits a command line into words: whitespace separates, single and double
@@ -41,7 +59,7 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
                         Some(c) => w.push(c),
                         None => {
                             return Err(Error::Command {
-                                cmd: cmd.into(),
+                                cmd: quoted(cmd),
                                 msg: "has an unclosed quote".into(),
                             })
                         }
@@ -57,7 +75,7 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
                         Some(c) => w.push(c),
                         None => {
                             return Err(Error::Command {
-                                cmd: cmd.into(),
+                                cmd: quoted(cmd),
                                 msg: "has an unclosed quote".into(),
                             })
                         }
@@ -71,16 +89,26 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
     words.extend(word);
     if words.is_empty() {
         return Err(Error::Command {
-            cmd: cmd.into(),
+            cmd: quoted(cmd),
             msg: "is empty".into(),
         });
     }
     Ok(words)
 }
 
-/// Runs `argv` with extra environment, killing it after `timeout`.
-pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result<Output> {
-    let shown = argv.join(" ");
+fn quoted(cmd: &str) -> String {
+    format!("\"{cmd}\"")
+}
+
+/// Runs `argv` with extra environment, killing it after `timeout`. Errors
+/// name the command as `shown` (`postUpgrade "/x --check"`, or the argv).
+pub fn run(
+    argv: &[String],
+    env: &[(&str, String)],
+    timeout: Duration,
+    shown: &str,
+) -> Result<Output> {
+    let shown = shown.to_string();
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -139,31 +167,35 @@ pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result
             }
         }
     };
-    let mut text = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
-    text.push_str(&String::from_utf8_lossy(&err.join().unwrap_or_default()));
+    // The drain threads only read and collect: they do not panic.
+    let lossy = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     Ok(Output {
         code: status.code(),
-        text,
+        stdout: lossy(out.join().unwrap_or_default()),
+        stderr: lossy(err.join().unwrap_or_default()),
     })
 }
 
-/// Runs a hook command; a non-zero exit is an error quoting its last output line.
-pub fn run_hook(cmd: &str, env: &[(&str, String)]) -> Result<()> {
-    let out = run(&split(cmd)?, env, HOOK_TIMEOUT)?;
+/// Runs a hook or restart command; `role` names it in errors
+/// (`postUpgrade "/x --check" exited 1: <its last stderr line>`).
+pub fn run_hook(role: &str, cmd: &str, env: &[(&str, String)]) -> Result<()> {
+    let shown = format!("{role} {}", quoted(cmd));
+    let out = run(&split(cmd)?, env, HOOK_TIMEOUT, &shown)?;
     match out.code {
         Some(0) => Ok(()),
         code => Err(Error::Command {
-            cmd: cmd.to_string(),
-            msg: failure(code, &out.text),
+            cmd: shown,
+            msg: failure(code, &out),
         }),
     }
 }
 
-fn failure(code: Option<i32>, text: &str) -> String {
+/// `exited 3: <last line>` or `was killed by a signal`.
+fn failure(code: Option<i32>, out: &Output) -> String {
     let status = code.map_or("was killed by a signal".to_string(), |c| {
-        format!("exited with status {c}")
+        format!("exited {c}")
     });
-    match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+    match out.last_line() {
         Some(last) => format!("{status}: {}", crate::protocol::one_line(last, 200)),
         None => status,
     }
@@ -230,7 +262,7 @@ pub fn restart(
 ) -> Result<Restarted> {
     match policy {
         Restart::Nothing => Ok(Restarted::Skipped("restart is \"none\"")),
-        Restart::Command(cmd) => run_hook(cmd, env).map(|()| Restarted::Commanded),
+        Restart::Command(cmd) => run_hook("restart", cmd, env).map(|()| Restarted::Commanded),
         Restart::Supervisor => {
             let ctl = supervisorctl()?;
             if !exists(&ctl[0]) {
@@ -245,18 +277,79 @@ pub fn restart(
 fn supervisor(ctl: &[String], args: &[&str]) -> Result<Output> {
     let mut argv = ctl.to_vec();
     argv.extend(args.iter().map(|a| a.to_string()));
-    run(&argv, &[], SUPERVISOR_TIMEOUT)
+    let shown = argv.join(" ");
+    run(&argv, &[], SUPERVISOR_TIMEOUT, &shown)
 }
 
 fn supervisor_restart(ctl: &[String], service: &str) -> Result<()> {
     let out = supervisor(ctl, &["restart", service])?;
-    if out.code != Some(0) || !restart_succeeded(&out.text) {
-        return Err(Error::Service {
-            service: service.to_string(),
-            msg: format!("restart failed: {}", failure(out.code, &out.text)),
+    if out.code != Some(0) || !restart_succeeded(&out.text()) {
+        let mut msg = match out.code {
+            Some(0) => format!(
+                "exited 0 but did not report \"started\": {}",
+                crate::protocol::one_line(out.last_line().unwrap_or("no output"), 200)
+            ),
+            code => failure(code, &out),
+        };
+        if out.text().contains("spawn error") {
+            msg.push_str(&format!(
+                " (why it did not start: `supervisorctl tail {service} stderr`, and supervisord's own log: `supervisorctl maintail`)"
+            ));
+        }
+        return Err(Error::Command {
+            cmd: format!("{} restart {service}", ctl.join(" ")),
+            msg,
         });
     }
     Ok(())
+}
+
+/// Asks supervisord about `service` before anything is swapped: when it is
+/// down, or has no such program, a restart could only fail — and the build
+/// would be blamed for it. [`Error::Supervisor`] names what was tried and
+/// the fix. Other policies, and hosts without supervisorctl, pass.
+pub fn supervisor_ready(policy: &Restart, service: &str) -> Result<()> {
+    if *policy != Restart::Supervisor {
+        return Ok(());
+    }
+    let ctl = supervisorctl()?;
+    if !exists(&ctl[0]) {
+        return Ok(());
+    }
+    let out = supervisor(&ctl, &["status", service])?;
+    let text = out.text();
+    if parse_status(&text, service).is_some() {
+        return Ok(());
+    }
+    Err(Error::Supervisor {
+        cmd: format!("{} status {service}", ctl.join(" ")),
+        service: service.to_string(),
+        unknown: text.contains("no such process"),
+        said: crate::protocol::one_line(out.last_line().unwrap_or("nothing"), 200),
+        config: config_of(&ctl),
+    })
+}
+
+/// Which supervisord the supervisorctl command talks to, for messages.
+fn config_of(ctl: &[String]) -> String {
+    let mut words = ctl.iter().skip(1);
+    while let Some(w) = words.next() {
+        let value = |flag: &str| w.strip_prefix(flag).map(str::to_string);
+        match w.as_str() {
+            "-c" | "--configuration" => {
+                return format!("config \"{}\"", words.next().map_or("", |s| s))
+            }
+            "-s" | "--serverurl" => return format!("server {}", words.next().map_or("", |s| s)),
+            _ => {}
+        }
+        if let Some(c) = value("--configuration=") {
+            return format!("config \"{c}\"");
+        }
+        if let Some(u) = value("--serverurl=") {
+            return format!("server {u}");
+        }
+    }
+    "its default config (/etc/supervisor/supervisord.conf)".to_string()
 }
 
 /// Reads `supervisorctl restart` output, because supervisor before 4.0 exits
@@ -289,10 +382,11 @@ fn confirm_running(ctl: &[String], service: &str, window: Duration) -> Result<St
     let mut running: Option<(String, Instant)> = None; // (pid, since)
     loop {
         let out = supervisor(ctl, &["status", service])?;
-        let Some((state, detail)) = parse_status(&out.text, service) else {
+        let text = out.text();
+        let Some((state, detail)) = parse_status(&text, service) else {
             return Err(fail(format!(
                 "status did not report it: {}",
-                failure(out.code, &out.text)
+                failure(out.code, &out)
             )));
         };
         let detail = crate::protocol::one_line(detail, 200);
@@ -392,6 +486,24 @@ mod tests {
     }
 
     #[test]
+    fn supervisor_configs() {
+        let words = |s: &str| split(s).unwrap();
+        assert_eq!(
+            config_of(&words("supervisorctl -c /etc/s.conf")),
+            "config \"/etc/s.conf\""
+        );
+        assert_eq!(
+            config_of(&words("supervisorctl --configuration=/x")),
+            "config \"/x\""
+        );
+        assert_eq!(
+            config_of(&words("supervisorctl -s unix:///s.sock")),
+            "server unix:///s.sock"
+        );
+        assert!(config_of(&words("supervisorctl")).starts_with("its default config"));
+    }
+
+    #[test]
     fn pids() {
         assert_eq!(pid_of("pid 4242, uptime 0:00:05"), "4242");
         assert_eq!(pid_of("Exited too quickly"), "");
@@ -421,22 +533,43 @@ mod tests {
             &split("sh -c 'echo out; echo err >&2; exit 3'").unwrap(),
             &[],
             Duration::from_secs(5),
+            "test",
         )
         .unwrap();
         assert_eq!(ok.code, Some(3));
-        assert_eq!(ok.text, "out\nerr\n");
-        let slow = run(&split("sleep 5").unwrap(), &[], Duration::from_millis(200)).unwrap_err();
-        assert!(
-            slow.to_string()
-                .contains("did not finish within 0 s and was killed"),
-            "{slow}"
+        assert_eq!(ok.text(), "out\nerr\n");
+        let slow = run(
+            &split("sleep 5").unwrap(),
+            &[],
+            Duration::from_millis(200),
+            "slow",
+        )
+        .unwrap_err();
+        assert_eq!(
+            slow.to_string(),
+            "slow did not finish within 0 s and was killed"
         );
-        let e = run_hook("sh -c 'echo failing check; exit 4'", &[]).unwrap_err();
+        let e = run_hook("postUpgrade", "sh -c 'echo failing check; exit 4'", &[]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "\"sh -c 'echo failing check; exit 4'\" exited with status 4: failing check"
+            "postUpgrade \"sh -c 'echo failing check; exit 4'\" exited 4: failing check"
         );
-        let e = run_hook("/nonexistent/hook", &[]).unwrap_err();
-        assert!(e.to_string().contains("could not start"), "{e}");
+        // The last line of stderr, not of stdout.
+        let e = run_hook(
+            "postUpgrade",
+            "sh -c 'echo why >&2; echo noise; exit 1'",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "postUpgrade \"sh -c 'echo why >&2; echo noise; exit 1'\" exited 1: why"
+        );
+        let e = run_hook("preUpgrade", "/nonexistent/hook", &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("preUpgrade \"/nonexistent/hook\" could not start: "),
+            "{e}"
+        );
     }
 }

@@ -1,8 +1,11 @@
-//! One binary's upgrade, as a transaction: decide (plan), stage the
-//! download beside the target, run preUpgrade, journal, swap, restart and
-//! confirm, health-check — then commit (record, report) or undo (put the
-//! backup back, restart, quarantine). A run killed anywhere in between is
-//! finished by the next one ([`Run::resume`]).
+//! One binary's upgrade, as a transaction: decide (plan), ask supervisord
+//! whether it can restart the service at all, stage the download beside the
+//! target, run preUpgrade, journal, swap, restart and confirm, health-check —
+//! then commit (record, report) or undo (put the backup back, restart, hold
+//! the failed build back). A run killed anywhere in between is finished by
+//! the next one ([`Run::resume`]). Faults of the infrastructure (the server
+//! unreachable, supervisord down or without the program) are never blamed
+//! on the build: nothing is held back for them.
 
 use super::install::{self, Staged};
 use super::manifest::Binary;
@@ -12,9 +15,9 @@ use super::state::{Pending, Quarantined, Stamp};
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
 use crate::hash;
-use crate::log;
+use crate::log::{self, Event};
 use crate::protocol::BinInfo;
-use crate::{debug, error, info, warn};
+use crate::{debug, event};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -23,14 +26,20 @@ impl Run<'_> {
         if let Some(outcome) = self.resume(bin) {
             return outcome;
         }
-        let remote = self.client.bin_info(&bin.name, bin.pinned_version())?;
+        let remote = match self.client.bin_info(&bin.name, bin.pinned_version()) {
+            Ok(remote) => remote,
+            // Not this binary's fault: the run reports it once.
+            Err(e @ Error::Http { .. }) => return Ok(Outcome::Unreachable(e)),
+            Err(e) => return Err(e),
+        };
         let target = install::real_target(&bin.path);
         let swept =
             crate::fsutil::sweep_temps(&target) + crate::fsutil::sweep_temps(&backup_of(&target));
         if swept > 0 {
-            info!(
-                "{}: removed {swept} temp file(s) left by an interrupted run",
-                bin.name
+            event!(
+                Info,
+                Event::new(&bin.name, "swept"),
+                "removed {swept} temp file(s) left by an interrupted run"
             );
         }
         let actual = self.state.actual_hash(&target)?;
@@ -41,9 +50,10 @@ impl Run<'_> {
             .any(|q| q.name == bin.name && !hash::same(&q.hash, &remote.hash))
         {
             self.state.clear_quarantine(&bin.name);
-            info!(
-                "{}: a new build {} is published; its quarantine is lifted",
-                bin.name,
+            event!(
+                Info,
+                Event::new(&bin.name, "released"),
+                "a new build {} is published; the one held back is forgotten",
                 log::short(&remote.hash)
             );
         }
@@ -61,20 +71,23 @@ impl Run<'_> {
             Action::UpToDate { record: true } => {
                 self.record(&bin.name, &remote.hash)?;
                 self.report(&bin.name, &remote.hash);
-                info!(
-                    "{}: file already is the published build {}; recorded it",
-                    bin.name,
+                event!(
+                    Info,
+                    Event::new(&bin.name, "recorded").hashes(&bin.hash, &remote.hash),
+                    "file already is the published build {}; recorded it",
                     log::short(&remote.hash)
                 );
                 Ok(Outcome::Changed)
             }
-            Action::Quarantined => {
-                let q = quarantine.unwrap_or_else(|| unreachable!("decide() says quarantined"));
-                warn!(
-                    "{}: holding back {}: it failed here at {} ({}); waiting for a new build or `bin-proxy retry {}`",
-                    bin.name, log::short(&remote.hash), q.at, q.error, bin.name
+            Action::HeldBack => {
+                let q = quarantine.unwrap_or_else(|| unreachable!("decide() says held back"));
+                event!(
+                    Warn,
+                    Event::new(&bin.name, "held_back").hashes(actual.as_deref().unwrap_or(""), &remote.hash),
+                    "holding back {}: it failed here at {} ({}); waiting for a new build or `bin-proxy retry {}`",
+                    log::short(&remote.hash), q.at, q.error, bin.name
                 );
-                Ok(Outcome::Skipped)
+                Ok(Outcome::HeldBack)
             }
             Action::Install(reason) => {
                 self.install(bin, &target, actual.as_deref(), &remote, reason)
@@ -94,9 +107,15 @@ impl Run<'_> {
         let url =
             self.client
                 .download_url(&bin.name, bin.download_url.as_deref(), bin.pinned_version());
-        info!(
-            "{}: {}; installing {}→{} from {url}",
-            bin.name,
+        // Before a byte is downloaded: can the service be restarted at all?
+        let policy = Restart::from_manifest(bin.restart.as_deref());
+        if let Err(e) = service::supervisor_ready(&policy, bin.service()) {
+            return Ok(self.waiting(bin, from, &remote.hash, &e));
+        }
+        event!(
+            Info,
+            Event::new(&bin.name, "installing").hashes(from, &remote.hash),
+            "{}; installing {}→{} from {url}",
             reason.describe(),
             log::short(from),
             log::short(&remote.hash)
@@ -113,8 +132,8 @@ impl Run<'_> {
         .map_err(kept)?;
         if let Some(cmd) = &bin.pre_upgrade {
             let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
-            service::run_hook(cmd, &env)
-                .map_err(|e| Error::Other(format!("preUpgrade failed, nothing changed: {e}")))?;
+            service::run_hook("preUpgrade", cmd, &env)
+                .map_err(|e| Error::Other(format!("{e}; nothing changed")))?;
         }
         // Journal first: a run killed from here on is finished by the next one.
         self.state.set_pending(Pending {
@@ -160,8 +179,7 @@ impl Run<'_> {
         let started = service::restart(&policy, bin.service(), bin.confirm_window(), &env)
             .and_then(|r| {
                 if let Some(cmd) = &bin.post_upgrade {
-                    service::run_hook(cmd, &env)
-                        .map_err(|e| Error::Other(format!("postUpgrade failed: {e}")))?;
+                    service::run_hook("postUpgrade", cmd, &env)?;
                 }
                 Ok(r)
             });
@@ -169,32 +187,50 @@ impl Run<'_> {
             Ok(restarted) => {
                 self.record(&bin.name, new)?; // on failure the journal stays: the next run commits
                 if matches!(restarted, Restarted::Skipped("supervisorctl not found")) {
-                    warn!(
-                        "{}: supervisorctl not found; the new build is in place but service \"{}\" was not restarted",
-                        bin.name,
+                    event!(
+                        Warn,
+                        Event::new(&bin.name, "not_restarted").hashes(from, new),
+                        "supervisorctl not found; the new build is in place but service \"{}\" was not restarted",
                         bin.service()
                     );
                 }
                 let transfer = transfer.map(|t| format!(" ({t})")).unwrap_or_default();
-                info!(
-                    "{}: upgraded {}→{}{transfer}, {}",
-                    bin.name,
+                event!(
+                    Info,
+                    Event::new(&bin.name, "upgraded").hashes(from, new),
+                    "upgraded {}→{}{transfer}, {}",
                     log::short(from),
                     log::short(new),
                     describe(&restarted)
                 );
+                self.counts.upgrades += 1;
                 Outcome::Changed
             }
             Err(e) => {
-                error!("{}: {} did not come up: {e}", bin.name, log::short(new));
-                self.undo(bin, target, from, &policy, &env);
-                self.state.add_quarantine(Quarantined {
-                    name: bin.name.clone(),
-                    hash: new.to_string(),
-                    error: crate::protocol::one_line(&e.to_string(), 300),
-                    at: log::utc_now(),
-                });
-                Outcome::Failed
+                event!(
+                    Error,
+                    Event::new(&bin.name, "failed").hashes(from, new),
+                    "{} did not come up: {e}",
+                    log::short(new)
+                );
+                self.undo(bin, target, from, new, &policy, &env);
+                // supervisord gone since the check: the build is not to blame.
+                match service::supervisor_ready(&policy, bin.service()) {
+                    Err(down) => {
+                        self.waiting(bin, from, new, &down);
+                        Outcome::Waiting
+                    }
+                    Ok(()) => {
+                        self.state.add_quarantine(Quarantined {
+                            name: bin.name.clone(),
+                            hash: new.to_string(),
+                            error: crate::protocol::one_line(&e.to_string(), 300),
+                            at: log::utc_now(),
+                        });
+                        self.counts.failures += 1;
+                        Outcome::Failed
+                    }
+                }
             }
         };
         self.state.clear_pending(&bin.name);
@@ -203,6 +239,19 @@ impl Run<'_> {
             self.report(&bin.name, new);
         }
         Ok(outcome)
+    }
+
+    /// supervisord cannot restart the service: nothing is swapped (or the
+    /// swap was undone), nothing held back; the next run installs `to` once
+    /// supervisord answers.
+    fn waiting(&mut self, bin: &Binary, from: &str, to: &str, e: &Error) -> Outcome {
+        event!(
+            Error,
+            Event::new(&bin.name, "supervisor_unavailable").hashes(from, to),
+            "not installing {}: {e}; kept the running build; not held back: a later run installs it once supervisord can restart the service",
+            log::short(to)
+        );
+        Outcome::Waiting
     }
 
     /// Finishes an upgrade a killed run left between swap and commit: if the
@@ -220,17 +269,33 @@ impl Run<'_> {
                 self.state.clear_pending(&bin.name); // committed; only the entry was left
                 return None;
             }
-            warn!(
-                "{}: the run at {} was interrupted after swapping in {}; confirming it now",
-                bin.name,
+            // Confirming needs supervisord: without it, keep the journal
+            // and let a later run finish the job.
+            let policy = Restart::from_manifest(bin.restart.as_deref());
+            if let Err(e) = service::supervisor_ready(&policy, bin.service()) {
+                event!(
+                    Error,
+                    Event::new(&bin.name, "supervisor_unavailable").hashes(&p.old, &p.new),
+                    "cannot confirm {}, swapped in by the interrupted run at {}: {e}; not held back: a later run confirms it once supervisord answers",
+                    log::short(&p.new),
+                    p.at
+                );
+                return Some(Ok(Outcome::Waiting));
+            }
+            event!(
+                Warn,
+                Event::new(&bin.name, "resumed").hashes(&p.old, &p.new),
+                "the run at {} was interrupted after swapping in {}; confirming it now",
                 p.at,
                 log::short(&p.new)
             );
             return Some(self.commit_or_undo(bin, &target, &p.old, &p.new, None));
         }
-        info!(
-            "{}: the run at {} was interrupted before its swap; nothing had changed",
-            bin.name, p.at
+        event!(
+            Info,
+            Event::new(&bin.name, "resumed").hashes(&p.old, &p.new),
+            "the run at {} was interrupted before its swap; nothing had changed",
+            p.at
         );
         self.state.clear_pending(&bin.name);
         None
@@ -246,33 +311,42 @@ impl Run<'_> {
         bin: &Binary,
         target: &Path,
         from: &str,
+        new: &str,
         policy: &Restart,
         env: &[(&str, String)],
     ) {
         self.state.forget(target);
+        let ev = Event::new(&bin.name, "rolled_back").hashes(new, from);
         if from.is_empty() {
             match fs::remove_file(target) {
-                Ok(()) => warn!(
-                    "{}: removed the failed fresh install \"{}\"",
-                    bin.name,
+                Ok(()) => event!(
+                    Warn,
+                    ev,
+                    "removed the failed fresh install \"{}\"",
                     target.display()
                 ),
-                Err(e) => error!(
-                    "{}: could not remove the failed install \"{}\": {e}",
-                    bin.name,
+                Err(e) => event!(
+                    Error,
+                    Event {
+                        event: Some("rollback_failed"),
+                        ..ev
+                    },
+                    "could not remove the failed install \"{}\": {e}",
                     target.display()
                 ),
             }
             return;
         }
         let backup = backup_of(target);
-        let cannot = |why: String| {
-            error!(
-                "{}: CANNOT ROLL BACK: {why}; the failed build stays at \"{}\", nothing was deleted",
-                bin.name,
+        let cannot =
+            |why: String| {
+                event!(
+                Error,
+                Event { event: Some("rollback_failed"), ..ev },
+                "CANNOT ROLL BACK: {why}; the failed build stays at \"{}\", nothing was deleted",
                 target.display()
             )
-        };
+            };
         match hash::md5_file(&backup) {
             Err(e) => return cannot(format!("no usable backup ({e})")),
             Ok(h) if !hash::same(&h, from) => {
@@ -288,16 +362,19 @@ impl Run<'_> {
         if let Err(e) = install::restore(target, &backup) {
             return cannot(e.to_string());
         }
+        self.counts.rollbacks += 1;
         match service::restart(policy, bin.service(), bin.confirm_window(), env) {
-            Ok(r) => warn!(
-                "{}: rolled back to {} ({})",
-                bin.name,
+            Ok(r) => event!(
+                Warn,
+                ev,
+                "rolled back to {} ({})",
                 log::short(from),
                 describe(&r)
             ),
-            Err(e) => error!(
-                "{}: rolled back to {}, but restarting it failed too: {e}",
-                bin.name,
+            Err(e) => event!(
+                Error,
+                ev,
+                "rolled back to {}, but restarting it failed too: {e}",
                 log::short(from)
             ),
         }

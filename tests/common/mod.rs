@@ -1181,6 +1181,16 @@ pub fn supervisorctl_log(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The calls in `dir/supervisorctl.log` that act on a program (all but
+/// `status`, which the agent also asks before an upgrade to know that
+/// supervisord can restart the service at all).
+pub fn supervisorctl_actions(dir: &Path) -> Vec<String> {
+    supervisorctl_log(dir)
+        .into_iter()
+        .filter(|l| !l.starts_with("status "))
+        .collect()
+}
+
 /// `PATH` with `dir` prepended (for `Command::env("PATH", …)`).
 pub fn path_with(dir: &Path) -> OsString {
     let mut parts = vec![dir.to_path_buf()];
