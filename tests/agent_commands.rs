@@ -6,6 +6,7 @@ mod common;
 // manifest is rewritten. Every test runs the real `bin-proxy` executable.
 
 use common::host::{Host, NODE};
+use common::json::Json;
 use common::{
     md5_hex, mode, path_with, supervisorctl_log, temp_files, wait_until, Fault, Server, TempDir,
 };
@@ -1300,6 +1301,94 @@ fn log_lines_are_timestamped_leveled_and_hashes_short() {
         short(&old_md5),
         short(&new_md5)
     ));
+}
+
+/// `--log-format json` (or `BIN_PROXY_LOG_FORMAT=json`): one object per
+/// line with exactly ts, level, binary, event, from, to, msg; the hashes in
+/// full. Text from outside stays on its line in both formats.
+#[test]
+fn json_logs_are_one_object_per_line_with_the_events_fields() {
+    let (host, old, new) = upgradable_host();
+    let ran = host.run(&["--log-format", "json"]);
+    ran.expect_code(0);
+    let lines: Vec<Json> = ran
+        .stderr
+        .lines()
+        .map(|l| common::json::try_parse(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{}", ran.stderr);
+    for l in &lines {
+        assert_eq!(
+            l.keys(),
+            ["ts", "level", "binary", "event", "from", "to", "msg"],
+            "{l:?}"
+        );
+        assert!(well_formed_log_line(&format!("{} INFO x", l.get("ts").s())));
+    }
+    let upgraded = lines
+        .iter()
+        .find(|l| l.get("event").as_str() == Some("upgraded"))
+        .unwrap_or_else(|| panic!("no upgraded event:\n{}", ran.stderr));
+    assert_eq!(upgraded.get("level").s(), "info");
+    assert_eq!(upgraded.get("binary").s(), "myapp");
+    assert_eq!(upgraded.get("from").s(), md5_hex(&old));
+    assert_eq!(upgraded.get("to").s(), md5_hex(&new));
+    assert!(
+        upgraded.get("msg").s().starts_with("upgraded "),
+        "{upgraded:?}"
+    );
+    let summary = lines.last().unwrap();
+    assert_eq!(summary.get("event").s(), "summary");
+    assert_eq!(summary.get("binary"), &Json::Null);
+
+    // The environment variable, a failure, and a server message with a
+    // newline and an escape sequence in it.
+    let host = Host::new();
+    host.manifest_for(&[("myapp", "")]);
+    host.server.publish("myapp", &new);
+    host.server.fault(
+        "myapp",
+        Fault::EnvelopeCode(1, "no\nFAKE LINE \x1b[31mred".into()),
+    );
+    let ran = output(host.command(&[]).env("BIN_PROXY_LOG_FORMAT", "json"));
+    ran.expect_code(1);
+    let failed = ran
+        .stderr
+        .lines()
+        .map(common::json::parse)
+        .find(|l| l.get("event").as_str() == Some("failed"))
+        .unwrap_or_else(|| panic!("no failed event:\n{}", ran.stderr));
+    assert_eq!(failed.get("level").s(), "error");
+    assert_eq!(failed.get("binary").s(), "myapp");
+    assert!(
+        failed.get("msg").s().contains("no\nFAKE LINE \x1b[31mred"),
+        "{failed:?}"
+    );
+    assert!(
+        !ran.stderr.lines().any(|l| l.starts_with("FAKE")),
+        "{}",
+        ran.stderr
+    );
+    let ran = host.run(&[]);
+    assert!(
+        ran.stderr.contains("no\\nFAKE LINE \\x1b[31mred"),
+        "text escapes control characters:\n{}",
+        ran.stderr
+    );
+    assert!(
+        !ran.stderr.lines().any(|l| l.starts_with("FAKE")),
+        "{}",
+        ran.stderr
+    );
+
+    let ran = output(&mut host.command(&["--log-format", "xml"]));
+    ran.expect_code(2);
+    assert!(
+        ran.stderr
+            .contains("--log-format takes text or json, not \"xml\""),
+        "{}",
+        ran.stderr
+    );
 }
 
 #[test]

@@ -240,7 +240,7 @@ impl Client {
         let mut url = url.to_string();
         let mut method = method;
         for _ in 0..=MAX_REDIRECTS {
-            crate::debug!("{method:?} {url}");
+            crate::debug!("asking {url} ({})", format!("{method:?}").to_uppercase());
             let mut req = Request::new(method.clone(), url.as_str())
                 .with_timeout(timeout.max(1))
                 .with_follow_redirects(false)

@@ -256,9 +256,13 @@ pub(super) fn retry(config: &Path, name: &str) -> Result<u8> {
     let mut state = State::load(&state_path);
     if state.clear_quarantine(name) {
         state.save_if_changed(&state_path)?;
-        info!("{name}: no longer held back; the next run installs the published build again");
+        event!(
+            Info,
+            Event::new(name, "released"),
+            "no longer held back; the next run installs the published build again"
+        );
     } else {
-        info!("{name}: nothing is held back");
+        event!(Info, Event::new(name, "released"), "nothing is held back");
     }
     Ok(0)
 }

@@ -82,7 +82,12 @@ pub fn stage(
             Ok(staged) => return Ok(staged),
             Err(e) if attempt < ATTEMPTS && retryable(&e) => {
                 let wait = Duration::from_secs(1 << (attempt - 1));
-                crate::warn!("{name}: download attempt {attempt} of {ATTEMPTS} failed: {e}; retrying in {} s", wait.as_secs());
+                crate::event!(
+                    Warn,
+                    log::Event::new(name, "download_retry"),
+                    "download attempt {attempt} of {ATTEMPTS} failed: {e}; retrying in {} s",
+                    wait.as_secs()
+                );
                 std::thread::sleep(wait);
                 attempt += 1;
             }
@@ -178,8 +183,10 @@ fn stage_once(
                     .get()
                     .map(|t| format!(" of {}", log::size(t)))
                     .unwrap_or_default();
-                crate::info!(
-                    "{name}: downloading, {}{of} ({})",
+                crate::event!(
+                    Info,
+                    log::Event::new(name, "progress"),
+                    "downloading, {}{of} ({})",
                     log::size(done),
                     log::rate(done, started.elapsed())
                 );

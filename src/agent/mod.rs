@@ -178,7 +178,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     let client = client_for(args, &process_env, &manifest, config, &arch)?;
     if args.splay > 0 {
         let secs = splay(&node, args.splay);
-        debug!("splay: sleeping {secs} s");
+        debug!("waiting {secs} s before starting (--splay spreads a fleet's runs over the minute)");
         std::thread::sleep(Duration::from_secs(secs));
     }
     let mut run = Run::new(args, config, manifest, client);
@@ -375,7 +375,12 @@ impl<'a> Run<'a> {
 
     fn report(&self, name: &str, md5: &str) {
         if let Err(e) = self.client.report_hash(&self.facts.name, name, md5) {
-            warn!("{name}: reporting hash {}: {e}", log::short(md5));
+            event!(
+                Warn,
+                Event::new(name, "report_failed").hashes("", md5),
+                "reporting hash {}: {e}",
+                log::short(md5)
+            );
         }
     }
 

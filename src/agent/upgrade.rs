@@ -14,10 +14,10 @@ use super::service::{self, Restart, Restarted};
 use super::state::{Pending, Quarantined, Stamp};
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
+use crate::event;
 use crate::hash;
 use crate::log::{self, Event};
 use crate::protocol::BinInfo;
-use crate::{debug, event};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -58,6 +58,19 @@ impl Run<'_> {
             );
         }
         let quarantine = self.state.quarantined(&bin.name, &remote.hash).cloned();
+        event!(
+            Debug,
+            Event::new(&bin.name, "checked").hashes(&bin.hash, &remote.hash),
+            "recorded {}, on disk {}, published {}{}",
+            log::short(&bin.hash),
+            actual.as_deref().map_or("nothing".into(), log::short),
+            log::short(&remote.hash),
+            if quarantine.is_some() {
+                " (held back: it failed here)"
+            } else {
+                ""
+            }
+        );
         match plan::decide(
             &bin.hash,
             actual.as_deref(),
@@ -65,7 +78,12 @@ impl Run<'_> {
             quarantine.is_some(),
         ) {
             Action::UpToDate { record: false } => {
-                debug!("{}: up to date ({})", bin.name, log::short(&remote.hash));
+                event!(
+                    Debug,
+                    Event::new(&bin.name, "up_to_date").hashes(&remote.hash, &remote.hash),
+                    "up to date: the file and the manifest are the published build {}",
+                    log::short(&remote.hash)
+                );
                 Ok(Outcome::UpToDate)
             }
             Action::UpToDate { record: true } => {
