@@ -7,7 +7,7 @@ use super::manifest::Manifest;
 use super::plan::{self, Action, Reason};
 use super::service::{self, Restart};
 use super::settings::{api_url, client_for, node_facts};
-use super::state::{Quarantined, State};
+use super::state::{Count, Quarantined, State};
 use super::upgrade::{backup_of, describe, hook_env};
 use super::{check_only, host, lock, selected, Run, VERSION};
 use crate::cli::{process_env, Args};
@@ -190,6 +190,7 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let to = hash::md5_file(&backup)?;
     install::restore(&target, &backup)?;
     run.state.forget(&target);
+    run.state.count(name, Count::Rollback);
     if !from.is_empty() {
         run.state.add_quarantine(Quarantined {
             name: name.to_string(),

@@ -23,6 +23,8 @@ pub struct Manifest {
     pub node: Node,
     /// The managed binaries, in file order.
     pub binaries: Vec<Binary>,
+    /// `metricsFile`: where each run writes its Prometheus metrics.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// The `manager` object.
@@ -104,7 +106,7 @@ impl Binary {
     }
 }
 
-const TOP_KEYS: &[&str] = &["manager", "node", "binaries"];
+const TOP_KEYS: &[&str] = &["manager", "node", "binaries", "metricsFile"];
 const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile"];
 const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion"];
 const BINARY_KEYS: &[&str] = &[
@@ -164,6 +166,10 @@ impl Manifest {
                 os_release: o.opt_str("osRelease")?,
                 proxy_version: o.opt_str("proxyVersion")?,
             };
+        }
+        m.metrics_file = top.opt_str("metricsFile")?.map(PathBuf::from);
+        if m.metrics_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(top.bad("metricsFile", "must be an absolute path"));
         }
         let Some(list) = top.get("binaries") else {
             return Err(
@@ -237,6 +243,12 @@ impl Manifest {
             Value::Obj(o)
         });
         top.push(("binaries".to_string(), Value::Arr(bins.collect())));
+        if let Some(p) = &self.metrics_file {
+            top.push((
+                "metricsFile".to_string(),
+                Value::str(p.display().to_string()),
+            ));
+        }
         Value::Obj(top).to_pretty()
     }
 
@@ -451,7 +463,7 @@ mod tests {
 
     #[test]
     fn every_optional_key() {
-        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},
+        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},"metricsFile":"/var/lib/node/bp.prom",
             "binaries":[{"name":"a","version":"1.2","hash":"D41D8CD98F00B204E9800998ECF8427E","path":"/x/a",
             "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check","confirmSeconds":10}]}"#;
         let m = Manifest::parse(text).unwrap();
@@ -472,7 +484,7 @@ mod tests {
         );
         check_err(
             r#"{"binaries":[],"nodes":{}}"#,
-            "the top level: unknown key \"nodes\" (known keys: manager, node, binaries)",
+            "the top level: unknown key \"nodes\" (known keys: manager, node, binaries, metricsFile)",
         );
         check_err(
             r#"{"node":{}}"#,
@@ -538,6 +550,10 @@ mod tests {
         check_err(
             "{\"binaries\": [\n  {\"name\": \"a\", \"path\": \"/x/a\"},\n]}",
             "invalid JSON at line 2, column 32: trailing comma before ']' (JSON allows none)",
+        );
+        check_err(
+            r#"{"binaries":[],"metricsFile":"bp.prom"}"#,
+            "the top level: key \"metricsFile\" must be an absolute path",
         );
         check_err(
             r#"{"binaries":{}}"#,

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod host;
 pub mod install;
 pub mod manifest;
+pub mod metrics;
 pub mod plan;
 pub mod service;
 pub mod state;
@@ -138,14 +139,6 @@ enum Outcome {
     Unreachable(Error),
 }
 
-/// What this run did to the fleet's binaries, for the metrics.
-#[derive(Clone, Copy, Debug, Default)]
-struct Counts {
-    upgrades: u64,
-    failures: u64,
-    rollbacks: u64,
-}
-
 /// Everything one run works with.
 struct Run<'a> {
     args: &'a Args,
@@ -156,11 +149,11 @@ struct Run<'a> {
     client: Client,
     /// Node name, cpuArch, osRelease: read from the host once per run.
     facts: NodeFacts,
-    counts: Counts,
 }
 
 /// One upgrade cycle.
 fn run(args: &Args, config: &Path) -> Result<u8> {
+    let started = std::time::Instant::now();
     let Some(_lock) = lock(config)? else {
         info!(
             "another bin-proxy run holds the lock on \"{}\"; exiting",
@@ -209,13 +202,30 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         .cloned()
         .collect();
     let mut unreachable = None;
+    // How each binary ended the run, for the metrics ("not_checked" unless reached).
+    let mut states = vec!["not_checked"; bins.len()];
     for (i, bin) in bins.iter().enumerate() {
-        match run.binary(bin) {
-            Ok(Outcome::UpToDate) => tally.up_to_date += 1,
-            Ok(Outcome::Changed) => tally.changed += 1,
-            Ok(Outcome::HeldBack) => tally.held_back += 1,
-            Ok(Outcome::Failed) => tally.failed += 1,
-            Ok(Outcome::Waiting) => tally.waiting += 1,
+        states[i] = match run.binary(bin) {
+            Ok(Outcome::UpToDate) => {
+                tally.up_to_date += 1;
+                "up_to_date"
+            }
+            Ok(Outcome::Changed) => {
+                tally.changed += 1;
+                "upgraded"
+            }
+            Ok(Outcome::HeldBack) => {
+                tally.held_back += 1;
+                "held_back"
+            }
+            Ok(Outcome::Failed) => {
+                tally.failed += 1;
+                "failed"
+            }
+            Ok(Outcome::Waiting) => {
+                tally.waiting += 1;
+                "waiting"
+            }
             Ok(Outcome::Unreachable(e)) => {
                 // The rest would only wait for the same outage.
                 tally.unreachable = bins.len() - i;
@@ -225,8 +235,9 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             Err(e) => {
                 event!(Error, Event::new(&bin.name, "failed"), "{e}");
                 tally.failed += 1;
+                "failed"
             }
-        }
+        };
     }
     match (&unreachable, keepalive_error) {
         (Some(e), _) => event!(
@@ -247,13 +258,49 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         }
     }
     let summary = tally.summary(bins.len());
-    if tally.failed + tally.waiting + tally.unreachable > 0 {
+    let code = u8::from(tally.failed + tally.waiting + tally.unreachable > 0);
+    if code > 0 {
         event!(Error, Event::run("summary"), "{summary}");
-        Ok(1)
     } else {
         event!(Info, Event::run("summary"), "{summary}");
-        Ok(0)
     }
+    if let Some(path) = metrics_path(args, &run.manifest) {
+        // Kept only for the metrics: without them an idle run writes nothing.
+        let ended = log::unix_now();
+        run.state.run_ended(code == 0, unreachable.is_some(), ended);
+        run.save_state();
+        let facts = metrics::RunFacts {
+            ended,
+            duration: started.elapsed(),
+            exit_code: code,
+            binaries: bins
+                .iter()
+                .zip(&states)
+                .map(|(b, state)| metrics::BinaryRow {
+                    name: &b.name,
+                    md5: run
+                        .manifest
+                        .binaries
+                        .iter()
+                        .find(|m| m.name == b.name)
+                        .map_or("", |m| &m.hash),
+                    state,
+                })
+                .collect(),
+        };
+        if let Err(e) = metrics::write(&path, &facts, &run.state) {
+            warn!("writing the metrics file: {e}");
+        }
+    }
+    Ok(code)
+}
+
+/// `--metrics-file`, else `BIN_PROXY_METRICS_FILE`, else the manifest's `metricsFile`.
+fn metrics_path(args: &Args, manifest: &Manifest) -> Option<PathBuf> {
+    args.metrics_file
+        .clone()
+        .or_else(|| process_env("BIN_PROXY_METRICS_FILE").map(PathBuf::from))
+        .or_else(|| manifest.metrics_file.clone())
 }
 
 /// How the binaries of one run fared.
@@ -333,7 +380,6 @@ impl<'a> Run<'a> {
             facts: node_facts(&manifest),
             manifest,
             client,
-            counts: Counts::default(),
         }
     }
 

@@ -11,7 +11,7 @@ use super::install::{self, Staged};
 use super::manifest::Binary;
 use super::plan::{self, Action, Reason};
 use super::service::{self, Restart, Restarted};
-use super::state::{Pending, Quarantined, Stamp};
+use super::state::{Count, Pending, Quarantined, Stamp};
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
 use crate::event;
@@ -221,7 +221,7 @@ impl Run<'_> {
                     log::short(new),
                     describe(&restarted)
                 );
-                self.counts.upgrades += 1;
+                self.state.count(&bin.name, Count::Upgrade);
                 Outcome::Changed
             }
             Err(e) => {
@@ -245,7 +245,7 @@ impl Run<'_> {
                             error: crate::protocol::one_line(&e.to_string(), 300),
                             at: log::utc_now(),
                         });
-                        self.counts.failures += 1;
+                        self.state.count(&bin.name, Count::Failure);
                         Outcome::Failed
                     }
                 }
@@ -380,7 +380,7 @@ impl Run<'_> {
         if let Err(e) = install::restore(target, &backup) {
             return cannot(e.to_string());
         }
-        self.counts.rollbacks += 1;
+        self.state.count(&bin.name, Count::Rollback);
         match service::restart(policy, bin.service(), bin.confirm_window(), env) {
             Ok(r) => event!(
                 Warn,

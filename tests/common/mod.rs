@@ -15,6 +15,7 @@
 //!
 //! Only the standard library and the `md5` crate are used.
 
+pub mod exporter;
 pub mod host;
 pub mod json;
 pub mod manager;
