@@ -15,8 +15,9 @@ trap 'echo "setup.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 # injection), libcap2-bin and attr (setcap/getcap, setfattr/getfattr) for
 # tests/faults.rs; prometheus-node-exporter (tests/metrics.rs reads the
 # agent's textfile metrics through it); systemd for `systemd-analyze verify`
-# of the units install.sh writes (tests/install.rs).
-packages=(supervisor curl strace libcap2-bin attr prometheus-node-exporter systemd)
+# of the units install.sh writes (tests/install.rs); openssl for a real TLS
+# port (tests/agent_run.rs).
+packages=(supervisor curl strace libcap2-bin attr prometheus-node-exporter systemd openssl)
 # With --release: what static musl builds for both targets need, and what the
 # release tests use (qemu for aarch64, nginx + openssl for HTTPS, readelf).
 release=0

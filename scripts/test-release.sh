@@ -104,6 +104,17 @@ check "chroot: no temp files left" test -z "$(find "$R" -name '*bin-proxy-tmp*')
 check "chroot: idle run exits 0" chroot "$R" /bin-proxy --config /m.json --api "$API" 2> "$W/chroot3.log"
 check "chroot: idle run logs one line" test "$(wc -l < "$W/chroot3.log")" -eq 1
 
+echo "== the agent without TLS"
+NOTLS=dist/bin-proxy-notls-x86_64-linux-musl
+check "notls: --version says it has no TLS" sh -c "'$NOTLS' --version | grep -q 'without TLS'"
+T="$W/notls"; mkdir -p "$T/opt"; manifest "$T/m.json" "$T/opt/app"
+if "$NOTLS" --config "$T/m.json" --api "https://127.0.0.1:1/api/v1" 2> "$T/https.log"; then
+    bad "notls: an https:// API is refused"
+else
+    check "notls: an https:// API is refused with exit 2" test $? = 2
+fi
+check "notls: the refusal says the build has no TLS" grep -q "built without TLS" "$T/https.log"
+
 echo "== HTTPS through nginx"
 C="$W/ca"; mkdir -p "$C"
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bin-proxy test CA" \

@@ -34,6 +34,14 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// TLS where there is none, or none where there is, or an untrusted
+    /// certificate: the same every time, so never retried.
+    Tls {
+        /// The URL asked for.
+        url: String,
+        /// What is wrong and what to change.
+        msg: String,
+    },
     /// The server answered, but with an error status or envelope code.
     Server {
         /// The URL asked for.
@@ -129,7 +137,7 @@ impl fmt::Display for Error {
             Error::Io { what, path, source } => {
                 write!(f, "{what} \"{}\": {source}", path.display())
             }
-            Error::Http { url, msg } => write!(f, "{url}: {msg}"),
+            Error::Http { url, msg } | Error::Tls { url, msg } => write!(f, "{url}: {msg}"),
             Error::Server {
                 url,
                 status,

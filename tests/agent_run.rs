@@ -1189,3 +1189,158 @@ fn token_goes_only_to_the_configured_origins_never_to_a_binarys_own_download_url
     );
     assert!(!ran.stderr.contains("s3cret"));
 }
+
+/// A real TLS server (`openssl s_server`) on a free port of 127.0.0.1,
+/// killed by its pid when dropped.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsServer {
+    fn start(dir: &Path) -> Option<TlsServer> {
+        let have = Path::new("/usr/bin/openssl").exists();
+        if !common::can_run(
+            have,
+            "openssl is not installed (scripts/setup.sh --release installs it)",
+        ) {
+            return None;
+        }
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut child = std::process::Command::new("openssl")
+                .args([
+                    "s_server",
+                    "-quiet",
+                    "-www",
+                    "-accept",
+                    &format!("127.0.0.1:{port}"),
+                ])
+                .arg("-key")
+                .arg(&key)
+                .arg("-cert")
+                .arg(&cert)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let up = common::wait_until(std::time::Duration::from_secs(10), || {
+                matches!(child.try_wait(), Ok(None))
+                    && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up {
+                return Some(TlsServer { child, port });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("openssl s_server did not start");
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `https://` against a plain-HTTP port and `http://` against a TLS port
+/// fail at once, with the hint that fixes them, in one line, and are not
+/// retried (a download would otherwise be tried three times).
+#[test]
+fn tls_against_plain_http_or_the_reverse_fails_at_once_with_a_hint() {
+    let host = outdated_host();
+    let before = snapshot(&host);
+    let plain = host.server.url().replace("http://", "https://");
+    let ran = ran_of(
+        host.command(&[])
+            .env("BIN_MANAGER_API", format!("{plain}/api/v1"))
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(1);
+    let hint = format!(
+        "127.0.0.1:{} did not answer TLS — is the URL http://?",
+        host.server.port()
+    );
+    let line = log_line(&ran, &[&hint]);
+    assert!(line.contains("cannot talk to the server"), "{line}");
+    assert_eq!(ran.stderr.matches(&hint).count(), 1, "{}", ran.stderr);
+    assert_unchanged(&host, &before, &ran);
+
+    // A download from a plain port named https://: not retried.
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    let url = format!(
+        "{}/api/v1/download/myapp",
+        host.server.url().replace("http://", "https://")
+    );
+    write_manifest(
+        &host,
+        None,
+        &[entry(
+            &host,
+            "myapp",
+            &md5_hex(OLD),
+            &[("downloadUrl", &url)],
+        )],
+    );
+    host.server.publish("myapp", NEW);
+    let before = snapshot(&host);
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "did not answer TLS — is the URL http://?"]);
+    assert!(!ran.stderr.contains("retrying"), "retried:\n{}", ran.stderr);
+    assert_unchanged(&host, &before, &ran);
+
+    // http:// against a TLS port.
+    let host = outdated_host();
+    let Some(tls) = TlsServer::start(&host.dir.path) else {
+        return;
+    };
+    let before = snapshot(&host);
+    let ran = ran_of(
+        host.command(&[])
+            .env(
+                "BIN_MANAGER_API",
+                format!("http://127.0.0.1:{}/api/v1", tls.port),
+            )
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(1);
+    log_line(
+        &ran,
+        &[&format!(
+            "127.0.0.1:{} answered in TLS, not plain HTTP — is the URL https://?",
+            tls.port
+        )],
+    );
+    assert_unchanged(&host, &before, &ran);
+}

@@ -78,7 +78,7 @@ pub fn stage(
     }
     let mut attempt = 1;
     loop {
-        match stage_once(client, name, url, target, want, max) {
+        match stage_once(client, name, url, target, want, max).map_err(super::tls_hint::classify) {
             Ok(staged) => return Ok(staged),
             Err(e) if attempt < ATTEMPTS && retryable(&e) => {
                 let wait = Duration::from_secs(1 << (attempt - 1));

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod plan;
 pub mod service;
 pub mod state;
+pub mod tls_hint;
 
 mod commands;
 mod settings;
@@ -182,7 +183,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     let registered = match run.client.keepalive_get(&node) {
         Ok(found) => found.is_some(),
         Err(e) => {
-            keepalive_error = Some(e);
+            keepalive_error = Some(tls_hint::classify(e));
             true // unknown: do not re-register blindly; a change below still reports
         }
     };
@@ -243,7 +244,12 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         (Some(e), _) => event!(
             Error,
             Event::run("server_unreachable"),
-            "server unreachable: {e}; {} not checked, nothing changed",
+            "{}: {e}; {} not checked, nothing changed",
+            if matches!(e, Error::Tls { .. }) {
+                "cannot talk to the server"
+            } else {
+                "server unreachable"
+            },
             plural(tally.unreachable, "binary", "binaries")
         ),
         (None, Some(e)) => warn!("keepalive: {e}"),

@@ -28,9 +28,11 @@ impl Run<'_> {
         }
         let remote = match self.client.bin_info(&bin.name, bin.pinned_version()) {
             Ok(remote) => remote,
-            // Not this binary's fault: the run reports it once.
-            Err(e @ Error::Http { .. }) => return Ok(Outcome::Unreachable(e)),
-            Err(e) => return Err(e),
+            Err(e) => match super::tls_hint::classify(e) {
+                // Not this binary's fault: the run reports it once.
+                e @ (Error::Http { .. } | Error::Tls { .. }) => return Ok(Outcome::Unreachable(e)),
+                e => return Err(e),
+            },
         };
         let target = install::real_target(&bin.path);
         let swept =

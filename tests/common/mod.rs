@@ -393,6 +393,11 @@ fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
         if buf.len() > MAX_HEAD {
             return Err(ReadError::Bad(431, "request head too large"));
         }
+        // Not the start of an HTTP request (a TLS ClientHello, say): answer
+        // at once, as bin-manager does, instead of waiting for a head.
+        if buf.first().is_some_and(|b| !b.is_ascii_uppercase()) {
+            return Err(ReadError::Bad(400, "not an HTTP request"));
+        }
         match stream.read(&mut chunk) {
             Ok(0) if buf.is_empty() => return Err(ReadError::Closed),
             Ok(0) => return Err(ReadError::Bad(400, "incomplete request head")),
