@@ -2,6 +2,7 @@
 //! real system is never touched.
 
 mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -430,7 +431,7 @@ fn systemd_timer_instead_of_cron_verifies_and_uninstalls() {
             t.replace("OnCalendar=minutely", "OnCalendar=bogus"),
         )
         .unwrap();
-        let out = systemd_verify(&root, &[broken.clone()]).unwrap();
+        let out = systemd_verify(&root, std::slice::from_ref(&broken)).unwrap();
         assert_ne!(out.status.code(), Some(0), "a bogus timer verifies");
         fs::remove_file(&broken).unwrap();
     }
