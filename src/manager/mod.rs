@@ -19,8 +19,13 @@ use std::time::Duration;
 /// How often batched lastSeen updates are written.
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
-/// Starts the server; returns only on a start-up error.
+/// Starts the server; returns on a start-up error, or once SIGTERM or
+/// SIGINT stopped it (after the requests in flight finished, bounded).
 pub fn run(args: &ManagerArgs) -> Result<()> {
+    // Before any thread starts, so that every thread leaves these signals
+    // to the signalfd the accept thread waits on.
+    let stop = crate::sys::signal_fd(&[crate::sys::SIGTERM, crate::sys::SIGINT])
+        .map_err(|e| Error::Other(format!("cannot set up signal handling: {e}")))?;
     let config = Config::resolve(args, &crate::cli::process_env)?;
     let store = store::Store::open(&config.bin_dir).map_err(|e| match e {
         Error::Io { path, source, .. } => Error::Config {
@@ -37,11 +42,14 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         .local_addr()
         .map_err(|e| Error::Other(format!("cannot read the bound address: {e}")))?;
     crate::info!(
-        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} nodes known, token {}, publishing {})",
+        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} known, token {}, publishing {})",
         env!("CARGO_PKG_VERSION"),
         config.bin_dir.display(),
         config.state_file.display(),
-        registry.len(),
+        match registry.len() {
+            1 => "1 node".to_string(),
+            n => format!("{n} nodes"),
+        },
         if config.token.is_some() { "required" } else { "off" },
         if config.admin_token.is_some() { "on" } else { "off" },
     );
@@ -60,10 +68,31 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         }
     });
     let handler = app.clone();
-    http::serve(
+    let how = http::serve(
         listener,
         config.workers,
         config.access_log,
         Arc::new(move |req: &mut http::Request, ctx| handler.handle(req, ctx)),
-    )
+        &stop,
+    );
+    if let Err(e) = app.registry.flush_seen() {
+        crate::error!("writing lastSeen updates: {e}");
+    }
+    let name = crate::sys::signal_name(how.signal);
+    if how.left > 0 {
+        crate::warn!(
+            "bin-manager stopped ({name}): stopped accepting, {} of {} requests in flight still unfinished after 30 s",
+            how.left,
+            how.in_flight
+        );
+    } else {
+        crate::info!(
+            "bin-manager stopped ({name}): stopped accepting, finished the {} in flight",
+            match how.in_flight {
+                1 => "1 request".to_string(),
+                n => format!("{n} requests"),
+            }
+        );
+    }
+    Ok(())
 }

@@ -2,7 +2,9 @@
 //! eight) owning every connection while it is idle or sending its head and
 //! answering what cannot block, and a fixed pool of workers for what can
 //! (bodies, downloads, disk writes), each connection handed back to its
-//! loop after the answer. Every wait has a deadline.
+//! loop after the answer. Every wait has a deadline. On SIGTERM or SIGINT
+//! the accept thread stops accepting and waits (bounded) for the requests
+//! already handed to workers — downloads included — to finish.
 
 use super::codec::{encode, find_blank_line, parse_head};
 use super::{Context, Handler, Payload, Response, IO_TIMEOUT, MAX_HEAD};
@@ -10,6 +12,7 @@ use crate::sys;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +32,8 @@ const TICK: Duration = Duration::from_millis(250);
 const READ_CHUNK: usize = 16 * 1024;
 /// Requests waiting for a worker, per worker, before new ones get 503.
 const QUEUE_PER_WORKER: usize = 16;
+/// How long requests in flight may take to finish after SIGTERM.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// The epoll token of a loop's wake-up eventfd (sockets use their fd).
 const WAKE: u64 = u64::MAX;
 const READ: u32 = sys::EPOLLIN;
@@ -154,11 +159,31 @@ struct Shared {
     queue: SyncSender<Conn>,
     handler: Arc<Handler>,
     access_log: bool,
+    /// Requests handed to the workers and not yet answered (queued or running).
+    in_flight: AtomicUsize,
 }
 
-/// Serves forever: one accept thread, one event loop per core, `workers`
-/// worker threads for the requests that may block.
-pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: Arc<Handler>) -> ! {
+/// How serving ended.
+pub struct Stopped {
+    /// The signal that ended it.
+    pub signal: i32,
+    /// Requests that were being answered when it came.
+    pub in_flight: usize,
+    /// Requests still unanswered when the wait for them ended.
+    pub left: usize,
+}
+
+/// Serves until `stop` (a [`sys::signal_fd`]) reads a signal: one accept
+/// thread (this one), one event loop per core, `workers` worker threads for
+/// the requests that may block. Then stops accepting and waits up to
+/// [`DRAIN_LIMIT`] for the requests in flight.
+pub fn serve(
+    listener: TcpListener,
+    workers: usize,
+    access_log: bool,
+    handler: Arc<Handler>,
+    stop: &OwnedFd,
+) -> Stopped {
     sys::raise_fd_limit();
     let workers = workers.max(1);
     let loops = std::thread::available_parallelism()
@@ -173,6 +198,7 @@ pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: A
         queue,
         handler,
         access_log,
+        in_flight: AtomicUsize::new(0),
     });
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..workers {
@@ -190,20 +216,46 @@ pub fn serve(listener: TcpListener, workers: usize, access_log: bool, handler: A
             .spawn(move || Owner::new(i, &shared).run())
             .unwrap_or_else(|e| panic!("cannot start the event loops: {e}"));
     }
+    // Non-blocking, so that one poll waits for a connection or a signal.
+    let _ = listener.set_nonblocking(true);
+    let fds = [listener.as_raw_fd(), stop.as_raw_fd()];
     let mut next = 0;
-    loop {
+    let signal = loop {
+        let ready = sys::poll_readable(&fds, -1).unwrap_or_else(|_| vec![true, false]);
+        if ready[1] {
+            if let Some(sig) = sys::read_signal(stop) {
+                break sig;
+            }
+        }
+        if !ready[0] {
+            continue;
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
-                // Answers go out at once; a client that stops reading cannot
-                // hold a worker for longer than the write timeout.
+                // Accepted sockets block (the flag is not inherited). Answers
+                // go out at once; a client that stops reading cannot hold a
+                // worker for longer than the write timeout.
+                let _ = stream.set_nonblocking(false);
                 let _ = stream.set_nodelay(true);
                 let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
                 shared.loops[next].give(Conn::new(stream, peer, next));
                 next = (next + 1) % loops;
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // Out of file descriptors or a connection reset before accept: back off briefly.
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    };
+    drop(listener); // new connections are refused from here on
+    let in_flight = shared.in_flight.load(Ordering::SeqCst);
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while shared.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Stopped {
+        signal,
+        in_flight,
+        left: shared.in_flight.load(Ordering::SeqCst),
     }
 }
 
@@ -215,6 +267,7 @@ fn worker(rx: &Mutex<Receiver<Conn>>, shared: &Shared) {
         if let Some(conn) = serve_one(conn, shared) {
             shared.loops[home].give(conn);
         }
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -311,9 +364,15 @@ impl<'a> Owner<'a> {
             Next::Close => {}
             Next::Worker => {
                 let _ = sys::epoll_ctl(self.epoll(), sys::EPOLL_CTL_DEL, fd, 0, 0);
+                // Counted before it can reach a worker, which uncounts it.
+                self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
                 match self.shared.queue.try_send(conn) {
-                    Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                    Ok(()) => {}
+                    Err(TrySendError::Disconnected(_)) => {
+                        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    }
                     Err(TrySendError::Full(mut conn)) => {
+                        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
                         // Every worker busy and the queue full: say so, close.
                         let mut resp = Response::error(
                             503,
