@@ -105,6 +105,9 @@ pub enum Error {
         /// What supervisorctl said.
         msg: String,
     },
+    /// `--every` was asked to stop (SIGTERM, SIGINT) and abandoned a step
+    /// that changes nothing when abandoned (a download, before the swap).
+    Stopped,
     /// A failure a caller wants to describe in its own words (rollback, lock, state).
     Other(String),
 }
@@ -172,6 +175,7 @@ impl fmt::Display for Error {
                 "{cmd}: supervisord did not answer ({said}; tried {config}); start it (`service supervisor start`) or point BIN_PROXY_SUPERVISORCTL at the right config"
             ),
             Error::Service { service, msg } => write!(f, "service \"{service}\": {msg}"),
+            Error::Stopped => f.write_str("stopping on a signal; abandoned before the swap, nothing changed"),
             Error::Other(msg) => f.write_str(msg),
         }
     }

@@ -1256,6 +1256,98 @@ fn every_keeps_running_and_checks_again() {
     );
 }
 
+/// `kill -SIG PID`.
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// Waits (bounded) for the child to exit; its exit code.
+fn exit_code_within(child: &mut Child, limit: Duration) -> Option<i32> {
+    let mut code = None;
+    wait_until(limit, || match child.try_wait() {
+        Ok(Some(status)) => {
+            code = Some(status.code().unwrap_or(-1));
+            true
+        }
+        _ => false,
+    });
+    code
+}
+
+/// `--every` (containers, where `docker stop` sends SIGTERM) stops on
+/// SIGTERM or SIGINT: a download in progress is abandoned — nothing is
+/// swapped, no temp file stays — one line says so, exit 0. Between runs it
+/// stops at once.
+#[test]
+fn every_stops_on_sigterm_without_a_half_done_step() {
+    let (host, old, _new) = upgradable_host();
+    // A download that would take days: only abandoning it lets the agent stop.
+    host.server.publish("myapp", &vec![b'x'; 1 << 20]);
+    host.server
+        .fault("myapp", Fault::SlowDownload(Duration::from_millis(200)));
+    let log = host.dir.join("every.stderr");
+    let mut cmd = host.command(&["--every", "60"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = Reaper(cmd.spawn().expect("spawn bin-proxy --every 60"));
+    let downloading = wait_until(Duration::from_secs(30), || {
+        host.server.count("GET", "/api/v1/download/myapp") >= 1 && !temp_files(&host.opt).is_empty()
+    });
+    assert!(
+        downloading,
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    signal(&child.0, "TERM");
+    let code = exit_code_within(&mut child.0, Duration::from_secs(20));
+    let stderr = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("SIGTERM")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("INFO received SIGTERM: stopping; no step was left half done"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("ERROR myapp"),
+        "the abandoned download is not a failure:\n{stderr}"
+    );
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), old, "{stderr}");
+    assert!(!host.opt.join("myapp.bak").exists());
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+
+    // Between runs: SIGINT ends the wait at once.
+    let (host, _old, new) = upgradable_host();
+    let log = host.dir.join("every.stderr");
+    let mut cmd = host.command(&["--every", "600"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = Reaper(cmd.spawn().expect("spawn bin-proxy --every 600"));
+    let ran = wait_until(Duration::from_secs(30), || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("1 changed"))
+    });
+    assert!(ran, "{}", fs::read_to_string(&log).unwrap_or_default());
+    signal(&child.0, "INT");
+    assert_eq!(
+        exit_code_within(&mut child.0, Duration::from_secs(10)),
+        Some(0)
+    );
+    let stderr = fs::read_to_string(&log).unwrap_or_default();
+    assert!(stderr.contains("received SIGINT: stopping"), "{stderr}");
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), new);
+}
+
 #[test]
 fn splay_run_completes() {
     let (host, _old, new) = upgradable_host();

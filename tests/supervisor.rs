@@ -360,7 +360,8 @@ fn a_one_second_window_lets_a_build_that_dies_later_slip_through() {
 /// 1, one line naming supervisorctl, what it tried and the fix, nothing
 /// downloaded or swapped, nothing held back or reported as failed.
 fn assert_waiting_for_supervisord(rig: &Rig, ran: &Ran, says: &[&str]) {
-    ran.expect_code(1).expect_log("1 waiting for supervisord");
+    ran.expect_code(1)
+        .expect_log("1 waiting (its service cannot be restarted now)");
     let lines: Vec<&str> = ran
         .stderr
         .lines()

@@ -166,6 +166,9 @@ fn stage_once(
             md5.hex()
         });
         let size = client.download(url, max, &mut |len| total_len.set(len), &mut |buf, n| {
+            if super::stop_requested() {
+                return Err(Error::Stopped); // --every is stopping: abandon, nothing changed
+            }
             file.write_all(&buf[..n])
                 .map_err(|e| Error::io("writing", &tmp, e))?;
             // The block goes to the hashers as it is; a returned one (or a

@@ -388,7 +388,15 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
     match restart.as_deref().map(str::trim) {
         None | Some("supervisor" | "none") => {}
         Some("") => {
-            return Err(o.bad("restart", "must be \"supervisor\", \"none\" or a command"));
+            return Err(o.bad(
+                "restart",
+                "must be \"supervisor\", \"none\", \"signal:NAME:PIDFILE\" or a command",
+            ));
+        }
+        Some(r) if r.starts_with("signal:") => {
+            if let Err(e) = super::service::Restart::parse(Some(r)) {
+                return Err(o.bad("restart", &e));
+            }
         }
         Some(_) => drop(o.opt_command("restart")?),
     }
@@ -550,6 +558,10 @@ mod tests {
         check_err(
             "{\"binaries\": [\n  {\"name\": \"a\", \"path\": \"/x/a\"},\n]}",
             "invalid JSON at line 2, column 32: trailing comma before ']' (JSON allows none)",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","restart":"signal:HUPP:/run/b.pid""#),
+            "binaries[1] (\"b\"): key \"restart\" must be \"signal:NAME:PIDFILE\", e.g. \"signal:HUP:/run/app.pid\": no signal named \"HUPP\"",
         );
         check_err(
             r#"{"binaries":[],"metricsFile":"bp.prom"}"#,

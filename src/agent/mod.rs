@@ -117,13 +117,64 @@ fn lock(config: &Path) -> Result<Option<File>> {
     }
 }
 
-/// `--every`: run, sleep, repeat. Errors are logged and the loop goes on.
-fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
-    loop {
-        if let Err(e) = run(args, config) {
-            error!("{e}");
+/// SIGTERM and SIGINT in `--every` mode (and SIGCHLD, to reap orphans):
+/// read from a signalfd at safe points instead of killing the agent
+/// mid-step. Unset in one-shot mode, where the default action is right (a
+/// run is crash-safe wherever it is killed).
+static SIGNALS: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+/// The termination signal received, once one was (0: none).
+static STOP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Whether `--every` was asked to stop. Checked where stopping leaves
+/// nothing half done: between binaries, while downloading, before a swap.
+pub(crate) fn stop_requested() -> bool {
+    use std::sync::atomic::Ordering;
+    if let Some(fd) = SIGNALS.get() {
+        while let Some(sig) = crate::sys::read_signal(fd) {
+            if sig != crate::sys::SIGCHLD {
+                STOP.store(sig, Ordering::SeqCst);
+            }
         }
-        std::thread::sleep(Duration::from_secs(secs));
+    }
+    STOP.load(Ordering::SeqCst) != 0
+}
+
+/// `--every`: run, wait, repeat, until SIGTERM or SIGINT (then exit 0, the
+/// current step finished or abandoned before its swap). Errors are logged
+/// and the loop goes on. As a container's PID 1 it also reaps the orphans
+/// that hooks leave behind.
+fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
+    use std::os::fd::AsRawFd;
+    match crate::sys::signal_fd(&[crate::sys::SIGTERM, crate::sys::SIGINT, crate::sys::SIGCHLD]) {
+        Ok(fd) => drop(SIGNALS.set(fd)),
+        Err(e) => warn!("cannot watch for SIGTERM ({e}); a stop signal ends the agent at once"),
+    }
+    loop {
+        match run(args, config) {
+            Err(Error::Stopped) | Ok(_) => {}
+            Err(e) => error!("{e}"),
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            crate::sys::reap_children();
+            if stop_requested() {
+                let sig = STOP.load(std::sync::atomic::Ordering::SeqCst);
+                info!(
+                    "received {}: stopping; no step was left half done",
+                    crate::sys::signal_name(sig)
+                );
+                return Ok(0);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+            match SIGNALS.get() {
+                Some(fd) => drop(crate::sys::poll_readable(&[fd.as_raw_fd()], ms)),
+                None => std::thread::sleep(left),
+            }
+        }
     }
 }
 
@@ -206,6 +257,9 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     // How each binary ended the run, for the metrics ("not_checked" unless reached).
     let mut states = vec!["not_checked"; bins.len()];
     for (i, bin) in bins.iter().enumerate() {
+        if stop_requested() {
+            break; // --every is stopping: the rest wait for the next start
+        }
         states[i] = match run.binary(bin) {
             Ok(Outcome::UpToDate) => {
                 tally.up_to_date += 1;
@@ -233,6 +287,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
                 unreachable = Some(e);
                 break;
             }
+            Err(Error::Stopped) => break,
             Err(e) => {
                 event!(Error, Event::new(&bin.name, "failed"), "{e}");
                 tally.failed += 1;
@@ -333,7 +388,10 @@ impl Tally {
             self.held_back
         );
         if self.waiting > 0 {
-            s.push_str(&format!(", {} waiting for supervisord", self.waiting));
+            s.push_str(&format!(
+                ", {} waiting (its service cannot be restarted now)",
+                self.waiting
+            ));
         }
         if self.unreachable > 0 {
             s.push_str(&format!(

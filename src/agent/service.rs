@@ -210,16 +210,47 @@ pub enum Restart {
     Nothing,
     /// A command line, e.g. `systemctl restart myapp`.
     Command(String),
+    /// `signal:HUP:/run/app.pid`: this signal to the pid in that file, no
+    /// program run (for images without supervisord, or even `kill`);
+    /// confirmed by the process (the one the file then names) staying alive.
+    Signal {
+        /// The signal number.
+        signal: i32,
+        /// The pid file.
+        pidfile: std::path::PathBuf,
+    },
 }
 
 impl Restart {
     /// The policy from the manifest's `restart` key (default: supervisor).
+    /// The manifest was validated with [`Restart::parse`] when loaded.
     pub fn from_manifest(value: Option<&str>) -> Restart {
-        match value.map(str::trim) {
-            None | Some("supervisor") => Restart::Supervisor,
-            Some("none") => Restart::Nothing,
-            Some(cmd) => Restart::Command(cmd.to_string()),
+        Restart::parse(value).unwrap_or_else(|_| Restart::Command(value.unwrap_or("").into()))
+    }
+
+    /// The policy, or what is wrong with the value.
+    pub fn parse(value: Option<&str>) -> Result<Restart, String> {
+        let Some(v) = value.map(str::trim) else {
+            return Ok(Restart::Supervisor);
+        };
+        let Some(spec) = v.strip_prefix("signal:") else {
+            return Ok(match v {
+                "supervisor" => Restart::Supervisor,
+                "none" => Restart::Nothing,
+                cmd => Restart::Command(cmd.to_string()),
+            });
+        };
+        let usage = "must be \"signal:NAME:PIDFILE\", e.g. \"signal:HUP:/run/app.pid\"";
+        let Some((name, pidfile)) = spec.split_once(':') else {
+            return Err(usage.into());
+        };
+        let signal = crate::sys::signal_number(name)
+            .ok_or_else(|| format!("{usage}: no signal named \"{name}\""))?;
+        let pidfile = std::path::PathBuf::from(pidfile);
+        if !pidfile.is_absolute() {
+            return Err(format!("{usage}: the pid file must be an absolute path"));
         }
+        Ok(Restart::Signal { signal, pidfile })
     }
 }
 
@@ -232,6 +263,8 @@ pub enum Restarted {
     Commanded,
     /// Not restarted, and why (policy "none", no supervisorctl).
     Skipped(&'static str),
+    /// Signalled; the text says which pid and how long it stayed up.
+    Signalled(String),
 }
 
 /// The supervisorctl command: `BIN_PROXY_SUPERVISORCTL` (e.g.
@@ -263,6 +296,7 @@ pub fn restart(
     match policy {
         Restart::Nothing => Ok(Restarted::Skipped("restart is \"none\"")),
         Restart::Command(cmd) => run_hook("restart", cmd, env).map(|()| Restarted::Commanded),
+        Restart::Signal { signal, pidfile } => signal_restart(*signal, pidfile, window),
         Restart::Supervisor => {
             let ctl = supervisorctl()?;
             if !exists(&ctl[0]) {
@@ -271,6 +305,74 @@ pub fn restart(
             supervisor_restart(&ctl, service)?;
             confirm_running(&ctl, service, window).map(Restarted::Confirmed)
         }
+    }
+}
+
+/// Sends `signal` to the pid in `pidfile`, then watches for `window` that
+/// the process the file names stays alive (an app that re-executes itself
+/// keeps its pid; one restarted by something else writes a new one).
+fn signal_restart(signal: i32, pidfile: &Path, window: Duration) -> Result<Restarted> {
+    let name = crate::sys::signal_name(signal);
+    let what = format!(
+        "restart \"signal:{}:{}\"",
+        name.trim_start_matches("SIG"),
+        pidfile.display()
+    );
+    let fail = |msg: String| Error::Command {
+        cmd: what.clone(),
+        msg,
+    };
+    let pid = read_pid(pidfile).map_err(&fail)?;
+    crate::sys::kill(pid, signal)
+        .map_err(|e| fail(format!("cannot send {name} to pid {pid}: {e}")))?;
+    let began = Instant::now();
+    let mut current = pid;
+    loop {
+        std::thread::sleep(Duration::from_millis(200).min(window));
+        // The file may name a new process by now; it must be alive.
+        current = read_pid(pidfile).unwrap_or(current);
+        if !alive(current) {
+            return Err(fail(format!(
+                "pid {current} is gone {:.1} s after {name}: the new build did not stay up",
+                began.elapsed().as_secs_f32()
+            )));
+        }
+        if began.elapsed() >= window {
+            return Ok(Restarted::Signalled(format!(
+                "sent {name} to pid {pid}, pid {current} running for {} s",
+                window.as_secs()
+            )));
+        }
+    }
+}
+
+fn read_pid(pidfile: &Path) -> Result<i32, String> {
+    let text = std::fs::read_to_string(pidfile)
+        .map_err(|e| format!("cannot read pid file \"{}\": {e}", pidfile.display()))?;
+    text.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|&p| p > 1)
+        .ok_or_else(|| {
+            format!(
+                "pid file \"{}\" holds {:?}, not a pid",
+                pidfile.display(),
+                crate::protocol::one_line(text.trim(), 40)
+            )
+        })
+}
+
+/// Whether `pid` is a live process (not a zombie, where /proc can tell).
+fn alive(pid: i32) -> bool {
+    if crate::sys::kill(pid, 0).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true, // no /proc (an empty container root): kill(0) is all we know
     }
 }
 
@@ -304,11 +406,37 @@ fn supervisor_restart(ctl: &[String], service: &str) -> Result<()> {
     Ok(())
 }
 
-/// Asks supervisord about `service` before anything is swapped: when it is
-/// down, or has no such program, a restart could only fail — and the build
-/// would be blamed for it. [`Error::Supervisor`] names what was tried and
-/// the fix. Other policies, and hosts without supervisorctl, pass.
-pub fn supervisor_ready(policy: &Restart, service: &str) -> Result<()> {
+/// Asks, before anything is swapped, whether the service can be restarted
+/// at all: supervisord up and knowing the program ([`Error::Supervisor`]
+/// names what was tried and the fix), or for `signal:` the pid file naming
+/// a live process. Otherwise a restart could only fail — and the build would
+/// be blamed for it. Other policies, and hosts without supervisorctl, pass.
+pub fn restart_ready(policy: &Restart, service: &str) -> Result<()> {
+    if let Restart::Signal { signal, pidfile } = policy {
+        // The process to signal must be there now: if it is not, the build
+        // is not to blame for a restart that cannot happen.
+        let what = || {
+            format!(
+                "restart \"signal:{}:{}\"",
+                crate::sys::signal_name(*signal).trim_start_matches("SIG"),
+                pidfile.display()
+            )
+        };
+        let pid = read_pid(pidfile).map_err(|msg| Error::Command {
+            cmd: what(),
+            msg: format!("{msg} (is the app running?)"),
+        })?;
+        if !alive(pid) {
+            return Err(Error::Command {
+                cmd: what(),
+                msg: format!(
+                    "pid {pid} from \"{}\" is not running (is the app running?)",
+                    pidfile.display()
+                ),
+            });
+        }
+        return Ok(());
+    }
     if *policy != Restart::Supervisor {
         return Ok(());
     }
@@ -483,6 +611,40 @@ mod tests {
             "hello: stopped\nhello: ERROR (abnormal termination)\n"
         ));
         assert!(!restart_succeeded(""));
+    }
+
+    #[test]
+    fn restart_policies() {
+        let parse = |v: &str| Restart::parse(Some(v));
+        assert_eq!(Restart::parse(None), Ok(Restart::Supervisor));
+        assert_eq!(parse("none"), Ok(Restart::Nothing));
+        assert_eq!(
+            parse("systemctl restart a"),
+            Ok(Restart::Command("systemctl restart a".into()))
+        );
+        assert_eq!(
+            parse("signal:HUP:/run/app.pid"),
+            Ok(Restart::Signal {
+                signal: 1,
+                pidfile: "/run/app.pid".into()
+            })
+        );
+        assert_eq!(
+            parse("signal:sigusr2:/x.pid"),
+            Ok(Restart::Signal {
+                signal: crate::sys::signal_number("USR2").unwrap(),
+                pidfile: "/x.pid".into()
+            })
+        );
+        assert!(parse("signal:BOGUS:/x.pid")
+            .unwrap_err()
+            .contains("no signal named \"BOGUS\""));
+        assert!(parse("signal:HUP:run/x.pid")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(parse("signal:HUP")
+            .unwrap_err()
+            .contains("signal:NAME:PIDFILE"));
     }
 
     #[test]

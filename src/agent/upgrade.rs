@@ -129,7 +129,7 @@ impl Run<'_> {
                 .download_url(&bin.name, bin.download_url.as_deref(), bin.pinned_version());
         // Before a byte is downloaded: can the service be restarted at all?
         let policy = Restart::from_manifest(bin.restart.as_deref());
-        if let Err(e) = service::supervisor_ready(&policy, bin.service()) {
+        if let Err(e) = service::restart_ready(&policy, bin.service()) {
             return Ok(self.waiting(bin, from, &remote.hash, &e));
         }
         event!(
@@ -140,7 +140,10 @@ impl Run<'_> {
             log::short(from),
             log::short(&remote.hash)
         );
-        let kept = |e: Error| Error::Other(format!("{e}; kept the running version"));
+        let kept = |e: Error| match e {
+            Error::Stopped => e,
+            e => Error::Other(format!("{e}; kept the running version")),
+        };
         let staged = install::stage(
             &self.client,
             &bin.name,
@@ -154,6 +157,10 @@ impl Run<'_> {
             let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
             service::run_hook("preUpgrade", cmd, &env)
                 .map_err(|e| Error::Other(format!("{e}; nothing changed")))?;
+        }
+        // The last point where stopping changes nothing (the staged file goes).
+        if super::stop_requested() {
+            return Err(Error::Stopped);
         }
         // Journal first: a run killed from here on is finished by the next one.
         self.state.set_pending(Pending {
@@ -234,8 +241,8 @@ impl Run<'_> {
                     log::short(new)
                 );
                 self.undo(bin, target, from, new, &policy, &env);
-                // supervisord gone since the check: the build is not to blame.
-                match service::supervisor_ready(&policy, bin.service()) {
+                // The service became impossible to restart since the check: not the build's fault.
+                match service::restart_ready(&policy, bin.service()) {
                     Err(down) => {
                         self.waiting(bin, from, new, &down);
                         Outcome::Waiting
@@ -268,7 +275,7 @@ impl Run<'_> {
         event!(
             Error,
             Event::new(&bin.name, "supervisor_unavailable").hashes(from, to),
-            "not installing {}: {e}; kept the running build; not held back: a later run installs it once supervisord can restart the service",
+            "not installing {}: {e}; kept the running build; not held back: a later run installs it once the service can be restarted",
             log::short(to)
         );
         Outcome::Waiting
@@ -292,11 +299,11 @@ impl Run<'_> {
             // Confirming needs supervisord: without it, keep the journal
             // and let a later run finish the job.
             let policy = Restart::from_manifest(bin.restart.as_deref());
-            if let Err(e) = service::supervisor_ready(&policy, bin.service()) {
+            if let Err(e) = service::restart_ready(&policy, bin.service()) {
                 event!(
                     Error,
                     Event::new(&bin.name, "supervisor_unavailable").hashes(&p.old, &p.new),
-                    "cannot confirm {}, swapped in by the interrupted run at {}: {e}; not held back: a later run confirms it once supervisord answers",
+                    "cannot confirm {}, swapped in by the interrupted run at {}: {e}; not held back: a later run confirms it once the service can be restarted",
                     log::short(&p.new),
                     p.at
                 );
@@ -406,6 +413,7 @@ pub(super) fn describe(r: &Restarted) -> String {
         Restarted::Confirmed(status) => format!("restarted, {status}"),
         Restarted::Commanded => "restarted".into(),
         Restarted::Skipped(why) => format!("not restarted: {why}"),
+        Restarted::Signalled(how) => format!("restarted: {how}"),
     }
 }
 
