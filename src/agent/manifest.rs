@@ -469,6 +469,40 @@ mod tests {
         assert_eq!(m.to_json(), SEED);
     }
 
+    /// README's manifest table names every key the validator accepts.
+    #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## The manifest").unwrap()..];
+        let section = &section[..section[3..].find("\n## ").unwrap()];
+        let rows: Vec<&str> = section.lines().filter(|l| l.starts_with("| `")).collect();
+        let documented = |key: String| {
+            rows.iter().any(|r| {
+                r.split(" | ")
+                    .next()
+                    .unwrap_or("")
+                    .contains(&format!("`{key}`"))
+            })
+        };
+        let keys = MANAGER_KEYS
+            .iter()
+            .map(|k| format!("manager.{k}"))
+            .chain(NODE_KEYS.iter().map(|k| format!("node.{k}")))
+            .chain(BINARY_KEYS.iter().map(|k| k.to_string()))
+            .chain(
+                TOP_KEYS
+                    .iter()
+                    .filter(|k| !["manager", "node", "binaries"].contains(k))
+                    .map(|k| k.to_string()),
+            );
+        for key in keys {
+            assert!(
+                documented(key.clone()),
+                "README's manifest table lacks `{key}`"
+            );
+        }
+    }
+
     #[test]
     fn every_optional_key() {
         let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},"metricsFile":"/var/lib/node/bp.prom",
