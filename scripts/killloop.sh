@@ -18,7 +18,7 @@ iterations=${1:-200}
 agent=dist/bin-proxy-x86_64-linux-musl manager=dist/bin-manager-x86_64-linux-musl
 if [ ! -x "$agent" ] || [ ! -x "$manager" ]; then
     cargo build --release --quiet
-    agent=target/release/bin-proxy manager=target/release/bin-manager
+    agent=${CARGO_TARGET_DIR:-target}/release/bin-proxy manager=${CARGO_TARGET_DIR:-target}/release/bin-manager
 fi
 
 W=$(mktemp -d /tmp/bin-proxy-killloop.XXXXXX)

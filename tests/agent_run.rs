@@ -1202,7 +1202,7 @@ impl TlsServer {
         let have = Path::new("/usr/bin/openssl").exists();
         if !common::can_run(
             have,
-            "openssl is not installed (scripts/setup.sh --release installs it)",
+            "openssl is not installed (scripts/setup.sh installs it)",
         ) {
             return None;
         }
@@ -1226,40 +1226,22 @@ impl TlsServer {
             .output()
             .unwrap();
         assert!(made.status.success(), "{made:?}");
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut child = std::process::Command::new("openssl")
-                .args([
-                    "s_server",
-                    "-quiet",
-                    "-www",
-                    "-accept",
-                    &format!("127.0.0.1:{port}"),
-                ])
-                .arg("-key")
-                .arg(&key)
-                .arg("-cert")
-                .arg(&cert)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let up = common::wait_until(std::time::Duration::from_secs(10), || {
-                matches!(child.try_wait(), Ok(None))
-                    && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-            if up {
-                return Some(TlsServer { child, port });
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("openssl s_server did not start");
+        let (child, port) = common::start_on_free_port("openssl s_server", |port| {
+            let mut cmd = std::process::Command::new("openssl");
+            cmd.args([
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("-key")
+            .arg(&key)
+            .arg("-cert")
+            .arg(&cert);
+            cmd
+        });
+        Some(TlsServer { child, port })
     }
 }
 

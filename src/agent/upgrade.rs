@@ -191,7 +191,7 @@ impl Run<'_> {
     }
 
     /// After a swap: restart, confirm and health-check the new build; then
-    /// record and report it, or roll back and quarantine it. Either way the
+    /// record and report it, or roll back and hold it back. Either way the
     /// journal entry is closed.
     fn commit_or_undo(
         &mut self,

@@ -4,10 +4,9 @@
 //! file. Only the textfile collector is on; it listens on a free port of
 //! 127.0.0.1 and is stopped (by its pid) when dropped.
 
-use super::{can_run, ensure_debian_packages, http, wait_until};
+use super::{can_run, ensure_debian_packages, http, start_on_free_port};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command};
 
 const PROGRAM: &str = "/usr/bin/prometheus-node-exporter";
 
@@ -29,35 +28,18 @@ impl Exporter {
         ) {
             return None;
         }
-        // A port that was free a moment ago; another process taking it in
-        // between makes node_exporter exit, and the next try picks another.
-        for _ in 0..5 {
-            let port = {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                l.local_addr().expect("local_addr").port()
-            };
-            let mut child = Command::new(PROGRAM)
-                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        let (child, port) = start_on_free_port("prometheus-node-exporter", |port| {
+            let mut cmd = Command::new(PROGRAM);
+            cmd.arg(format!("--web.listen-address=127.0.0.1:{port}"))
                 .arg("--collector.disable-defaults")
                 .arg("--collector.textfile")
-                .arg(format!("--collector.textfile.directory={}", dir.display()))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start prometheus-node-exporter");
-            let url = format!("http://127.0.0.1:{port}");
-            let up = wait_until(Duration::from_secs(10), || {
-                matches!(child.try_wait(), Ok(None))
-                    && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            });
-            if up {
-                return Some(Exporter { child, url });
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("prometheus-node-exporter did not start on 127.0.0.1 (5 tries)");
+                .arg(format!("--collector.textfile.directory={}", dir.display()));
+            cmd
+        });
+        Some(Exporter {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        })
     }
 
     /// `GET /metrics`: the exposition text.

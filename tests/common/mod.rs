@@ -1294,3 +1294,35 @@ pub fn ensure_debian_packages(packages: &str, program: &str) -> bool {
     }
     Path::new(program).exists()
 }
+
+/// Starts a server program on a free port of 127.0.0.1 (`command(port)`
+/// builds its command line) and waits, bounded, until it accepts
+/// connections. A port taken in between makes the program exit; the next
+/// of five tries picks another. Returns the child (the caller kills it by
+/// its pid) and the port.
+pub fn start_on_free_port(
+    what: &str,
+    command: impl Fn(u16) -> std::process::Command,
+) -> (std::process::Child, u16) {
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut child = command(port)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let up = wait_until(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(None)) && TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if up {
+            return (child, port);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("{what} did not start on 127.0.0.1 (5 tries)");
+}
