@@ -65,7 +65,7 @@ impl Run<'_> {
             Event::new(&bin.name, "checked").hashes(&bin.hash, &remote.hash),
             "recorded {}, on disk {}, published {}{}",
             log::short(&bin.hash),
-            actual.as_deref().map_or("nothing".into(), log::short),
+            actual.as_deref().map_or("no file".into(), log::short),
             log::short(&remote.hash),
             if quarantine.is_some() {
                 " (held back: it failed here)"
