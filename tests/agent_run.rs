@@ -1326,3 +1326,53 @@ fn tls_against_plain_http_or_the_reverse_fails_at_once_with_a_hint() {
     );
     assert_unchanged(&host, &before, &ran);
 }
+
+/// supervisord goes away between the check before the swap and the
+/// restart: the backup goes back and the build is not held back (the fault
+/// was supervisord's), so the run after supervisord is back installs it.
+#[test]
+fn supervisord_lost_during_the_restart_rolls_back_without_holding_back() {
+    let host = outdated_host();
+    let ctl = host.dir.join("ctl.sh");
+    let down = host.dir.join("down");
+    let breaks = host.dir.join("restart-breaks-it");
+    write_exec(
+        &ctl,
+        &format!(
+            "#!/bin/sh\nwhile [ $# -gt 1 ]; do case $1 in status|restart) break;; esac; shift; done\n\
+             if [ -e '{down}' ]; then echo 'unix:///run/supervisor.sock no such file'; exit 4; fi\n\
+             case $1 in\n  status) printf '%-32s %-10s%s\\n' \"$2\" RUNNING 'pid 4242, uptime 0:00:05';;\n\
+             \x20 restart) if [ -e '{breaks}' ]; then : > '{down}'; echo 'unix:///run/supervisor.sock no such file'; exit 7; fi\n\
+             \x20   printf '%s: stopped\\n%s: started\\n' \"$2\" \"$2\";;\nesac\n",
+            down = down.display(),
+            breaks = breaks.display()
+        ),
+    );
+    fs::write(&breaks, b"").unwrap();
+    let run = || {
+        ran_of(
+            host.command(&[])
+                .env("BIN_PROXY_SUPERVISORCTL", &ctl)
+                .output()
+                .unwrap(),
+        )
+    };
+    let ran = run();
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "rolled back to"]);
+    log_line(&ran, &["myapp", "not held back"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
+    assert!(
+        !fs::read_to_string(host.manifest.with_extension("json.state"))
+            .unwrap_or_default()
+            .contains(&md5_hex(NEW)),
+        "held back"
+    );
+
+    // supervisord is back: the next run installs the build.
+    fs::remove_file(&down).unwrap();
+    fs::remove_file(&breaks).unwrap();
+    let ran = run();
+    ran.expect_code(0).expect_log("myapp: upgraded");
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+}

@@ -241,13 +241,21 @@ impl Run<'_> {
                     log::short(new)
                 );
                 self.undo(bin, target, from, new, &policy, &env);
-                // The service became impossible to restart since the check: not the build's fault.
+                // The service became impossible to restart since the check:
+                // not the build's fault — provided the undo put the old
+                // build back (a failed build left in place is always held
+                // back, so that it is never recorded as installed).
+                let restored = match self.state.actual_hash(target) {
+                    Ok(Some(h)) => hash::same(&h, from),
+                    Ok(None) => from.is_empty(),
+                    Err(_) => false,
+                };
                 match service::restart_ready(&policy, bin.service()) {
-                    Err(down) => {
+                    Err(down) if restored => {
                         self.waiting(bin, from, new, &down);
                         Outcome::Waiting
                     }
-                    Ok(()) => {
+                    _ => {
                         self.state.add_quarantine(Quarantined {
                             name: bin.name.clone(),
                             hash: new.to_string(),
