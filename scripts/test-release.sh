@@ -42,6 +42,11 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$W/nginx/nginx.pid" ] && kill "$(cat "$W/nginx/nginx.pid")" 2>/dev/null || true
+    # Bounded: whatever has not exited 5 s after SIGTERM is killed.
+    for p in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     rm -rf "$W"
 }
@@ -152,8 +157,10 @@ JSON
 unshare --pid --fork --mount-proc="$K/proc" chroot "$K" /bin-proxy --every 1 --config /m.json --api "$API" 2> "$W/container.log" &
 UNSHARE=$!
 pids+=("$UNSHARE")
-child_of() { for s in /proc/[0-9]*/stat; do read -r pid _ <"$s" 2>/dev/null || continue; [ "$(cut -d' ' -f4 <"$s" 2>/dev/null)" = "$1" ] && echo "$pid"; done 2>/dev/null | head -1; }
-for _ in $(seq 100); do AGENT=$(child_of "$UNSHARE"); [ -n "$AGENT" ] && break; sleep 0.1; done
+AGENT=''
+for _ in $(seq 100); do AGENT=$(pgrep -P "$UNSHARE" || true); [ -n "$AGENT" ] && break; sleep 0.1; done
+[ -n "$AGENT" ] || { echo "test-release: the agent did not start under unshare" >&2; exit 1; }
+pids+=("$AGENT") # stopped first by the cleanup, so that unshare ends too
 check "container: the agent runs as PID 1 of its namespace" sh -c "grep -q '^NSpid:.*[[:space:]]1$' /proc/$AGENT/status"
 nsenter --target "$AGENT" --pid --root /opt/app &
 APP_NSENTER=$!
@@ -161,11 +168,13 @@ pids+=("$APP_NSENTER")
 for _ in $(seq 100); do grep -q "build 1 started" "$K/app.log" 2>/dev/null && [ -s "$K/run/app.pid" ] && break; sleep 0.1; done
 check "container: the app (build 1) runs in the namespace" grep -q "build 1 started" "$K/app.log"
 cp "$W/app2" "$W/bins/.capp.new" && mv "$W/bins/.capp.new" "$W/bins/capp"
-for _ in $(seq 300); do grep -q "build 2 started" "$K/app.log" 2>/dev/null && break; sleep 0.1; done
-check "container: upgraded, and the app re-executed build 2 on SIGHUP" grep -q "build 2 started" "$K/app.log"
+for _ in $(seq 300); do grep -q "capp: upgraded\|capp: .* did not come up" "$W/container.log" 2>/dev/null && break; sleep 0.1; done
+check "container: upgraded (swapped, SIGHUP, alive, postUpgrade passed)" grep -q "capp: upgraded" "$W/container.log"
+check "container: the app re-executed itself as build 2 on SIGHUP, same pid" sh -c \
+    "grep -q \"build 2 started, pid \$(cat '$K/run/app.pid')\$\" '$K/app.log'"
 check "container: the new build is in place" cmp -s "$W/app2" "$K/opt/app"
 check "container: the log names the signal restart" log_has "$W/container.log" "capp: upgraded .*restarted: sent SIGHUP to pid"
-zombies() { for s in /proc/[0-9]*/stat; do [ "$(cut -d' ' -f4 <"$s" 2>/dev/null)" = "$AGENT" ] && cut -d' ' -f3 <"$s"; done 2>/dev/null | grep -c Z || true; }
+zombies() { { ps -o stat= --ppid "$AGENT" || true; } | grep -c Z || true; }
 for _ in $(seq 100); do [ "$(zombies)" = 0 ] && grep -q "1 up to date" "$W/container.log" && break; sleep 0.1; done
 check "container: the hook's orphan was reaped (no zombie children of PID 1)" test "$(zombies)" = 0
 kill -TERM "$AGENT"

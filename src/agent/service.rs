@@ -112,7 +112,9 @@ pub fn run(
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        // stdin is a pipe closed at once, not /dev/null: an empty container
+        // root has no /dev.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -120,6 +122,7 @@ pub fn run(
             cmd: shown.clone(),
             msg: format!("could not start: {e}"),
         })?;
+    drop(child.stdin.take()); // the child reads end of file
     // Drain both pipes on threads so that a chatty child cannot block on a full pipe.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
