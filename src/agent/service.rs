@@ -122,7 +122,8 @@ pub fn run(
             cmd: shown.clone(),
             msg: format!("could not start: {e}"),
         })?;
-    drop(child.stdin.take()); // the child reads end of file
+    // The child reads end of file.
+    drop(child.stdin.take());
     // Drain both pipes on threads so that a chatty child cannot block on a full pipe.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
