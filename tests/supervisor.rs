@@ -290,7 +290,7 @@ fn good_upgrade_restarts_and_confirms_the_new_build() {
 /// Case 2: A build that exits at once never becomes RUNNING: rolled back to build 1,
 /// which runs again, and the failed hash is held back.
 #[test]
-fn build_that_exits_at_once_is_rolled_back_and_quarantined() {
+fn build_that_exits_at_once_is_rolled_back_and_held_back() {
     let rig = Rig::new(1, &[confirm(1)], EXITS_AT_ONCE);
     let before = rig.sv.pid("app").unwrap();
     let bad = md5_hex(EXITS_AT_ONCE);
@@ -306,7 +306,7 @@ fn build_that_exits_at_once_is_rolled_back_and_quarantined() {
     assert!(!rig.host.manifest_text().contains(&bad));
     assert!(rig.host.server.reported("app").is_empty());
     rig.assert_failure_reported(&bad);
-    assert!(rig.state_file().contains(&bad), "quarantined");
+    assert!(rig.state_file().contains(&bad), "held back");
     rig.assert_no_temp_files();
     assert!(
         !rig.pending().contains('{'),
