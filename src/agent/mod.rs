@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod plan;
 pub mod service;
 pub mod state;
+pub mod supervisor;
 pub mod tls_hint;
 
 mod commands;
