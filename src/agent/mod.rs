@@ -145,7 +145,6 @@ pub(crate) fn stop_requested() -> bool {
 /// and the loop goes on. As a container's PID 1 it also reaps the orphans
 /// that hooks leave behind.
 fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
-    use std::os::fd::AsRawFd;
     match crate::sys::signal_fd(&[crate::sys::SIGTERM, crate::sys::SIGINT, crate::sys::SIGCHLD]) {
         Ok(fd) => drop(SIGNALS.set(fd)),
         Err(e) => warn!("cannot watch for SIGTERM ({e}); a stop signal ends the agent at once"),
@@ -155,26 +154,37 @@ fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
             Err(Error::Stopped) | Ok(_) => {}
             Err(e) => error!("{e}"),
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            crate::sys::reap_children();
-            if stop_requested() {
-                let sig = STOP.load(std::sync::atomic::Ordering::SeqCst);
-                info!(
-                    "received {}: stopping; no step was left half done",
-                    crate::sys::signal_name(sig)
-                );
-                return Ok(0);
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
-            match SIGNALS.get() {
-                Some(fd) => drop(crate::sys::poll_readable(&[fd.as_raw_fd()], ms)),
-                None => std::thread::sleep(left),
-            }
+        if pause(Duration::from_secs(secs)) {
+            let sig = STOP.load(std::sync::atomic::Ordering::SeqCst);
+            info!(
+                "received {}: stopping; no step was left half done",
+                crate::sys::signal_name(sig)
+            );
+            return Ok(0);
+        }
+    }
+}
+
+/// Waits `how_long`, reaping orphans meanwhile; in `--every` mode a stop
+/// signal ends the wait at once. Returns whether to stop.
+fn pause(how_long: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + how_long;
+    loop {
+        if SIGNALS.get().is_some() {
+            crate::sys::reap_children(); // no child of ours is being waited for now
+        }
+        if stop_requested() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        match SIGNALS.get() {
+            Some(fd) => drop(crate::sys::poll_readable(&[fd.as_raw_fd()], ms)),
+            None => std::thread::sleep(left),
         }
     }
 }
@@ -225,7 +235,9 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     if args.splay > 0 {
         let secs = splay(&node, args.splay);
         debug!("waiting {secs} s before starting (--splay spreads a fleet's runs over the minute)");
-        std::thread::sleep(Duration::from_secs(secs));
+        if pause(Duration::from_secs(secs)) {
+            return Err(Error::Stopped);
+        }
     }
     let mut run = Run::new(args, config, manifest, client);
 

@@ -221,7 +221,11 @@ pub fn serve(
     let fds = [listener.as_raw_fd(), stop.as_raw_fd()];
     let mut next = 0;
     let signal = loop {
-        let ready = sys::poll_readable(&fds, -1).unwrap_or_else(|_| vec![true, false]);
+        let ready = sys::poll_readable(&fds, -1).unwrap_or_else(|_| {
+            // poll(2) itself failing (ENOMEM): back off, then try the accept.
+            std::thread::sleep(Duration::from_millis(10));
+            vec![true, false]
+        });
         if ready[1] {
             if let Some(sig) = sys::read_signal(stop) {
                 break sig;
