@@ -1333,21 +1333,7 @@ fn tls_against_plain_http_or_the_reverse_fails_at_once_with_a_hint() {
 #[test]
 fn supervisord_lost_during_the_restart_rolls_back_without_holding_back() {
     let host = outdated_host();
-    let ctl = host.dir.join("ctl.sh");
-    let down = host.dir.join("down");
-    let breaks = host.dir.join("restart-breaks-it");
-    write_exec(
-        &ctl,
-        &format!(
-            "#!/bin/sh\nwhile [ $# -gt 1 ]; do case $1 in status|restart) break;; esac; shift; done\n\
-             if [ -e '{down}' ]; then echo 'unix:///run/supervisor.sock no such file'; exit 4; fi\n\
-             case $1 in\n  status) printf '%-32s %-10s%s\\n' \"$2\" RUNNING 'pid 4242, uptime 0:00:05';;\n\
-             \x20 restart) if [ -e '{breaks}' ]; then : > '{down}'; echo 'unix:///run/supervisor.sock no such file'; exit 7; fi\n\
-             \x20   printf '%s: stopped\\n%s: started\\n' \"$2\" \"$2\";;\nesac\n",
-            down = down.display(),
-            breaks = breaks.display()
-        ),
-    );
+    let (ctl, down, breaks) = scripted_supervisorctl(&host);
     fs::write(&breaks, b"").unwrap();
     let run = || {
         ran_of(
@@ -1375,4 +1361,87 @@ fn supervisord_lost_during_the_restart_rolls_back_without_holding_back() {
     let ran = run();
     ran.expect_code(0).expect_log("myapp: upgraded");
     assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+}
+
+/// A supervisorctl that answers like a real one until the file `down`
+/// exists ("unix:///run/supervisor.sock no such file", exit 4); a restart
+/// while the file `breaks` exists creates `down` (supervisord dies then).
+/// Returns (the script, down, breaks).
+fn scripted_supervisorctl(
+    host: &Host,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ctl = host.dir.join("ctl.sh");
+    let down = host.dir.join("down");
+    let breaks = host.dir.join("restart-breaks-it");
+    write_exec(
+        &ctl,
+        &format!(
+            "#!/bin/sh\nwhile [ $# -gt 1 ]; do case $1 in status|restart) break;; esac; shift; done\n\
+             if [ -e '{down}' ]; then echo 'unix:///run/supervisor.sock no such file'; exit 4; fi\n\
+             case $1 in\n  status) printf '%-32s %-10s%s\\n' \"$2\" RUNNING 'pid 4242, uptime 0:00:05';;\n\
+             \x20 restart) if [ -e '{breaks}' ]; then : > '{down}'; echo 'unix:///run/supervisor.sock no such file'; exit 7; fi\n\
+             \x20   printf '%s: stopped\\n%s: started\\n' \"$2\" \"$2\";;\nesac\n",
+            down = down.display(),
+            breaks = breaks.display()
+        ),
+    );
+    (ctl, down, breaks)
+}
+
+/// A run killed after its swap left the journal; supervisord is down when
+/// the next run would confirm: the journal stays, nothing is held back, and
+/// the run after supervisord is back confirms and records the build.
+#[test]
+fn an_interrupted_upgrade_waits_for_supervisord_to_be_confirmed() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEW, 0o750); // swapped in by the killed run
+    install_file(&host, "myapp.bak", OLD, 0o750);
+    host.manifest_for(&[("myapp", &md5_hex(OLD))]);
+    host.server.publish("myapp", NEW);
+    let state = host.manifest.with_extension("json.state");
+    fs::write(
+        &state,
+        format!(
+            "{{\"files\":[],\"quarantine\":[],\"pending\":[{{\"name\":\"myapp\",\"old\":\"{}\",\"new\":\"{}\",\"at\":\"2026-01-01T00:00:00Z\"}}]}}",
+            md5_hex(OLD),
+            md5_hex(NEW)
+        ),
+    )
+    .unwrap();
+    let (ctl, down, _) = scripted_supervisorctl(&host);
+    fs::write(&down, b"").unwrap();
+    let run = || {
+        ran_of(
+            host.command(&[])
+                .env("BIN_PROXY_SUPERVISORCTL", &ctl)
+                .output()
+                .unwrap(),
+        )
+    };
+
+    let ran = run();
+    ran.expect_code(1);
+    let line = log_line(&ran, &["myapp", "cannot confirm"]);
+    assert!(
+        line.contains("no such file") && line.contains("not held back"),
+        "{line}"
+    );
+    let text = fs::read_to_string(&state).unwrap();
+    assert!(
+        text.contains("\"pending\"") && text.contains(&md5_hex(NEW)),
+        "journal kept: {text}"
+    );
+    assert_eq!(recorded(&host, "myapp"), md5_hex(OLD), "not committed");
+    assert!(host.server.reported("myapp").is_empty());
+
+    fs::remove_file(&down).unwrap();
+    let ran = run();
+    ran.expect_code(0)
+        .expect_log("interrupted after swapping in")
+        .expect_log("myapp: upgraded");
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert!(!fs::read_to_string(&state)
+        .unwrap()
+        .contains(&format!("\"new\": \"{}\"", md5_hex(NEW))));
 }
