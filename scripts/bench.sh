@@ -11,6 +11,8 @@
 # Usage: scripts/bench.sh [--smoke]   --smoke: one short iteration of every
 # row, so that scripts/test.sh keeps the benchmarks from rotting.
 set -euo pipefail
+set -E
+trap 'echo "bench.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 [ -x dist/bin-proxy-x86_64-linux-musl ] && [ -x dist/bin-manager-x86_64-linux-musl ] || scripts/build-release.sh --quick
 scripts/bench/agent.sh "$@"

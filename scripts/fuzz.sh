@@ -15,6 +15,8 @@
 # Installs what it needs first (a nightly toolchain, cargo-fuzz), once.
 # Usage: scripts/fuzz.sh [SECONDS]
 set -euo pipefail
+set -E
+trap 'echo "fuzz.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 
 secs=${1:-60}

@@ -21,11 +21,21 @@
 #        to root's crontab (crontab -l / crontab -), unless that exact line is
 #        already there.
 #
-# --uninstall removes the executable, the cron.d file (and that exact line from
-# root's crontab, if present) and the logrotate snippet. It keeps /etc/bin-proxy:
-# the manifest and the agent's state there are the operator's data.
+#      - with --systemd (hosts without cron), instead of 3 and 4:
+#        /etc/systemd/system/bin-proxy.service (Type=oneshot, one run; the log
+#        goes to the journal: journalctl -u bin-proxy) and bin-proxy.timer
+#        (every minute, RandomizedDelaySec=50s with FixedRandomDelay: a
+#        fixed per-host offset that spreads a fleet over the minute),
+#        enabled and started (`systemctl enable --now bin-proxy.timer`; under
+#        --root only the timers.target.wants link is made). A cron.d file an
+#        earlier install wrote is removed, so the agent is scheduled once.
 #
-# Usage: scripts/install.sh [--binary PATH] [--prefix DIR] [--root DIR] [--api URL] [--uninstall]
+# --uninstall removes the executable, the cron.d file (and that exact line from
+# root's crontab, if present), the logrotate snippet and the systemd units
+# (stopping the timer first). It keeps /etc/bin-proxy: the manifest and the
+# agent's state there are the operator's data.
+#
+# Usage: scripts/install.sh [--binary PATH] [--prefix DIR] [--root DIR] [--api URL] [--systemd] [--uninstall]
 #   --binary PATH  the bin-proxy executable to install. Default: the first that
 #                  exists of dist/bin-proxy-$(uname -m)-linux-musl and
 #                  target/release/bin-proxy (relative to the repository).
@@ -33,8 +43,11 @@
 #   --root DIR     install into DIR instead of / (every path is prefixed with it;
 #                  root privileges are then not required). Always uses cron.d.
 #   --api URL      bin-manager's API base, written into a new starter manifest.
+#   --systemd      schedule with a systemd timer instead of cron.
 #   --uninstall    remove instead of install.
 set -euo pipefail
+set -E
+trap 'echo "install.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 umask 022
 
 me=install.sh
@@ -48,7 +61,7 @@ usage() {
     sed -n '/^# Usage:/,/^[^#]/{/^#/s/^# \{0,1\}//p;}' "${BASH_SOURCE[0]}"
 }
 
-binary='' prefix=/usr/local root='' api='' uninstall=0 root_given=0
+binary='' prefix=/usr/local root='' api='' uninstall=0 root_given=0 systemd=0
 while [ $# -gt 0 ]; do
     opt=$1
     case $opt in
@@ -67,6 +80,7 @@ while [ $# -gt 0 ]; do
             shift 2
             ;;
         --uninstall) uninstall=1 && shift ;;
+        --systemd) systemd=1 && shift ;;
         -h | --help) usage && exit 0 ;;
         *) die "unknown argument: $opt (see --help)" ;;
     esac
@@ -75,6 +89,11 @@ done
 case $prefix in
     /*) ;;
     *) die "--prefix must be an absolute path: $prefix" ;;
+esac
+# Refused before anything is written: the agent could never use it.
+case $api in
+    '' | http://?* | https://?*) ;;
+    *) die "--api \"$api\" must start with http:// or https:// (e.g. http://mgr:8081/api/v1); nothing was changed" ;;
 esac
 while [ "${prefix%/}" != "$prefix" ]; do prefix=${prefix%/}; done
 if [ "$root_given" = 1 ]; then
@@ -92,6 +111,10 @@ conf_dir=$root/etc/bin-proxy
 manifest=$conf_dir/bin-manifests.json
 cron_file=$root/etc/cron.d/bin-proxy
 logrotate_file=$root/etc/logrotate.d/bin-proxy
+unit_dir=$root/etc/systemd/system
+service_file=$unit_dir/bin-proxy.service
+timer_file=$unit_dir/bin-proxy.timer
+timer_link=$unit_dir/timers.target.wants/bin-proxy.timer
 log=/var/log/bin-proxy.log
 cron_job="* * * * * root $bin_path >> $log 2>&1"
 crontab_line="* * * * * $bin_path >> $log 2>&1"
@@ -117,6 +140,9 @@ write_file() {
     tmp=''
 }
 
+# Whether this machine runs systemd as its init (and systemctl can talk to it).
+systemd_running() { [ "$root_given" = 0 ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; }
+
 # Prints root's crontab (nothing when root has none); fails on any other error.
 read_crontab() {
     local out err rc=0
@@ -136,7 +162,11 @@ read_crontab() {
 }
 
 if [ "$uninstall" = 1 ]; then
-    for f in "$dest" "$cron_file" "$logrotate_file"; do
+    if [ -e "$timer_file" ] && systemd_running; then
+        systemctl disable --now bin-proxy.timer >/dev/null 2>&1 || true
+        echo "stopped and disabled bin-proxy.timer"
+    fi
+    for f in "$dest" "$cron_file" "$logrotate_file" "$timer_link" "$timer_file" "$service_file"; do
         if [ -e "$f" ] || [ -L "$f" ]; then
             rm -f -- "$f"
             echo "removed $f"
@@ -153,6 +183,7 @@ if [ "$uninstall" = 1 ]; then
             echo "already absent: the bin-proxy line in root's crontab"
         fi
     fi
+    if systemd_running; then systemctl daemon-reload || true; fi
     echo "kept $conf_dir (the manifest and the agent's state are yours; remove it by hand if no longer needed)"
     exit 0
 fi
@@ -210,6 +241,57 @@ else
         die "bin-proxy init failed"
     fi
     echo "wrote starter manifest $manifest (add your binaries to its \"binaries\" list)"
+fi
+
+if [ "$systemd" = 1 ]; then
+    # 3+4 for systemd: a oneshot service and its timer; the journal keeps the log.
+    write_file "$service_file" 0644 <<EOF
+# bin-proxy agent: one run (bin-proxy.timer starts it every minute).
+# Installed by bin-proxy's scripts/install.sh (rewritten on every install,
+# removed by --uninstall); the manifest is /etc/bin-proxy/bin-manifests.json.
+# Its log: journalctl -u bin-proxy
+[Unit]
+Description=bin-proxy agent: keep this host's binaries on the published builds
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart=$bin_path
+SyslogIdentifier=bin-proxy
+EOF
+    echo "wrote $service_file"
+    write_file "$timer_file" 0644 <<EOF
+# Starts bin-proxy.service every minute, each host at its own fixed offset
+# within the minute (RandomizedDelaySec with FixedRandomDelay), so that a
+# fleet does not reach the server at one instant.
+[Unit]
+Description=Run the bin-proxy agent every minute
+
+[Timer]
+OnCalendar=minutely
+RandomizedDelaySec=50s
+FixedRandomDelay=true
+AccuracySec=1s
+
+[Install]
+WantedBy=timers.target
+EOF
+    echo "wrote $timer_file"
+    if systemd_running; then
+        systemctl daemon-reload
+        systemctl enable --now bin-proxy.timer >/dev/null 2>&1 || die "systemctl enable --now bin-proxy.timer failed (see: systemctl status bin-proxy.timer)"
+        echo "enabled and started bin-proxy.timer (log: journalctl -u bin-proxy)"
+    else
+        mkdir -p -- "$(dirname -- "$timer_link")"
+        ln -sfn /etc/systemd/system/bin-proxy.timer "$timer_link"
+        echo "enabled bin-proxy.timer ($timer_link)"
+    fi
+    if [ -e "$cron_file" ]; then
+        rm -f -- "$cron_file"
+        echo "removed $cron_file (the timer schedules the agent now)"
+    fi
+    exit 0
 fi
 
 # 3. Log rotation.

@@ -10,13 +10,15 @@
 # Usage: scripts/killloop.sh [ITERATIONS]   (default 200; scripts/test.sh runs 40)
 # Uses dist/ (scripts/build-release.sh) when present, else target/release.
 set -euo pipefail
+set -E
+trap 'echo "killloop.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 iterations=${1:-200}
 
 agent=dist/bin-proxy-x86_64-linux-musl manager=dist/bin-manager-x86_64-linux-musl
 if [ ! -x "$agent" ] || [ ! -x "$manager" ]; then
     cargo build --release --quiet
-    agent=target/release/bin-proxy manager=target/release/bin-manager
+    agent=${CARGO_TARGET_DIR:-target}/release/bin-proxy manager=${CARGO_TARGET_DIR:-target}/release/bin-manager
 fi
 
 W=$(mktemp -d /tmp/bin-proxy-killloop.XXXXXX)

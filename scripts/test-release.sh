@@ -6,11 +6,18 @@
 #   2. the x86_64 agent installs and upgrades inside an empty chroot holding
 #      only itself, its manifest and the target directory (no libc, no /etc,
 #      no shell) — the minimal-container case;
-#   3. HTTPS end to end through a real nginx terminating TLS with a CA and
+#   3. the x86_64 agent as PID 1 of a container: a PID namespace (unshare)
+#      and an empty root holding the agent, its manifest and a static app;
+#      it upgrades the app, restarts it with "signal:HUP:/run/app.pid",
+#      reaps a hook's orphan, and exits 0 on SIGTERM;
+#   4. the agent built without TLS says so (--version, https:// URLs);
+#   5. HTTPS end to end through a real nginx terminating TLS with a CA and
 #      certificate made here by openssl: trusted via SSL_CERT_FILE, refused
 #      with a clear error without it.
 # Prints one line per check and "release: N passed, M failed" at the end.
 set -euo pipefail
+set -E
+trap 'echo "test-release.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/.."
 
 passed=0 failed=0
@@ -35,6 +42,11 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$W/nginx/nginx.pid" ] && kill "$(cat "$W/nginx/nginx.pid")" 2>/dev/null || true
+    # Bounded: whatever has not exited 5 s after SIGTERM is killed.
+    for p in "${pids[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     rm -rf "$W"
 }
@@ -102,6 +114,88 @@ check "chroot: no temp files left" test -z "$(find "$R" -name '*bin-proxy-tmp*')
 check "chroot: idle run exits 0" chroot "$R" /bin-proxy --config /m.json --api "$API" 2> "$W/chroot3.log"
 check "chroot: idle run logs one line" test "$(wc -l < "$W/chroot3.log")" -eq 1
 
+echo "== x86_64 agent as a container's PID 1 (PID namespace, empty root)"
+# A tiny static app, as a FROM scratch image would hold: it writes its pid
+# to /run/app.pid, logs "build N started", re-executes /opt/app on SIGHUP;
+# with --orphan it leaves a child behind (reparented to PID 1, the agent,
+# which must reap it).
+cat > "$W/app.c" <<'CEOF'
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static volatile sig_atomic_t hup;
+static void on_hup(int s) { (void)s; hup = 1; }
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "--orphan") == 0) {
+        if (fork() == 0) { sleep(1); _exit(0); }
+        return 0;
+    }
+    FILE *p = fopen("/run/app.pid.new", "w");
+    if (!p) return 1;
+    fprintf(p, "%d\n", (int)getpid());
+    fclose(p);
+    rename("/run/app.pid.new", "/run/app.pid");
+    FILE *l = fopen("/app.log", "a");
+    if (l) { fprintf(l, "build %d started, pid %d\n", BUILD, (int)getpid()); fclose(l); }
+    signal(SIGHUP, on_hup);
+    for (;;) {
+        pause();
+        if (hup) { execv("/opt/app", argv); _exit(3); }
+    }
+}
+CEOF
+musl-gcc -static -O2 -DBUILD=1 -o "$W/app1" "$W/app.c"
+musl-gcc -static -O2 -DBUILD=2 -o "$W/app2" "$W/app.c"
+K="$W/container"; mkdir -p "$K/opt" "$K/run" "$K/proc"
+cp "$X86" "$K/bin-proxy"; cp "$W/app1" "$K/opt/app"; chmod 755 "$K/opt/app"
+cp "$W/app1" "$W/bins/.capp.new" && mv "$W/bins/.capp.new" "$W/bins/capp"
+cat > "$K/m.json" <<JSON
+{"node":{"name":"container"},"binaries":[{"name":"capp","hash":"$(md5sum < "$W/app1" | cut -d' ' -f1)","path":"/opt/app",
+  "restart":"signal:HUP:/run/app.pid","postUpgrade":"/opt/app --orphan","confirmSeconds":1}]}
+JSON
+unshare --pid --fork --mount-proc="$K/proc" chroot "$K" /bin-proxy --every 1 --config /m.json --api "$API" 2> "$W/container.log" &
+UNSHARE=$!
+pids+=("$UNSHARE")
+AGENT=''
+for _ in $(seq 100); do AGENT=$(pgrep -P "$UNSHARE" || true); [ -n "$AGENT" ] && break; sleep 0.1; done
+[ -n "$AGENT" ] || { echo "test-release: the agent did not start under unshare" >&2; exit 1; }
+pids+=("$AGENT") # stopped first by the cleanup, so that unshare ends too
+check "container: the agent runs as PID 1 of its namespace" sh -c "grep -q '^NSpid:.*[[:space:]]1$' /proc/$AGENT/status"
+nsenter --target "$AGENT" --pid --root /opt/app &
+APP_NSENTER=$!
+pids+=("$APP_NSENTER")
+for _ in $(seq 100); do grep -q "build 1 started" "$K/app.log" 2>/dev/null && [ -s "$K/run/app.pid" ] && break; sleep 0.1; done
+check "container: the app (build 1) runs in the namespace" grep -q "build 1 started" "$K/app.log"
+cp "$W/app2" "$W/bins/.capp.new" && mv "$W/bins/.capp.new" "$W/bins/capp"
+for _ in $(seq 300); do grep -q "capp: upgraded\|capp: .* did not come up" "$W/container.log" 2>/dev/null && break; sleep 0.1; done
+check "container: upgraded (swapped, SIGHUP, alive, postUpgrade passed)" grep -q "capp: upgraded" "$W/container.log"
+check "container: the app re-executed itself as build 2 on SIGHUP, same pid" sh -c \
+    "grep -q \"build 2 started, pid \$(cat '$K/run/app.pid')\$\" '$K/app.log'"
+check "container: the new build is in place" cmp -s "$W/app2" "$K/opt/app"
+check "container: the log names the signal restart" log_has "$W/container.log" "capp: upgraded .*restarted: sent SIGHUP to pid"
+zombies() { { ps -o stat= --ppid "$AGENT" || true; } | grep -c Z || true; }
+for _ in $(seq 100); do [ "$(zombies)" = 0 ] && grep -q "1 up to date" "$W/container.log" && break; sleep 0.1; done
+check "container: the hook's orphan was reaped (no zombie children of PID 1)" test "$(zombies)" = 0
+kill -TERM "$AGENT"
+rc=0
+for _ in $(seq 100); do kill -0 "$UNSHARE" 2>/dev/null || break; sleep 0.1; done
+wait "$UNSHARE" || rc=$?
+check "container: SIGTERM ends PID 1 with exit 0" test "$rc" = 0
+check "container: one line says it stopped" test "$(grep -c 'received SIGTERM: stopping' "$W/container.log")" = 1
+check "container: no temp files left" test -z "$(find "$K/opt" -name '*bin-proxy-tmp*')"
+
+echo "== the agent without TLS"
+NOTLS=dist/bin-proxy-notls-x86_64-linux-musl
+check "notls: --version says it has no TLS" sh -c "'$NOTLS' --version | grep -q 'without TLS'"
+T="$W/notls"; mkdir -p "$T/opt"; manifest "$T/m.json" "$T/opt/app"
+if "$NOTLS" --config "$T/m.json" --api "https://127.0.0.1:1/api/v1" 2> "$T/https.log"; then
+    bad "notls: an https:// API is refused"
+else
+    check "notls: an https:// API is refused with exit 2" test $? = 2
+fi
+check "notls: the refusal says the build has no TLS" grep -q "built without TLS" "$T/https.log"
+
 echo "== HTTPS through nginx"
 C="$W/ca"; mkdir -p "$C"
 openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bin-proxy test CA" \
@@ -154,6 +248,6 @@ check "https: downloaded through TLS" grep -q "from https://127.0.0.1:$PORT/api/
 echo
 echo "release: $passed passed, $failed failed"
 if [ "$failed" -gt 0 ]; then
-    for f in "$A"/log* "$W"/chroot*.log "$H"/*.log; do [ -f "$f" ] && { echo "--- $f"; cat "$f"; }; done
+    for f in "$A"/log* "$W"/chroot*.log "$W"/container.log "$H"/*.log; do [ -f "$f" ] && { echo "--- $f"; cat "$f"; }; done
     exit 1
 fi

@@ -28,7 +28,7 @@ pub enum Command {
     Init,
     /// Put `PATH.bak` back for this binary.
     Rollback(String),
-    /// Clear this binary's quarantine.
+    /// Stop holding back this binary's published build.
     Retry(String),
     /// Print help.
     Help,
@@ -63,6 +63,10 @@ pub struct Args {
     pub quiet: bool,
     /// `--verbose`
     pub verbose: bool,
+    /// `--log-format text|json` (else `BIN_PROXY_LOG_FORMAT`).
+    pub log_format: Option<crate::log::Format>,
+    /// `--metrics-file PATH` (else `BIN_PROXY_METRICS_FILE`, else the manifest's `metricsFile`).
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Default for Args {
@@ -80,7 +84,20 @@ impl Default for Args {
             only: Vec::new(),
             quiet: false,
             verbose: false,
+            log_format: None,
+            metrics_file: None,
         }
+    }
+}
+
+/// `text` or `json`, for `--log-format` and `BIN_PROXY_LOG_FORMAT` (`from` names which).
+pub fn log_format(value: &str, from: &str) -> Result<crate::log::Format> {
+    match value.trim() {
+        "text" => Ok(crate::log::Format::Text),
+        "json" => Ok(crate::log::Format::Json),
+        other => Err(Error::Usage(format!(
+            "{from} takes text or json, not \"{other}\""
+        ))),
     }
 }
 
@@ -100,7 +117,7 @@ USAGE:
     bin-proxy check [OPTIONS]           show what a run would change; change nothing
     bin-proxy status [OPTIONS]          table of recorded, actual and published hashes
     bin-proxy rollback NAME [OPTIONS]   put NAME's PATH.bak back, restart, record it
-    bin-proxy retry NAME [OPTIONS]      forget that NAME's published build failed here
+    bin-proxy retry NAME [OPTIONS]      stop holding back NAME's published build
     bin-proxy init [OPTIONS]            write a starter manifest (never overwrites)
 
 OPTIONS:
@@ -119,8 +136,17 @@ OPTIONS:
                              Default: 2G.
         --splay SECS         Sleep a per-node fixed 0..SECS seconds before starting, so
                              a fleet's cron minute does not hit the server at one instant.
-        --every SECS         Do not exit: run again every SECS seconds (for containers).
+        --every SECS         Do not exit: run again every SECS seconds (for containers;
+                             SIGTERM or SIGINT ends the loop after the current step,
+                             exit 0).
         --only NAME          Handle only this binary (repeat for more).
+        --metrics-file PATH  After each run, write Prometheus metrics there
+                             (node_exporter's textfile format, replaced atomically).
+                             Default: $BIN_PROXY_METRICS_FILE, else the manifest's
+                             metricsFile, else none.
+        --log-format FORMAT  text (default) or json: one object per line with ts,
+                             level, binary, event, from, to, msg. Default:
+                             $BIN_PROXY_LOG_FORMAT, else text.
     -q, --quiet              Print only warnings and errors.
     -v, --verbose            Print every request and decision.
     -h, --help               Print this help.
@@ -130,9 +156,15 @@ ENVIRONMENT:
     BIN_MANAGER_TOKEN        Bearer token for the server (else manager.tokenFile). Never printed.
     BIN_PROXY_SUPERVISORCTL  The supervisorctl command, e.g. \"supervisorctl -c /etc/s.conf\".
 
+A build that failed here (it did not come up, or its postUpgrade check
+failed) is rolled back and held back: later runs leave it alone until the
+server publishes another build, or `bin-proxy retry NAME`.
+
 EXIT STATUS:
-    0  nothing failed (also: another run holds the lock)
-    1  at least one binary failed, the server could not be reached, or it
+    0  nothing failed (also: another run holds the lock; a failed build is
+       held back)
+    1  a binary failed, supervisord could not restart a service (nothing
+       swapped, nothing held back), the server could not be reached, or it
        refused this node's token
     2  bad command line or invalid manifest; nothing was changed
 
@@ -173,6 +205,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
             Long("splay") => out.splay = seconds(&mut parser, "--splay")?,
             Long("every") => out.every = Some(seconds(&mut parser, "--every")?.max(1)),
             Long("only") => out.only.push(string(&mut parser, "--only")?),
+            Long("log-format") => {
+                out.log_format = Some(log_format(
+                    &string(&mut parser, "--log-format")?,
+                    "--log-format",
+                )?)
+            }
+            Long("metrics-file") => out.metrics_file = Some(parser.value().map_err(usage)?.into()),
             Short('q') | Long("quiet") => out.quiet = true,
             Short('v') | Long("verbose") => out.verbose = true,
             Value(word) if command.is_none() => {

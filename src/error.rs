@@ -34,6 +34,14 @@ pub enum Error {
         /// What went wrong.
         msg: String,
     },
+    /// TLS where there is none, or none where there is, or an untrusted
+    /// certificate: the same every time, so never retried.
+    Tls {
+        /// The URL asked for.
+        url: String,
+        /// What is wrong and what to change.
+        msg: String,
+    },
     /// The server answered, but with an error status or envelope code.
     Server {
         /// The URL asked for.
@@ -66,12 +74,29 @@ pub enum Error {
         /// What went wrong: too large, or shorter than announced.
         msg: String,
     },
-    /// A hook or restart command failed.
+    /// A hook, restart command or supervisorctl call failed.
     Command {
-        /// The command line as configured.
+        /// The command as shown to the operator: its role and the quoted
+        /// command line as configured (`postUpgrade "/x --check"`), or the
+        /// argument list run (`supervisorctl restart app`).
         cmd: String,
         /// Its exit status or the reason it could not run, with its output.
         msg: String,
+    },
+    /// supervisord cannot be asked about a service before an upgrade: it is
+    /// down, or it has no such program. An infrastructure fault, never the
+    /// build's: nothing is swapped and nothing held back.
+    Supervisor {
+        /// The status call that failed (`supervisorctl -c CONF status app`).
+        cmd: String,
+        /// The program asked about.
+        service: String,
+        /// supervisord answered, but knows no such program.
+        unknown: bool,
+        /// supervisorctl's last line (it names the socket it tried).
+        said: String,
+        /// Which supervisord was asked (`config "/etc/…"`, `server URL`).
+        config: String,
     },
     /// The service did not come up as RUNNING after a restart.
     Service {
@@ -127,6 +152,9 @@ pub enum Error {
         /// Where it leads now.
         now: PathBuf,
     },
+    /// `--every` was asked to stop (SIGTERM, SIGINT) and abandoned a step
+    /// that changes nothing when abandoned (a download, before the swap).
+    Stopped,
     /// A failure a caller wants to describe in its own words (rollback, lock, state).
     Other(String),
 }
@@ -159,7 +187,7 @@ impl fmt::Display for Error {
             Error::Io { what, path, source } => {
                 write!(f, "{what} \"{}\": {source}", path.display())
             }
-            Error::Http { url, msg } => write!(f, "{url}: {msg}"),
+            Error::Http { url, msg } | Error::Tls { url, msg } => write!(f, "{url}: {msg}"),
             Error::Server {
                 url,
                 status,
@@ -176,7 +204,23 @@ impl fmt::Display for Error {
                 write!(f, "{algo} mismatch: expected {expected}, got {got}")
             }
             Error::Size { url, msg } => write!(f, "{url}: {msg}"),
-            Error::Command { cmd, msg } => write!(f, "\"{cmd}\" {msg}"),
+            Error::Command { cmd, msg } => write!(f, "{cmd} {msg}"),
+            Error::Supervisor {
+                cmd,
+                service,
+                unknown: true,
+                config,
+                ..
+            } => write!(
+                f,
+                "{cmd}: supervisord ({config}) has no program \"{service}\"; add [program:{service}] to its config and run `supervisorctl update`, or set \"service\" in the manifest"
+            ),
+            Error::Supervisor {
+                cmd, said, config, ..
+            } => write!(
+                f,
+                "{cmd}: supervisord did not answer ({said}; tried {config}); start it (`service supervisor start`) or point BIN_PROXY_SUPERVISORCTL at the right config"
+            ),
             Error::Service { service, msg } => write!(f, "service \"{service}\": {msg}"),
             Error::Upload { got, len, source } => {
                 if source.kind() == io::ErrorKind::UnexpectedEof {
@@ -205,6 +249,7 @@ impl fmt::Display for Error {
                 f,
                 "node token refused: {msg}; run `bin-manager node reset {node}` on the server if this host was rebuilt"
             ),
+            Error::Stopped => f.write_str("stopping on a signal; abandoned before the swap, nothing changed"),
             Error::Other(msg) => f.write_str(msg),
         }
     }

@@ -258,7 +258,7 @@ impl Parser<'_> {
                 while self.s.tok != DeJsonTok::BlockClose {
                     items.push(self.value(depth + 1)?);
                     match self.s.tok {
-                        DeJsonTok::Comma => self.advance()?,
+                        DeJsonTok::Comma => self.comma(&DeJsonTok::BlockClose, ']')?,
                         DeJsonTok::BlockClose => {}
                         _ => return Err(self.error("expected ',' or ']'")),
                     }
@@ -280,7 +280,7 @@ impl Parser<'_> {
                     self.advance()?;
                     entries.push((key, self.value(depth + 1)?));
                     match self.s.tok {
-                        DeJsonTok::Comma => self.advance()?,
+                        DeJsonTok::Comma => self.comma(&DeJsonTok::CurlyClose, '}')?,
                         DeJsonTok::CurlyClose => {}
                         _ => return Err(self.error("expected ',' or '}'")),
                     }
@@ -292,6 +292,21 @@ impl Parser<'_> {
         };
         self.advance()?;
         Ok(value)
+    }
+
+    /// Steps over a ',' — which must not be the last one before `close`
+    /// (JSON has no trailing commas; the error points at the comma).
+    fn comma(&mut self, close: &DeJsonTok, shown: char) -> Result<(), SyntaxError> {
+        let at = self.pos;
+        self.advance()?;
+        if self.s.tok == *close {
+            return Err(SyntaxError {
+                line: at.0,
+                column: at.1,
+                msg: format!("trailing comma before '{shown}' (JSON allows none)"),
+            });
+        }
+        Ok(())
     }
 
     fn advance(&mut self) -> Result<(), SyntaxError> {
@@ -388,6 +403,13 @@ mod tests {
         check_err("", 1, 1, "end of the document");
         check_err("{\"a\": tru}", 1, 7, "invalid character");
         check_err("{\"binaries\":[]}\0 trailing", 1, 16, "NUL byte");
+        check_err("[1, 2,]", 1, 6, "trailing comma before ']'");
+        check_err(
+            "{\n  \"a\": 1,\n  \"b\": 2,\n}",
+            3,
+            9,
+            "trailing comma before '}'",
+        );
         check_err(
             "{\n  // note\n  \"a\": 1}",
             2,

@@ -1,14 +1,19 @@
 //! Log lines on stderr — a cron job's only voice. One event per line:
-//! `2026-11-24T08:00:01Z INFO myapp: upgraded 1f3a2b4c…→9c0d1e2f… (12.4 MiB, 48.0 MiB/s)`.
-//! Also the small formatters every message uses: UTC timestamps, sizes, rates
-//! and shortened hashes.
+//! `2026-11-24T08:00:01Z INFO myapp: upgraded 1f3a2b4c…→9c0d1e2f… (12.4 MiB, 48.0 MiB/s)`,
+//! or with `--log-format json` one object per line for log shippers:
+//! `{"ts":"…","level":"info","binary":"myapp","event":"upgraded","from":"<md5>","to":"<md5>","msg":"upgraded …"}`.
+//! An [`Event`] carries the structure (binary, what happened, hashes) that
+//! the text format renders as the familiar `myapp: …` prefix.
+//! Also the small formatters every message uses: UTC timestamps, sizes,
+//! rates and shortened hashes.
 //!
-//! Nothing from outside can forge a line: every message is passed through
-//! [`escape`] as it is written, so a server's message, a header, a command's
-//! output or a file name holding a newline, a carriage return or a terminal
-//! escape sequence shows up as `\n`, `\r`, `\x1b` — text, on the one line
-//! of the event it belongs to. (Our own messages contain no control
-//! characters.) Where such strings are quoted, [`clip`] caps their length.
+//! Nothing from outside can forge a line: every message and binary name is
+//! passed through [`escape`] as it is written, in both formats, so a
+//! server's message, a header, a command's output or a file name holding a
+//! newline, a carriage return or a terminal escape sequence shows up as
+//! `\n`, `\r`, `\x1b` — text, on the one line of the event it belongs to.
+//! (Our own messages contain no control characters.) Where such strings
+//! are quoted, [`clip`] caps their length.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -29,11 +34,26 @@ pub enum Level {
     Debug = 3,
 }
 
+/// How lines are written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Format {
+    /// `TIME LEVEL [binary: ]message` (the default).
+    Text = 0,
+    /// One JSON object per line: ts, level, binary, event, from, to, msg.
+    Json = 1,
+}
+
 static MAX: AtomicU8 = AtomicU8::new(Level::Info as u8);
+static FORMAT: AtomicU8 = AtomicU8::new(Format::Text as u8);
 
 /// Sets the most detailed level that is printed.
 pub fn set_level(level: Level) {
     MAX.store(level as u8, Ordering::Relaxed);
+}
+
+/// Sets the line format.
+pub fn set_format(format: Format) {
+    FORMAT.store(format as u8, Ordering::Relaxed);
 }
 
 /// Whether a line at `level` would be printed.
@@ -41,10 +61,75 @@ pub fn enabled(level: Level) -> bool {
     level as u8 <= MAX.load(Ordering::Relaxed)
 }
 
-/// Writes one line at `level` (use the macros).
+/// What a log line is about, beyond its message: the binary, what happened
+/// to it (the JSON `event`, a stable snake_case word), and the hashes it
+/// went from and to. Lines about no binary in particular use
+/// [`Event::run`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Event<'a> {
+    /// The managed binary's name.
+    pub binary: Option<&'a str>,
+    /// What happened: `upgraded`, `rolled_back`, `held_back`, `failed`, …
+    pub event: Option<&'static str>,
+    /// The md5 it went from ("" = none).
+    pub from: Option<&'a str>,
+    /// The md5 it went (or would go) to.
+    pub to: Option<&'a str>,
+}
+
+impl<'a> Event<'a> {
+    /// Something that happened to `binary`.
+    pub fn new(binary: &'a str, event: &'static str) -> Event<'a> {
+        Event {
+            binary: Some(binary),
+            event: Some(event),
+            ..Event::default()
+        }
+    }
+
+    /// Something about the whole run (no binary).
+    pub fn run(event: &'static str) -> Event<'a> {
+        Event {
+            event: Some(event),
+            ..Event::default()
+        }
+    }
+
+    /// With the hashes it went from and to.
+    pub fn hashes(self, from: &'a str, to: &'a str) -> Event<'a> {
+        Event {
+            from: Some(from),
+            to: Some(to),
+            ..self
+        }
+    }
+
+    /// Writes it at `level` (use the [`event!`](crate::event) macro).
+    pub fn log(&self, level: Level, msg: fmt::Arguments<'_>) {
+        if enabled(level) {
+            let json = FORMAT.load(Ordering::Relaxed) == Format::Json as u8;
+            let format = if json { Format::Json } else { Format::Text };
+            emit(&render(self, level, &utc_now(), msg, format));
+        }
+    }
+}
+
+/// Writes one plain line at `level` (use the macros).
 pub fn write(level: Level, args: fmt::Arguments<'_>) {
-    if !enabled(level) {
-        return;
+    Event::default().log(level, args);
+}
+
+/// The line for an event, with its final newline, in the current format.
+fn render(
+    ev: &Event<'_>,
+    level: Level,
+    ts: &str,
+    msg: fmt::Arguments<'_>,
+    format: Format,
+) -> String {
+    let msg = msg.to_string();
+    if format == Format::Json {
+        return json_line(ev, level, ts, &msg);
     }
     let tag = match level {
         Level::Error => "ERROR",
@@ -52,10 +137,37 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
         Level::Info => "INFO",
         Level::Debug => "DEBUG",
     };
-    let msg = args.to_string();
-    // One write per line so that lines of concurrent runs do not interleave.
-    let line = format!("{} {tag} {}\n", utc_now(), escape(&msg));
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    let mut line = format!("{ts} {tag} ");
+    if let Some(bin) = ev.binary {
+        line.push_str(&escape(bin));
+        line.push_str(": ");
+    }
+    line.push_str(&escape(&msg));
+    line.push('\n');
+    line
+}
+
+fn json_line(ev: &Event<'_>, level: Level, ts: &str, msg: &str) -> String {
+    use crate::json::Value;
+    let opt = |v: Option<&str>| v.map_or(Value::Null, Value::str);
+    let level = match level {
+        Level::Error => "error",
+        Level::Warn => "warn",
+        Level::Info => "info",
+        Level::Debug => "debug",
+    };
+    let mut line = Value::obj([
+        ("ts", Value::str(ts)),
+        ("level", Value::str(level)),
+        ("binary", opt(ev.binary)),
+        ("event", opt(ev.event)),
+        ("from", opt(ev.from)),
+        ("to", opt(ev.to)),
+        ("msg", Value::str(msg)),
+    ])
+    .to_compact();
+    line.push('\n');
+    line
 }
 
 /// `s` with every character that could change what a log reader (or a
@@ -96,6 +208,15 @@ pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
     }
 }
 
+/// One write per line so that lines of concurrent runs do not interleave.
+fn emit(line: &str) {
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Logs an [`Event`]: `event!(Info, Event::new("myapp", "upgraded").hashes(a, b), "upgraded {}", x)`.
+#[macro_export]
+macro_rules! event { ($level:ident, $ev:expr, $($t:tt)*) => { $ev.log($crate::log::Level::$level, format_args!($($t)*)) } }
+
 /// Logs at error level.
 #[macro_export]
 macro_rules! error { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Error, format_args!($($t)*)) } }
@@ -112,6 +233,13 @@ macro_rules! debug { ($($t:tt)*) => { $crate::log::write($crate::log::Level::Deb
 /// The current time as RFC 3339 UTC with second precision: `2026-11-24T08:00:01Z`.
 pub fn utc_now() -> String {
     rfc3339(SystemTime::now())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Formats a time as RFC 3339 UTC with second precision.
@@ -310,6 +438,45 @@ mod tests {
         assert_eq!(clip("abcdef", 3), "abc…");
         assert_eq!(clip("abc", 3), "abc");
         assert_eq!(clip("ééé", 2), "éé…");
+    }
+
+    fn line(ev: Event<'_>, format: Format, msg: &str) -> String {
+        render(
+            &ev,
+            Level::Info,
+            "2026-11-24T08:00:01Z",
+            format_args!("{msg}"),
+            format,
+        )
+    }
+
+    #[test]
+    fn events_render_as_text_and_json() {
+        let ev = Event::new("myapp", "upgraded").hashes("aa", "bb");
+        assert_eq!(
+            line(ev, Format::Text, "upgraded aa→bb"),
+            "2026-11-24T08:00:01Z INFO myapp: upgraded aa→bb\n"
+        );
+        assert_eq!(
+            line(ev, Format::Json, "upgraded aa→bb"),
+            "{\"ts\":\"2026-11-24T08:00:01Z\",\"level\":\"info\",\"binary\":\"myapp\",\"event\":\"upgraded\",\"from\":\"aa\",\"to\":\"bb\",\"msg\":\"upgraded aa→bb\"}\n"
+        );
+        assert_eq!(
+            line(Event::default(), Format::Json, "hi"),
+            "{\"ts\":\"2026-11-24T08:00:01Z\",\"level\":\"info\",\"binary\":null,\"event\":null,\"from\":null,\"to\":null,\"msg\":\"hi\"}\n"
+        );
+    }
+
+    #[test]
+    fn control_characters_never_break_a_line() {
+        let hostile = "bad\nFAKE LINE\x1b[31m\tend\u{7f}";
+        assert_eq!(
+            line(Event::new("a\nb", "failed"), Format::Text, hostile),
+            "2026-11-24T08:00:01Z INFO a\\nb: bad\\nFAKE LINE\\x1b[31m\\tend\\x7f\n"
+        );
+        let json = line(Event::default(), Format::Json, hostile);
+        assert_eq!(json.matches('\n').count(), 1, "{json}");
+        assert!(json.contains("bad\\nFAKE LINE\\u001b[31m\\tend"), "{json}");
     }
 
     #[test]

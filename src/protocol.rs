@@ -237,6 +237,18 @@ pub fn bin_info(url: &str, data: &Value) -> Result<BinInfo> {
 }
 
 /// `s` cut to `max` characters on one line, for quoting server text in errors.
+/// What is wrong with a URL the agent would talk to, if anything: it must
+/// be `http://` or `https://` (and `https://` needs the TLS build).
+pub fn url_problem(url: &str) -> Option<&'static str> {
+    if url.starts_with("https://") && !cfg!(feature = "tls") {
+        Some("is https://, but this bin-proxy was built without TLS (use the TLS build, or an http:// URL)")
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        None
+    } else {
+        Some("must start with http:// or https://")
+    }
+}
+
 pub fn one_line(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()

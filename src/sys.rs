@@ -2,7 +2,9 @@
 //! attributes (the agent keeps a file's capabilities and labels across a
 //! swap) and what bin-manager's event loops need (epoll, eventfd,
 //! non-blocking send/recv, sendfile, listen backlog, RLIMIT_NOFILE), the
-//! effective uid, access(2), and a connect from a chosen local address. This is
+//! effective uid, access(2), a connect from a chosen local address, and
+//! signals (a signalfd for SIGTERM in both programs, kill, reaping orphans
+//! when the agent is a container's PID 1). This is
 //! the crate's only module with `unsafe` code (the crate root denies it
 //! everywhere else) and the only user of the libc crate; every block says
 //! which invariant makes it sound.
@@ -250,4 +252,140 @@ pub fn euid() -> u32 {
 pub fn check_writable(path: &CStr) -> io::Result<()> {
     // SAFETY: `path` is a live NUL-terminated string.
     check(unsafe { libc::access(path.as_ptr(), libc::W_OK) } as isize).map(drop)
+}
+
+// ---- signals and processes ----
+
+/// Ask a process to terminate.
+pub const SIGTERM: i32 = libc::SIGTERM;
+/// Ctrl-C.
+pub const SIGINT: i32 = libc::SIGINT;
+/// A child stopped or exited.
+pub const SIGCHLD: i32 = libc::SIGCHLD;
+
+/// The number of a signal named like `HUP`, `SIGHUP`, `usr1` or `15`.
+pub fn signal_number(name: &str) -> Option<i32> {
+    let upper = name.trim().to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let known = [
+        ("HUP", libc::SIGHUP),
+        ("INT", libc::SIGINT),
+        ("QUIT", libc::SIGQUIT),
+        ("KILL", libc::SIGKILL),
+        ("USR1", libc::SIGUSR1),
+        ("USR2", libc::SIGUSR2),
+        ("TERM", libc::SIGTERM),
+        ("CONT", libc::SIGCONT),
+        ("STOP", libc::SIGSTOP),
+        ("WINCH", libc::SIGWINCH),
+        ("ALRM", libc::SIGALRM),
+    ];
+    if let Some((_, n)) = known.iter().find(|(k, _)| *k == bare) {
+        return Some(*n);
+    }
+    bare.parse().ok().filter(|n| (1..=64).contains(n))
+}
+
+/// The name of a signal number, for messages (`SIGHUP`).
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGUSR1 => "SIGUSR1".into(),
+        libc::SIGUSR2 => "SIGUSR2".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it and
+    // sigaddset only sets bits of valid signal numbers (invalid ones fail
+    // and are left out).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &s in signals {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks `signals` in the calling thread (and in every thread it starts
+/// afterwards) and returns a signalfd that reads them instead: they no
+/// longer interrupt or kill, they wait to be read. Child processes start
+/// with an empty mask (std resets it), so hooks still get them.
+pub fn signal_fd(signals: &[i32]) -> io::Result<OwnedFd> {
+    let set = sigset(signals);
+    // SAFETY: `set` is an initialised sigset; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: a new descriptor (-1) for an initialised set; checked, then owned once.
+    owned(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })
+}
+
+/// Waits up to `timeout_ms` (-1: forever) until one of `fds` is readable;
+/// returns which are (EINTR counts as none).
+pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `polls` is a live array of `polls.len()` pollfd entries.
+    let rc = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(polls.iter().map(|p| p.revents != 0).collect())
+}
+
+/// The next signal waiting on a [`signal_fd`], if any (never blocks).
+pub fn read_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: signalfd_siginfo is plain data the kernel fills whole.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into the live `info`.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (n == size as isize).then_some(info.ssi_signo as i32)
+}
+
+/// Sends `sig` to process `pid` (0 only checks that it exists and may be signalled).
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: a plain syscall on numbers.
+    check(unsafe { libc::kill(pid, sig) } as isize).map(drop)
+}
+
+/// Reaps every child that has exited (never blocks); returns how many. Only
+/// call it when no child is being waited for elsewhere (it would take that
+/// child's exit status).
+pub fn reap_children() -> usize {
+    let mut n = 0;
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a live int; WNOHANG never blocks.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return n;
+        }
+        n += 1;
+    }
 }

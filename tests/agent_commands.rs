@@ -6,6 +6,7 @@ mod common;
 // manifest is rewritten. Every test runs the real `bin-proxy` executable.
 
 use common::host::{Host, NODE};
+use common::json::Json;
 use common::{
     md5_hex, mode, path_with, supervisorctl_log, temp_files, wait_until, Fault, Server, TempDir,
 };
@@ -377,6 +378,145 @@ fn invalid_entries_and_a_missing_manifest_are_refused() {
         "a missing manifest must not be created by a run"
     );
     eprintln!("missing manifest: exit {}: {}", ran.code, ran.stderr);
+}
+
+/// Mistakes that would otherwise surface only after a download and a swap
+/// (and blame the build): found when the manifest and settings are read,
+/// exit 2, nothing touched, no request sent.
+#[test]
+fn load_time_mistakes_name_where_they_are_and_touch_nothing() {
+    // (what, manager JSON, extra keys of the entry, args, env, expected texts)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a [&'a str],
+        Option<&'a str>,
+        &'a [&'a str],
+    );
+    let cases: &[Case] = &[
+        (
+            "unclosed quote in postUpgrade",
+            "",
+            ",\n      \"postUpgrade\": \"/usr/local/bin/x --check 'quick\"",
+            &[],
+            None,
+            &[
+                "binaries[0] (\"myapp\")",
+                "key \"postUpgrade\"",
+                "unclosed quote",
+            ],
+        ),
+        (
+            "unclosed quote in restart",
+            "",
+            ",\n      \"restart\": \"systemctl \\\"restart myapp\"",
+            &[],
+            None,
+            &[
+                "binaries[0] (\"myapp\")",
+                "key \"restart\"",
+                "unclosed quote",
+            ],
+        ),
+        (
+            "manager.api without a scheme",
+            "\"api\": \"mgr:8081/api/v1\"",
+            "",
+            &[],
+            None,
+            &[
+                "\"manager\": key \"api\"",
+                "\"mgr:8081/api/v1\"",
+                "http:// or https://",
+            ],
+        ),
+        (
+            "--api without a scheme",
+            "",
+            "",
+            &["--api", "mgr:8081/api/v1"],
+            None,
+            &["--api \"mgr:8081/api/v1\" must start with http:// or https://"],
+        ),
+        (
+            "BIN_MANAGER_API without a scheme",
+            "",
+            "",
+            &[],
+            Some("127.0.0.1:8081/api/v1"),
+            &["$BIN_MANAGER_API \"127.0.0.1:8081/api/v1\" must start with http:// or https://"],
+        ),
+    ];
+    for (what, manager, extra, args, env, expected) in cases {
+        let host = Host::new();
+        host.server.publish("myapp", b"published");
+        write_manifest(&host, manager, &[entry(&host, "myapp", "", extra)]);
+        let before = fs::read(&host.manifest).unwrap();
+        let mut cmd = host.command(args);
+        if let Some(api) = env {
+            cmd.env("BIN_MANAGER_API", api);
+        }
+        let ran = output(&mut cmd);
+        assert_eq!(ran.code, 2, "{what}: exit code\n{}", ran.stderr);
+        for text in *expected {
+            assert!(
+                ran.stderr.contains(text),
+                "{what}: log lacks {text:?}\n{}",
+                ran.stderr
+            );
+        }
+        if args.is_empty() && env.is_none() {
+            let file = host.manifest.display().to_string();
+            assert!(
+                ran.stderr.contains(&file),
+                "{what}: names the file\n{}",
+                ran.stderr
+            );
+        }
+        assert_untouched(&host, &before, what);
+        assert!(
+            !host.target("myapp").exists(),
+            "{what}: something was installed"
+        );
+    }
+
+    // A trailing comma: strict JSON, with line and column.
+    let host = Host::new();
+    host.server.publish("myapp", b"published");
+    let text = format!(
+        "{{\n  \"binaries\": [\n    {{ \"name\": \"myapp\", \"hash\": \"\", \"path\": \"{}\" }},\n  ]\n}}\n",
+        host.target("myapp").display()
+    );
+    host.write_manifest(&text);
+    let ran = host.run(&[]);
+    let column = text.lines().nth(2).unwrap().len();
+    ran.expect_code(2)
+        .expect_log(&host.manifest.display().to_string())
+        .expect_log(&format!(
+            "line 3, column {column}: trailing comma before ']'"
+        ));
+    assert_untouched(&host, text.as_bytes(), "trailing comma");
+}
+
+/// `init --api` with a URL the agent could never use writes nothing.
+#[test]
+fn init_refuses_a_bad_api_url_and_writes_nothing() {
+    let dir = TempDir::new();
+    let config = dir.join("etc/bin-proxy/bin-manifests.json");
+    let ran = output(bare(&["init", "--api", "mgr:8081/api/v1", "--config"]).arg(&config));
+    ran.expect_code(2);
+    assert!(
+        ran.stderr
+            .contains("--api \"mgr:8081/api/v1\" must start with http:// or https://"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        !dir.join("etc").exists(),
+        "init created {}",
+        dir.join("etc").display()
+    );
 }
 
 /// Addition to case 3: the most common "missing manifest" on a fresh host is a
@@ -805,6 +945,7 @@ fn rollback_without_a_backup_or_of_an_unknown_name_fails() {
 
     let ran = host.run(&["rollback", "myapp"]);
     ran.expect_code(1)
+        .expect_log("no backup of myapp to roll back to")
         .expect_log(&host.opt.join("myapp.bak").display().to_string());
     assert_eq!(fs::read(host.target("myapp")).unwrap(), app);
     assert_eq!(mtime(&host.target("myapp")), app_mtime);
@@ -1115,6 +1256,98 @@ fn every_keeps_running_and_checks_again() {
     );
 }
 
+/// `kill -SIG PID`.
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+/// Waits (bounded) for the child to exit; its exit code.
+fn exit_code_within(child: &mut Child, limit: Duration) -> Option<i32> {
+    let mut code = None;
+    wait_until(limit, || match child.try_wait() {
+        Ok(Some(status)) => {
+            code = Some(status.code().unwrap_or(-1));
+            true
+        }
+        _ => false,
+    });
+    code
+}
+
+/// `--every` (containers, where `docker stop` sends SIGTERM) stops on
+/// SIGTERM or SIGINT: a download in progress is abandoned — nothing is
+/// swapped, no temp file stays — one line says so, exit 0. Between runs it
+/// stops at once.
+#[test]
+fn every_stops_on_sigterm_without_a_half_done_step() {
+    let (host, old, _new) = upgradable_host();
+    // A download that would take days: only abandoning it lets the agent stop.
+    host.server.publish("myapp", &vec![b'x'; 1 << 20]);
+    host.server
+        .fault("myapp", Fault::SlowDownload(Duration::from_millis(200)));
+    let log = host.dir.join("every.stderr");
+    let mut cmd = host.command(&["--every", "60"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = Reaper(cmd.spawn().expect("spawn bin-proxy --every 60"));
+    let downloading = wait_until(Duration::from_secs(30), || {
+        host.server.count("GET", "/api/v1/download/myapp") >= 1 && !temp_files(&host.opt).is_empty()
+    });
+    assert!(
+        downloading,
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    signal(&child.0, "TERM");
+    let code = exit_code_within(&mut child.0, Duration::from_secs(20));
+    let stderr = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("SIGTERM")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("INFO received SIGTERM: stopping; no step was left half done"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("ERROR myapp"),
+        "the abandoned download is not a failure:\n{stderr}"
+    );
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), old, "{stderr}");
+    assert!(!host.opt.join("myapp.bak").exists());
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+
+    // Between runs: SIGINT ends the wait at once.
+    let (host, _old, new) = upgradable_host();
+    let log = host.dir.join("every.stderr");
+    let mut cmd = host.command(&["--every", "600"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = Reaper(cmd.spawn().expect("spawn bin-proxy --every 600"));
+    let ran = wait_until(Duration::from_secs(30), || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("1 changed"))
+    });
+    assert!(ran, "{}", fs::read_to_string(&log).unwrap_or_default());
+    signal(&child.0, "INT");
+    assert_eq!(
+        exit_code_within(&mut child.0, Duration::from_secs(10)),
+        Some(0)
+    );
+    let stderr = fs::read_to_string(&log).unwrap_or_default();
+    assert!(stderr.contains("received SIGINT: stopping"), "{stderr}");
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), new);
+}
+
 #[test]
 fn splay_run_completes() {
     let (host, _old, new) = upgradable_host();
@@ -1160,6 +1393,94 @@ fn log_lines_are_timestamped_leveled_and_hashes_short() {
         short(&old_md5),
         short(&new_md5)
     ));
+}
+
+/// `--log-format json` (or `BIN_PROXY_LOG_FORMAT=json`): one object per
+/// line with exactly ts, level, binary, event, from, to, msg; the hashes in
+/// full. Text from outside stays on its line in both formats.
+#[test]
+fn json_logs_are_one_object_per_line_with_the_events_fields() {
+    let (host, old, new) = upgradable_host();
+    let ran = host.run(&["--log-format", "json"]);
+    ran.expect_code(0);
+    let lines: Vec<Json> = ran
+        .stderr
+        .lines()
+        .map(|l| common::json::try_parse(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{}", ran.stderr);
+    for l in &lines {
+        assert_eq!(
+            l.keys(),
+            ["ts", "level", "binary", "event", "from", "to", "msg"],
+            "{l:?}"
+        );
+        assert!(well_formed_log_line(&format!("{} INFO x", l.get("ts").s())));
+    }
+    let upgraded = lines
+        .iter()
+        .find(|l| l.get("event").as_str() == Some("upgraded"))
+        .unwrap_or_else(|| panic!("no upgraded event:\n{}", ran.stderr));
+    assert_eq!(upgraded.get("level").s(), "info");
+    assert_eq!(upgraded.get("binary").s(), "myapp");
+    assert_eq!(upgraded.get("from").s(), md5_hex(&old));
+    assert_eq!(upgraded.get("to").s(), md5_hex(&new));
+    assert!(
+        upgraded.get("msg").s().starts_with("upgraded "),
+        "{upgraded:?}"
+    );
+    let summary = lines.last().unwrap();
+    assert_eq!(summary.get("event").s(), "summary");
+    assert_eq!(summary.get("binary"), &Json::Null);
+
+    // The environment variable, a failure, and a server message with a
+    // newline and an escape sequence in it.
+    let host = Host::new();
+    host.manifest_for(&[("myapp", "")]);
+    host.server.publish("myapp", &new);
+    host.server.fault(
+        "myapp",
+        Fault::EnvelopeCode(1, "no\nFAKE LINE \x1b[31mred".into()),
+    );
+    let ran = output(host.command(&[]).env("BIN_PROXY_LOG_FORMAT", "json"));
+    ran.expect_code(1);
+    let failed = ran
+        .stderr
+        .lines()
+        .map(common::json::parse)
+        .find(|l| l.get("event").as_str() == Some("failed"))
+        .unwrap_or_else(|| panic!("no failed event:\n{}", ran.stderr));
+    assert_eq!(failed.get("level").s(), "error");
+    assert_eq!(failed.get("binary").s(), "myapp");
+    assert!(
+        failed.get("msg").s().contains("no\nFAKE LINE \x1b[31mred"),
+        "{failed:?}"
+    );
+    assert!(
+        !ran.stderr.lines().any(|l| l.starts_with("FAKE")),
+        "{}",
+        ran.stderr
+    );
+    let ran = host.run(&[]);
+    assert!(
+        ran.stderr.contains("no\\nFAKE LINE \\x1b[31mred"),
+        "text escapes control characters:\n{}",
+        ran.stderr
+    );
+    assert!(
+        !ran.stderr.lines().any(|l| l.starts_with("FAKE")),
+        "{}",
+        ran.stderr
+    );
+
+    let ran = output(&mut host.command(&["--log-format", "xml"]));
+    ran.expect_code(2);
+    assert!(
+        ran.stderr
+            .contains("--log-format takes text or json, not \"xml\""),
+        "{}",
+        ran.stderr
+    );
 }
 
 #[test]

@@ -8,7 +8,9 @@ mod common;
 
 use common::host::{assert_unchanged, install_file, log_line, snapshot, Host, Ran, NODE};
 use common::json::{parse, try_parse, Json};
-use common::{json_string, md5_hex, mode, supervisorctl_log, temp_files, Fault, Style};
+use common::{
+    json_string, md5_hex, mode, supervisorctl_actions, supervisorctl_log, temp_files, Fault, Style,
+};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -316,6 +318,43 @@ fn fresh_install_gets_mode_0755_and_no_backup() {
     );
 }
 
+/// A `path` whose directory does not exist is most often a typo: the agent
+/// says so and creates nothing (no directory tree on a guess, no download);
+/// the other binaries go on.
+#[test]
+fn a_path_in_a_missing_directory_is_named_and_nothing_is_created() {
+    let host = Host::new();
+    let typo = host.dir.join("usr/lcoal/bin/myapp");
+    let entries = [
+        format!(
+            "{{ \"name\": \"myapp\", \"hash\": \"\", \"path\": {} }}",
+            json_string(&typo.display().to_string())
+        ),
+        entry(&host, "other", "", &[]),
+    ];
+    write_manifest(&host, None, &entries);
+    host.server.publish("myapp", NEW);
+    host.server.publish("other", NEWER);
+
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    let line = log_line(&ran, &["myapp", "does not exist"]);
+    assert!(
+        line.contains(&format!(
+            "directory \"{}\"",
+            typo.parent().unwrap().display()
+        )),
+        "{line}"
+    );
+    assert!(line.contains("nothing was downloaded"), "{line}");
+    assert!(
+        !host.dir.join("usr").exists(),
+        "a directory tree was created"
+    );
+    assert_eq!(host.server.count("GET", "/api/v1/download/myapp"), 0);
+    assert_eq!(fs::read(host.target("other")).unwrap(), NEWER);
+}
+
 /// Case 5: someone edited the file after it was installed (same size, so only
 /// a fresh look at the file can tell).
 #[test]
@@ -385,7 +424,7 @@ fn wrong_md5_changes_nothing_and_reports_nothing() {
     assert_eq!(mode(&host.target("myapp")), 0o750);
     assert!(!host.opt.join("myapp.bak").exists());
     assert!(host.server.reported("myapp").is_empty());
-    assert!(supervisorctl_log(&host.dir.path).is_empty());
+    assert!(supervisorctl_actions(&host.dir.path).is_empty());
 }
 
 /// Case 7b: the server offers a sha256 (as bin-manager does): it is checked
@@ -402,7 +441,7 @@ fn sha256_is_verified_when_offered() {
     assert_unchanged(&host, &before, &ran);
     assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
     assert!(host.server.reported("myapp").is_empty());
-    assert!(supervisorctl_log(&host.dir.path).is_empty());
+    assert!(supervisorctl_actions(&host.dir.path).is_empty());
 
     host.server.fault("myapp", Fault::Sha256);
     let ran = host.run(&[]);
@@ -423,7 +462,7 @@ fn truncated_download_changes_nothing() {
     log_line(&ran, &["myapp", "truncated"]);
     assert_unchanged(&host, &before, &ran);
     assert!(host.server.reported("myapp").is_empty());
-    assert!(supervisorctl_log(&host.dir.path).is_empty());
+    assert!(supervisorctl_actions(&host.dir.path).is_empty());
 }
 
 /// Case 9: one binary's 500 does not stop the others.
@@ -462,7 +501,10 @@ fn one_binary_failing_with_500_does_not_stop_the_others() {
 /// Case 10: nobody listens at the API address.
 #[test]
 fn server_down_exits_1_with_connection_refused() {
-    let host = outdated_host();
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    install_file(&host, "other", OLD, 0o750);
+    host.manifest_for(&[("myapp", &md5_hex(OLD)), ("other", &md5_hex(OLD))]);
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
@@ -476,7 +518,24 @@ fn server_down_exits_1_with_connection_refused() {
         .unwrap();
     let ran = ran_of(out);
     ran.expect_code(1);
-    log_line(&ran, &["myapp", "connection refused"]);
+    // One line about the outage (not one per binary and one per heartbeat),
+    // and the binaries are not counted as failed.
+    let lines: Vec<&str> = ran.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", ran.stderr);
+    assert!(
+        lines[0].contains(" ERROR server unreachable: ")
+            && lines[0].contains("connection refused")
+            && lines[0].contains("2 binaries not checked, nothing changed"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].ends_with(
+            "2 binaries: 0 up to date, 0 changed, 0 failed, 0 held back, 2 not checked (server unreachable)"
+        ),
+        "{}",
+        lines[1]
+    );
     assert_unchanged(&host, &before, &ran);
     assert!(host.server.requests().is_empty());
     assert!(supervisorctl_log(&host.dir.path).is_empty());
@@ -559,14 +618,18 @@ fn pre_upgrade_failure_aborts_and_success_sees_the_new_file() {
 
     let ran = host.run(&[]);
     ran.expect_code(1);
-    let line = log_line(&ran, &["myapp", "preUpgrade failed"]);
-    assert!(line.contains("status 3"), "{line}");
+    // The failed command named, with its exit status and last stderr line.
+    let line = log_line(&ran, &["myapp", "preUpgrade \"/bin/sh -c"]);
+    assert!(
+        line.contains("exited 3: pre-check says no; nothing changed"),
+        "{line}"
+    );
     assert_unchanged(&host, &before, &ran);
     assert!(host.server.reported("myapp").is_empty());
     assert!(
-        supervisorctl_log(&host.dir.path).is_empty(),
+        supervisorctl_actions(&host.dir.path).is_empty(),
         "{:?}",
-        supervisorctl_log(&host.dir.path)
+        supervisorctl_actions(&host.dir.path)
     );
 
     // A hook that agrees, and keeps a copy of what it was shown.
@@ -645,7 +708,16 @@ fn post_upgrade_failure_rolls_back_and_holds_back_until_a_new_build() {
     let ran = host.run(&[]);
     ran.expect_code(1);
     log_line(&ran, &["myapp", "rolled back"]);
-    assert!(ran.stderr.contains("health check failed"), "{}", ran.stderr);
+    log_line(
+        &ran,
+        &[
+            "myapp",
+            &format!(
+                "postUpgrade \"{}\" exited 4: health check failed",
+                check.display()
+            ),
+        ],
+    );
     assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
     assert_eq!(mode(&host.target("myapp")), 0o750);
     let ctl = supervisorctl_log(&host.dir.path);
@@ -703,6 +775,14 @@ fn restart_failure_rolls_back_none_skips_and_missing_supervisorctl_warns() {
     let ran = host.run(&[]);
     ran.expect_code(1);
     log_line(&ran, &["myapp", "rolled back"]);
+    // The failed command named, with its status and answer, and where to
+    // look for why the program did not start.
+    let line = log_line(&ran, &["myapp", "did not come up"]);
+    assert!(
+        line.contains("supervisorctl restart myapp exited 7: myapp: ERROR (spawn error)"),
+        "{line}"
+    );
+    assert!(line.contains("`supervisorctl tail myapp stderr`"), "{line}");
     assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
     assert_eq!(mode(&host.target("myapp")), 0o750);
     assert_eq!(fs::read(&host.manifest).unwrap(), manifest_before);
@@ -1054,7 +1134,14 @@ fn seed_manifest_keeps_exactly_the_seed_keys_after_an_upgrade() {
 /// status, several times: the watch window in which it must stay RUNNING
 /// with the same pid (3 s by default, polled every 0.5 s).
 fn expect_restart_then_watch(host: &Host, service: &str) {
-    let log = supervisorctl_log(&host.dir.path);
+    let mut log = supervisorctl_log(&host.dir.path);
+    // First the question whether supervisord can restart it at all.
+    assert_eq!(
+        log.first().map(String::as_str),
+        Some(format!("status {service}").as_str()),
+        "{log:?}"
+    );
+    log.remove(0);
     assert_eq!(
         log.first().map(String::as_str),
         Some(format!("restart {service}").as_str()),
@@ -1197,4 +1284,260 @@ fn the_node_token_is_kept_private_and_sent_about_this_node_only() {
     for out in [&ran.stderr, &ran.stdout] {
         assert!(!out.contains(token), "the node token was printed");
     }
+}
+
+/// A real TLS server (`openssl s_server`) on a free port of 127.0.0.1,
+/// killed by its pid when dropped.
+struct TlsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TlsServer {
+    fn start(dir: &Path) -> Option<TlsServer> {
+        let have = Path::new("/usr/bin/openssl").exists();
+        if !common::can_run(
+            have,
+            "openssl is not installed (scripts/setup.sh installs it)",
+        ) {
+            return None;
+        }
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let (child, port) = common::start_on_free_port("openssl s_server", |port| {
+            let mut cmd = std::process::Command::new("openssl");
+            cmd.args([
+                "s_server",
+                "-quiet",
+                "-www",
+                "-accept",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .arg("-key")
+            .arg(&key)
+            .arg("-cert")
+            .arg(&cert);
+            cmd
+        });
+        Some(TlsServer { child, port })
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `https://` against a plain-HTTP port and `http://` against a TLS port
+/// fail at once, with the hint that fixes them, in one line, and are not
+/// retried (a download would otherwise be tried three times).
+#[test]
+fn tls_against_plain_http_or_the_reverse_fails_at_once_with_a_hint() {
+    let host = outdated_host();
+    let before = snapshot(&host);
+    let plain = host.server.url().replace("http://", "https://");
+    let ran = ran_of(
+        host.command(&[])
+            .env("BIN_MANAGER_API", format!("{plain}/api/v1"))
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(1);
+    let hint = format!(
+        "127.0.0.1:{} did not answer TLS — is the URL http://?",
+        host.server.port()
+    );
+    let line = log_line(&ran, &[&hint]);
+    assert!(line.contains("cannot talk to the server"), "{line}");
+    assert_eq!(ran.stderr.matches(&hint).count(), 1, "{}", ran.stderr);
+    assert_unchanged(&host, &before, &ran);
+
+    // A download from a plain port named https://: not retried.
+    let host = Host::new();
+    install_file(&host, "myapp", OLD, 0o750);
+    let url = format!(
+        "{}/api/v1/download/myapp",
+        host.server.url().replace("http://", "https://")
+    );
+    write_manifest(
+        &host,
+        None,
+        &[entry(
+            &host,
+            "myapp",
+            &md5_hex(OLD),
+            &[("downloadUrl", &url)],
+        )],
+    );
+    host.server.publish("myapp", NEW);
+    let before = snapshot(&host);
+    let ran = host.run(&[]);
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "did not answer TLS — is the URL http://?"]);
+    assert!(!ran.stderr.contains("retrying"), "retried:\n{}", ran.stderr);
+    assert_unchanged(&host, &before, &ran);
+
+    // http:// against a TLS port.
+    let host = outdated_host();
+    let Some(tls) = TlsServer::start(&host.dir.path) else {
+        return;
+    };
+    let before = snapshot(&host);
+    let ran = ran_of(
+        host.command(&[])
+            .env(
+                "BIN_MANAGER_API",
+                format!("http://127.0.0.1:{}/api/v1", tls.port),
+            )
+            .output()
+            .unwrap(),
+    );
+    ran.expect_code(1);
+    log_line(
+        &ran,
+        &[&format!(
+            "127.0.0.1:{} answered in TLS, not plain HTTP — is the URL https://?",
+            tls.port
+        )],
+    );
+    assert_unchanged(&host, &before, &ran);
+}
+
+/// supervisord goes away between the check before the swap and the
+/// restart: the backup goes back and the build is not held back (the fault
+/// was supervisord's), so the run after supervisord is back installs it.
+#[test]
+fn supervisord_lost_during_the_restart_rolls_back_without_holding_back() {
+    let host = outdated_host();
+    let (ctl, down, breaks) = scripted_supervisorctl(&host);
+    fs::write(&breaks, b"").unwrap();
+    let run = || {
+        ran_of(
+            host.command(&[])
+                .env("BIN_PROXY_SUPERVISORCTL", &ctl)
+                .output()
+                .unwrap(),
+        )
+    };
+    let ran = run();
+    ran.expect_code(1);
+    log_line(&ran, &["myapp", "rolled back to"]);
+    log_line(&ran, &["myapp", "not held back"]);
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), OLD);
+    assert!(
+        !fs::read_to_string(host.manifest.with_extension("json.state"))
+            .unwrap_or_default()
+            .contains(&md5_hex(NEW)),
+        "held back"
+    );
+
+    // supervisord is back: the next run installs the build.
+    fs::remove_file(&down).unwrap();
+    fs::remove_file(&breaks).unwrap();
+    let ran = run();
+    ran.expect_code(0).expect_log("myapp: upgraded");
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+}
+
+/// A supervisorctl that answers like a real one until the file `down`
+/// exists ("unix:///run/supervisor.sock no such file", exit 4); a restart
+/// while the file `breaks` exists creates `down` (supervisord dies then).
+/// Returns (the script, down, breaks).
+fn scripted_supervisorctl(
+    host: &Host,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ctl = host.dir.join("ctl.sh");
+    let down = host.dir.join("down");
+    let breaks = host.dir.join("restart-breaks-it");
+    write_exec(
+        &ctl,
+        &format!(
+            "#!/bin/sh\nwhile [ $# -gt 1 ]; do case $1 in status|restart) break;; esac; shift; done\n\
+             if [ -e '{down}' ]; then echo 'unix:///run/supervisor.sock no such file'; exit 4; fi\n\
+             case $1 in\n  status) printf '%-32s %-10s%s\\n' \"$2\" RUNNING 'pid 4242, uptime 0:00:05';;\n\
+             \x20 restart) if [ -e '{breaks}' ]; then : > '{down}'; echo 'unix:///run/supervisor.sock no such file'; exit 7; fi\n\
+             \x20   printf '%s: stopped\\n%s: started\\n' \"$2\" \"$2\";;\nesac\n",
+            down = down.display(),
+            breaks = breaks.display()
+        ),
+    );
+    (ctl, down, breaks)
+}
+
+/// A run killed after its swap left the journal; supervisord is down when
+/// the next run would confirm: the journal stays, nothing is held back, and
+/// the run after supervisord is back confirms and records the build.
+#[test]
+fn an_interrupted_upgrade_waits_for_supervisord_to_be_confirmed() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEW, 0o750); // swapped in by the killed run
+    install_file(&host, "myapp.bak", OLD, 0o750);
+    host.manifest_for(&[("myapp", &md5_hex(OLD))]);
+    host.server.publish("myapp", NEW);
+    let state = host.manifest.with_extension("json.state");
+    fs::write(
+        &state,
+        format!(
+            "{{\"files\":[],\"quarantine\":[],\"pending\":[{{\"name\":\"myapp\",\"old\":\"{}\",\"new\":\"{}\",\"at\":\"2026-01-01T00:00:00Z\"}}]}}",
+            md5_hex(OLD),
+            md5_hex(NEW)
+        ),
+    )
+    .unwrap();
+    let (ctl, down, _) = scripted_supervisorctl(&host);
+    fs::write(&down, b"").unwrap();
+    let run = || {
+        ran_of(
+            host.command(&[])
+                .env("BIN_PROXY_SUPERVISORCTL", &ctl)
+                .output()
+                .unwrap(),
+        )
+    };
+
+    let ran = run();
+    ran.expect_code(1);
+    let line = log_line(&ran, &["myapp", "cannot confirm"]);
+    assert!(
+        line.contains("no such file") && line.contains("not held back"),
+        "{line}"
+    );
+    let text = fs::read_to_string(&state).unwrap();
+    assert!(
+        text.contains("\"pending\"") && text.contains(&md5_hex(NEW)),
+        "journal kept: {text}"
+    );
+    assert_eq!(recorded(&host, "myapp"), md5_hex(OLD), "not committed");
+    assert!(host.server.reported("myapp").is_empty());
+
+    fs::remove_file(&down).unwrap();
+    let ran = run();
+    ran.expect_code(0)
+        .expect_log("interrupted after swapping in")
+        .expect_log("myapp: upgraded");
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert!(!fs::read_to_string(&state)
+        .unwrap()
+        .contains(&format!("\"new\": \"{}\"", md5_hex(NEW))));
 }

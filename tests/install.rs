@@ -1,5 +1,8 @@
 //! scripts/install.sh, run for real with `--root` pointing at a temp dir, so the
 //! real system is never touched.
+
+mod common;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -330,4 +333,117 @@ fn refuses_an_executable_that_is_not_the_agent() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("not the bin-proxy agent"), "{stderr}");
     assert!(root.snapshot().is_empty(), "created {:?}", root.snapshot());
+}
+
+#[test]
+fn a_bad_api_url_is_refused_before_anything_is_written() {
+    let root = Root::new();
+    let out = root.run(&["--binary", BIN, "--api", "mgr:8081/api/v1"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--api \"mgr:8081/api/v1\" must start with http:// or https://"),
+        "{stderr}"
+    );
+    assert!(root.snapshot().is_empty(), "created {:?}", root.snapshot());
+}
+
+/// `systemd-analyze verify` of the units under `root` (the system's own
+/// targets copied in, so that the units' default dependencies resolve and
+/// `ExecStart` is looked up inside `root`). `None`: cannot verify here.
+fn systemd_verify(root: &Root, units: &[PathBuf]) -> Option<Output> {
+    let analyze = "/usr/bin/systemd-analyze";
+    let have = common::ensure_debian_packages("systemd", analyze);
+    if !common::can_run(
+        have,
+        "systemd-analyze is not installed and could not be (Debian package systemd)",
+    ) {
+        return None;
+    }
+    let lib = root.path("usr/lib/systemd/system");
+    fs::create_dir_all(&lib).unwrap();
+    for entry in fs::read_dir("/usr/lib/systemd/system").unwrap().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().ends_with(".target") {
+            if let Ok(bytes) = fs::read(entry.path()) {
+                fs::write(lib.join(&name), bytes).unwrap();
+            }
+        }
+    }
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(format!("--root={}", root.0.display()))
+        .args(units)
+        .output()
+        .unwrap();
+    eprintln!(
+        "systemd-analyze verify: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(out)
+}
+
+#[test]
+fn systemd_timer_instead_of_cron_verifies_and_uninstalls() {
+    let root = Root::new();
+    // An earlier cron install: the timer replaces it.
+    root.install(&[]);
+    assert!(root.cron().exists());
+    let stdout = root.install(&["--systemd"]);
+    let service = root.path("etc/systemd/system/bin-proxy.service");
+    let timer = root.path("etc/systemd/system/bin-proxy.timer");
+    let link = root.path("etc/systemd/system/timers.target.wants/bin-proxy.timer");
+    assert!(stdout.contains("removed"), "{stdout}");
+    assert!(!root.cron().exists(), "scheduled twice");
+    assert_eq!((mode(&service), mode(&timer)), (0o644, 0o644));
+    let unit = read(&service);
+    for line in ["Type=oneshot", "ExecStart=/usr/local/bin/bin-proxy"] {
+        assert!(
+            unit.lines().any(|l| l == line),
+            "service lacks {line}:\n{unit}"
+        );
+    }
+    let t = read(&timer);
+    for line in [
+        "OnCalendar=minutely",
+        "RandomizedDelaySec=50s",
+        "FixedRandomDelay=true",
+        "WantedBy=timers.target",
+    ] {
+        assert!(t.lines().any(|l| l == line), "timer lacks {line}:\n{t}");
+    }
+    assert_eq!(
+        fs::read_link(&link).unwrap(),
+        PathBuf::from("/etc/systemd/system/bin-proxy.timer"),
+        "the timer is enabled"
+    );
+    assert!(root.manifest().is_file());
+    assert_no_temp_files(&root);
+
+    if let Some(out) = systemd_verify(&root, &[service.clone(), timer.clone()]) {
+        assert_eq!(out.status.code(), Some(0), "systemd-analyze verify");
+        // It does catch mistakes: a timer without a schedule.
+        let broken = root.path("etc/systemd/system/broken.timer");
+        fs::write(
+            &broken,
+            t.replace("OnCalendar=minutely", "OnCalendar=bogus"),
+        )
+        .unwrap();
+        let out = systemd_verify(&root, std::slice::from_ref(&broken)).unwrap();
+        assert_ne!(out.status.code(), Some(0), "a bogus timer verifies");
+        fs::remove_file(&broken).unwrap();
+    }
+
+    let out = root.run(&["--uninstall"]);
+    assert_eq!(out.status.code(), Some(0));
+    for p in [&service, &timer, &link] {
+        assert!(
+            !p.exists() && fs::symlink_metadata(p).is_err(),
+            "{} left",
+            p.display()
+        );
+    }
+    assert!(root.manifest().is_file(), "the operator's manifest is kept");
 }

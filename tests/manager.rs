@@ -2293,3 +2293,72 @@ fn registrations_are_bounded_in_size_number_and_rate() {
     envelope(&from([127, 0, 0, 3], "b0"), 200);
     envelope(&from([127, 0, 0, 2], "a0"), 200);
 }
+
+/// SIGTERM (what `systemctl stop` and `docker stop` send): new connections
+/// are refused at once, a download in flight finishes whole, lastSeen
+/// updates are written, one line says it stopped, exit 0.
+#[test]
+fn sigterm_stops_accepting_finishes_downloads_in_flight_and_exits_0() {
+    let mut m = Manager::start(&["--quiet"]);
+    let body = pattern(7, 32 << 20);
+    m.publish_mv("big", &body);
+    let r = post(
+        &m,
+        "/keepalive?node=n1",
+        &registration("n1", &md5_hex(&body)),
+    );
+    envelope(&r, 200);
+
+    // A download that has started but is read slowly: still in flight.
+    let mut s = TcpStream::connect(m.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /api/v1/download/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut got = vec![0u8; 64 * 1024];
+    let n = s.read(&mut got).unwrap();
+    got.truncate(n);
+
+    m.signal("TERM");
+    let refused = common::wait_until(Duration::from_secs(10), || {
+        TcpStream::connect(m.addr()).is_err()
+    });
+    assert!(refused, "still accepting after SIGTERM");
+    assert!(
+        m.wait_exit(Duration::from_millis(100)).is_none(),
+        "exited with a download in flight"
+    );
+
+    s.read_to_end(&mut got).unwrap();
+    let start = find(&got, b"\r\n\r\n").expect("a head") + 4;
+    assert_eq!(got.len() - start, body.len(), "the download was cut short");
+    assert!(got[start..] == body[..], "the download's bytes differ");
+
+    assert_eq!(
+        m.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{:?}",
+        m.log_lines()
+    );
+    let stopped = m
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("bin-manager stopped"))
+        .collect::<Vec<_>>();
+    assert_eq!(stopped.len(), 1, "{:?}", m.log_lines());
+    assert!(
+        stopped[0].contains(
+            "bin-manager stopped (SIGTERM): stopped accepting, finished the 1 request in flight"
+        ),
+        "{}",
+        stopped[0]
+    );
+
+    // The registration survived; the count reads as English.
+    m.restart();
+    let line = m
+        .log_lines()
+        .into_iter()
+        .rfind(|l| l.contains("listening on"))
+        .unwrap();
+    assert!(line.contains(", 1 node known,"), "{line}");
+}

@@ -20,6 +20,8 @@
 # build of another commit); the output names the agent's sha256 and warns when
 # it is older than the sources.
 set -euo pipefail
+set -E
+trap 'echo "agent.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/../.."
 
 SMOKE=0

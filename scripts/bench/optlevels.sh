@@ -6,6 +6,8 @@
 # without its backtrace symbolizer). Prints a Markdown table.
 # Usage: scripts/bench/optlevels.sh [RUNS]   (default 5 runs per variant)
 set -euo pipefail
+set -E
+trap 'echo "optlevels.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/../.."
 runs=${1:-5}
 scripts/setup.sh --release >/dev/null

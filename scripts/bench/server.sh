@@ -28,6 +28,8 @@
 # Installs wrk and nginx (Debian packages) when missing; builds dist/ with
 # scripts/build-release.sh --quick when the release bin-manager is missing.
 set -euo pipefail
+set -E
+trap 'echo "server.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/../.."
 
 smoke=0

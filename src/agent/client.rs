@@ -259,7 +259,14 @@ impl Client {
         let mut url = url.to_string();
         let mut method = method;
         for _ in 0..=MAX_REDIRECTS {
-            crate::debug!("{method:?} {url}");
+            crate::debug!(
+                "{} {url}",
+                if matches!(method, Method::Post) {
+                    "posting to"
+                } else {
+                    "asking"
+                }
+            );
             let mut req = Request::new(method.clone(), url.as_str())
                 .with_timeout(timeout.max(1))
                 .with_follow_redirects(false)

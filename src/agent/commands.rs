@@ -6,15 +6,15 @@ use super::install;
 use super::manifest::Manifest;
 use super::plan::{self, Action, Reason};
 use super::service::{self, Restart};
-use super::settings::{client_for, node_facts};
-use super::state::{Quarantined, State};
+use super::settings::{api_url, client_for, node_facts};
+use super::state::{Count, Quarantined, State};
 use super::upgrade::{backup_of, describe, hook_env};
-use super::{check_only, host, lock, selected, Run, DEFAULT_API, VERSION};
+use super::{check_only, host, lock, selected, Run, VERSION};
 use crate::cli::{process_env, Args};
 use crate::error::{Error, Result};
 use crate::hash;
-use crate::log;
-use crate::{error, info, warn};
+use crate::log::{self, Event};
+use crate::{event, info, warn};
 use std::fs;
 use std::path::Path;
 
@@ -37,7 +37,7 @@ pub(super) fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
             (Err(e), _) | (_, Err(e)) => {
                 failed = true;
                 if table {
-                    error!("{}: {e}", bin.name);
+                    event!(Error, Event::new(&bin.name, "failed"), "{e}");
                 }
                 (
                     format!("{}: cannot check: {e}", bin.name),
@@ -59,14 +59,14 @@ pub(super) fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
                         ),
                         "unrecorded".into(),
                     ),
-                    Action::Quarantined => (
+                    Action::HeldBack => (
                         format!(
                             "{}: would hold back {} (failed here: {})",
                             bin.name,
                             log::short(&remote.hash),
                             q.map_or("", |q| &q.error)
                         ),
-                        "quarantined".into(),
+                        "held back".into(),
                     ),
                     Action::Install(reason) => (
                         format!(
@@ -136,13 +136,10 @@ pub(super) fn init(args: &Args, config: &Path) -> Result<u8> {
             config.display()
         )));
     }
+    // Checked before anything is written.
+    let api = api_url(args, &process_env, None, config)?;
     let dir = crate::fsutil::parent(config);
     fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
-    let api = args
-        .api
-        .clone()
-        .or_else(|| process_env("BIN_MANAGER_API"))
-        .unwrap_or_else(|| DEFAULT_API.into());
     let mut m = Manifest::default();
     m.manager.api = Some(api);
     m.node.name = Some(host::hostname());
@@ -159,7 +156,7 @@ pub(super) fn init(args: &Args, config: &Path) -> Result<u8> {
     Ok(0)
 }
 
-/// `rollback NAME`: put `PATH.bak` back, restart, quarantine the build rolled
+/// `rollback NAME`: put `PATH.bak` back, restart, hold back the build rolled
 /// back from (so the next cron run does not reinstall it), record and report.
 pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let Some(_lock) = lock(config)? else {
@@ -185,10 +182,17 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     let target = install::real_target(&bin.path);
     super::paths::check_owners(&bin.path, &target)?;
     let backup = backup_of(&target);
+    if fs::symlink_metadata(&backup).is_err() {
+        return Err(Error::Other(format!(
+            "no backup of {name} to roll back to (\"{}\" does not exist); nothing changed",
+            backup.display()
+        )));
+    }
     let from = run.state.actual_hash(&target)?.unwrap_or_default();
     let to = hash::md5_file(&backup)?;
     install::restore(&target, &backup)?;
     run.state.forget(&target);
+    run.state.count(name, Count::Rollback);
     if !from.is_empty() {
         run.state.add_quarantine(Quarantined {
             name: name.to_string(),
@@ -210,14 +214,25 @@ pub(super) fn rollback(args: &Args, config: &Path, name: &str) -> Result<u8> {
     if let Err(e) = run.client.keepalive_post(&run.registration()) {
         warn!("reporting the node's inventory: {e}");
     }
+    let ev = Event::new(name, "rolled_back").hashes(&from, &to);
     match restarted {
         Ok(r) => {
-            info!("{name}: rolled back {}→{}, {}; {} stays held back until a new build or `bin-proxy retry {name}`", log::short(&from), log::short(&to), describe(&r), log::short(&from));
+            event!(
+                Info,
+                ev,
+                "rolled back {}→{}, {}; {} stays held back until a new build or `bin-proxy retry {name}`",
+                log::short(&from),
+                log::short(&to),
+                describe(&r),
+                log::short(&from)
+            );
             Ok(0)
         }
         Err(e) => {
-            error!(
-                "{name}: rolled back {}→{}, but the restart failed: {e}",
+            event!(
+                Error,
+                ev,
+                "rolled back {}→{}, but the restart failed: {e}",
                 log::short(&from),
                 log::short(&to)
             );
@@ -245,9 +260,13 @@ pub(super) fn retry(config: &Path, name: &str) -> Result<u8> {
     let blocked = state.clear_block(name);
     if state.clear_quarantine(name) | blocked {
         state.save_if_changed(&state_path)?;
-        info!("{name}: quarantine cleared; the next run installs the published build again");
+        event!(
+            Info,
+            Event::new(name, "released"),
+            "no longer held back; the next run installs the published build again"
+        );
     } else {
-        info!("{name}: nothing is held back");
+        event!(Info, Event::new(name, "released"), "nothing is held back");
     }
     Ok(0)
 }

@@ -74,23 +74,38 @@ pub fn stage(
     want: &BinInfo,
     max: u64,
 ) -> Result<Staged> {
-    let dir = fsutil::parent(target);
-    if !dir.is_dir() {
-        fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, e))?;
-    }
+    require_dir(target)?;
     let mut attempt = 1;
     loop {
-        match stage_once(client, name, url, target, want, max) {
+        match stage_once(client, name, url, target, want, max).map_err(super::tls_hint::classify) {
             Ok(staged) => return Ok(staged),
             Err(e) if attempt < ATTEMPTS && retryable(&e) => {
                 let wait = Duration::from_secs(1 << (attempt - 1));
-                crate::warn!("{name}: download attempt {attempt} of {ATTEMPTS} failed: {e}; retrying in {} s", wait.as_secs());
+                crate::event!(
+                    Warn,
+                    log::Event::new(name, "download_retry"),
+                    "download attempt {attempt} of {ATTEMPTS} failed: {e}; retrying in {} s",
+                    wait.as_secs()
+                );
                 std::thread::sleep(wait);
                 attempt += 1;
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The target's directory must exist: a missing one is most often a typo
+/// in "path", and a tree is never created on a guess.
+pub fn require_dir(target: &Path) -> Result<()> {
+    let dir = fsutil::parent(target);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    Err(Error::Other(format!(
+        "directory \"{}\" does not exist (create it, or correct \"path\" in the manifest); nothing was downloaded",
+        dir.display()
+    )))
 }
 
 fn retryable(e: &Error) -> bool {
@@ -163,6 +178,9 @@ fn stage_once(
             md5.hex()
         });
         let size = client.download(url, max, &mut |len| total_len.set(len), &mut |buf, n| {
+            if super::stop_requested() {
+                return Err(Error::Stopped); // --every is stopping: abandon, nothing changed
+            }
             file.write_all(&buf[..n])
                 .map_err(|e| Error::io("writing", &tmp, e))?;
             // The block goes to the hashers as it is; a returned one (or a
@@ -180,8 +198,10 @@ fn stage_once(
                     .get()
                     .map(|t| format!(" of {}", log::size(t)))
                     .unwrap_or_default();
-                crate::info!(
-                    "{name}: downloading, {}{of} ({})",
+                crate::event!(
+                    Info,
+                    log::Event::new(name, "progress"),
+                    "downloading, {}{of} ({})",
                     log::size(done),
                     log::rate(done, started.elapsed())
                 );

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::hash;
 use crate::json::{self, Value};
+use crate::protocol;
 use std::path::{Path, PathBuf};
 
 /// The default manifest location.
@@ -22,6 +23,8 @@ pub struct Manifest {
     pub node: Node,
     /// The managed binaries, in file order.
     pub binaries: Vec<Binary>,
+    /// `metricsFile`: where each run writes its Prometheus metrics.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// The `manager` object.
@@ -141,7 +144,7 @@ fn labels(node: &Value) -> Result<Vec<(String, String)>, String> {
     }
 }
 
-const TOP_KEYS: &[&str] = &["manager", "node", "binaries"];
+const TOP_KEYS: &[&str] = &["manager", "node", "binaries", "metricsFile"];
 const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile"];
 const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion", "labels"];
 const BINARY_KEYS: &[&str] = &[
@@ -184,8 +187,8 @@ impl Manifest {
         let mut m = Manifest::default();
         if let Some(v) = top.get("manager") {
             let o = object(v, "\"manager\"", MANAGER_KEYS)?;
-            m.manager.api = o.opt_str("api")?;
-            m.manager.download_url = o.opt_str("downloadUrl")?;
+            m.manager.api = o.opt_url("api")?;
+            m.manager.download_url = o.opt_url("downloadUrl")?;
             m.manager.token_file = o.opt_str("tokenFile")?.map(PathBuf::from);
             if let Some(f) = &m.manager.token_file {
                 if !f.is_absolute() {
@@ -202,6 +205,10 @@ impl Manifest {
                 proxy_version: o.opt_str("proxyVersion")?,
                 labels: labels(v)?,
             };
+        }
+        m.metrics_file = top.opt_str("metricsFile")?.map(PathBuf::from);
+        if m.metrics_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(top.bad("metricsFile", "must be an absolute path"));
         }
         let Some(list) = top.get("binaries") else {
             return Err(
@@ -282,6 +289,12 @@ impl Manifest {
             Value::Obj(o)
         });
         top.push(("binaries".to_string(), Value::Arr(bins.collect())));
+        if let Some(p) = &self.metrics_file {
+            top.push((
+                "metricsFile".to_string(),
+                Value::str(p.display().to_string()),
+            ));
+        }
         Value::Obj(top).to_pretty()
     }
 
@@ -333,6 +346,30 @@ impl Obj<'_> {
             Some(Value::Str(s)) => Ok(Some(s.clone())),
             Some(v) => Err(self.bad(key, &format!("must be a string, not {}", v.kind()))),
         }
+    }
+
+    /// An optional URL, which must be one the agent can fetch.
+    fn opt_url(&self, key: &str) -> Result<Option<String>, String> {
+        let url = self.opt_str(key)?;
+        match url.as_deref().and_then(protocol::url_problem) {
+            Some(problem) => {
+                Err(self.bad(key, &format!("\"{}\" {problem}", url.unwrap_or_default())))
+            }
+            None => Ok(url),
+        }
+    }
+
+    /// An optional command line, which must split into words (see
+    /// [`service::split`](super::service::split)): a mistake such as an
+    /// unclosed quote is found now, not after a swap.
+    fn opt_command(&self, key: &str) -> Result<Option<String>, String> {
+        let cmd = self.opt_str(key)?;
+        if let Some(c) = &cmd {
+            if let Err(e) = super::service::split(c) {
+                return Err(self.bad(key, &format!("cannot be split into words: {e}")));
+            }
+        }
+        Ok(cmd)
     }
 
     fn opt_seconds(&self, key: &str, max: u64) -> Result<Option<u64>, String> {
@@ -394,8 +431,20 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
         ));
     }
     let restart = o.opt_str("restart")?;
-    if restart.as_deref().is_some_and(|r| r.trim().is_empty()) {
-        return Err(o.bad("restart", "must be \"supervisor\", \"none\" or a command"));
+    match restart.as_deref().map(str::trim) {
+        None | Some("supervisor" | "none") => {}
+        Some("") => {
+            return Err(o.bad(
+                "restart",
+                "must be \"supervisor\", \"none\", \"signal:NAME:PIDFILE\" or a command",
+            ));
+        }
+        Some(r) if r.starts_with("signal:") => {
+            if let Err(e) = super::service::Restart::parse(Some(r)) {
+                return Err(o.bad("restart", &e));
+            }
+        }
+        Some(_) => drop(o.opt_command("restart")?),
     }
     let service = o.opt_str("service")?;
     let supervised = matches!(restart.as_deref().map(str::trim), None | Some("supervisor"));
@@ -415,11 +464,11 @@ fn binary(v: &Value, i: usize) -> Result<Binary, String> {
         version: o.opt_str("version")?,
         hash: hash.to_ascii_lowercase(),
         path,
-        download_url: o.opt_str("downloadUrl")?,
+        download_url: o.opt_url("downloadUrl")?,
         service,
         restart,
-        pre_upgrade: o.opt_str("preUpgrade")?,
-        post_upgrade: o.opt_str("postUpgrade")?,
+        pre_upgrade: o.opt_command("preUpgrade")?,
+        post_upgrade: o.opt_command("postUpgrade")?,
         confirm_seconds: o.opt_seconds("confirmSeconds", 600)?,
     })
 }
@@ -466,9 +515,43 @@ mod tests {
         assert_eq!(m.to_json(), SEED);
     }
 
+    /// README's manifest table names every key the validator accepts.
+    #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## The manifest").unwrap()..];
+        let section = &section[..section[3..].find("\n## ").unwrap()];
+        let rows: Vec<&str> = section.lines().filter(|l| l.starts_with("| `")).collect();
+        let documented = |key: String| {
+            rows.iter().any(|r| {
+                r.split(" | ")
+                    .next()
+                    .unwrap_or("")
+                    .contains(&format!("`{key}`"))
+            })
+        };
+        let keys = MANAGER_KEYS
+            .iter()
+            .map(|k| format!("manager.{k}"))
+            .chain(NODE_KEYS.iter().map(|k| format!("node.{k}")))
+            .chain(BINARY_KEYS.iter().map(|k| k.to_string()))
+            .chain(
+                TOP_KEYS
+                    .iter()
+                    .filter(|k| !["manager", "node", "binaries"].contains(k))
+                    .map(|k| k.to_string()),
+            );
+        for key in keys {
+            assert!(
+                documented(key.clone()),
+                "README's manifest table lacks `{key}`"
+            );
+        }
+    }
+
     #[test]
     fn every_optional_key() {
-        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},
+        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},"metricsFile":"/var/lib/node/bp.prom",
             "binaries":[{"name":"a","version":"1.2","hash":"D41D8CD98F00B204E9800998ECF8427E","path":"/x/a",
             "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check","confirmSeconds":10}]}"#;
         let m = Manifest::parse(text).unwrap();
@@ -489,7 +572,7 @@ mod tests {
         );
         check_err(
             r#"{"binaries":[],"nodes":{}}"#,
-            "the top level: unknown key \"nodes\" (known keys: manager, node, binaries)",
+            "the top level: unknown key \"nodes\" (known keys: manager, node, binaries, metricsFile)",
         );
         check_err(
             r#"{"node":{}}"#,
@@ -531,6 +614,38 @@ mod tests {
         check_err(
             &with_binary(r#""name":"b","path":"/x/b","name":"c""#),
             "binaries[1] (\"c\"): key \"name\" appears twice",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","postUpgrade":"/x/b --check 'quick""#),
+            "binaries[1] (\"b\"): key \"postUpgrade\" cannot be split into words: \"/x/b --check 'quick\" has an unclosed quote",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","restart":"systemctl \"restart b""#),
+            "binaries[1] (\"b\"): key \"restart\" cannot be split into words: \"systemctl \"restart b\" has an unclosed quote",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","preUpgrade":"  ""#),
+            "binaries[1] (\"b\"): key \"preUpgrade\" cannot be split into words: \"  \" is empty",
+        );
+        check_err(
+            r#"{"binaries":[],"manager":{"api":"mgr:8081/api/v1"}}"#,
+            "\"manager\": key \"api\" \"mgr:8081/api/v1\" must start with http:// or https://",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","downloadUrl":"cdn/b""#),
+            "binaries[1] (\"b\"): key \"downloadUrl\" \"cdn/b\" must start with http:// or https://",
+        );
+        check_err(
+            "{\"binaries\": [\n  {\"name\": \"a\", \"path\": \"/x/a\"},\n]}",
+            "invalid JSON at line 2, column 32: trailing comma before ']' (JSON allows none)",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","restart":"signal:HUPP:/run/b.pid""#),
+            "binaries[1] (\"b\"): key \"restart\" must be \"signal:NAME:PIDFILE\", e.g. \"signal:HUP:/run/app.pid\": no signal named \"HUPP\"",
+        );
+        check_err(
+            r#"{"binaries":[],"metricsFile":"bp.prom"}"#,
+            "the top level: key \"metricsFile\" must be an absolute path",
         );
         check_err(
             r#"{"binaries":{}}"#,

@@ -12,10 +12,13 @@ pub mod fetch;
 pub mod host;
 pub mod install;
 pub mod manifest;
+pub mod metrics;
 pub mod paths;
 pub mod plan;
 pub mod service;
 pub mod state;
+pub mod supervisor;
+pub mod tls_hint;
 
 mod commands;
 mod settings;
@@ -25,9 +28,9 @@ use crate::cli::{process_env, Args, Command};
 use crate::error::{Error, Result};
 use crate::hash;
 use crate::json::Value;
-use crate::log;
+use crate::log::{self, Event};
 use crate::protocol::{BinaryFact, FailureFact, Registration};
-use crate::{debug, error, info, warn};
+use crate::{debug, error, event, info, warn};
 use client::Client;
 use manifest::{Binary, Manifest};
 use settings::{client_for, config_path, node_facts, NodeFacts};
@@ -50,6 +53,18 @@ pub fn main(args: &Args) -> u8 {
     } else {
         log::Level::Info
     });
+    let format = match (args.log_format, process_env("BIN_PROXY_LOG_FORMAT")) {
+        (Some(f), _) => Ok(f),
+        (None, Some(v)) => crate::cli::log_format(&v, "$BIN_PROXY_LOG_FORMAT"),
+        (None, None) => Ok(log::Format::Text),
+    };
+    match format {
+        Ok(f) => log::set_format(f),
+        Err(e) => {
+            error!("{e}");
+            return e.exit_code();
+        }
+    }
     let config = config_path(args, &process_env);
     let result = match &args.command {
         Command::Help => {
@@ -57,7 +72,14 @@ pub fn main(args: &Args) -> u8 {
             Ok(0)
         }
         Command::Version => {
-            println!("bin-proxy {VERSION}");
+            println!(
+                "bin-proxy {VERSION}{}",
+                if cfg!(feature = "tls") {
+                    ""
+                } else {
+                    " (without TLS: http:// only)"
+                }
+            );
             Ok(0)
         }
         Command::Run => match args.every {
@@ -98,13 +120,74 @@ fn lock(config: &Path) -> Result<Option<File>> {
     }
 }
 
-/// `--every`: run, sleep, repeat. Errors are logged and the loop goes on.
-fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
-    loop {
-        if let Err(e) = run(args, config) {
-            error!("{e}");
+/// SIGTERM and SIGINT in `--every` mode (and SIGCHLD, to reap orphans):
+/// read from a signalfd at safe points instead of killing the agent
+/// mid-step. Unset in one-shot mode, where the default action is right (a
+/// run is crash-safe wherever it is killed).
+static SIGNALS: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+/// The termination signal received, once one was (0: none).
+static STOP: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Whether `--every` was asked to stop. Checked where stopping leaves
+/// nothing half done: between binaries, while downloading, before a swap.
+pub(crate) fn stop_requested() -> bool {
+    use std::sync::atomic::Ordering;
+    if let Some(fd) = SIGNALS.get() {
+        while let Some(sig) = crate::sys::read_signal(fd) {
+            if sig != crate::sys::SIGCHLD {
+                STOP.store(sig, Ordering::SeqCst);
+            }
         }
-        std::thread::sleep(Duration::from_secs(secs));
+    }
+    STOP.load(Ordering::SeqCst) != 0
+}
+
+/// `--every`: run, wait, repeat, until SIGTERM or SIGINT (then exit 0, the
+/// current step finished or abandoned before its swap). Errors are logged
+/// and the loop goes on. As a container's PID 1 it also reaps the orphans
+/// that hooks leave behind.
+fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
+    match crate::sys::signal_fd(&[crate::sys::SIGTERM, crate::sys::SIGINT, crate::sys::SIGCHLD]) {
+        Ok(fd) => drop(SIGNALS.set(fd)),
+        Err(e) => warn!("cannot watch for SIGTERM ({e}); a stop signal ends the agent at once"),
+    }
+    loop {
+        match run(args, config) {
+            Err(Error::Stopped) | Ok(_) => {}
+            Err(e) => error!("{e}"),
+        }
+        if pause(Duration::from_secs(secs)) {
+            let sig = STOP.load(std::sync::atomic::Ordering::SeqCst);
+            info!(
+                "received {}: stopping; no step was left half done",
+                crate::sys::signal_name(sig)
+            );
+            return Ok(0);
+        }
+    }
+}
+
+/// Waits `how_long`, reaping orphans meanwhile; in `--every` mode a stop
+/// signal ends the wait at once. Returns whether to stop.
+fn pause(how_long: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + how_long;
+    loop {
+        if SIGNALS.get().is_some() {
+            crate::sys::reap_children(); // no child of ours is being waited for now
+        }
+        if stop_requested() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1);
+        match SIGNALS.get() {
+            Some(fd) => drop(crate::sys::poll_readable(&[fd.as_raw_fd()], ms)),
+            None => std::thread::sleep(left),
+        }
     }
 }
 
@@ -112,8 +195,13 @@ fn every(args: &Args, config: &Path, secs: u64) -> Result<u8> {
 enum Outcome {
     UpToDate,
     Changed,
-    Skipped,
+    /// Its published build failed here before.
+    HeldBack,
     Failed,
+    /// supervisord cannot restart its service: not attempted, not held back.
+    Waiting,
+    /// The server could not be reached to ask about it.
+    Unreachable(Error),
 }
 
 /// Everything one run works with.
@@ -132,6 +220,7 @@ struct Run<'a> {
 
 /// One upgrade cycle.
 fn run(args: &Args, config: &Path) -> Result<u8> {
+    let started = std::time::Instant::now();
     let Some(_lock) = lock(config)? else {
         info!(
             "another bin-proxy run holds the lock on \"{}\"; exiting",
@@ -145,13 +234,20 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     let client = client_for(args, &process_env, &manifest, config, &facts)?;
     if args.splay > 0 {
         let secs = splay(&facts.name, args.splay);
-        debug!("splay: sleeping {secs} s");
-        std::thread::sleep(Duration::from_secs(secs));
+        debug!("waiting {secs} s before starting (--splay spreads a fleet's runs over the minute)");
+        if pause(Duration::from_secs(secs)) {
+            return Err(Error::Stopped);
+        }
     }
     let mut run = Run::new(args, config, manifest, client, facts);
 
-    let pending = run.check_in();
-    let (mut up_to_date, mut changed, mut failed, mut skipped) = (0, 0, 0, 0);
+    // A heartbeat that cannot reach the server is told once, below, if the
+    // binaries' lookups cannot reach it either.
+    let CheckIn {
+        pending,
+        error: keepalive_error,
+    } = run.check_in();
+    let mut tally = Tally::default();
     let bins: Vec<Binary> = run
         .manifest
         .binaries
@@ -164,45 +260,175 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             "node \"{}\" is waiting for an admin to accept it on {} (bin-manager node accept {}); nothing is installed until then",
             run.facts.name, run.client.api, run.facts.name
         );
-        skipped = bins.len();
+        tally.held_back = bins.len();
     }
-    for bin in bins.iter().filter(|_| !pending) {
-        match run.binary(bin) {
-            Ok(Outcome::UpToDate) => up_to_date += 1,
-            Ok(Outcome::Changed) => changed += 1,
-            Ok(Outcome::Skipped) => skipped += 1,
-            Ok(Outcome::Failed) => failed += 1,
-            Err(e) => {
-                error!("{}: {e}", bin.name);
-                failed += 1;
-            }
+    let mut unreachable = None;
+    // How each binary ended the run, for the metrics ("not_checked" unless reached).
+    let mut states = vec!["not_checked"; bins.len()];
+    for (i, bin) in bins.iter().enumerate().filter(|_| !pending) {
+        if stop_requested() {
+            break; // --every is stopping: the rest wait for the next start
         }
+        states[i] = match run.binary(bin) {
+            Ok(Outcome::UpToDate) => {
+                tally.up_to_date += 1;
+                "up_to_date"
+            }
+            Ok(Outcome::Changed) => {
+                tally.changed += 1;
+                "upgraded"
+            }
+            Ok(Outcome::HeldBack) => {
+                tally.held_back += 1;
+                "held_back"
+            }
+            Ok(Outcome::Failed) => {
+                tally.failed += 1;
+                "failed"
+            }
+            Ok(Outcome::Waiting) => {
+                tally.waiting += 1;
+                "waiting"
+            }
+            Ok(Outcome::Unreachable(e)) => {
+                // The rest would only wait for the same outage.
+                tally.unreachable = bins.len() - i;
+                unreachable = Some(e);
+                break;
+            }
+            Err(Error::Stopped) => break,
+            Err(e) => {
+                event!(Error, Event::new(&bin.name, "failed"), "{e}");
+                tally.failed += 1;
+                "failed"
+            }
+        };
+    }
+    match (&unreachable, keepalive_error) {
+        (Some(e), _) => event!(
+            Error,
+            Event::run("server_unreachable"),
+            "{}: {e}; {} not checked, nothing changed",
+            if matches!(e, Error::Tls { .. }) {
+                "cannot talk to the server"
+            } else {
+                "server unreachable"
+            },
+            plural(tally.unreachable, "binary", "binaries")
+        ),
+        (None, Some(e)) => warn!("keepalive: {e}"),
+        (None, None) => {}
     }
     if let Err(e) = run.state.save_if_changed(&run.state_path) {
         warn!("{e}");
     }
-    if changed + failed > 0 {
+    if unreachable.is_none() && tally.changed + tally.failed > 0 {
         match run.client.keepalive_post(&run.registration()) {
             Ok(data) => run.take_token(&data),
             Err(e) => run.node_request_failed("reporting the node's inventory", e),
         }
     }
-    let mut summary =
-        format!(
-        "{} {}: {up_to_date} up to date, {changed} changed, {failed} failed, {skipped} held back",
-        bins.len(),
-        if bins.len() == 1 { "binary" } else { "binaries" }
-    );
+    let mut summary = tally.summary(bins.len());
     if run.token_refused {
         summary.push_str("; the server refused this node's token");
     }
-    if failed > 0 || run.token_refused {
-        error!("{summary}");
-        Ok(1)
+    let failed = tally.failed + tally.waiting + tally.unreachable > 0 || run.token_refused;
+    let code = u8::from(failed);
+    if code > 0 {
+        event!(Error, Event::run("summary"), "{summary}");
     } else {
-        info!("{summary}");
-        Ok(0)
+        event!(Info, Event::run("summary"), "{summary}");
     }
+    if let Some(path) = metrics_path(args, &run.manifest) {
+        // Kept only for the metrics: without them an idle run writes nothing.
+        let ended = log::unix_now();
+        run.state.run_ended(code == 0, unreachable.is_some(), ended);
+        run.save_state();
+        let facts = metrics::RunFacts {
+            ended,
+            duration: started.elapsed(),
+            exit_code: code,
+            binaries: bins
+                .iter()
+                .zip(&states)
+                .map(|(b, state)| metrics::BinaryRow {
+                    name: &b.name,
+                    md5: run
+                        .manifest
+                        .binaries
+                        .iter()
+                        .find(|m| m.name == b.name)
+                        .map_or("", |m| &m.hash),
+                    state,
+                })
+                .collect(),
+        };
+        if let Err(e) = metrics::write(&path, &facts, &run.state) {
+            warn!("writing the metrics file: {e}");
+        }
+    }
+    Ok(code)
+}
+
+/// `--metrics-file`, else `BIN_PROXY_METRICS_FILE`, else the manifest's `metricsFile`.
+fn metrics_path(args: &Args, manifest: &Manifest) -> Option<PathBuf> {
+    args.metrics_file
+        .clone()
+        .or_else(|| process_env("BIN_PROXY_METRICS_FILE").map(PathBuf::from))
+        .or_else(|| manifest.metrics_file.clone())
+}
+
+/// What checking in found.
+#[derive(Default)]
+struct CheckIn {
+    /// The server holds this node for an admin to accept.
+    pending: bool,
+    /// The heartbeat could not reach the server (told once, with the binaries').
+    error: Option<Error>,
+}
+
+/// How the binaries of one run fared.
+#[derive(Default)]
+struct Tally {
+    up_to_date: usize,
+    changed: usize,
+    failed: usize,
+    held_back: usize,
+    waiting: usize,
+    unreachable: usize,
+}
+
+impl Tally {
+    /// `2 binaries: 1 up to date, 1 changed, 0 failed, 0 held back` (and the
+    /// infrastructure's share when there is one).
+    fn summary(&self, total: usize) -> String {
+        let mut s = format!(
+            "{}: {} up to date, {} changed, {} failed, {} held back",
+            plural(total, "binary", "binaries"),
+            self.up_to_date,
+            self.changed,
+            self.failed,
+            self.held_back
+        );
+        if self.waiting > 0 {
+            s.push_str(&format!(
+                ", {} waiting (its service cannot be restarted now)",
+                self.waiting
+            ));
+        }
+        if self.unreachable > 0 {
+            s.push_str(&format!(
+                ", {} not checked (server unreachable)",
+                self.unreachable
+            ));
+        }
+        s
+    }
+}
+
+/// `1 binary`, `2 binaries`.
+pub(crate) fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn selected(args: &Args, bin: &Binary) -> bool {
@@ -254,9 +480,9 @@ impl<'a> Run<'a> {
     }
 
     /// Heartbeat; registers when the server does not know this node. A
-    /// failure is logged and the run goes on. Returns whether the server
-    /// says the node is pending admission.
-    fn check_in(&mut self) -> bool {
+    /// refused token is logged; another failure is handed back, to be told
+    /// once with the binaries' (the run goes on).
+    fn check_in(&mut self) -> CheckIn {
         let node = self.facts.name.clone();
         // A node the server holds no token for (an admin reset it) registers
         // again to be given one; a seed server never says so.
@@ -273,17 +499,26 @@ impl<'a> Run<'a> {
                 }
                 Err(e) => {
                     self.node_request_failed(&format!("registering node \"{node}\""), e);
-                    return false;
+                    return CheckIn::default();
                 }
             },
             // Unknown: do not re-register blindly; a change below still reports.
-            Err(e) => {
+            Err(e @ Error::Server { status: 403, .. }) => {
                 self.node_request_failed("keepalive", e);
-                return false;
+                return CheckIn::default();
+            }
+            Err(e) => {
+                return CheckIn {
+                    pending: false,
+                    error: Some(tls_hint::classify(e)),
+                }
             }
         };
         self.take_token(&data);
-        data.get("admission").and_then(Value::as_str) == Some("pending")
+        CheckIn {
+            pending: data.get("admission").and_then(Value::as_str) == Some("pending"),
+            error: None,
+        }
     }
 
     /// Keeps a node token the server issued (`data.nodeToken`): in the state

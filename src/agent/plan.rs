@@ -1,6 +1,6 @@
 //! The decision for one binary, from facts already gathered: the hash the
 //! manifest recorded, the hash of the file on disk, the hash the server
-//! publishes, and whether that build is quarantined here. No I/O, so every
+//! publishes, and whether that build is held back here (it failed here before). No I/O, so every
 //! case is a one-line test.
 
 use crate::hash::same;
@@ -42,23 +42,23 @@ pub enum Action {
     /// Download and install the published build.
     Install(Reason),
     /// The published build failed here before; wait for a different one.
-    Quarantined,
+    HeldBack,
 }
 
 /// Decides what to do. `actual` is `None` when the file does not exist.
-pub fn decide(recorded: &str, actual: Option<&str>, remote: &str, quarantined: bool) -> Action {
+pub fn decide(recorded: &str, actual: Option<&str>, remote: &str, held_back: bool) -> Action {
     if let Some(actual) = actual.filter(|a| same(a, remote)) {
-        if quarantined && !same(recorded, actual) {
+        if held_back && !same(recorded, actual) {
             // The failed build is on disk because it could not be rolled
             // back: never record or report it as installed.
-            return Action::Quarantined;
+            return Action::HeldBack;
         }
         return Action::UpToDate {
             record: !same(recorded, actual),
         };
     }
-    if quarantined {
-        return Action::Quarantined;
+    if held_back {
+        return Action::HeldBack;
     }
     Action::Install(match actual {
         None if recorded.is_empty() => Reason::Fresh,
@@ -76,13 +76,13 @@ mod tests {
         recorded: &str,
         actual: Option<&str>,
         remote: &str,
-        quarantined: bool,
+        held_back: bool,
         expected: Action,
     ) {
         assert_eq!(
-            decide(recorded, actual, remote, quarantined),
+            decide(recorded, actual, remote, held_back),
             expected,
-            "{recorded:?} {actual:?} {remote:?} {quarantined}"
+            "{recorded:?} {actual:?} {remote:?} {held_back}"
         );
     }
 
@@ -93,7 +93,7 @@ mod tests {
         check("aa", Some("AA"), "aA", false, UpToDate { record: false });
         check("", Some("bb"), "bb", false, UpToDate { record: true });
         check("aa", Some("bb"), "bb", false, UpToDate { record: true });
-        check("aa", Some("bb"), "bb", true, Quarantined);
+        check("aa", Some("bb"), "bb", true, HeldBack);
         check("bb", Some("bb"), "bb", true, UpToDate { record: false });
         check("", None, "bb", false, Install(Reason::Fresh));
         check("aa", None, "bb", false, Install(Reason::Missing));
@@ -102,7 +102,7 @@ mod tests {
         check("aa", Some("cc"), "bb", false, Install(Reason::Changed));
         check("aa", Some("aa"), "bb", false, Install(Reason::Outdated));
         check("", Some("cc"), "bb", false, Install(Reason::Outdated));
-        check("aa", Some("aa"), "bb", true, Quarantined);
-        check("", None, "bb", true, Quarantined);
+        check("aa", Some("aa"), "bb", true, HeldBack);
+        check("", None, "bb", true, HeldBack);
     }
 }

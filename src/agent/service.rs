@@ -1,16 +1,16 @@
-//! Running other programs: the supervisorctl restart and its RUNNING
-//! confirmation, a custom restart command, and the pre/post upgrade hooks.
-//! Always an argument list (never a shell), always with a deadline, output
-//! captured for the error message.
+//! Running other programs: hooks and restart commands, and the restart
+//! policies (supervisord through [`supervisor`], a command, a signal to a
+//! pid file, none). Always an argument list (never a shell), always with a
+//! deadline, output captured for the error message, which names the
+//! command.
 
+use super::supervisor;
 use crate::error::{Error, Result};
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a restart or status call may take.
-const SUPERVISOR_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a hook may take.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -19,8 +19,26 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(300);
 pub struct Output {
     /// Exit code (`None` when killed by a signal).
     pub code: Option<i32>,
+    /// What it wrote to stdout.
+    pub stdout: String,
+    /// What it wrote to stderr.
+    pub stderr: String,
+}
+
+impl Output {
     /// stdout and stderr, stdout first.
-    pub text: String,
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// The last non-empty line of stderr, else of stdout (what a failing
+    /// program usually says last about why).
+    pub(super) fn last_line(&self) -> Option<&str> {
+        fn last(t: &str) -> Option<&str> {
+            t.lines().rev().map(str::trim).find(|l| !l.is_empty())
+        }
+        last(&self.stderr).or_else(|| last(&self.stdout))
+    }
 }
 
 /// Splits a command line into words: whitespace separates, single and double
@@ -41,7 +59,7 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
                         Some(c) => w.push(c),
                         None => {
                             return Err(Error::Command {
-                                cmd: cmd.into(),
+                                cmd: quoted(cmd),
                                 msg: "has an unclosed quote".into(),
                             })
                         }
@@ -57,7 +75,7 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
                         Some(c) => w.push(c),
                         None => {
                             return Err(Error::Command {
-                                cmd: cmd.into(),
+                                cmd: quoted(cmd),
                                 msg: "has an unclosed quote".into(),
                             })
                         }
@@ -71,20 +89,32 @@ pub fn split(cmd: &str) -> Result<Vec<String>> {
     words.extend(word);
     if words.is_empty() {
         return Err(Error::Command {
-            cmd: cmd.into(),
+            cmd: quoted(cmd),
             msg: "is empty".into(),
         });
     }
     Ok(words)
 }
 
-/// Runs `argv` with extra environment, killing it after `timeout`.
-pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result<Output> {
-    let shown = argv.join(" ");
+fn quoted(cmd: &str) -> String {
+    format!("\"{cmd}\"")
+}
+
+/// Runs `argv` with extra environment, killing it after `timeout`. Errors
+/// name the command as `shown` (`postUpgrade "/x --check"`, or the argv).
+pub fn run(
+    argv: &[String],
+    env: &[(&str, String)],
+    timeout: Duration,
+    shown: &str,
+) -> Result<Output> {
+    let shown = shown.to_string();
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
+        // stdin is a pipe closed at once, not /dev/null: an empty container
+        // root has no /dev.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -92,6 +122,8 @@ pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result
             cmd: shown.clone(),
             msg: format!("could not start: {e}"),
         })?;
+    // The child reads end of file.
+    drop(child.stdin.take());
     // Drain both pipes on threads so that a chatty child cannot block on a full pipe.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
@@ -139,31 +171,35 @@ pub fn run(argv: &[String], env: &[(&str, String)], timeout: Duration) -> Result
             }
         }
     };
-    let mut text = String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned();
-    text.push_str(&String::from_utf8_lossy(&err.join().unwrap_or_default()));
+    // The drain threads only read and collect: they do not panic.
+    let lossy = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
     Ok(Output {
         code: status.code(),
-        text,
+        stdout: lossy(out.join().unwrap_or_default()),
+        stderr: lossy(err.join().unwrap_or_default()),
     })
 }
 
-/// Runs a hook command; a non-zero exit is an error quoting its last output line.
-pub fn run_hook(cmd: &str, env: &[(&str, String)]) -> Result<()> {
-    let out = run(&split(cmd)?, env, HOOK_TIMEOUT)?;
+/// Runs a hook or restart command; `role` names it in errors
+/// (`postUpgrade "/x --check" exited 1: <its last stderr line>`).
+pub fn run_hook(role: &str, cmd: &str, env: &[(&str, String)]) -> Result<()> {
+    let shown = format!("{role} {}", quoted(cmd));
+    let out = run(&split(cmd)?, env, HOOK_TIMEOUT, &shown)?;
     match out.code {
         Some(0) => Ok(()),
         code => Err(Error::Command {
-            cmd: cmd.to_string(),
-            msg: failure(code, &out.text),
+            cmd: shown,
+            msg: failure(code, &out),
         }),
     }
 }
 
-fn failure(code: Option<i32>, text: &str) -> String {
+/// `exited 3: <last line>` or `was killed by a signal`.
+pub(super) fn failure(code: Option<i32>, out: &Output) -> String {
     let status = code.map_or("was killed by a signal".to_string(), |c| {
-        format!("exited with status {c}")
+        format!("exited {c}")
     });
-    match text.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+    match out.last_line() {
         Some(last) => format!("{status}: {}", crate::protocol::one_line(last, 200)),
         None => status,
     }
@@ -178,16 +214,47 @@ pub enum Restart {
     Nothing,
     /// A command line, e.g. `systemctl restart myapp`.
     Command(String),
+    /// `signal:HUP:/run/app.pid`: this signal to the pid in that file, no
+    /// program run (for images without supervisord, or even `kill`);
+    /// confirmed by the process (the one the file then names) staying alive.
+    Signal {
+        /// The signal number.
+        signal: i32,
+        /// The pid file.
+        pidfile: std::path::PathBuf,
+    },
 }
 
 impl Restart {
     /// The policy from the manifest's `restart` key (default: supervisor).
+    /// The manifest was validated with [`Restart::parse`] when loaded.
     pub fn from_manifest(value: Option<&str>) -> Restart {
-        match value.map(str::trim) {
-            None | Some("supervisor") => Restart::Supervisor,
-            Some("none") => Restart::Nothing,
-            Some(cmd) => Restart::Command(cmd.to_string()),
+        Restart::parse(value).unwrap_or_else(|_| Restart::Command(value.unwrap_or("").into()))
+    }
+
+    /// The policy, or what is wrong with the value.
+    pub fn parse(value: Option<&str>) -> Result<Restart, String> {
+        let Some(v) = value.map(str::trim) else {
+            return Ok(Restart::Supervisor);
+        };
+        let Some(spec) = v.strip_prefix("signal:") else {
+            return Ok(match v {
+                "supervisor" => Restart::Supervisor,
+                "none" => Restart::Nothing,
+                cmd => Restart::Command(cmd.to_string()),
+            });
+        };
+        let usage = "must be \"signal:NAME:PIDFILE\", e.g. \"signal:HUP:/run/app.pid\"";
+        let Some((name, pidfile)) = spec.split_once(':') else {
+            return Err(usage.into());
+        };
+        let signal = crate::sys::signal_number(name)
+            .ok_or_else(|| format!("{usage}: no signal named \"{name}\""))?;
+        let pidfile = std::path::PathBuf::from(pidfile);
+        if !pidfile.is_absolute() {
+            return Err(format!("{usage}: the pid file must be an absolute path"));
         }
+        Ok(Restart::Signal { signal, pidfile })
     }
 }
 
@@ -200,25 +267,8 @@ pub enum Restarted {
     Commanded,
     /// Not restarted, and why (policy "none", no supervisorctl).
     Skipped(&'static str),
-}
-
-/// The supervisorctl command: `BIN_PROXY_SUPERVISORCTL` (e.g.
-/// `supervisorctl -c /etc/supervisor/other.conf`), else `supervisorctl`.
-pub fn supervisorctl() -> Result<Vec<String>> {
-    match std::env::var("BIN_PROXY_SUPERVISORCTL") {
-        Ok(cmd) if !cmd.trim().is_empty() => split(&cmd),
-        _ => Ok(vec!["supervisorctl".to_string()]),
-    }
-}
-
-/// Whether a program can be found (a path that exists, or a name on `PATH`).
-pub fn exists(program: &str) -> bool {
-    if program.contains('/') {
-        return Path::new(program).is_file();
-    }
-    std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-        .unwrap_or(false)
+    /// Signalled; the text says which pid and how long it stayed up.
+    Signalled(String),
 }
 
 /// Restarts a service by policy and confirms it runs for `window`.
@@ -230,130 +280,115 @@ pub fn restart(
 ) -> Result<Restarted> {
     match policy {
         Restart::Nothing => Ok(Restarted::Skipped("restart is \"none\"")),
-        Restart::Command(cmd) => run_hook(cmd, env).map(|()| Restarted::Commanded),
-        Restart::Supervisor => {
-            let ctl = supervisorctl()?;
-            if !exists(&ctl[0]) {
-                return Ok(Restarted::Skipped("supervisorctl not found"));
-            }
-            supervisor_restart(&ctl, service)?;
-            confirm_running(&ctl, service, window).map(Restarted::Confirmed)
-        }
+        Restart::Command(cmd) => run_hook("restart", cmd, env).map(|()| Restarted::Commanded),
+        Restart::Signal { signal, pidfile } => signal_restart(*signal, pidfile, window),
+        Restart::Supervisor => supervisor::restart(service, window),
     }
 }
 
-fn supervisor(ctl: &[String], args: &[&str]) -> Result<Output> {
-    let mut argv = ctl.to_vec();
-    argv.extend(args.iter().map(|a| a.to_string()));
-    run(&argv, &[], SUPERVISOR_TIMEOUT)
-}
-
-fn supervisor_restart(ctl: &[String], service: &str) -> Result<()> {
-    let out = supervisor(ctl, &["restart", service])?;
-    if out.code != Some(0) || !restart_succeeded(&out.text) {
-        return Err(Error::Service {
-            service: service.to_string(),
-            msg: format!("restart failed: {}", failure(out.code, &out.text)),
-        });
-    }
-    Ok(())
-}
-
-/// Reads `supervisorctl restart` output, because supervisor before 4.0 exits
-/// 0 even on failure. Restart is stop + start: stopping a program that is not
-/// running prints `ERROR (not running)` and is fine; success is a `started`
-/// line and no other ERROR.
-fn restart_succeeded(text: &str) -> bool {
-    let started = text.lines().any(|l| l.trim_end().ends_with(": started"));
-    let other_error = text.lines().any(|l| {
-        l.contains("ERROR") && !l.contains("(not running)") || l.contains("no such process")
-    });
-    started && !other_error
-}
-
-/// How long a program may stay STARTING before it counts as failed.
-const STARTING_LIMIT: Duration = Duration::from_secs(30);
-/// How often `status` is asked during the watch window.
-const WATCH_EVERY: Duration = Duration::from_millis(500);
-
-/// Confirms the restarted program runs: `status` must say RUNNING and keep
-/// saying it, with the same pid, for the whole `window` (supervisor exits 0
-/// for STARTING and BACKOFF, and a build that dies after supervisor's own
-/// `startsecs` would otherwise pass). Returns the last status detail.
-fn confirm_running(ctl: &[String], service: &str, window: Duration) -> Result<String> {
-    let fail = |msg: String| Error::Service {
-        service: service.to_string(),
+/// Sends `signal` to the pid in `pidfile`, then watches for `window` that
+/// the process the file names stays alive (an app that re-executes itself
+/// keeps its pid; one restarted by something else writes a new one).
+fn signal_restart(signal: i32, pidfile: &Path, window: Duration) -> Result<Restarted> {
+    let name = crate::sys::signal_name(signal);
+    let what = format!(
+        "restart \"signal:{}:{}\"",
+        name.trim_start_matches("SIG"),
+        pidfile.display()
+    );
+    let fail = |msg: String| Error::Command {
+        cmd: what.clone(),
         msg,
     };
+    let pid = read_pid(pidfile).map_err(&fail)?;
+    crate::sys::kill(pid, signal)
+        .map_err(|e| fail(format!("cannot send {name} to pid {pid}: {e}")))?;
     let began = Instant::now();
-    let mut running: Option<(String, Instant)> = None; // (pid, since)
+    let mut current = pid;
     loop {
-        let out = supervisor(ctl, &["status", service])?;
-        let Some((state, detail)) = parse_status(&out.text, service) else {
+        std::thread::sleep(Duration::from_millis(200).min(window));
+        // The file may name a new process by now; it must be alive.
+        current = read_pid(pidfile).unwrap_or(current);
+        if !alive(current) {
             return Err(fail(format!(
-                "status did not report it: {}",
-                failure(out.code, &out.text)
+                "pid {current} is gone {:.1} s after {name}: the new build did not stay up",
+                began.elapsed().as_secs_f32()
             )));
-        };
-        let detail = crate::protocol::one_line(detail, 200);
-        match (state, &running) {
-            ("RUNNING", None) => running = Some((pid_of(&detail), Instant::now())),
-            ("RUNNING", Some((pid, _))) if *pid == pid_of(&detail) => {}
-            ("RUNNING", Some((pid, since))) => {
-                return Err(fail(format!(
-                    "was restarted by supervisord {:.0?} after coming up (pid {pid} → {}): the new build keeps dying",
-                    since.elapsed(),
-                    pid_of(&detail)
-                )));
-            }
-            ("STARTING", None) if began.elapsed() < STARTING_LIMIT => {}
-            (state, None) => {
-                return Err(fail(format!(
-                    "is {state} after the restart, not RUNNING: {detail}"
-                )))
-            }
-            (state, Some((_, since))) => {
-                let detail = if detail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {detail}")
-                };
-                return Err(fail(format!(
-                    "stopped running {:.1} s after the restart ({state}{detail})",
-                    since.elapsed().as_secs_f32()
-                )));
-            }
         }
-        if let Some((_, since)) = &running {
-            if since.elapsed() >= window {
-                return Ok(format!("RUNNING {detail}").trim_end().to_string());
-            }
+        if began.elapsed() >= window {
+            return Ok(Restarted::Signalled(format!(
+                "sent {name} to pid {pid}, pid {current} running for {} s",
+                window.as_secs()
+            )));
         }
-        std::thread::sleep(WATCH_EVERY);
     }
 }
 
-/// The pid in a status detail (`pid 4242, uptime 0:00:05`), or "" when absent.
-fn pid_of(detail: &str) -> String {
-    detail
-        .split_once("pid ")
-        .map(|(_, rest)| rest.chars().take_while(char::is_ascii_digit).collect())
-        .unwrap_or_default()
+fn read_pid(pidfile: &Path) -> Result<i32, String> {
+    let text = std::fs::read_to_string(pidfile)
+        .map_err(|e| format!("cannot read pid file \"{}\": {e}", pidfile.display()))?;
+    text.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|&p| p > 1)
+        .ok_or_else(|| {
+            format!(
+                "pid file \"{}\" holds {:?}, not a pid",
+                pidfile.display(),
+                crate::protocol::one_line(text.trim(), 40)
+            )
+        })
 }
 
-/// Finds `SERVICE  STATE  detail` in `supervisorctl status` output.
-pub fn parse_status<'a>(text: &'a str, service: &str) -> Option<(&'a str, &'a str)> {
-    text.lines().find_map(|line| {
-        let mut parts = line.split_whitespace();
-        let name = parts.next()?;
-        // A group member shows as group:name.
-        if name != service && name.rsplit(':').next() != Some(service) {
-            return None;
+/// Whether `pid` is a live process (not a zombie, where /proc can tell).
+fn alive(pid: i32) -> bool {
+    if crate::sys::kill(pid, 0).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true, // no /proc (an empty container root): kill(0) is all we know
+    }
+}
+
+/// Asks, before anything is swapped, whether the service can be restarted
+/// at all: supervisord up and knowing the program ([`Error::Supervisor`]
+/// names what was tried and the fix), or for `signal:` the pid file naming
+/// a live process. Otherwise a restart could only fail — and the build would
+/// be blamed for it. Other policies, and hosts without supervisorctl, pass.
+pub fn restart_ready(policy: &Restart, service: &str) -> Result<()> {
+    if let Restart::Signal { signal, pidfile } = policy {
+        // The process to signal must be there now: if it is not, the build
+        // is not to blame for a restart that cannot happen.
+        let what = || {
+            format!(
+                "restart \"signal:{}:{}\"",
+                crate::sys::signal_name(*signal).trim_start_matches("SIG"),
+                pidfile.display()
+            )
+        };
+        let pid = read_pid(pidfile).map_err(|msg| Error::Command {
+            cmd: what(),
+            msg: format!("{msg} (is the app running?)"),
+        })?;
+        if !alive(pid) {
+            return Err(Error::Command {
+                cmd: what(),
+                msg: format!(
+                    "pid {pid} from \"{}\" is not running (is the app running?)",
+                    pidfile.display()
+                ),
+            });
         }
-        let state = parts.next()?;
-        let detail = line.split_once(state).map_or("", |(_, rest)| rest.trim());
-        Some((state, detail))
-    })
+        return Ok(());
+    }
+    match policy {
+        Restart::Supervisor => supervisor::ready(service),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -376,43 +411,37 @@ mod tests {
     }
 
     #[test]
-    fn restart_outputs() {
-        assert!(restart_succeeded("hello: stopped\nhello: started\n"));
-        assert!(restart_succeeded(
-            "hello: ERROR (not running)\nhello: started\n"
-        ));
-        assert!(!restart_succeeded(
-            "hello: ERROR (not running)\nhello: ERROR (spawn error)\n"
-        ));
-        assert!(!restart_succeeded("hello: ERROR (no such process)\n"));
-        assert!(!restart_succeeded(
-            "hello: stopped\nhello: ERROR (abnormal termination)\n"
-        ));
-        assert!(!restart_succeeded(""));
-    }
-
-    #[test]
-    fn pids() {
-        assert_eq!(pid_of("pid 4242, uptime 0:00:05"), "4242");
-        assert_eq!(pid_of("Exited too quickly"), "");
-    }
-
-    #[test]
-    fn status_lines() {
-        let out = "myapp                            RUNNING   pid 4242, uptime 0:00:05\n";
+    fn restart_policies() {
+        let parse = |v: &str| Restart::parse(Some(v));
+        assert_eq!(Restart::parse(None), Ok(Restart::Supervisor));
+        assert_eq!(parse("none"), Ok(Restart::Nothing));
         assert_eq!(
-            parse_status(out, "myapp"),
-            Some(("RUNNING", "pid 4242, uptime 0:00:05"))
+            parse("systemctl restart a"),
+            Ok(Restart::Command("systemctl restart a".into()))
         );
         assert_eq!(
-            parse_status("grp:myapp  BACKOFF  Exited too quickly", "myapp"),
-            Some(("BACKOFF", "Exited too quickly"))
+            parse("signal:HUP:/run/app.pid"),
+            Ok(Restart::Signal {
+                signal: 1,
+                pidfile: "/run/app.pid".into()
+            })
         );
         assert_eq!(
-            parse_status("myapp: ERROR (no such process)", "myapp"),
-            None
+            parse("signal:sigusr2:/x.pid"),
+            Ok(Restart::Signal {
+                signal: crate::sys::signal_number("USR2").unwrap(),
+                pidfile: "/x.pid".into()
+            })
         );
-        assert_eq!(parse_status("other RUNNING pid 1", "myapp"), None);
+        assert!(parse("signal:BOGUS:/x.pid")
+            .unwrap_err()
+            .contains("no signal named \"BOGUS\""));
+        assert!(parse("signal:HUP:run/x.pid")
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(parse("signal:HUP")
+            .unwrap_err()
+            .contains("signal:NAME:PIDFILE"));
     }
 
     #[test]
@@ -421,22 +450,43 @@ mod tests {
             &split("sh -c 'echo out; echo err >&2; exit 3'").unwrap(),
             &[],
             Duration::from_secs(5),
+            "test",
         )
         .unwrap();
         assert_eq!(ok.code, Some(3));
-        assert_eq!(ok.text, "out\nerr\n");
-        let slow = run(&split("sleep 5").unwrap(), &[], Duration::from_millis(200)).unwrap_err();
-        assert!(
-            slow.to_string()
-                .contains("did not finish within 0 s and was killed"),
-            "{slow}"
+        assert_eq!(ok.text(), "out\nerr\n");
+        let slow = run(
+            &split("sleep 5").unwrap(),
+            &[],
+            Duration::from_millis(200),
+            "slow",
+        )
+        .unwrap_err();
+        assert_eq!(
+            slow.to_string(),
+            "slow did not finish within 0 s and was killed"
         );
-        let e = run_hook("sh -c 'echo failing check; exit 4'", &[]).unwrap_err();
+        let e = run_hook("postUpgrade", "sh -c 'echo failing check; exit 4'", &[]).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "\"sh -c 'echo failing check; exit 4'\" exited with status 4: failing check"
+            "postUpgrade \"sh -c 'echo failing check; exit 4'\" exited 4: failing check"
         );
-        let e = run_hook("/nonexistent/hook", &[]).unwrap_err();
-        assert!(e.to_string().contains("could not start"), "{e}");
+        // The last line of stderr, not of stdout.
+        let e = run_hook(
+            "postUpgrade",
+            "sh -c 'echo why >&2; echo noise; exit 1'",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "postUpgrade \"sh -c 'echo why >&2; echo noise; exit 1'\" exited 1: why"
+        );
+        let e = run_hook("preUpgrade", "/nonexistent/hook", &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("preUpgrade \"/nonexistent/hook\" could not start: "),
+            "{e}"
+        );
     }
 }

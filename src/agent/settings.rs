@@ -29,31 +29,17 @@ pub fn client_for(
     config: &Path,
     facts: &NodeFacts,
 ) -> Result<Client> {
-    let api = args
-        .api
-        .clone()
-        .or_else(|| env("BIN_MANAGER_API"))
-        .or_else(|| manifest.manager.api.clone());
-    let api = api
-        .unwrap_or_else(|| DEFAULT_API.to_string())
-        .trim_end_matches('/')
-        .to_string();
-    let download = args
-        .download_url
-        .clone()
-        .or_else(|| env("BIN_DOWNLOAD_URL"))
-        .or_else(|| manifest.manager.download_url.clone());
-    let download_base = download
-        .unwrap_or_else(|| format!("{api}/download"))
-        .trim_end_matches('/')
-        .to_string();
-    for (what, url) in [("API", &api), ("download", &download_base)] {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(Error::Usage(format!(
-                "the {what} URL must start with http:// or https://, not \"{url}\""
-            )));
-        }
-    }
+    let api = api_url(args, env, Some(manifest), config)?;
+    let download_base = match setting(
+        &args.download_url,
+        env,
+        "BIN_DOWNLOAD_URL",
+        &manifest.manager.download_url,
+    ) {
+        Some((url, from)) => checked(url, from, "--download-url", "manager.downloadUrl", config)?,
+        None => format!("{api}/download"),
+    };
+    let download_base = download_base.trim_end_matches('/').to_string();
     let token = match (env("BIN_MANAGER_TOKEN"), &manifest.manager.token_file) {
         (Some(t), _) => Some(t.trim().to_string()),
         (None, Some(file)) => {
@@ -77,6 +63,63 @@ pub fn client_for(
         arch: facts.cpu_arch.clone(),
         node: facts.name.clone(),
         node_token: None, // from the state file, once it is loaded
+    })
+}
+
+/// The API base: `--api`, else `BIN_MANAGER_API`, else the manifest's
+/// `manager.api` (when there is a manifest), else [`DEFAULT_API`]; a URL
+/// the agent cannot use is an error naming where it came from.
+pub fn api_url(
+    args: &Args,
+    env: Env,
+    manifest: Option<&Manifest>,
+    config: &Path,
+) -> Result<String> {
+    let from_manifest = manifest.and_then(|m| m.manager.api.clone());
+    let api = match setting(&args.api, env, "BIN_MANAGER_API", &from_manifest) {
+        Some((url, from)) => checked(url, from, "--api", "manager.api", config)?,
+        None => DEFAULT_API.to_string(),
+    };
+    Ok(api.trim_end_matches('/').to_string())
+}
+
+/// Where a setting was found.
+#[derive(Clone, Copy)]
+enum From {
+    Flag,
+    Env(&'static str),
+    Manifest,
+}
+
+/// The first of flag, environment variable `key`, manifest value.
+fn setting(
+    flag: &Option<String>,
+    env: Env,
+    key: &'static str,
+    manifest: &Option<String>,
+) -> Option<(String, From)> {
+    if let Some(v) = flag {
+        return Some((v.clone(), From::Flag));
+    }
+    if let Some(v) = env(key) {
+        return Some((v, From::Env(key)));
+    }
+    manifest.clone().map(|v| (v, From::Manifest))
+}
+
+/// `url` unless the agent cannot use it; the error names the flag, the
+/// environment variable or the manifest key it came from.
+fn checked(url: String, from: From, flag: &str, key: &str, config: &Path) -> Result<String> {
+    let Some(problem) = crate::protocol::url_problem(&url) else {
+        return Ok(url);
+    };
+    Err(match from {
+        From::Flag => Error::Usage(format!("{flag} \"{url}\" {problem}")),
+        From::Env(var) => Error::Usage(format!("${var} \"{url}\" {problem}")),
+        From::Manifest => Error::Config {
+            path: config.to_path_buf(),
+            msg: format!("{key} \"{url}\" {problem}"),
+        },
     })
 }
 
@@ -159,15 +202,47 @@ mod tests {
         };
         let c = client_for(&args, &env, &m, cfg, &facts()).unwrap();
         assert_eq!(c.api, "https://flag/api");
-        let args = Args {
-            api: Some("ftp://x".into()),
+    }
+
+    #[test]
+    fn a_bad_url_names_where_it_came_from() {
+        let cfg = Path::new("/m.json");
+        let check =
+            |args: Args, env: &dyn Fn(&str) -> Option<String>, m: &Manifest, expected: &str| {
+                let e = client_for(&args, env, m, cfg, &facts()).unwrap_err();
+                assert_eq!(e.to_string(), expected);
+                assert_eq!(e.exit_code(), 2);
+            };
+        let mut m = Manifest::default();
+        let flag = |api: &str| Args {
+            api: Some(api.into()),
             ..Args::default()
         };
-        assert_eq!(
-            client_for(&args, &none, &m, cfg, &facts())
-                .unwrap_err()
-                .exit_code(),
-            2
+        let must = "must start with http:// or https://";
+        check(
+            flag("mgr:8081/api/v1"),
+            &env_of(&[]),
+            &m,
+            &format!("--api \"mgr:8081/api/v1\" {must} (see --help)"),
+        );
+        check(
+            Args::default(),
+            &env_of(&[("BIN_MANAGER_API", "ftp://mgr/api")]),
+            &m,
+            &format!("$BIN_MANAGER_API \"ftp://mgr/api\" {must} (see --help)"),
+        );
+        check(
+            Args::default(),
+            &env_of(&[("BIN_DOWNLOAD_URL", "cdn/bins")]),
+            &m,
+            &format!("$BIN_DOWNLOAD_URL \"cdn/bins\" {must} (see --help)"),
+        );
+        m.manager.api = Some("mgr/api".into());
+        check(
+            Args::default(),
+            &env_of(&[]),
+            &m,
+            &format!("\"/m.json\": manager.api \"mgr/api\" {must}"),
         );
     }
 

@@ -1,11 +1,12 @@
 //! The agent's own small state file, beside the manifest
 //! (`bin-manifests.json.state`): a cache of file hashes keyed by what `stat`
 //! says, so that an idle run does not re-read every binary every minute, and
-//! the quarantine of builds that failed here, and the node token the server
-//! issued (so the file is mode 0600, always). Losing it costs one re-hash
-//! and one retry — and, where the server requires node tokens, an admin's
-//! `bin-manager node reset` — never correctness, so a damaged file is
-//! logged and ignored.
+//! the builds held back because they failed here, the node token the
+//! server issued (so the file is mode 0600, always), and the counters the
+//! metrics file reports. Losing it costs one re-hash and one retry (and
+//! restarts the counters) — and, where the server requires node tokens, an
+//! admin's `bin-manager node reset` — never correctness, so a damaged file
+//! is logged and ignored.
 
 use crate::error::Result;
 use crate::fsutil;
@@ -84,11 +85,36 @@ pub struct Blocked {
     pub at: String,
 }
 
+/// What happened to one binary here over all runs (Prometheus counters:
+/// they only grow, across runs).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Binary name.
+    pub name: String,
+    /// Builds installed and confirmed.
+    pub upgrades: u64,
+    /// Builds that did not come up (and were held back).
+    pub failures: u64,
+    /// Backups put back (after a failure, or by `rollback`).
+    pub rollbacks: u64,
+}
+
+/// Which counter to count.
+#[derive(Clone, Copy, Debug)]
+pub enum Count {
+    /// [`Counters::upgrades`]
+    Upgrade,
+    /// [`Counters::failures`]
+    Failure,
+    /// [`Counters::rollbacks`]
+    Rollback,
+}
+
 /// The state file's contents.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     files: Vec<(PathBuf, Stamp, String)>,
-    /// Failed builds.
+    /// Failed builds, held back.
     pub quarantine: Vec<Quarantined>,
     /// Upgrades in flight (at most one per binary).
     pub pending: Vec<Pending>,
@@ -100,6 +126,12 @@ pub struct State {
     /// in: where a killed run's temp file is, even after a symlinked
     /// directory was switched to another.
     staged_in: Vec<(String, PathBuf)>,
+    /// Per-binary counters for the metrics file.
+    pub counters: Vec<Counters>,
+    /// Runs that could not reach the server, over all runs.
+    pub unreachable_runs: u64,
+    /// When a run last ended with nothing failed (Unix seconds).
+    pub last_success: Option<u64>,
     dirty: bool,
 }
 
@@ -216,6 +248,51 @@ impl State {
         true
     }
 
+    /// Adds one to a binary's counter.
+    pub fn count(&mut self, name: &str, what: Count) {
+        let i = match self.counters.iter().position(|c| c.name == name) {
+            Some(i) => i,
+            None => {
+                self.counters.push(Counters {
+                    name: name.to_string(),
+                    ..Counters::default()
+                });
+                self.counters.len() - 1
+            }
+        };
+        let c = &mut self.counters[i];
+        *match what {
+            Count::Upgrade => &mut c.upgrades,
+            Count::Failure => &mut c.failures,
+            Count::Rollback => &mut c.rollbacks,
+        } += 1;
+        self.dirty = true;
+    }
+
+    /// A binary's counters (zeros when it has none yet).
+    pub fn counters_of(&self, name: &str) -> Counters {
+        self.counters
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+            .unwrap_or(Counters {
+                name: name.to_string(),
+                ..Counters::default()
+            })
+    }
+
+    /// Records how a run ended: a success stamps `last_success`, an
+    /// unreachable server counts.
+    pub fn run_ended(&mut self, ok: bool, unreachable: bool, now: u64) {
+        if ok {
+            self.last_success = Some(now);
+        }
+        if unreachable {
+            self.unreachable_runs += 1;
+        }
+        self.dirty |= ok || unreachable;
+    }
+
     /// Writes the state atomically if anything changed.
     pub fn save_if_changed(&mut self, path: &Path) -> Result<()> {
         if self.dirty {
@@ -321,10 +398,22 @@ impl State {
                 ("at", Value::str(&p.at)),
             ])
         });
+        let counters = self.counters.iter().map(|c| {
+            Value::obj([
+                ("name", Value::str(&c.name)),
+                ("upgrades", Value::int(c.upgrades)),
+                ("failures", Value::int(c.failures)),
+                ("rollbacks", Value::int(c.rollbacks)),
+            ])
+        });
+        let last_success = self.last_success.map_or(Value::Null, Value::int);
         let mut top = vec![
             ("files", Value::Arr(files.collect())),
             ("quarantine", Value::Arr(quarantine.collect())),
             ("pending", Value::Arr(pending.collect())),
+            ("counters", Value::Arr(counters.collect())),
+            ("unreachableRuns", Value::int(self.unreachable_runs)),
+            ("lastSuccess", last_success),
         ];
         if !self.blocked.is_empty() {
             let blocked = self.blocked.iter().map(|b| {
@@ -410,6 +499,16 @@ impl State {
                 at: s(&p, "at").unwrap_or_default(),
             });
         }
+        for c in list("counters")? {
+            state.counters.push(Counters {
+                name: s(&c, "name")?,
+                upgrades: u(&c, "upgrades").unwrap_or(0),
+                failures: u(&c, "failures").unwrap_or(0),
+                rollbacks: u(&c, "rollbacks").unwrap_or(0),
+            });
+        }
+        state.unreachable_runs = u(v, "unreachableRuns").unwrap_or(0);
+        state.last_success = u(v, "lastSuccess");
         Some(state)
     }
 }
@@ -461,6 +560,10 @@ mod tests {
             std::os::unix::fs::PermissionsExt::from_mode(0o644),
         )
         .unwrap();
+        state.count("app", Count::Upgrade);
+        state.count("app", Count::Upgrade);
+        state.count("app", Count::Rollback);
+        state.run_ended(true, true, 1_795_507_201);
         state.save_if_changed(&state_path).unwrap();
         assert_eq!(fs::metadata(&state_path).unwrap().mode() & 0o777, 0o600);
 
@@ -470,6 +573,13 @@ mod tests {
         assert_eq!(loaded.blocked_for("app"), state.blocked_for("app"));
         assert_eq!(loaded.staged_in("app"), Some(dir.as_path()));
         assert_eq!(loaded.files, state.files);
+        let c = loaded.counters_of("app");
+        assert_eq!((c.upgrades, c.failures, c.rollbacks), (2, 0, 1));
+        assert_eq!(loaded.counters_of("other").upgrades, 0);
+        assert_eq!(
+            (loaded.unreachable_runs, loaded.last_success),
+            (1, Some(1_795_507_201))
+        );
         assert!(loaded.quarantined("app", "ab").is_some());
         assert_eq!(loaded.pending_for("app").map(|p| p.new.as_str()), Some("b"));
         loaded.clear_pending("app");

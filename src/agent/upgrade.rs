@@ -1,22 +1,25 @@
-//! One binary's upgrade, as a transaction: decide (plan), stage the
-//! download beside the target, run preUpgrade, journal, swap, restart and
-//! confirm, health-check — then commit (record, report) or undo (put the
-//! backup back, restart, quarantine). A run killed anywhere in between is
-//! finished by the next one ([`Run::resume`]).
+//! One binary's upgrade, as a transaction: decide (plan), ask supervisord
+//! whether it can restart the service at all, stage the download beside the
+//! target, run preUpgrade, journal, swap, restart and confirm, health-check —
+//! then commit (record, report) or undo (put the backup back, restart, hold
+//! the failed build back). A run killed anywhere in between is finished by
+//! the next one ([`Run::resume`]). Faults of the infrastructure (the server
+//! unreachable, supervisord down or without the program) are never blamed
+//! on the build: nothing is held back for them.
 
 use super::install::{self, Staged};
 use super::manifest::Binary;
 use super::paths;
 use super::plan::{self, Action, Reason};
 use super::service::{self, Restart, Restarted};
-use super::state::{Blocked, Pending, Quarantined, Stamp};
+use super::state::{Blocked, Count, Pending, Quarantined, Stamp};
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
+use crate::event;
 use crate::fsutil;
 use crate::hash;
-use crate::log;
+use crate::log::{self, Event};
 use crate::protocol::BinInfo;
-use crate::{debug, error, info, warn};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -25,7 +28,14 @@ impl Run<'_> {
         if let Some(outcome) = self.resume(bin) {
             return outcome;
         }
-        let remote = self.client.bin_info(&bin.name, bin.pinned_version())?;
+        let remote = match self.client.bin_info(&bin.name, bin.pinned_version()) {
+            Ok(remote) => remote,
+            Err(e) => match super::tls_hint::classify(e) {
+                // Not this binary's fault: the run reports it once.
+                e @ (Error::Http { .. } | Error::Tls { .. }) => return Ok(Outcome::Unreachable(e)),
+                e => return Err(e),
+            },
+        };
         let target = install::real_target(&bin.path);
         self.sweep(bin, &target);
         let actual = self.state.actual_hash(&target)?;
@@ -36,9 +46,10 @@ impl Run<'_> {
             .any(|q| q.name == bin.name && !hash::same(&q.hash, &remote.hash))
         {
             self.state.clear_quarantine(&bin.name);
-            info!(
-                "{}: a new build {} is published; its quarantine is lifted",
-                bin.name,
+            event!(
+                Info,
+                Event::new(&bin.name, "released"),
+                "a new build {} is published; the one held back is forgotten",
                 log::short(&remote.hash)
             );
         }
@@ -46,9 +57,10 @@ impl Run<'_> {
             let moved = b.dir != fsutil::parent(&target);
             if moved || !hash::same(&b.hash, &remote.hash) {
                 self.state.clear_block(&bin.name);
-                info!(
-                    "{}: {}; trying again",
-                    bin.name,
+                event!(
+                    Info,
+                    Event::new(&bin.name, "released"),
+                    "{}; trying again",
                     if moved {
                         format!("\"{}\" leads elsewhere now", bin.path.display())
                     } else {
@@ -58,6 +70,19 @@ impl Run<'_> {
             }
         }
         let quarantine = self.state.quarantined(&bin.name, &remote.hash).cloned();
+        event!(
+            Debug,
+            Event::new(&bin.name, "checked").hashes(&bin.hash, &remote.hash),
+            "recorded {}, on disk {}, published {}{}",
+            log::short(&bin.hash),
+            actual.as_deref().map_or("no file".into(), log::short),
+            log::short(&remote.hash),
+            if quarantine.is_some() {
+                " (held back: it failed here)"
+            } else {
+                ""
+            }
+        );
         match plan::decide(
             &bin.hash,
             actual.as_deref(),
@@ -65,44 +90,54 @@ impl Run<'_> {
             quarantine.is_some(),
         ) {
             Action::UpToDate { record: false } => {
-                debug!("{}: up to date ({})", bin.name, log::short(&remote.hash));
+                event!(
+                    Debug,
+                    Event::new(&bin.name, "up_to_date").hashes(&remote.hash, &remote.hash),
+                    "up to date: the file and the manifest are the published build {}",
+                    log::short(&remote.hash)
+                );
                 Ok(Outcome::UpToDate)
             }
             Action::UpToDate { record: true } => {
                 self.record(&bin.name, &remote.hash)?;
                 self.report(&bin.name, &remote.hash);
-                info!(
-                    "{}: file already is the published build {}; recorded it",
-                    bin.name,
+                event!(
+                    Info,
+                    Event::new(&bin.name, "recorded").hashes(&bin.hash, &remote.hash),
+                    "file already is the published build {}; recorded it",
                     log::short(&remote.hash)
                 );
                 Ok(Outcome::Changed)
             }
-            Action::Quarantined => {
-                let q = quarantine.unwrap_or_else(|| unreachable!("decide() says quarantined"));
-                warn!(
-                    "{}: holding back {}: it failed here at {} ({}); waiting for a new build or `bin-proxy retry {}`",
-                    bin.name, log::short(&remote.hash), q.at, q.error, bin.name
+            Action::HeldBack => {
+                let q = quarantine.unwrap_or_else(|| unreachable!("decide() says held back"));
+                event!(
+                    Warn,
+                    Event::new(&bin.name, "held_back").hashes(actual.as_deref().unwrap_or(""), &remote.hash),
+                    "holding back {}: it failed here at {} ({}); waiting for a new build or `bin-proxy retry {}`",
+                    log::short(&remote.hash), q.at, q.error, bin.name
                 );
-                Ok(Outcome::Skipped)
+                Ok(Outcome::HeldBack)
             }
             Action::Install(reason) => {
                 if let Some(b) = self.state.blocked_for(&bin.name).cloned() {
                     match paths::check_replaceable(&target) {
                         Err(e) => {
-                            warn!(
-                                "{}: holding back {}: {e} (since {}); waiting for a new build or for it to become replaceable",
-                                bin.name,
+                            event!(
+                                Warn,
+                                Event::new(&bin.name, "held_back").hashes(actual.as_deref().unwrap_or(""), &remote.hash),
+                                "holding back {}: {e} (since {}); waiting for a new build or for it to become replaceable",
                                 log::short(&remote.hash),
                                 b.at
                             );
-                            return Ok(Outcome::Skipped);
+                            return Ok(Outcome::HeldBack);
                         }
                         Ok(()) => {
                             self.state.clear_block(&bin.name);
-                            info!(
-                                "{}: \"{}\" can be replaced again; trying {} again",
-                                bin.name,
+                            event!(
+                                Info,
+                                Event::new(&bin.name, "released"),
+                                "\"{}\" can be replaced again; trying {} again",
                                 target.display(),
                                 log::short(&remote.hash)
                             );
@@ -120,9 +155,10 @@ impl Run<'_> {
     fn sweep(&mut self, bin: &Binary, target: &Path) {
         let swept = fsutil::sweep_temps(target) + fsutil::sweep_temps(&backup_of(target));
         if swept > 0 {
-            info!(
-                "{}: removed {swept} temp file(s) left by an interrupted run",
-                bin.name
+            event!(
+                Info,
+                Event::new(&bin.name, "swept"),
+                "removed {swept} temp file(s) left by an interrupted run"
             );
         }
         // Where this run stages (saved with the state at the latest before
@@ -138,9 +174,10 @@ impl Run<'_> {
             let old = before.join(file);
             let swept = fsutil::sweep_temps(&old) + fsutil::sweep_temps(&backup_of(&old));
             if swept > 0 {
-                info!(
-                    "{}: removed {swept} temp file(s) an interrupted run left in \"{}\": the directory of \"{}\" changed since, it leads to \"{}\" now",
-                    bin.name,
+                event!(
+                    Info,
+                    Event::new(&bin.name, "swept"),
+                    "removed {swept} temp file(s) an interrupted run left in \"{}\": the directory of \"{}\" changed since, it leads to \"{}\" now",
                     before.display(),
                     bin.path.display(),
                     here.display()
@@ -161,14 +198,24 @@ impl Run<'_> {
         let url =
             self.client
                 .download_url(&bin.name, bin.download_url.as_deref(), bin.pinned_version());
-        info!(
-            "{}: {}; installing {}→{} from {url}",
-            bin.name,
+        // Before a byte is downloaded: can the service be restarted at all?
+        let policy = Restart::from_manifest(bin.restart.as_deref());
+        if let Err(e) = service::restart_ready(&policy, bin.service()) {
+            return Ok(self.waiting(bin, from, &remote.hash, &e));
+        }
+        event!(
+            Info,
+            Event::new(&bin.name, "installing").hashes(from, &remote.hash),
+            "{}; installing {}→{} from {url}",
             reason.describe(),
             log::short(from),
             log::short(&remote.hash)
         );
-        let kept = |e: Error| Error::Other(format!("{e}; kept the running version"));
+        let kept = |e: Error| match e {
+            Error::Stopped => e,
+            e => Error::Other(format!("{e}; kept the running version")),
+        };
+        install::require_dir(target)?;
         paths::check_owners(&bin.path, target)?;
         let dir = fsutil::parent(target).to_path_buf();
         if let Err(e) = paths::check_replaceable(target) {
@@ -197,8 +244,12 @@ impl Run<'_> {
         .map_err(kept)?;
         if let Some(cmd) = &bin.pre_upgrade {
             let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
-            service::run_hook(cmd, &env)
-                .map_err(|e| Error::Other(format!("preUpgrade failed, nothing changed: {e}")))?;
+            service::run_hook("preUpgrade", cmd, &env)
+                .map_err(|e| Error::Other(format!("{e}; nothing changed")))?;
+        }
+        // The last point where stopping changes nothing (the staged file goes).
+        if super::stop_requested() {
+            return Err(Error::Stopped);
         }
         // The managed path must still lead where the file was staged.
         let now = install::real_target(&bin.path);
@@ -238,7 +289,7 @@ impl Run<'_> {
     }
 
     /// After a swap: restart, confirm and health-check the new build; then
-    /// record and report it, or roll back and quarantine it. Either way the
+    /// record and report it, or roll back and hold it back. Either way the
     /// journal entry is closed.
     fn commit_or_undo(
         &mut self,
@@ -253,8 +304,7 @@ impl Run<'_> {
         let started = service::restart(&policy, bin.service(), bin.confirm_window(), &env)
             .and_then(|r| {
                 if let Some(cmd) = &bin.post_upgrade {
-                    service::run_hook(cmd, &env)
-                        .map_err(|e| Error::Other(format!("postUpgrade failed: {e}")))?;
+                    service::run_hook("postUpgrade", cmd, &env)?;
                 }
                 Ok(r)
             });
@@ -262,32 +312,58 @@ impl Run<'_> {
             Ok(restarted) => {
                 self.record(&bin.name, new)?; // on failure the journal stays: the next run commits
                 if matches!(restarted, Restarted::Skipped("supervisorctl not found")) {
-                    warn!(
-                        "{}: supervisorctl not found; the new build is in place but service \"{}\" was not restarted",
-                        bin.name,
+                    event!(
+                        Warn,
+                        Event::new(&bin.name, "not_restarted").hashes(from, new),
+                        "supervisorctl not found; the new build is in place but service \"{}\" was not restarted",
                         bin.service()
                     );
                 }
                 let transfer = transfer.map(|t| format!(" ({t})")).unwrap_or_default();
-                info!(
-                    "{}: upgraded {}→{}{transfer}, {}",
-                    bin.name,
+                event!(
+                    Info,
+                    Event::new(&bin.name, "upgraded").hashes(from, new),
+                    "upgraded {}→{}{transfer}, {}",
                     log::short(from),
                     log::short(new),
                     describe(&restarted)
                 );
+                self.state.count(&bin.name, Count::Upgrade);
                 Outcome::Changed
             }
             Err(e) => {
-                error!("{}: {} did not come up: {e}", bin.name, log::short(new));
-                self.undo(bin, target, from, &policy, &env);
-                self.state.add_quarantine(Quarantined {
-                    name: bin.name.clone(),
-                    hash: new.to_string(),
-                    error: crate::protocol::one_line(&e.to_string(), 300),
-                    at: log::utc_now(),
-                });
-                Outcome::Failed
+                event!(
+                    Error,
+                    Event::new(&bin.name, "failed").hashes(from, new),
+                    "{} did not come up: {e}",
+                    log::short(new)
+                );
+                self.undo(bin, target, from, new, &policy, &env);
+                // The service became impossible to restart since the check:
+                // not the build's fault — provided the undo put the old
+                // build back (a failed build left in place is always held
+                // back, so that it is never recorded as installed).
+                let restored = match self.state.actual_hash(target) {
+                    Ok(Some(h)) => hash::same(&h, from),
+                    Ok(None) => from.is_empty(),
+                    Err(_) => false,
+                };
+                match service::restart_ready(&policy, bin.service()) {
+                    Err(down) if restored => {
+                        self.waiting(bin, from, new, &down);
+                        Outcome::Waiting
+                    }
+                    _ => {
+                        self.state.add_quarantine(Quarantined {
+                            name: bin.name.clone(),
+                            hash: new.to_string(),
+                            error: crate::protocol::one_line(&e.to_string(), 300),
+                            at: log::utc_now(),
+                        });
+                        self.state.count(&bin.name, Count::Failure);
+                        Outcome::Failed
+                    }
+                }
             }
         };
         self.state.clear_pending(&bin.name);
@@ -296,6 +372,19 @@ impl Run<'_> {
             self.report(&bin.name, new);
         }
         Ok(outcome)
+    }
+
+    /// supervisord cannot restart the service: nothing is swapped (or the
+    /// swap was undone), nothing held back; the next run installs `to` once
+    /// supervisord answers.
+    fn waiting(&mut self, bin: &Binary, from: &str, to: &str, e: &Error) -> Outcome {
+        event!(
+            Error,
+            Event::new(&bin.name, "supervisor_unavailable").hashes(from, to),
+            "not installing {}: {e}; kept the running build; not held back: a later run installs it once the service can be restarted",
+            log::short(to)
+        );
+        Outcome::Waiting
     }
 
     /// Finishes an upgrade a killed run left between swap and commit: if the
@@ -313,17 +402,33 @@ impl Run<'_> {
                 self.state.clear_pending(&bin.name); // committed; only the entry was left
                 return None;
             }
-            warn!(
-                "{}: the run at {} was interrupted after swapping in {}; confirming it now",
-                bin.name,
+            // Confirming needs supervisord: without it, keep the journal
+            // and let a later run finish the job.
+            let policy = Restart::from_manifest(bin.restart.as_deref());
+            if let Err(e) = service::restart_ready(&policy, bin.service()) {
+                event!(
+                    Error,
+                    Event::new(&bin.name, "supervisor_unavailable").hashes(&p.old, &p.new),
+                    "cannot confirm {}, swapped in by the interrupted run at {}: {e}; not held back: a later run confirms it once the service can be restarted",
+                    log::short(&p.new),
+                    p.at
+                );
+                return Some(Ok(Outcome::Waiting));
+            }
+            event!(
+                Warn,
+                Event::new(&bin.name, "resumed").hashes(&p.old, &p.new),
+                "the run at {} was interrupted after swapping in {}; confirming it now",
                 p.at,
                 log::short(&p.new)
             );
             return Some(self.commit_or_undo(bin, &target, &p.old, &p.new, None));
         }
-        info!(
-            "{}: the run at {} was interrupted before its swap; nothing had changed",
-            bin.name, p.at
+        event!(
+            Info,
+            Event::new(&bin.name, "resumed").hashes(&p.old, &p.new),
+            "the run at {} was interrupted before its swap; nothing had changed",
+            p.at
         );
         self.state.clear_pending(&bin.name);
         None
@@ -339,33 +444,42 @@ impl Run<'_> {
         bin: &Binary,
         target: &Path,
         from: &str,
+        new: &str,
         policy: &Restart,
         env: &[(&str, String)],
     ) {
         self.state.forget(target);
+        let ev = Event::new(&bin.name, "rolled_back").hashes(new, from);
         if from.is_empty() {
             match fs::remove_file(target) {
-                Ok(()) => warn!(
-                    "{}: removed the failed fresh install \"{}\"",
-                    bin.name,
+                Ok(()) => event!(
+                    Warn,
+                    ev,
+                    "removed the failed fresh install \"{}\"",
                     target.display()
                 ),
-                Err(e) => error!(
-                    "{}: could not remove the failed install \"{}\": {e}",
-                    bin.name,
+                Err(e) => event!(
+                    Error,
+                    Event {
+                        event: Some("rollback_failed"),
+                        ..ev
+                    },
+                    "could not remove the failed install \"{}\": {e}",
                     target.display()
                 ),
             }
             return;
         }
         let backup = backup_of(target);
-        let cannot = |why: String| {
-            error!(
-                "{}: CANNOT ROLL BACK: {why}; the failed build stays at \"{}\", nothing was deleted",
-                bin.name,
+        let cannot =
+            |why: String| {
+                event!(
+                Error,
+                Event { event: Some("rollback_failed"), ..ev },
+                "CANNOT ROLL BACK: {why}; the failed build stays at \"{}\", nothing was deleted",
                 target.display()
             )
-        };
+            };
         match hash::md5_file(&backup) {
             Err(e) => return cannot(format!("no usable backup ({e})")),
             Ok(h) if !hash::same(&h, from) => {
@@ -381,16 +495,19 @@ impl Run<'_> {
         if let Err(e) = install::restore(target, &backup) {
             return cannot(e.to_string());
         }
+        self.state.count(&bin.name, Count::Rollback);
         match service::restart(policy, bin.service(), bin.confirm_window(), env) {
-            Ok(r) => warn!(
-                "{}: rolled back to {} ({})",
-                bin.name,
+            Ok(r) => event!(
+                Warn,
+                ev,
+                "rolled back to {} ({})",
                 log::short(from),
                 describe(&r)
             ),
-            Err(e) => error!(
-                "{}: rolled back to {}, but restarting it failed too: {e}",
-                bin.name,
+            Err(e) => event!(
+                Error,
+                ev,
+                "rolled back to {}, but restarting it failed too: {e}",
                 log::short(from)
             ),
         }
@@ -402,6 +519,7 @@ pub(super) fn describe(r: &Restarted) -> String {
         Restarted::Confirmed(status) => format!("restarted, {status}"),
         Restarted::Commanded => "restarted".into(),
         Restarted::Skipped(why) => format!("not restarted: {why}"),
+        Restarted::Signalled(how) => format!("restarted: {how}"),
     }
 }
 

@@ -39,8 +39,13 @@ fn sweep_uploads(store: &store::Store) {
     }
 }
 
-/// Starts the server; returns only on a start-up error.
+/// Starts the server; returns on a start-up error, or once SIGTERM or
+/// SIGINT stopped it (after the requests in flight finished, bounded).
 pub fn run(args: &ManagerArgs) -> Result<()> {
+    // Before any thread starts, so that every thread leaves these signals
+    // to the signalfd the accept thread waits on.
+    let stop = crate::sys::signal_fd(&[crate::sys::SIGTERM, crate::sys::SIGINT])
+        .map_err(|e| Error::Other(format!("cannot set up signal handling: {e}")))?;
     let config = Config::resolve(args, &crate::cli::process_env)?;
     let store = store::Store::open(&config.bin_dir).map_err(|e| match e {
         Error::Io { path, source, .. } => Error::Config {
@@ -58,11 +63,14 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         .local_addr()
         .map_err(|e| Error::Other(format!("cannot read the bound address: {e}")))?;
     crate::info!(
-        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} nodes known, token {}, publishing {}, node tokens {}, admission {})",
+        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} known, token {}, publishing {}, node tokens {}, admission {})",
         env!("CARGO_PKG_VERSION"),
         config.bin_dir.display(),
         config.state_file.display(),
-        registry.len(),
+        match registry.len() {
+            1 => "1 node".to_string(),
+            n => format!("{n} nodes"),
+        },
         if config.token.is_some() { "required" } else { "off" },
         if config.admin_token.is_some() { "on" } else { "off" },
         if config.require_node_tokens { "required" } else { "optional" },
@@ -115,9 +123,30 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         per_client: config.workers_per_client,
         access_log: config.access_log,
     };
-    http::serve(
+    let how = http::serve(
         listener,
         opts,
         Arc::new(move |req: &mut http::Request, ctx| handler.handle(req, ctx)),
-    )
+        &stop,
+    );
+    if let Err(e) = app.registry.flush_seen() {
+        crate::error!("writing lastSeen updates: {e}");
+    }
+    let name = crate::sys::signal_name(how.signal);
+    if how.left > 0 {
+        crate::warn!(
+            "bin-manager stopped ({name}): stopped accepting, {} of {} requests in flight still unfinished after 30 s",
+            how.left,
+            how.in_flight
+        );
+    } else {
+        crate::info!(
+            "bin-manager stopped ({name}): stopped accepting, finished the {} in flight",
+            match how.in_flight {
+                1 => "1 request".to_string(),
+                n => format!("{n} requests"),
+            }
+        );
+    }
+    Ok(())
 }

@@ -189,6 +189,39 @@ impl Manager {
         found
     }
 
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal by name (`TERM`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{name} {}", self.pid());
+    }
+
+    /// Waits (bounded) for the server to exit; its exit code (`None`: still
+    /// running after `timeout`, or killed by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        let mut code = None;
+        let exited = wait_until(timeout, || match child.try_wait() {
+            Ok(Some(status)) => {
+                code = status.code();
+                true
+            }
+            _ => false,
+        });
+        if exited {
+            self.child = None;
+        }
+        code
+    }
+
     /// SIGKILL (`Child::kill`) and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -18,6 +18,7 @@
 
 pub mod agent;
 pub mod browser;
+pub mod exporter;
 pub mod host;
 pub mod json;
 pub mod legacy;
@@ -404,6 +405,11 @@ fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
         }
         if buf.len() > MAX_HEAD {
             return Err(ReadError::Bad(431, "request head too large"));
+        }
+        // Not the start of an HTTP request (a TLS ClientHello, say): answer
+        // at once, as bin-manager does, instead of waiting for a head.
+        if buf.first().is_some_and(|b| !b.is_ascii_uppercase()) {
+            return Err(ReadError::Bad(400, "not an HTTP request"));
         }
         match stream.read(&mut chunk) {
             Ok(0) if buf.is_empty() => return Err(ReadError::Closed),
@@ -1198,6 +1204,16 @@ pub fn supervisorctl_log(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The calls in `dir/supervisorctl.log` that act on a program (all but
+/// `status`, which the agent also asks before an upgrade to know that
+/// supervisord can restart the service at all).
+pub fn supervisorctl_actions(dir: &Path) -> Vec<String> {
+    supervisorctl_log(dir)
+        .into_iter()
+        .filter(|l| !l.starts_with("status "))
+        .collect()
+}
+
 /// `PATH` with `dir` prepended (for `Command::env("PATH", …)`).
 pub fn path_with(dir: &Path) -> OsString {
     let mut parts = vec![dir.to_path_buf()];
@@ -1244,4 +1260,86 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// For a test that needs something this machine may lack (root, a kernel
+/// feature, a Debian package that cannot be installed): `true` when it is
+/// there. When it is not, says so on stderr and returns `false` (the test
+/// returns early) — except under `CI=true`, where a test that cannot run
+/// fails.
+pub fn can_run(have: bool, why: &str) -> bool {
+    if have {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "cannot run here under CI=true: {why}"
+    );
+    eprintln!("SKIPPED (cannot run here): {why}");
+    false
+}
+
+/// Whether this process runs as root (reads `/proc/self/status`).
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Installs Debian packages the way `scripts/setup.sh` does (idempotent:
+/// nothing happens when they are there). Returns whether `program` (a path)
+/// exists afterwards.
+pub fn ensure_debian_packages(packages: &str, program: &str) -> bool {
+    if Path::new(program).exists() {
+        return true;
+    }
+    let out = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup.sh"))
+        .env("BIN_PROXY_SETUP_PACKAGES", packages)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "scripts/setup.sh ({packages}) failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => eprintln!("cannot run scripts/setup.sh: {e}"),
+    }
+    Path::new(program).exists()
+}
+
+/// Starts a server program on a free port of 127.0.0.1 (`command(port)`
+/// builds its command line) and waits, bounded, until it accepts
+/// connections. A port taken in between makes the program exit; the next
+/// of five tries picks another. Returns the child (the caller kills it by
+/// its pid) and the port.
+pub fn start_on_free_port(
+    what: &str,
+    command: impl Fn(u16) -> std::process::Command,
+) -> (std::process::Child, u16) {
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut child = command(port)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let up = wait_until(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(None)) && TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if up {
+            return (child, port);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("{what} did not start on 127.0.0.1 (5 tries)");
 }

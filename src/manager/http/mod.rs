@@ -18,7 +18,7 @@
 mod codec;
 mod server;
 
-pub use server::{serve, widen_backlog, Options};
+pub use server::{serve, widen_backlog, Options, Stopped};
 
 use server::Conn;
 use std::io::{self, Read};

@@ -2,7 +2,9 @@
 //! eight) owning every connection while it is idle or sending its head and
 //! answering what cannot block, and a fixed pool of workers for what can
 //! (bodies, downloads, disk writes), each connection handed back to its
-//! loop after the answer. Every wait has a deadline.
+//! loop after the answer. Every wait has a deadline. On SIGTERM or SIGINT
+//! the accept thread stops accepting and waits (bounded) for the requests
+//! already handed to workers — downloads included — to finish.
 
 use super::codec::{bare_lf, encode, find_blank_line, parse_head, scan_head, Scan};
 use super::{client_of, Context, Handler, Payload, Response, IO_TIMEOUT, MAX_HEAD};
@@ -11,6 +13,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +33,8 @@ const TICK: Duration = Duration::from_millis(250);
 const READ_CHUNK: usize = 16 * 1024;
 /// Requests waiting for a worker, per worker, before new ones get 503.
 const QUEUE_PER_WORKER: usize = 16;
+/// How long requests in flight may take to finish after SIGTERM.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// The epoll token of a loop's wake-up eventfd (sockets use their fd).
 const WAKE: u64 = u64::MAX;
 const READ: u32 = sys::EPOLLIN;
@@ -173,38 +178,60 @@ struct Shared {
     /// Requests queued for or held by a worker, per client address. An
     /// entry goes when its count drops to zero, so the table is never
     /// larger than the requests in flight.
-    in_flight: Mutex<HashMap<IpAddr, usize>>,
+    shares: Mutex<HashMap<IpAddr, usize>>,
+    /// Requests handed to the workers and not yet answered (queued or
+    /// running), all addresses together: what a stop waits for.
+    in_flight: AtomicUsize,
 }
 
 impl Shared {
     /// Counts one more worker request for `peer`; `false` (nothing
     /// counted) when it already has its share.
     fn take_share(&self, peer: SocketAddr) -> bool {
-        let mut table = lock(&self.in_flight);
+        let mut table = lock(&self.shares);
         let n = table.entry(client_of(peer)).or_insert(0);
         if *n >= self.per_client {
             return false;
         }
         *n += 1;
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         true
     }
 
     /// Gives back what [`Shared::take_share`] counted.
     fn give_share(&self, peer: SocketAddr) {
-        let mut table = lock(&self.in_flight);
+        let mut table = lock(&self.shares);
         let key = client_of(peer);
         if let Some(n) = table.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 table.remove(&key);
             }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-/// Serves forever: one accept thread, one event loop per core, workers
-/// for the requests that may block.
-pub fn serve(listener: TcpListener, opts: Options, handler: Arc<Handler>) -> ! {
+/// How serving ended.
+pub struct Stopped {
+    /// The signal that ended it.
+    pub signal: i32,
+    /// Requests that were being answered when it came.
+    pub in_flight: usize,
+    /// Requests still unanswered when the wait for them ended.
+    pub left: usize,
+}
+
+/// Serves until `stop` (a [`sys::signal_fd`]) reads a signal: one accept
+/// thread (this one), one event loop per core, workers for the requests
+/// that may block. Then stops accepting and waits up to [`DRAIN_LIMIT`] for
+/// the requests in flight.
+pub fn serve(
+    listener: TcpListener,
+    opts: Options,
+    handler: Arc<Handler>,
+    stop: &OwnedFd,
+) -> Stopped {
     sys::raise_fd_limit();
     let workers = opts.workers.max(1);
     let loops = std::thread::available_parallelism()
@@ -220,7 +247,8 @@ pub fn serve(listener: TcpListener, opts: Options, handler: Arc<Handler>) -> ! {
         handler,
         access_log: opts.access_log,
         per_client: opts.per_client.max(1),
-        in_flight: Mutex::new(HashMap::new()),
+        shares: Mutex::new(HashMap::new()),
+        in_flight: AtomicUsize::new(0),
     });
     let rx = Arc::new(Mutex::new(rx));
     for i in 0..workers {
@@ -238,20 +266,50 @@ pub fn serve(listener: TcpListener, opts: Options, handler: Arc<Handler>) -> ! {
             .spawn(move || Owner::new(i, &shared).run())
             .unwrap_or_else(|e| panic!("cannot start the event loops: {e}"));
     }
+    // Non-blocking, so that one poll waits for a connection or a signal.
+    let _ = listener.set_nonblocking(true);
+    let fds = [listener.as_raw_fd(), stop.as_raw_fd()];
     let mut next = 0;
-    loop {
+    let signal = loop {
+        let ready = sys::poll_readable(&fds, -1).unwrap_or_else(|_| {
+            // poll(2) itself failing (ENOMEM): back off, then try the accept.
+            std::thread::sleep(Duration::from_millis(10));
+            vec![true, false]
+        });
+        if ready[1] {
+            if let Some(sig) = sys::read_signal(stop) {
+                break sig;
+            }
+        }
+        if !ready[0] {
+            continue;
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
-                // Answers go out at once; a client that stops reading cannot
-                // hold a worker for longer than the write timeout.
+                // Accepted sockets block (the flag is not inherited). Answers
+                // go out at once; a client that stops reading cannot hold a
+                // worker for longer than the write timeout.
+                let _ = stream.set_nonblocking(false);
                 let _ = stream.set_nodelay(true);
                 let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
                 shared.loops[next].give(Conn::new(stream, peer, next));
                 next = (next + 1) % loops;
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             // Out of file descriptors or a connection reset before accept: back off briefly.
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    };
+    drop(listener); // new connections are refused from here on
+    let in_flight = shared.in_flight.load(Ordering::SeqCst);
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while shared.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Stopped {
+        signal,
+        in_flight,
+        left: shared.in_flight.load(Ordering::SeqCst),
     }
 }
 
