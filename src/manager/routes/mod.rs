@@ -140,7 +140,7 @@ impl App {
             ("bins", Some(name), "POST") => self.report(req, &name, &query),
             ("bins", Some(name), "PUT") => self.publish(req, &name, &query),
             ("download", Some(name), "GET" | "HEAD") => self.download(req, &name, &query),
-            ("nodes", None, "GET") => self.nodes(),
+            ("nodes", None, "GET") => self.nodes(&query.pairs),
             ("rollouts", None, "GET") => self.rollouts(),
             ("rollouts", Some(name), "GET") => self.rollout(&name, &query),
             ("rollouts", Some(name), "POST") => self.control(req, &name, &query),
