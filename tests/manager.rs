@@ -225,7 +225,7 @@ fn every_json_answer_is_an_envelope() {
 
     // The nodes view and the listing are envelopes too.
     let nodes = envelope(&get(&m, "/nodes"), 200);
-    assert_eq!(nodes.keys(), ["summary", "nodes"]);
+    assert_eq!(nodes.keys(), ["summary", "next", "nodes"]);
     let list = envelope(&get(&m, "/bins"), 200);
     assert_eq!(list.arr().len(), 2);
 }

@@ -47,6 +47,8 @@ pub struct Config {
     pub listen: String,
     /// The registry snapshot (its log is `stateFile.log`).
     pub state_file: PathBuf,
+    /// PostgreSQL instead of the state file (`database`), if set.
+    pub database: Option<String>,
     /// Bearer token guarding /api/v1.
     pub token: Option<String>,
     /// Bearer token guarding publishing.
@@ -78,6 +80,7 @@ const KEYS: &[&str] = &[
     "binDir",
     "listen",
     "stateFile",
+    "database",
     "token",
     "adminToken",
     "maxUpload",
@@ -98,6 +101,7 @@ impl Config {
             bin_dir: "/var/lib/bin-manager/bins".into(),
             listen: "127.0.0.1:8081".into(),
             state_file: "/var/lib/bin-manager/state.json".into(),
+            database: None,
             token: None,
             admin_token: None,
             max_upload: 2 << 30,
@@ -127,6 +131,9 @@ impl Config {
         }
         if let Some(v) = &args.state_file {
             c.state_file = v.clone();
+        }
+        if let Some(v) = &args.database {
+            c.database = Some(v.clone());
         }
         if let Some(v) = &args.token {
             c.token = Some(v.clone());
@@ -185,6 +192,7 @@ impl Config {
                 "binDir" => self.bin_dir = text()?.into(),
                 "listen" => self.listen = text()?,
                 "stateFile" => self.state_file = text()?.into(),
+                "database" => self.database = Some(text()?),
                 "token" => self.token = Some(text()?),
                 "adminToken" => self.admin_token = Some(text()?),
                 "maxUpload" => self.max_upload = number()?,

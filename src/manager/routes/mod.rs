@@ -55,6 +55,23 @@ fn ok(data: Value) -> Response {
 }
 
 /// An error in the same envelope, `code` = HTTP status.
+/// Retry-After of a 503 for a write the database did not take.
+const DATABASE_RETRY_SECS: u64 = 5;
+
+/// The answer to a write that could not be stored: 503 with Retry-After
+/// when the database (`--database`) is down, so agents come back; 500
+/// otherwise. Logged either way.
+fn not_stored(what: &str, e: &crate::error::Error) -> Response {
+    crate::error!("could not store {what}: {e}");
+    if matches!(e, crate::error::Error::Database(_)) {
+        let mut resp = fail(503, &format!("could not store {what}: {e}; try again"));
+        resp.headers
+            .push(("Retry-After", DATABASE_RETRY_SECS.to_string()));
+        return resp;
+    }
+    fail(500, &format!("could not store {what}: {e}"))
+}
+
 fn fail(status: u16, message: &str) -> Response {
     Response::error(status, message)
 }
