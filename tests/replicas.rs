@@ -46,7 +46,7 @@ fn unavailable(what: &str) {
 
 /// A PostgreSQL cluster of the test's own, stopped by PID when dropped.
 struct Pg {
-    child: Child,
+    child: Option<Child>,
     port: u16,
     bin: PathBuf,
     dir: TempDir,
@@ -62,20 +62,6 @@ impl Pg {
         let data = dir.join("data");
         fs::create_dir(&data).expect("create the data dir");
         // initdb refuses root: the cluster belongs to `postgres` then.
-        let as_owner = |program: &Path| {
-            let mut cmd = if is_root() {
-                let mut c = Command::new("setpriv");
-                c.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"])
-                    .arg(program);
-                c
-            } else {
-                Command::new(program)
-            };
-            cmd.env_clear()
-                .env("PATH", "/usr/bin:/bin")
-                .current_dir("/");
-            cmd
-        };
         if is_root() {
             let ok = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -103,23 +89,51 @@ impl Pg {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let (child, port) = start_on_free_port("postgres", |port| {
-            let mut c = as_owner(&bin.join("postgres"));
-            c.arg("-D")
-                .arg(&data)
-                .args(["-p", &port.to_string(), "-k"])
-                .arg(&dir.path)
-                .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]);
-            c
-        });
+        let (child, port) =
+            start_on_free_port("postgres", |port| postgres_command(&bin, &dir.path, port));
         let pg = Pg {
-            child,
+            child: Some(child),
             port,
             bin,
             dir,
         };
         pg.psql("postgres", "CREATE DATABASE fleet");
         Some(pg)
+    }
+
+    /// Stops the cluster (a fast shutdown), bounded.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let gone = wait_until(Duration::from_secs(10), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !gone {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the stopped cluster again on its port; waits until it takes
+    /// connections.
+    fn start_again(&mut self) {
+        let child = postgres_command(&self.bin, &self.dir.path, self.port)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start postgres again");
+        self.child = Some(child);
+        let up = wait_until(Duration::from_secs(20), || {
+            Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        assert!(up, "postgres did not come back on port {}", self.port);
     }
 
     fn url(&self) -> String {
@@ -154,17 +168,35 @@ impl Pg {
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        // SIGINT: a fast shutdown; then SIGKILL if it lingers.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let gone = wait_until(Duration::from_secs(10), || {
-            matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        if !gone {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let _ = &self.dir;
+        self.stop();
     }
+}
+
+/// Runs as `postgres` when root (initdb and postgres refuse root).
+fn as_owner(program: &Path) -> Command {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--clear-groups"])
+            .arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .current_dir("/");
+    cmd
+}
+
+/// The cluster's server on 127.0.0.1:`port`, its socket in `dir`.
+fn postgres_command(bin: &Path, dir: &Path, port: u16) -> Command {
+    let mut c = as_owner(&bin.join("postgres"));
+    c.arg("-D")
+        .arg(dir.join("data"))
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(dir)
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]);
+    c
 }
 
 /// nginx balancing round-robin over `ports`, stopped by PID when dropped.
@@ -378,4 +410,58 @@ fn the_schema_is_migrated_once_by_replicas_starting_at_once() {
             .any(|l| l.contains("in database") && l.contains("1 node")),
         "the restarted replica names its database and knows the node: {after:?}"
     );
+}
+
+#[test]
+fn a_database_outage_answers_writes_503_with_retry_after_and_recovers() {
+    let Some(mut pg) = Pg::start() else { return };
+    let m = Manager::start(&["--database", &pg.url()]);
+    let register = |name: &str| {
+        http(
+            "POST",
+            &format!("{}/api/v1/keepalive?node={name}", m.url()),
+            &[("Content-Type", "application/json")],
+            registration(name, &"b".repeat(32)).as_bytes(),
+        )
+    };
+    envelope(&register("n1"), 200);
+
+    pg.stop();
+    let r = register("n2");
+    assert_eq!(
+        r.status,
+        503,
+        "a write without its database: {}",
+        r.body_str()
+    );
+    assert_eq!(r.header("retry-after"), Some("5"), "Retry-After");
+    assert!(
+        r.body_str()
+            .contains("could not store the registration: database: "),
+        "{}",
+        r.body_str()
+    );
+    // Reads go on from what was last read; the log says what happened.
+    let names: Vec<String> = fleet_at(&m.url()).into_keys().collect();
+    assert_eq!(names, ["n1"]);
+    assert!(
+        m.log_lines()
+            .iter()
+            .any(|l| l.contains("ERROR") && l.contains("could not store the registration")),
+        "{:?}",
+        m.log_lines()
+    );
+
+    pg.start_again();
+    let mut status = 0;
+    let back = wait_until(Duration::from_secs(15), || {
+        status = register("n2").status;
+        status == 200
+    });
+    assert!(
+        back,
+        "writes resume once the database is back (last status {status})"
+    );
+    let names: Vec<String> = fleet_at(&m.url()).into_keys().collect();
+    assert_eq!(names, ["n1", "n2"]);
 }
