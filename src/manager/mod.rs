@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod keytool;
 pub mod legacy;
 pub mod limits;
 pub mod record;
