@@ -67,6 +67,8 @@ pub struct Args {
     pub log_format: Option<crate::log::Format>,
     /// `--metrics-file PATH` (else `BIN_PROXY_METRICS_FILE`, else the manifest's `metricsFile`).
     pub metrics_file: Option<PathBuf>,
+    /// `--trusted-key FILE` (repeatable; added to the manifest's `manager.trustedKeys`).
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 impl Default for Args {
@@ -86,6 +88,7 @@ impl Default for Args {
             verbose: false,
             log_format: None,
             metrics_file: None,
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -127,6 +130,9 @@ OPTIONS:
                              the manifest's manager.api, else http://127.0.0.1:8081/api/v1.
         --download-url URL   Base URL binaries are downloaded from. Default:
                              $BIN_DOWNLOAD_URL, else manager.downloadUrl, else API/download.
+        --trusted-key FILE   A release public key (bin-manager keygen); repeatable,
+                             added to manager.trustedKeys. When any is set, only
+                             builds signed by a trusted key are installed.
         --timeout SECS       Deadline for each API request. Default: 30.
         --download-timeout SECS
                              Deadline for each whole download attempt. Network
@@ -195,6 +201,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
             Short('c') | Long("config") => out.config = Some(parser.value().map_err(usage)?.into()),
             Long("api") => out.api = Some(string(&mut parser, "--api")?),
             Long("download-url") => out.download_url = Some(string(&mut parser, "--download-url")?),
+            Long("trusted-key") => out.trusted_keys.push(parser.value().map_err(usage)?.into()),
             Long("timeout") => out.timeout = seconds(&mut parser, "--timeout")?.max(1),
             Long("download-timeout") => {
                 out.download_timeout = seconds(&mut parser, "--download-timeout")?.max(1)

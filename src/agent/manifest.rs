@@ -36,6 +36,9 @@ pub struct Manager {
     pub download_url: Option<String>,
     /// `tokenFile`: file holding the bearer token.
     pub token_file: Option<PathBuf>,
+    /// `trustedKeys`: public key files; when set, only builds signed by one
+    /// of them (or a key they rotated to) are installed.
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// The `node` object. Missing and empty values are filled from the host.
@@ -145,7 +148,7 @@ fn labels(node: &Value) -> Result<Vec<(String, String)>, String> {
 }
 
 const TOP_KEYS: &[&str] = &["manager", "node", "binaries", "metricsFile"];
-const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile"];
+const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile", "trustedKeys"];
 const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion", "labels"];
 const BINARY_KEYS: &[&str] = &[
     "name",
@@ -190,6 +193,25 @@ impl Manifest {
             m.manager.api = o.opt_url("api")?;
             m.manager.download_url = o.opt_url("downloadUrl")?;
             m.manager.token_file = o.opt_str("tokenFile")?.map(PathBuf::from);
+            if let Some(v) = o.get("trustedKeys") {
+                let err = || {
+                    o.bad(
+                        "trustedKeys",
+                        "must be a list of absolute paths of public key files",
+                    )
+                };
+                let Value::Arr(items) = v else {
+                    return Err(err());
+                };
+                for item in items {
+                    match item.as_str() {
+                        Some(p) if Path::new(p).is_absolute() => {
+                            m.manager.trusted_keys.push(p.into())
+                        }
+                        _ => return Err(err()),
+                    }
+                }
+            }
             if let Some(f) = &m.manager.token_file {
                 if !f.is_absolute() {
                     return Err(o.bad("tokenFile", "must be an absolute path"));

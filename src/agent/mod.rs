@@ -19,6 +19,7 @@ pub mod service;
 pub mod state;
 pub mod supervisor;
 pub mod tls_hint;
+pub mod verify;
 
 mod commands;
 mod settings;
@@ -216,6 +217,8 @@ struct Run<'a> {
     facts: NodeFacts,
     /// The server refused a request about this node (403): exit 1.
     token_refused: bool,
+    /// Release keys this host trusts (none: signatures are not required).
+    trusted: Vec<crate::sign::TrustedKey>,
 }
 
 /// One upgrade cycle.
@@ -239,7 +242,11 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             return Err(Error::Stopped);
         }
     }
+    let mut keys = manifest.manager.trusted_keys.clone();
+    keys.extend(args.trusted_keys.iter().cloned());
+    let trusted = verify::load_keys(&keys)?;
     let mut run = Run::new(args, config, manifest, client, facts);
+    run.trusted = trusted;
 
     // A heartbeat that cannot reach the server is told once, below, if the
     // binaries' lookups cannot reach it either.
@@ -476,6 +483,7 @@ impl<'a> Run<'a> {
             manifest,
             client,
             token_refused: false,
+            trusted: Vec::new(),
         }
     }
 

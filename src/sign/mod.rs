@@ -111,6 +111,45 @@ impl Document {
             })
     }
 
+    /// Whether it covers exactly this build: `name`, `arch` (a `*`
+    /// document covers every arch; `None`: not checked), `version` (`None`:
+    /// any), `sha256` and `size`. The error names the attack (mix-and-match,
+    /// tampered bytes).
+    pub fn covers(
+        &self,
+        name: &str,
+        arch: Option<&str>,
+        version: Option<&str>,
+        sha256: &str,
+        size: u64,
+    ) -> std::result::Result<(), String> {
+        let mix = |what: &str, signed: &str, here: &str| {
+            Err(format!(
+                "mix-and-match: the signature is for {what} \"{signed}\", not \"{here}\"; a genuine signature of another build is refused"
+            ))
+        };
+        if self.name != name {
+            return mix("binary", &self.name, name);
+        }
+        if let Some(arch) = arch {
+            if self.arch != "*" && self.arch != arch {
+                return mix("arch", &self.arch, arch);
+            }
+        }
+        if let Some(v) = version {
+            if self.version != v {
+                return mix("version", &self.version, v);
+            }
+        }
+        if !self.sha256.eq_ignore_ascii_case(sha256) || self.size != size {
+            return Err(format!(
+                "the build is not the one signed: signed sha256 {} and {} bytes, got sha256 {sha256} and {size} bytes (bytes or hashes were altered)",
+                self.sha256, self.size
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses one line, strictly: exact field order, no extra spaces.
     pub fn parse(text: &str) -> std::result::Result<Document, String> {
         let fields = split(text, MAGIC, 9)?;
@@ -555,6 +594,36 @@ mod tests {
             let e = c.verify(&trusted).unwrap_err();
             assert!(e.starts_with("bad signature"), "{e}");
         }
+    }
+
+    #[test]
+    fn covers_exactly_one_build() {
+        let d = doc();
+        let sha = "ab".repeat(32);
+        d.covers("app", Some("x86_64"), Some("1.2"), &sha, 1234)
+            .unwrap();
+        d.covers("app", None, None, &sha, 1234).unwrap();
+        let e = d.covers("web", None, None, &sha, 1234).unwrap_err();
+        assert!(
+            e.contains("mix-and-match: the signature is for binary \"app\", not \"web\""),
+            "{e}"
+        );
+        let e = d
+            .covers("app", Some("aarch64"), None, &sha, 1234)
+            .unwrap_err();
+        assert!(e.contains("arch \"x86_64\", not \"aarch64\""), "{e}");
+        let e = d.covers("app", None, Some("1.1"), &sha, 1234).unwrap_err();
+        assert!(e.contains("version \"1.2\", not \"1.1\""), "{e}");
+        let e = d
+            .covers("app", None, None, &"cd".repeat(32), 1234)
+            .unwrap_err();
+        assert!(e.contains("not the one signed"), "{e}");
+        assert!(d.covers("app", None, None, &sha, 1233).is_err());
+        assert!(d.covers("app", None, None, &sha, 1235).is_err());
+        let mut any = d.clone();
+        any.arch = "*".into();
+        any.covers("app", Some("riscv64"), None, &sha, 1234)
+            .unwrap();
     }
 
     #[test]
