@@ -256,7 +256,20 @@ impl Run<'_> {
             _ => (remote, self.args.max_size),
         };
         let staged =
-            install::stage(&self.client, &bin.name, &url, target, want, max).map_err(kept)?;
+            install::stage(&self.client, &bin.name, &url, target, want, max)
+                .map_err(|e| match (e, &signed) {
+                    (Error::Size { url, msg }, Some(d)) if !msg.starts_with("truncated") => {
+                        Error::Size {
+                            url,
+                            msg: format!(
+                                "{msg}: more bytes than the {} signed (endless or padded data), cut at the signed size",
+                                d.size
+                            ),
+                        }
+                    }
+                    (e, _) => e,
+                })
+                .map_err(kept)?;
         if let Some(cmd) = &bin.pre_upgrade {
             let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
             service::run_hook("preUpgrade", cmd, &env)
