@@ -273,12 +273,23 @@ impl Manifest {
         };
         let mut top = Vec::new();
         let mg = &self.manager;
-        if mg.api.is_some() || mg.download_url.is_some() || mg.token_file.is_some() {
+        if mg.api.is_some()
+            || mg.download_url.is_some()
+            || mg.token_file.is_some()
+            || !mg.trusted_keys.is_empty()
+        {
             let mut o = Vec::new();
             opt(&mut o, "api", &mg.api);
             opt(&mut o, "downloadUrl", &mg.download_url);
             let token = mg.token_file.as_ref().map(|p| p.display().to_string());
             opt(&mut o, "tokenFile", &token);
+            if !mg.trusted_keys.is_empty() {
+                let keys = mg
+                    .trusted_keys
+                    .iter()
+                    .map(|p| Value::str(p.display().to_string()));
+                o.push(("trustedKeys".to_string(), Value::Arr(keys.collect())));
+            }
             top.push(("manager".to_string(), Value::Obj(o)));
         }
         let n = &self.node;
@@ -573,7 +584,7 @@ mod tests {
 
     #[test]
     fn every_optional_key() {
-        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},"metricsFile":"/var/lib/node/bp.prom",
+        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t","trustedKeys":["/etc/k1.pub","/etc/k2.pub"]},"metricsFile":"/var/lib/node/bp.prom",
             "binaries":[{"name":"a","version":"1.2","hash":"D41D8CD98F00B204E9800998ECF8427E","path":"/x/a",
             "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check","confirmSeconds":10}]}"#;
         let m = Manifest::parse(text).unwrap();
@@ -583,7 +594,14 @@ mod tests {
             ("svc", Some("1.2"), "d41d8cd98f00b204e9800998ecf8427e")
         );
         assert_eq!(m.manager.token_file, Some(PathBuf::from("/etc/t")));
+        assert_eq!(
+            m.manager.trusted_keys,
+            [PathBuf::from("/etc/k1.pub"), PathBuf::from("/etc/k2.pub")]
+        );
+        // Rewriting the manifest (after an upgrade) keeps every key, the trusted keys too.
         assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        let relative = Manifest::parse(r#"{"manager":{"trustedKeys":["k.pub"]},"binaries":[]}"#);
+        assert!(relative.unwrap_err().contains("trustedKeys"));
     }
 
     #[test]
