@@ -30,6 +30,9 @@ pub enum Command {
     Rollback(String),
     /// Stop holding back this binary's published build.
     Retry(String),
+    /// `self-test --manifest M --state S`: what a new agent must pass
+    /// before it replaces the running one.
+    SelfTest(PathBuf, PathBuf),
     /// Print help.
     Help,
     /// Print the version.
@@ -121,6 +124,9 @@ USAGE:
     bin-proxy status [OPTIONS]          table of recorded, actual and published hashes
     bin-proxy rollback NAME [OPTIONS]   put NAME's PATH.bak back, restart, record it
     bin-proxy retry NAME [OPTIONS]      stop holding back NAME's published build
+    bin-proxy self-test --manifest M --state S
+                                        what a new agent must pass before it replaces
+                                        the running one (parse M and S, print the version)
     bin-proxy init [OPTIONS]            write a starter manifest (never overwrites)
 
 OPTIONS:
@@ -230,6 +236,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
                     "check" => Command::Check,
                     "status" => Command::Status,
                     "init" => Command::Init,
+                    "self-test" => {
+                        let mut path = |flag: &str| {
+                            let named = matches!(parser.next().map_err(usage)?, Some(Long(f)) if f == &flag[2..]);
+                            match (named, parser.value()) {
+                                (true, Ok(v)) => Ok(PathBuf::from(v)),
+                                _ => Err(Error::Usage(
+                                    "self-test needs --manifest M --state S".into(),
+                                )),
+                            }
+                        };
+                        let manifest = path("--manifest")?;
+                        let state = path("--state")?;
+                        Command::SelfTest(manifest, state)
+                    }
                     "rollback" | "retry" => {
                         let name = match parser.next().map_err(usage)? {
                             Some(Value(name)) => name

@@ -511,3 +511,71 @@ fn bin_manager_validates_publishes_and_serves_signatures() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("requireSignatures needs trustedKeys"), "{err}");
 }
+
+#[test]
+fn the_agent_updates_itself_only_to_a_build_that_passes_its_self_test() {
+    let k = keys();
+    let d = TempDir::new();
+    let host = Host::new();
+    let agent = fs::read(env!("CARGO_BIN_EXE_bin-proxy")).unwrap();
+    install_file(&host, "bin-proxy", &agent, 0o755);
+    host.write_manifest(&format!(
+        r#"{{
+  "manager": {{ "trustedKeys": ["{}"] }},
+  "node": {{ "name": "{NODE}", "cpuArch": "x86_64", "osRelease": "Test OS 1", "proxyVersion": "1.0.0" }},
+  "binaries": [
+    {{ "name": "bin-proxy", "version": "latest", "hash": "{}", "path": "{}", "restart": "none" }}
+  ]
+}}
+"#,
+        k.public.display(),
+        md5_hex(&agent),
+        host.target("bin-proxy").display()
+    ));
+    // The installed copy is what runs: it replaces itself.
+    let run_installed = || {
+        let mut cmd = std::process::Command::new(host.target("bin-proxy"));
+        cmd.arg("--config")
+            .arg(&host.manifest)
+            .env("BIN_MANAGER_API", host.server.api())
+            .env("PATH", common::path_with(&host.bin))
+            .env_remove("BIN_PROXY_CONFIG")
+            .env_remove("BIN_DOWNLOAD_URL")
+            .env_remove("BIN_MANAGER_TOKEN");
+        Ran::bounded(&mut cmd, Duration::from_secs(60), "the installed bin-proxy")
+    };
+    let publish_signed = |bytes: &[u8], file: &str| {
+        let sig = sign(&k.key, "bin-proxy", &[], &build(&d, file, bytes));
+        host.server.publish("bin-proxy", bytes);
+        host.server.fault("bin-proxy", Fault::Signed(sig, vec![]));
+    };
+
+    // A broken agent, genuinely signed: held back, the running one stays.
+    let broken = b"#!/bin/sh\necho broken >&2\nexit 1\n";
+    publish_signed(broken, "broken");
+    let before = snapshot(&host);
+    let ran = run_installed();
+    ran.expect_code(1)
+        .expect_log("failed its self-test: it exited with exit status: 1")
+        .expect_log("holding it back, the running agent stays");
+    assert_unchanged(&host, &before, &ran);
+    assert_eq!(fs::read(host.target("bin-proxy")).unwrap(), agent);
+    assert!(!host.opt.join("bin-proxy.bak").exists());
+    assert!(host.server.reported("bin-proxy").is_empty());
+    let ran = run_installed();
+    ran.expect_log("holding back");
+    assert_eq!(fs::read(host.target("bin-proxy")).unwrap(), agent);
+
+    // A good one (the real agent, a byte longer): run, then installed; the
+    // previous agent stays as .bak.
+    let mut good = agent.clone();
+    good.extend_from_slice(b"\0v2");
+    publish_signed(&good, "good");
+    let ran = run_installed();
+    ran.expect_code(0)
+        .expect_log("passed its self-test (bin-proxy ");
+    assert_eq!(fs::read(host.target("bin-proxy")).unwrap(), good);
+    assert_eq!(fs::read(host.opt.join("bin-proxy.bak")).unwrap(), agent);
+    assert_eq!(common::mode(&host.target("bin-proxy")), 0o755);
+    assert_eq!(host.server.reported("bin-proxy"), [md5_hex(&good)]);
+}

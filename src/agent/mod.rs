@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod paths;
 pub mod plan;
+pub mod selftest;
 pub mod service;
 pub mod state;
 pub mod supervisor;
@@ -92,6 +93,7 @@ pub fn main(args: &Args) -> u8 {
         Command::Init => commands::init(args, &config),
         Command::Rollback(name) => commands::rollback(args, &config, name),
         Command::Retry(name) => commands::retry(&config, name),
+        Command::SelfTest(manifest, state) => selftest::self_test(manifest, state),
     };
     result.unwrap_or_else(|e| {
         error!("{e}");

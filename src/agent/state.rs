@@ -172,6 +172,20 @@ impl State {
         }
     }
 
+    /// Loads a state file, failing on a damaged one (the self-test of a new
+    /// agent: it must read the state this one writes). A missing file is an
+    /// empty state.
+    pub fn load_strict(path: &Path) -> std::result::Result<State, String> {
+        match fs::read_to_string(path) {
+            Ok(text) => json::parse(&text)
+                .ok()
+                .and_then(|v| State::from_json(&v))
+                .ok_or_else(|| "the state file cannot be read by this agent".to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Journals an upgrade about to swap (replacing any older entry for that
     /// binary). Save before acting on it.
     pub fn set_pending(&mut self, p: Pending) {

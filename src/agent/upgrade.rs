@@ -11,6 +11,7 @@ use super::install::{self, Staged};
 use super::manifest::Binary;
 use super::paths;
 use super::plan::{self, Action, Reason};
+use super::selftest;
 use super::service::{self, Restart, Restarted};
 use super::state::{Blocked, Count, Pending, Quarantined, Stamp};
 use super::verify;
@@ -270,6 +271,37 @@ impl Run<'_> {
                     (e, _) => e,
                 })
                 .map_err(kept)?;
+        if selftest::is_self(target) {
+            self.save_state();
+            match selftest::run_new(
+                &staged.tmp,
+                self.config,
+                &self.state_path,
+                selftest::TIMEOUT,
+            ) {
+                Ok(version) => event!(
+                    Info,
+                    Event::new(&bin.name, "self_test"),
+                    "the new agent {} passed its self-test ({version})",
+                    log::short(&staged.md5)
+                ),
+                Err(why) => {
+                    let _ = std::fs::remove_file(&staged.tmp);
+                    let msg = format!(
+                        "the new agent {} failed its self-test: {why}; holding it back, the running agent stays",
+                        log::short(&staged.md5)
+                    );
+                    self.state.add_quarantine(Quarantined {
+                        name: bin.name.clone(),
+                        hash: remote.hash.clone(),
+                        error: crate::protocol::one_line(&msg, 300),
+                        at: log::utc_now(),
+                    });
+                    self.save_state();
+                    return Err(Error::Other(msg));
+                }
+            }
+        }
         if let Some(cmd) = &bin.pre_upgrade {
             let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
             service::run_hook("preUpgrade", cmd, &env)
