@@ -10,6 +10,7 @@ use super::config::Admission;
 use super::http::{Context, Payload, Request, Response};
 use super::limits::RateLimit;
 use super::registry::{self, Registry};
+mod check;
 mod console;
 mod fleet;
 mod legacy;
@@ -136,6 +137,7 @@ impl App {
             ("bins", Some(name), "GET") => return self.bin_info(&name, &query, on_loop),
             _ if on_loop => return None,
             ("keepalive", None, "POST") => self.keepalive_post(req, &query),
+            ("check", None, "POST") => self.check(req, &query),
             ("bins", None, "GET") => self.list(),
             ("bins", Some(name), "POST") => self.report(req, &name, &query),
             ("bins", Some(name), "PUT") => self.publish(req, &name, &query),
@@ -144,7 +146,7 @@ impl App {
             ("rollouts", None, "GET") => self.rollouts(),
             ("rollouts", Some(name), "GET") => self.rollout(&name, &query),
             ("rollouts", Some(name), "POST") => self.control(req, &name, &query),
-            ("keepalive" | "bins" | "download" | "nodes" | "rollouts", _, _) => {
+            ("keepalive" | "bins" | "download" | "nodes" | "rollouts" | "check", _, _) => {
                 fail(405, "method not allowed here")
             }
             _ => fail(404, "not found"),
@@ -181,36 +183,49 @@ impl App {
     /// A build's hashes; `None` when it would have to be hashed first and
     /// `on_loop` forbids that.
     fn bin_info(&self, name: &str, q: &Query, on_loop: bool) -> Option<Response> {
-        Some(match self.resolve(name, q, false, !on_loop) {
-            Ok(Some((b, r))) => {
-                let mut data = vec![
-                    ("name", Value::str(name)),
-                    ("version", Value::str(&b.version)),
-                    ("hash", Value::str(&b.md5)),
-                    ("sha256", Value::str(&b.sha256)),
-                    ("size", Value::int(b.size)),
-                ];
-                if let Some(r) = r {
-                    let build = if crate::hash::same(&b.md5, &r.to.md5) {
-                        "new"
-                    } else {
-                        "previous"
-                    };
-                    data.push((
-                        "rollout",
-                        Value::obj([
-                            ("id", Value::str(&r.id)),
-                            ("state", Value::str(r.state.word())),
-                            ("percent", Value::int(r.percent())),
-                            ("build", Value::str(build)),
-                        ]),
-                    ));
-                }
-                legacy::bin_answer(Value::obj(data), &b.sha256)
-            }
+        Some(match self.bin_data(name, q, !on_loop) {
+            Ok(Some((data, sha256))) => legacy::bin_answer(data, &sha256),
             Ok(None) => return None,
             Err(resp) => resp,
         })
+    }
+
+    /// `bins/NAME`'s `data` (and the build's sha256): the build this node
+    /// gets, with the rollout that chose it. Shared by `GET bins/NAME` and
+    /// each entry of `POST check` so that both answer the same.
+    fn bin_data(
+        &self,
+        name: &str,
+        q: &Query,
+        may_hash: bool,
+    ) -> Result<Option<(Value, String)>, Response> {
+        let Some((b, r)) = self.resolve(name, q, false, may_hash)? else {
+            return Ok(None);
+        };
+        let mut data = vec![
+            ("name", Value::str(name)),
+            ("version", Value::str(&b.version)),
+            ("hash", Value::str(&b.md5)),
+            ("sha256", Value::str(&b.sha256)),
+            ("size", Value::int(b.size)),
+        ];
+        if let Some(r) = r {
+            let build = if crate::hash::same(&b.md5, &r.to.md5) {
+                "new"
+            } else {
+                "previous"
+            };
+            data.push((
+                "rollout",
+                Value::obj([
+                    ("id", Value::str(&r.id)),
+                    ("state", Value::str(r.state.word())),
+                    ("percent", Value::int(r.percent())),
+                    ("build", Value::str(build)),
+                ]),
+            ));
+        }
+        Ok(Some((Value::obj(data), b.sha256)))
     }
 
     fn list(&self) -> Response {
