@@ -187,3 +187,100 @@ fn refusals_name_what_is_wrong() {
     assert_eq!(format!("{:?}", data.get("registered")), "Bool(false)");
     assert_eq!(data.get("binaries").arr()[0].get("hash").s(), md5_hex(A));
 }
+
+#[test]
+fn over_max_requests_per_second_it_answers_503_with_retry_after() {
+    let m = Manager::start_with_config(r#"{"maxRequestsPerSecond":5}"#, &["--quiet"]);
+    m.publish_mv("app", A);
+    register(&m, "web-1");
+    // 40 requests as fast as one client can: at 5 a second with a second's
+    // burst, most are shed, each with a Retry-After of 1..=600 seconds.
+    let (mut served, mut shed) = (0, 0);
+    for _ in 0..40 {
+        let r = check(&m, "web-1", &["app"], None);
+        match r.status {
+            200 => served += 1,
+            503 => {
+                shed += 1;
+                let secs: u64 = r
+                    .header("retry-after")
+                    .expect("Retry-After on a 503")
+                    .parse()
+                    .expect("Retry-After in seconds");
+                assert!((1..=600).contains(&secs), "{secs}");
+                assert!(r.body_str().contains("overloaded"), "{}", r.body_str());
+            }
+            s => panic!("status {s}: {}", r.body_str()),
+        }
+    }
+    // The registration above took one of the burst of 5.
+    assert!(served >= 4 && shed >= 20, "{served} served, {shed} shed");
+    // The health check is never shed (load balancers must see it).
+    assert_eq!(
+        http("GET", &format!("{}/healthz", m.url()), &[], b"").status,
+        200
+    );
+    // Logged, at most once a second.
+    let warned = m.wait_log(std::time::Duration::from_secs(5), |l| {
+        l.contains("overloaded")
+    });
+    assert!(warned.is_some(), "a log line about shedding");
+    let lines = m
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("overloaded"))
+        .count();
+    assert!(
+        lines <= 3,
+        "{lines} log lines for about a second of shedding"
+    );
+}
+
+#[test]
+fn downloads_resume_only_from_the_same_build() {
+    let m = Manager::start(&["--quiet"]);
+    m.publish_mv("app", A);
+    let url = format!("{}/download/app", m.api());
+    let full = http("GET", &url, &[], b"");
+    assert_eq!(full.status, 200);
+    assert_eq!(full.header("accept-ranges"), Some("bytes"));
+    let tag = full.header("etag").expect("ETag").to_string();
+    assert_eq!(tag, format!("\"{}\"", md5_hex(A)));
+    let part = http(
+        "GET",
+        &url,
+        &[("Range", "bytes=10-"), ("If-Range", &tag)],
+        b"",
+    );
+    assert_eq!(part.status, 206);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 10-{}/{}", A.len() - 1, A.len()).as_str())
+    );
+    assert_eq!(part.body, &A[10..]);
+    // Another build's ETag (or a date): the whole current file, never a piece.
+    for other in [
+        "\"0123456789abcdef0123456789abcdef\"",
+        "Wed, 02 Dec 2026 10:00:00 GMT",
+    ] {
+        let r = http(
+            "GET",
+            &url,
+            &[("Range", "bytes=10-"), ("If-Range", other)],
+            b"",
+        );
+        assert_eq!(r.status, 200, "If-Range {other}");
+        assert_eq!(r.body, A);
+    }
+    let r = http(
+        "GET",
+        &url,
+        &[("Range", format!("bytes={}-", A.len()).as_str())],
+        b"",
+    );
+    assert_eq!(r.status, 416);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes */{}", A.len()).as_str())
+    );
+}

@@ -8,7 +8,7 @@
 
 use super::config::Admission;
 use super::http::{Context, Payload, Request, Response};
-use super::limits::RateLimit;
+use super::limits::{RateLimit, Shed};
 use super::registry::{self, Registry};
 mod check;
 mod console;
@@ -48,6 +48,8 @@ pub struct App {
     pub admission: Admission,
     /// New registrations per client address.
     pub rate: Mutex<RateLimit>,
+    /// The server's own load limit (`maxRequestsPerSecond`).
+    pub shed: Mutex<Shed>,
 }
 
 /// The seed's success envelope.
@@ -79,6 +81,20 @@ impl App {
         let Some(rest) = req.path.strip_prefix("/api/v1/") else {
             return Some(fail(404, "not found"));
         };
+        // Each request is charged once: a request without a body is seen on
+        // a loop first (and maybe again by a worker), one with a body only
+        // by a worker.
+        if on_loop || req.body_len > 0 {
+            let taken = match self.shed.lock() {
+                Ok(mut shed) => shed.take(std::time::Instant::now()),
+                Err(_) => Ok(()),
+            };
+            if let Err(secs) = taken {
+                let mut resp = fail(503, "server overloaded: retry after the Retry-After delay");
+                resp.headers.push(("Retry-After", secs.to_string()));
+                return Some(resp);
+            }
+        }
         if let Some(token) = &self.token {
             let given = bearer(req);
             let admin = self
@@ -360,7 +376,13 @@ impl App {
             ("Accept-Ranges", "bytes".to_string()),
             ("ETag", format!("\"{}\"", build.md5)),
         ];
-        let (status, start, len) = match req.header("range").map(|r| parse_range(r, size)) {
+        // If-Range: the range only of this very build (strong comparison;
+        // a date or another ETag gets the whole file, RFC 9110 13.1.5).
+        let etag = format!("\"{}\"", build.md5);
+        let range = req
+            .header("range")
+            .filter(|_| req.header("if-range").is_none_or(|v| v.trim() == etag));
+        let (status, start, len) = match range.map(|r| parse_range(r, size)) {
             None | Some(Range::Ignore) => (200, 0, size),
             Some(Range::Bytes(start, end)) => {
                 headers.push(("Content-Range", format!("bytes {start}-{end}/{size}")));
