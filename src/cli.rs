@@ -30,6 +30,9 @@ pub enum Command {
     Rollback(String),
     /// Stop holding back this binary's published build.
     Retry(String),
+    /// `self-test --manifest M --state S`: what a new agent must pass
+    /// before it replaces the running one.
+    SelfTest(PathBuf, PathBuf),
     /// Print help.
     Help,
     /// Print the version.
@@ -67,6 +70,8 @@ pub struct Args {
     pub log_format: Option<crate::log::Format>,
     /// `--metrics-file PATH` (else `BIN_PROXY_METRICS_FILE`, else the manifest's `metricsFile`).
     pub metrics_file: Option<PathBuf>,
+    /// `--trusted-key FILE` (repeatable; added to the manifest's `manager.trustedKeys`).
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 impl Default for Args {
@@ -86,6 +91,7 @@ impl Default for Args {
             verbose: false,
             log_format: None,
             metrics_file: None,
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -118,6 +124,9 @@ USAGE:
     bin-proxy status [OPTIONS]          table of recorded, actual and published hashes
     bin-proxy rollback NAME [OPTIONS]   put NAME's PATH.bak back, restart, record it
     bin-proxy retry NAME [OPTIONS]      stop holding back NAME's published build
+    bin-proxy self-test --manifest M --state S
+                                        what a new agent must pass before it replaces
+                                        the running one (parse M and S, print the version)
     bin-proxy init [OPTIONS]            write a starter manifest (never overwrites)
 
 OPTIONS:
@@ -127,6 +136,9 @@ OPTIONS:
                              the manifest's manager.api, else http://127.0.0.1:8081/api/v1.
         --download-url URL   Base URL binaries are downloaded from. Default:
                              $BIN_DOWNLOAD_URL, else manager.downloadUrl, else API/download.
+        --trusted-key FILE   A release public key (bin-manager keygen); repeatable,
+                             added to manager.trustedKeys. When any is set, only
+                             builds signed by a trusted key are installed.
         --timeout SECS       Deadline for each API request. Default: 30.
         --download-timeout SECS
                              Deadline for each whole download attempt. Network
@@ -195,6 +207,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
             Short('c') | Long("config") => out.config = Some(parser.value().map_err(usage)?.into()),
             Long("api") => out.api = Some(string(&mut parser, "--api")?),
             Long("download-url") => out.download_url = Some(string(&mut parser, "--download-url")?),
+            Long("trusted-key") => out.trusted_keys.push(parser.value().map_err(usage)?.into()),
             Long("timeout") => out.timeout = seconds(&mut parser, "--timeout")?.max(1),
             Long("download-timeout") => {
                 out.download_timeout = seconds(&mut parser, "--download-timeout")?.max(1)
@@ -223,6 +236,20 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
                     "check" => Command::Check,
                     "status" => Command::Status,
                     "init" => Command::Init,
+                    "self-test" => {
+                        let mut path = |flag: &str| {
+                            let named = matches!(parser.next().map_err(usage)?, Some(Long(f)) if f == &flag[2..]);
+                            match (named, parser.value()) {
+                                (true, Ok(v)) => Ok(PathBuf::from(v)),
+                                _ => Err(Error::Usage(
+                                    "self-test needs --manifest M --state S".into(),
+                                )),
+                            }
+                        };
+                        let manifest = path("--manifest")?;
+                        let state = path("--state")?;
+                        Command::SelfTest(manifest, state)
+                    }
                     "rollback" | "retry" => {
                         let name = match parser.next().map_err(usage)? {
                             Some(Value(name)) => name
@@ -310,6 +337,10 @@ pub enum ManagerCommand {
     NodeAccept(String),
     /// `rollout ACTION NAME`: show or steer a running server's rollout of NAME.
     Rollout(RolloutAction, String),
+    /// `keygen --out DIR`: write a release signing key pair (offline).
+    Keygen,
+    /// `sign --key FILE --name NAME … BUILD`: write BUILD's signature document (offline).
+    Sign(PathBuf),
 }
 
 /// What `bin-manager rollout` does.
@@ -372,6 +403,18 @@ pub struct ManagerArgs {
     pub workers: Option<usize>,
     /// `--quiet`: no access log.
     pub quiet: bool,
+    /// `--out DIR` (`keygen`).
+    pub out: Option<PathBuf>,
+    /// `--key FILE` (`sign`).
+    pub key: Option<PathBuf>,
+    /// `--name NAME` (`sign`).
+    pub name: Option<String>,
+    /// `--version V` (`sign`; `-V` alone is bin-manager's own version).
+    pub sign_version: Option<String>,
+    /// `--expires DURATION` (`sign`), in seconds.
+    pub expires: Option<u64>,
+    /// `--serial N` (`sign`).
+    pub serial: Option<u64>,
     /// `--help`
     pub help: bool,
     /// `--version`
@@ -396,6 +439,14 @@ USAGE:
                                               registration gets a new one)
     bin-manager node accept NAME [--server URL] [--admin-token-file FILE]
                                               admit a pending node (admission: manual)
+    bin-manager keygen --out DIR              write a release signing key pair offline:
+                                              DIR/release.key (0600), DIR/release.pub;
+                                              prints the key id
+    bin-manager sign --key FILE --name NAME [--arch A] [--version V]
+                [--expires 90d] [--serial N] BUILD
+                                              write BUILD.sig, the one-line signature
+                                              document (also printed); the serial is
+                                              one above the name's last, or --serial
     bin-manager rollout status|pause|resume|promote|abort NAME [--arch ARCH]
                 [--server URL] [--admin-token-file FILE]
                                               show or steer the staged rollout of NAME
@@ -467,6 +518,9 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
     while let Some(arg) = parser.next().map_err(usage)? {
         match arg {
             Short('h') | Long("help") => out.help = true,
+            Long("version") if matches!(out.command, ManagerCommand::Sign(_)) => {
+                out.sign_version = Some(string(&mut parser, "--version")?)
+            }
             Short('V') | Long("version") => out.version = true,
             Short('c') | Long("config") => out.config = Some(parser.value().map_err(usage)?.into()),
             Long("bin-dir") => out.bin_dir = Some(parser.value().map_err(usage)?.into()),
@@ -487,6 +541,27 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
                 out.admin_token_file = Some(parser.value().map_err(usage)?.into())
             }
             Long("arch") => out.arch = Some(string(&mut parser, "--arch")?),
+            Long("out") => out.out = Some(parser.value().map_err(usage)?.into()),
+            Long("key") => out.key = Some(parser.value().map_err(usage)?.into()),
+            Long("name") => out.name = Some(string(&mut parser, "--name")?),
+            Long("expires") => {
+                let v = string(&mut parser, "--expires")?;
+                out.expires = Some(crate::sign::duration(&v).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "--expires takes a duration like 90d, 12h or 30m, not \"{v}\""
+                    ))
+                })?)
+            }
+            Long("serial") => out.serial = Some(seconds(&mut parser, "--serial")?),
+            Value(word) if out.command == ManagerCommand::Serve && word == "keygen" => {
+                out.command = ManagerCommand::Keygen;
+            }
+            Value(word) if out.command == ManagerCommand::Serve && word == "sign" => {
+                out.command = ManagerCommand::Sign(PathBuf::new());
+            }
+            Value(build) if out.command == ManagerCommand::Sign(PathBuf::new()) => {
+                out.command = ManagerCommand::Sign(build.into());
+            }
             Value(word) if out.command == ManagerCommand::Serve && word == "rollout" => {
                 let need = "rollout needs an action and a binary: rollout status|pause|resume|promote|abort NAME";
                 let mut word = || match parser.next().map_err(usage)? {
@@ -535,6 +610,17 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
             }
             other => return Err(usage(other.unexpected())),
         }
+    }
+    match &out.command {
+        ManagerCommand::Keygen if out.out.is_none() => {
+            return Err(Error::Usage("keygen needs --out DIR".into()))
+        }
+        ManagerCommand::Sign(build) if build.as_os_str().is_empty() || out.key.is_none() || out.name.is_none() => {
+            return Err(Error::Usage(
+                "sign needs --key FILE --name NAME and the BUILD file: sign --key FILE --name NAME [--arch A] [--version V] [--expires 90d] [--serial N] BUILD".into(),
+            ))
+        }
+        _ => {}
     }
     if out.command != ManagerCommand::Serve && out.admin_token.is_some() {
         return Err(Error::Usage(
@@ -671,6 +757,66 @@ mod tests {
             "--workers takes a whole number, not \"many\" (see --help)"
         );
         assert_eq!(parse(&["serve"]).unwrap_err().exit_code(), 2);
+
+        let m = parse(&["keygen", "--out", "/k"]).unwrap();
+        assert_eq!(
+            (m.command, m.out),
+            (ManagerCommand::Keygen, Some("/k".into()))
+        );
+        assert!(parse(&["keygen"])
+            .unwrap_err()
+            .to_string()
+            .contains("--out DIR"));
+        let m = parse(&[
+            "sign",
+            "--key",
+            "/k/release.key",
+            "--name",
+            "app",
+            "--arch",
+            "x86_64",
+            "--version",
+            "1.2",
+            "--expires",
+            "2d",
+            "--serial",
+            "9",
+            "/b/app",
+        ])
+        .unwrap();
+        assert_eq!(m.command, ManagerCommand::Sign("/b/app".into()));
+        assert_eq!(
+            (
+                m.key,
+                m.name.as_deref(),
+                m.arch.as_deref(),
+                m.sign_version.as_deref(),
+                m.expires,
+                m.serial,
+                m.version
+            ),
+            (
+                Some("/k/release.key".into()),
+                Some("app"),
+                Some("x86_64"),
+                Some("1.2"),
+                Some(172800),
+                Some(9),
+                false
+            )
+        );
+        assert!(parse(&["sign", "--key", "k", "--name", "a"])
+            .unwrap_err()
+            .to_string()
+            .contains("BUILD"));
+        assert!(parse(&["sign", "--key", "k", "b"])
+            .unwrap_err()
+            .to_string()
+            .contains("--name"));
+        assert!(parse(&["sign", "--expires", "soon"])
+            .unwrap_err()
+            .to_string()
+            .contains("--expires takes a duration"));
 
         let m = parse(&["node", "reset", "web-01", "--server", "http://m:1"]).unwrap();
         assert_eq!(

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod hash;
 pub mod json;
 pub mod protocol;
+pub mod sign;
 pub mod sys;
 
 pub mod agent;

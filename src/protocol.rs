@@ -20,6 +20,10 @@ pub struct BinInfo {
     pub sha256: Option<String>,
     /// Size in bytes, when the server offers it.
     pub size: Option<u64>,
+    /// The build's signature document (`signature`), when the server has one.
+    pub signature: Option<String>,
+    /// Key rotation statements the server passes on (`keyStatements`).
+    pub key_statements: Vec<String>,
 }
 
 /// One entry of the registration's `binaries` list.
@@ -228,11 +232,25 @@ pub fn bin_info(url: &str, data: &Value) -> Result<BinInfo> {
         .unwrap_or("")
         .to_string();
     let size = data.get("size").and_then(Value::as_u64);
+    let signature = data
+        .get("signature")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let key_statements = match data.get("keyStatements") {
+        Some(Value::Arr(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    };
     Ok(BinInfo {
         version,
         hash,
         sha256,
         size,
+        signature,
+        key_statements,
     })
 }
 

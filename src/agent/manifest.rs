@@ -36,6 +36,9 @@ pub struct Manager {
     pub download_url: Option<String>,
     /// `tokenFile`: file holding the bearer token.
     pub token_file: Option<PathBuf>,
+    /// `trustedKeys`: public key files; when set, only builds signed by one
+    /// of them (or a key they rotated to) are installed.
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// The `node` object. Missing and empty values are filled from the host.
@@ -145,7 +148,7 @@ fn labels(node: &Value) -> Result<Vec<(String, String)>, String> {
 }
 
 const TOP_KEYS: &[&str] = &["manager", "node", "binaries", "metricsFile"];
-const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile"];
+const MANAGER_KEYS: &[&str] = &["api", "downloadUrl", "tokenFile", "trustedKeys"];
 const NODE_KEYS: &[&str] = &["name", "cpuArch", "osRelease", "proxyVersion", "labels"];
 const BINARY_KEYS: &[&str] = &[
     "name",
@@ -190,6 +193,25 @@ impl Manifest {
             m.manager.api = o.opt_url("api")?;
             m.manager.download_url = o.opt_url("downloadUrl")?;
             m.manager.token_file = o.opt_str("tokenFile")?.map(PathBuf::from);
+            if let Some(v) = o.get("trustedKeys") {
+                let err = || {
+                    o.bad(
+                        "trustedKeys",
+                        "must be a list of absolute paths of public key files",
+                    )
+                };
+                let Value::Arr(items) = v else {
+                    return Err(err());
+                };
+                for item in items {
+                    match item.as_str() {
+                        Some(p) if Path::new(p).is_absolute() => {
+                            m.manager.trusted_keys.push(p.into())
+                        }
+                        _ => return Err(err()),
+                    }
+                }
+            }
             if let Some(f) = &m.manager.token_file {
                 if !f.is_absolute() {
                     return Err(o.bad("tokenFile", "must be an absolute path"));
@@ -251,12 +273,23 @@ impl Manifest {
         };
         let mut top = Vec::new();
         let mg = &self.manager;
-        if mg.api.is_some() || mg.download_url.is_some() || mg.token_file.is_some() {
+        if mg.api.is_some()
+            || mg.download_url.is_some()
+            || mg.token_file.is_some()
+            || !mg.trusted_keys.is_empty()
+        {
             let mut o = Vec::new();
             opt(&mut o, "api", &mg.api);
             opt(&mut o, "downloadUrl", &mg.download_url);
             let token = mg.token_file.as_ref().map(|p| p.display().to_string());
             opt(&mut o, "tokenFile", &token);
+            if !mg.trusted_keys.is_empty() {
+                let keys = mg
+                    .trusted_keys
+                    .iter()
+                    .map(|p| Value::str(p.display().to_string()));
+                o.push(("trustedKeys".to_string(), Value::Arr(keys.collect())));
+            }
             top.push(("manager".to_string(), Value::Obj(o)));
         }
         let n = &self.node;
@@ -551,7 +584,7 @@ mod tests {
 
     #[test]
     fn every_optional_key() {
-        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t"},"metricsFile":"/var/lib/node/bp.prom",
+        let text = r#"{"manager":{"api":"https://m/api/v1","downloadUrl":"https://cdn","tokenFile":"/etc/t","trustedKeys":["/etc/k1.pub","/etc/k2.pub"]},"metricsFile":"/var/lib/node/bp.prom",
             "binaries":[{"name":"a","version":"1.2","hash":"D41D8CD98F00B204E9800998ECF8427E","path":"/x/a",
             "downloadUrl":"http://cdn/a","service":"svc","restart":"none","preUpgrade":"/bin/true","postUpgrade":"/x/a --check","confirmSeconds":10}]}"#;
         let m = Manifest::parse(text).unwrap();
@@ -561,7 +594,14 @@ mod tests {
             ("svc", Some("1.2"), "d41d8cd98f00b204e9800998ecf8427e")
         );
         assert_eq!(m.manager.token_file, Some(PathBuf::from("/etc/t")));
+        assert_eq!(
+            m.manager.trusted_keys,
+            [PathBuf::from("/etc/k1.pub"), PathBuf::from("/etc/k2.pub")]
+        );
+        // Rewriting the manifest (after an upgrade) keeps every key, the trusted keys too.
         assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m);
+        let relative = Manifest::parse(r#"{"manager":{"trustedKeys":["k.pub"]},"binaries":[]}"#);
+        assert!(relative.unwrap_err().contains("trustedKeys"));
     }
 
     #[test]

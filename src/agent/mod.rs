@@ -15,10 +15,12 @@ pub mod manifest;
 pub mod metrics;
 pub mod paths;
 pub mod plan;
+pub mod selftest;
 pub mod service;
 pub mod state;
 pub mod supervisor;
 pub mod tls_hint;
+pub mod verify;
 
 mod commands;
 mod settings;
@@ -91,6 +93,7 @@ pub fn main(args: &Args) -> u8 {
         Command::Init => commands::init(args, &config),
         Command::Rollback(name) => commands::rollback(args, &config, name),
         Command::Retry(name) => commands::retry(&config, name),
+        Command::SelfTest(manifest, state) => selftest::self_test(manifest, state),
     };
     result.unwrap_or_else(|e| {
         error!("{e}");
@@ -216,6 +219,8 @@ struct Run<'a> {
     facts: NodeFacts,
     /// The server refused a request about this node (403): exit 1.
     token_refused: bool,
+    /// Release keys this host trusts (none: signatures are not required).
+    trusted: Vec<crate::sign::TrustedKey>,
 }
 
 /// One upgrade cycle.
@@ -239,7 +244,11 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             return Err(Error::Stopped);
         }
     }
+    let mut keys = manifest.manager.trusted_keys.clone();
+    keys.extend(args.trusted_keys.iter().cloned());
+    let trusted = verify::load_keys(&keys)?;
     let mut run = Run::new(args, config, manifest, client, facts);
+    run.trusted = trusted;
 
     // A heartbeat that cannot reach the server is told once, below, if the
     // binaries' lookups cannot reach it either.
@@ -476,6 +485,7 @@ impl<'a> Run<'a> {
             manifest,
             client,
             token_refused: false,
+            trusted: Vec::new(),
         }
     }
 

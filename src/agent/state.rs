@@ -126,6 +126,9 @@ pub struct State {
     /// in: where a killed run's temp file is, even after a symlinked
     /// directory was switched to another.
     staged_in: Vec<(String, PathBuf)>,
+    /// Per binary, the highest signature serial installed (signed releases:
+    /// a lower one is a rollback, refused unless the version is pinned).
+    serials: Vec<(String, u64)>,
     /// Per-binary counters for the metrics file.
     pub counters: Vec<Counters>,
     /// Runs that could not reach the server, over all runs.
@@ -166,6 +169,20 @@ impl State {
                     ..State::default()
                 }
             }
+        }
+    }
+
+    /// Loads a state file, failing on a damaged one (the self-test of a new
+    /// agent: it must read the state this one writes). A missing file is an
+    /// empty state.
+    pub fn load_strict(path: &Path) -> std::result::Result<State, String> {
+        match fs::read_to_string(path) {
+            Ok(text) => json::parse(&text)
+                .ok()
+                .and_then(|v| State::from_json(&v))
+                .ok_or_else(|| "the state file cannot be read by this agent".to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -238,6 +255,25 @@ impl State {
 
     /// Remembers where a binary's downloads are staged; `true` when that
     /// changed (and the state must be saved before the download starts).
+    /// The highest signature serial installed for `name`.
+    pub fn serial(&self, name: &str) -> Option<u64> {
+        self.serials
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| *s)
+    }
+
+    /// Raises the serial floor of `name` to `serial` (never lowers it).
+    pub fn raise_serial(&mut self, name: &str, serial: u64) {
+        if self.serial(name).is_some_and(|s| s >= serial) {
+            return;
+        }
+        self.serials.retain(|(n, _)| n != name);
+        self.serials.push((name.to_string(), serial));
+        self.dirty = true;
+    }
+
+    /// Sets where `name` was last staged.
     pub fn set_staged_in(&mut self, name: &str, dir: &Path) -> bool {
         if self.staged_in(name) == Some(dir) {
             return false;
@@ -436,6 +472,12 @@ impl State {
             });
             top.push(("stagedIn", Value::Arr(staged.collect())));
         }
+        if !self.serials.is_empty() {
+            let serials = self.serials.iter().map(|(name, serial)| {
+                Value::obj([("name", Value::str(name)), ("serial", Value::int(*serial))])
+            });
+            top.push(("signedSerials", Value::Arr(serials.collect())));
+        }
         if let Some((name, token)) = &self.node_token {
             top.push((
                 "node",
@@ -487,6 +529,9 @@ impl State {
             state
                 .staged_in
                 .push((s(&d, "name")?, PathBuf::from(s(&d, "dir")?)));
+        }
+        for d in list("signedSerials")? {
+            state.serials.push((s(&d, "name")?, u(&d, "serial")?));
         }
         if let Some(node) = v.get("node") {
             state.node_token = Some((s(node, "name")?, s(node, "token")?));

@@ -11,8 +11,10 @@ use super::install::{self, Staged};
 use super::manifest::Binary;
 use super::paths;
 use super::plan::{self, Action, Reason};
+use super::selftest;
 use super::service::{self, Restart, Restarted};
 use super::state::{Blocked, Count, Pending, Quarantined, Stamp};
+use super::verify;
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
 use crate::event;
@@ -233,15 +235,73 @@ impl Run<'_> {
                 target.display()
             )));
         }
-        let staged = install::stage(
-            &self.client,
-            &bin.name,
-            &url,
-            target,
-            remote,
-            self.args.max_size,
-        )
-        .map_err(kept)?;
+        // Signed releases: judge the signature before a byte is downloaded,
+        // then download against the signed sha256, cut at the signed size.
+        let signed = match self.trusted.is_empty() {
+            true => None,
+            false => Some(verify::check(
+                &self.trusted,
+                remote,
+                &verify::Want {
+                    name: &bin.name,
+                    arch: &self.facts.cpu_arch,
+                    pinned: bin.pinned_version(),
+                    floor: self.state.serial(&bin.name),
+                    now: log::unix_now(),
+                },
+            )?),
+        };
+        let signed_want = signed.as_ref().map(|d| verify::signed_want(remote, d));
+        let (want, max) = match (&signed_want, &signed) {
+            (Some(w), Some(d)) => (w, d.size.min(self.args.max_size)),
+            _ => (remote, self.args.max_size),
+        };
+        let staged =
+            install::stage(&self.client, &bin.name, &url, target, want, max)
+                .map_err(|e| match (e, &signed) {
+                    (Error::Size { url, msg }, Some(d)) if !msg.starts_with("truncated") => {
+                        Error::Size {
+                            url,
+                            msg: format!(
+                                "{msg}: more bytes than the {} signed (endless or padded data), cut at the signed size",
+                                d.size
+                            ),
+                        }
+                    }
+                    (e, _) => e,
+                })
+                .map_err(kept)?;
+        if selftest::is_self(target) {
+            self.save_state();
+            match selftest::run_new(
+                &staged.tmp,
+                self.config,
+                &self.state_path,
+                selftest::TIMEOUT,
+            ) {
+                Ok(version) => event!(
+                    Info,
+                    Event::new(&bin.name, "self_test"),
+                    "the new agent {} passed its self-test ({version})",
+                    log::short(&staged.md5)
+                ),
+                Err(why) => {
+                    let _ = std::fs::remove_file(&staged.tmp);
+                    let msg = format!(
+                        "the new agent {} failed its self-test: {why}; holding it back, the running agent stays",
+                        log::short(&staged.md5)
+                    );
+                    self.state.add_quarantine(Quarantined {
+                        name: bin.name.clone(),
+                        hash: remote.hash.clone(),
+                        error: crate::protocol::one_line(&msg, 300),
+                        at: log::utc_now(),
+                    });
+                    self.save_state();
+                    return Err(Error::Other(msg));
+                }
+            }
+        }
         if let Some(cmd) = &bin.pre_upgrade {
             let env = hook_env(bin, target, from, &remote.hash, Some(&staged));
             service::run_hook("preUpgrade", cmd, &env)
@@ -285,7 +345,12 @@ impl Run<'_> {
                 log::rate(staged.size, staged.elapsed)
             ),
         };
-        self.commit_or_undo(bin, target, from, &staged.md5, Some(transfer))
+        let outcome = self.commit_or_undo(bin, target, from, &staged.md5, Some(transfer));
+        if let (Ok(Outcome::Changed), Some(doc)) = (&outcome, &signed) {
+            self.state.raise_serial(&bin.name, doc.serial);
+            self.save_state();
+        }
+        outcome
     }
 
     /// After a swap: restart, confirm and health-check the new build; then

@@ -20,6 +20,21 @@ fn main() -> ExitCode {
         println!("bin-manager {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    if matches!(
+        args.command,
+        bin_proxy::cli::ManagerCommand::Keygen | bin_proxy::cli::ManagerCommand::Sign(_)
+    ) {
+        return match bin_proxy::manager::keytool::run(&args) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                bin_proxy::error!("{e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
     if args.command != bin_proxy::cli::ManagerCommand::Serve {
         return match bin_proxy::manager::admin::run(&args, &bin_proxy::cli::process_env) {
             Ok(done) => {

@@ -153,7 +153,9 @@ pub fn run(args: &ManagerArgs, env: Env) -> Result<String> {
             };
             return Ok(describe_rollout(&r));
         }
-        ManagerCommand::Serve => return Err(Error::Usage("not an admin subcommand".into())),
+        ManagerCommand::Serve | ManagerCommand::Keygen | ManagerCommand::Sign(_) => {
+            return Err(Error::Usage("not an admin subcommand".into()))
+        }
     };
     check_name(name, "node")?;
     let token = admin_token(args, env)?;

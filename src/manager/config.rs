@@ -8,6 +8,7 @@
 use super::rollout::Policy;
 use crate::cli::ManagerArgs;
 use crate::error::{Error, Result};
+use crate::fsutil;
 use crate::json::{self, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -75,6 +76,10 @@ pub struct Config {
     /// Default rollout policy per binary (`"rollouts": {"NAME": {…}}`),
     /// applied to every publish of it, by `mv` or `PUT`.
     pub rollouts: HashMap<String, Policy>,
+    /// Refuse to publish or serve a build without a valid signature.
+    pub require_signatures: bool,
+    /// The public keys publishes are checked against (`trustedKeys`).
+    pub trusted_keys: Vec<crate::sign::TrustedKey>,
 }
 
 const KEYS: &[&str] = &[
@@ -92,6 +97,8 @@ const KEYS: &[&str] = &[
     "registrationsPerMinute",
     "maxRequestsPerSecond",
     "rollouts",
+    "requireSignatures",
+    "trustedKeys",
 ];
 
 impl Config {
@@ -114,6 +121,8 @@ impl Config {
             max_requests_per_second: 0,
             access_log: !args.quiet,
             rollouts: HashMap::new(),
+            require_signatures: false,
+            trusted_keys: Vec::new(),
         };
         let path = args
             .config
@@ -121,6 +130,12 @@ impl Config {
             .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
         if let Some(path) = path {
             c.apply_file(&path)?;
+            if c.require_signatures && c.trusted_keys.is_empty() {
+                return Err(Error::Config {
+                    path,
+                    msg: "requireSignatures needs trustedKeys (the public key files builds are signed with)".into(),
+                });
+            }
         }
         c.token = env("BIN_MANAGER_TOKEN").or(c.token);
         c.admin_token = env("BIN_MANAGER_ADMIN_TOKEN").or(c.admin_token);
@@ -215,6 +230,32 @@ impl Config {
                                 "key \"{key}\" must be a whole number (0: no limit)"
                             ))
                         })?
+                }
+                "requireSignatures" => {
+                    self.require_signatures = match value {
+                        Value::Bool(b) => *b,
+                        other => {
+                            return Err(bad(format!(
+                                "key \"{key}\" must be true or false, not {}",
+                                other.kind()
+                            )))
+                        }
+                    }
+                }
+                "trustedKeys" => {
+                    let Value::Arr(items) = value else {
+                        return Err(bad(format!(
+                            "key \"{key}\" must be a list of public key files"
+                        )));
+                    };
+                    for item in items {
+                        let file = item.as_str().ok_or_else(|| {
+                            bad(format!("key \"{key}\" must be a list of public key files"))
+                        })?;
+                        let file = fsutil::parent(path).join(file);
+                        self.trusted_keys
+                            .push(crate::sign::TrustedKey::load(&file)?);
+                    }
                 }
                 "requireNodeTokens" => {
                     self.require_node_tokens = match value {

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod keytool;
 pub mod legacy;
 pub mod limits;
 pub mod record;
@@ -14,6 +15,7 @@ pub mod registry;
 pub mod release;
 pub mod rollout;
 pub mod routes;
+pub mod signing;
 pub mod store;
 
 use crate::cli::ManagerArgs;
@@ -97,6 +99,11 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
             std::time::Instant::now(),
         )),
         releases: release::Releases::new(config.rollouts.clone()),
+        signing: signing::Signing {
+            require: config.require_signatures,
+            trusted: config.trusted_keys.clone(),
+        },
+        statements: signing::statements(&config.bin_dir)?,
     });
     let flusher = app.clone();
     std::thread::spawn(move || {

@@ -70,6 +70,28 @@ pub struct Build {
     pub version: String,
     /// The arch directory it was found in (`binDir/ARCH/NAME`), if any.
     pub arch_dir: Option<String>,
+    /// Its signature document (`NAME.sig` beside it, or the copy kept with
+    /// a kept build), when one names this very sha256; not verified here.
+    pub signature: Option<String>,
+}
+
+/// The signature document in `path` unless it is one for another build.
+fn signature_in(path: &Path, sha256: &str) -> Option<String> {
+    let text = fs::read_to_string(path).ok()?;
+    let line = text.trim_end_matches('\n');
+    // One for another build (left from before a publish) is not this
+    // build's; one that does not parse is passed on for the agents to judge.
+    match crate::sign::Document::parse(line) {
+        Ok(d) if !d.sha256.eq_ignore_ascii_case(sha256) => None,
+        _ => Some(crate::protocol::one_line(line, crate::sign::MAX_LEN)),
+    }
+}
+
+/// `PATH.sig`.
+pub fn sig_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".sig");
+    PathBuf::from(p)
 }
 
 /// What [`Store::lookup`] found.
@@ -194,8 +216,17 @@ impl Store {
                     (md5, sha)
                 }
             };
+            let signature = signature_in(&sig_path(&path), &sha256);
+            if let Some(sig) = &signature {
+                // Kept with the build, for a rollout that serves it later.
+                let kept = sig_path(&self.dir.join(KEPT).join(&md5));
+                if version.is_none() && self.dir.join(KEPT).join(&md5).exists() && !kept.exists() {
+                    let _ = fsutil::atomic_write(&kept, format!("{sig}\n").as_bytes(), 0o644);
+                }
+            }
             let version = version.unwrap_or("latest").to_string();
             return Ok(Lookup::Found(Build {
+                signature,
                 file,
                 size: meta.size(),
                 md5,
@@ -224,6 +255,7 @@ impl Store {
             .metadata()
             .map_err(|e| Error::io("inspecting", &path, e))?;
         Ok(Some(Build {
+            signature: signature_in(&sig_path(&path), sha256),
             file,
             size: meta.size(),
             md5: md5.to_ascii_lowercase(),
@@ -284,7 +316,8 @@ impl Store {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().to_string();
-            if hash::is_md5(&name) && !needed.contains(&name) {
+            let md5 = name.strip_suffix(".sig").unwrap_or(&name);
+            if hash::is_md5(md5) && !needed.contains(md5) {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -305,6 +338,7 @@ impl Store {
         version: Option<&str>,
         body: &mut dyn Read,
         len: u64,
+        check: &dyn Fn(&str) -> Result<Option<String>>,
     ) -> Result<(String, String)> {
         let dest = self.candidates(name, arch, version).remove(0).0;
         let dir = fsutil::parent(&dest).to_path_buf();
@@ -347,9 +381,21 @@ impl Store {
                     )))
                 }
             }
+            let (md5, sha) = (md5.hex(), sha.hex());
+            // The signature goes in before the build it covers (or the old
+            // one goes away when the new build comes unsigned).
+            let sig = sig_path(&dest);
+            match check(&sha)? {
+                Some(line) => fsutil::atomic_write(&sig, format!("{line}\n").as_bytes(), 0o644)?,
+                None => match fs::remove_file(&sig) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io("removing the old signature", &sig, e))
+                    }
+                    _ => {}
+                },
+            }
             fs::rename(&tmp, &dest).map_err(|e| Error::io("renaming into place", &dest, e))?;
             fsutil::sync_dir(&dir)?;
-            let (md5, sha) = (md5.hex(), sha.hex());
             // The next lookup of these very bytes needs no second read (the
             // rename changed the ctime: stat the file again).
             if let Ok(meta) = file.metadata() {

@@ -133,6 +133,13 @@ pub enum Fault {
     /// Addition: `POST bins/NAME` still records the hash but answers this status with
     /// `{"code":<status>,"message":"injected failure"}`.
     ReportStatus(u16),
+    /// Signed releases: `bins/NAME` offers the sha256 and size of what
+    /// `download/NAME` serves, this `signature` document (when not empty)
+    /// and these `keyStatements`.
+    Signed(String, Vec<String>),
+    /// Like `Signed` (no statements), but `download/NAME` sends no length and
+    /// the published bytes followed by endless filler (up to 256 MiB).
+    Endless(String),
 }
 
 #[derive(Debug)]
@@ -370,6 +377,9 @@ enum Action {
         interval: Duration,
     },
     Hang,
+    Endless {
+        bytes: Vec<u8>,
+    },
 }
 
 fn handle_connection(mut stream: TcpStream, ctx: Ctx) {
@@ -614,7 +624,9 @@ fn bins_get(st: &State, name: &str) -> Action {
             ),
         );
     }
-    let sha256 = match fault {
+    let sha256 = match &fault {
+        Fault::Signed(sig, statements) => signed_fields(bytes, sig, statements),
+        Fault::Endless(sig) => signed_fields(bytes, sig, &[]),
         Fault::Sha256 => format!(",\"sha256\":\"{}\"", sha256_hex(bytes)),
         Fault::WrongSha256 => format!(",\"sha256\":\"{}\"", sha256_hex(b"other bytes")),
         _ => String::new(),
@@ -625,6 +637,22 @@ fn bins_get(st: &State, name: &str) -> Action {
         hash
     );
     json(200, success(style, &data))
+}
+
+fn signed_fields(bytes: &[u8], sig: &str, statements: &[String]) -> String {
+    let mut out = format!(
+        ",\"sha256\":\"{}\",\"size\":{}",
+        sha256_hex(bytes),
+        bytes.len()
+    );
+    if !sig.is_empty() {
+        out.push_str(&format!(",\"signature\":{}", json_string(sig)));
+    }
+    if !statements.is_empty() {
+        let list: Vec<String> = statements.iter().map(|s| json_string(s)).collect();
+        out.push_str(&format!(",\"keyStatements\":[{}]", list.join(",")));
+    }
+    out
 }
 
 fn bins_post(st: &mut State, name: &str, req: &Request) -> Action {
@@ -668,6 +696,7 @@ fn download(st: &State, name: &str, req: &Request, base: &str) -> Action {
     match fault {
         Fault::Truncate(keep) => Action::Truncated { bytes, keep },
         Fault::SlowDownload(interval) => Action::Slow { bytes, interval },
+        Fault::Endless(_) => Action::Endless { bytes },
         _ => Action::Reply {
             status: 200,
             content_type: "application/octet-stream",
@@ -808,6 +837,20 @@ fn perform(mut stream: TcpStream, action: Action, stop: &AtomicBool) {
             }
             for b in bytes {
                 if !sleep_unless_stopped(interval, stop) || stream.write_all(&[b]).is_err() {
+                    return;
+                }
+            }
+        }
+        Action::Endless { bytes } => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n";
+            if stream.write_all(head.as_bytes()).is_err() || stream.write_all(&bytes).is_err() {
+                return;
+            }
+            let filler = vec![b'A'; 64 * 1024];
+            for _ in 0..4096 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed)
+                    || stream.write_all(&filler).is_err()
+                {
                     return;
                 }
             }

@@ -50,6 +50,10 @@ pub struct App {
     pub rate: Mutex<RateLimit>,
     /// The server's own load limit (`maxRequestsPerSecond`).
     pub shed: Mutex<Shed>,
+    /// Signed releases: what is required of a publish.
+    pub signing: super::signing::Signing,
+    /// Key rotation statements (`binDir/.trust`, read at start).
+    pub statements: Vec<String>,
 }
 
 /// The seed's success envelope.
@@ -218,6 +222,10 @@ impl App {
         let Some((b, r)) = self.resolve(name, q, false, may_hash)? else {
             return Ok(None);
         };
+        if let Err(msg) = self.signing.check_served(name, &b) {
+            crate::warn!("not serving {name}: {msg}");
+            return Err(fail(409, &format!("not served: {msg}")));
+        }
         let mut data = vec![
             ("name", Value::str(name)),
             ("version", Value::str(&b.version)),
@@ -225,6 +233,15 @@ impl App {
             ("sha256", Value::str(&b.sha256)),
             ("size", Value::int(b.size)),
         ];
+        if let Some(sig) = &b.signature {
+            data.push(("signature", Value::str(sig)));
+        }
+        if !self.statements.is_empty() {
+            data.push((
+                "keyStatements",
+                Value::Arr(self.statements.iter().map(Value::str).collect()),
+            ));
+        }
         if let Some(r) = r {
             let build = if crate::hash::same(&b.md5, &r.to.md5) {
                 "new"
@@ -311,12 +328,34 @@ impl App {
         // A staged publish records its rollout before any request can see
         // the new file and record it as an ordinary publish.
         let _guard = policy.as_ref().map(|_| self.releases.lock_publishing());
+        let header = req.header("x-bin-signature").map(str::to_string);
+        if header
+            .as_deref()
+            .is_some_and(|h| h.len() > crate::sign::MAX_LEN)
+        {
+            return fail(400, "nothing published: X-Bin-Signature is too long");
+        }
+        let signing = &self.signing;
+        let check = |sha256: &str| {
+            signing
+                .check(
+                    header.as_deref(),
+                    name,
+                    q.arch.as_deref(),
+                    q.version.as_deref(),
+                    sha256,
+                    len,
+                )
+                .map(|doc| doc.map(|d| d.to_string()))
+                .map_err(|msg| crate::error::Error::Other(format!("signature refused: {msg}")))
+        };
         let published = self.store.publish(
             name,
             q.arch.as_deref(),
             q.version.as_deref(),
             req.body(),
             len,
+            &check,
         );
         let published = match (published, policy) {
             (Ok(hashes), Some(policy)) => self
@@ -360,6 +399,10 @@ impl App {
                     &format!("nothing published: {e}"),
                 )
             }
+            Err(crate::error::Error::Other(msg)) if msg.starts_with("signature refused") => {
+                crate::warn!("{name}: nothing published: {msg}");
+                fail(400, &format!("nothing published: {msg}"))
+            }
             Err(e) => fail(500, &format!("publishing failed: {e}")),
         }
     }
@@ -370,6 +413,9 @@ impl App {
             Ok(None) => return fail(500, "no answer for this download"),
             Err(resp) => return resp,
         };
+        if let Err(msg) = self.signing.check_served(name, &build) {
+            return fail(409, &format!("not served: {msg}"));
+        }
         let size = build.size;
         let mut headers = vec![
             ("Content-Type", "application/octet-stream".to_string()),
