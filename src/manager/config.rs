@@ -1,7 +1,7 @@
 //! bin-manager's settings: `/etc/bin-manager/config.json`
 //! (`{"binDir","listen","stateFile","token","adminToken","maxUpload","workers",
 //! "workersPerClient","requireNodeTokens","admission","maxNodes",
-//! "registrationsPerMinute"}`), overridden by environment
+//! "registrationsPerMinute","maxRequestsPerSecond"}`), overridden by environment
 //! (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`) and flags. Unknown keys
 //! and values of the wrong type are errors, as in the agent's manifest.
 
@@ -70,6 +70,9 @@ pub struct Config {
     pub max_nodes: usize,
     /// New nodes one client address may register per minute (0: no limit).
     pub registrations_per_minute: u32,
+    /// Requests a second the server takes before answering 503 with
+    /// Retry-After (0: no limit).
+    pub max_requests_per_second: u32,
     /// One stderr line per request.
     pub access_log: bool,
     /// Default rollout policy per binary (`"rollouts": {"NAME": {…}}`),
@@ -95,6 +98,7 @@ const KEYS: &[&str] = &[
     "admission",
     "maxNodes",
     "registrationsPerMinute",
+    "maxRequestsPerSecond",
     "rollouts",
     "requireSignatures",
     "trustedKeys",
@@ -118,6 +122,7 @@ impl Config {
             admission: Admission::Open,
             max_nodes: DEFAULT_MAX_NODES,
             registrations_per_minute: DEFAULT_REGISTRATIONS_PER_MINUTE,
+            max_requests_per_second: 0,
             access_log: !args.quiet,
             rollouts: HashMap::new(),
             require_signatures: false,
@@ -214,6 +219,16 @@ impl Config {
                 "workers" => self.workers = count(number()?).min(MAX_WORKERS),
                 "workersPerClient" => self.workers_per_client = count(number()?),
                 "maxNodes" => self.max_nodes = count(number()?),
+                "maxRequestsPerSecond" => {
+                    self.max_requests_per_second = value
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "key \"{key}\" must be a whole number (0: no limit)"
+                            ))
+                        })?;
+                }
                 "registrationsPerMinute" => {
                     self.registrations_per_minute = value
                         .as_u64()

@@ -101,6 +101,10 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         },
         admission: config.admission,
         rate: std::sync::Mutex::new(limits::RateLimit::new(config.registrations_per_minute)),
+        shed: std::sync::Mutex::new(limits::Shed::new(
+            config.max_requests_per_second,
+            std::time::Instant::now(),
+        )),
         releases: release::Releases::new(config.rollouts.clone()),
         signing: signing::Signing {
             require: config.require_signatures,
