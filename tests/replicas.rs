@@ -97,6 +97,7 @@ impl Pg {
             bin,
             dir,
         };
+        pg.wait_ready();
         pg.psql("postgres", "CREATE DATABASE fleet");
         Some(pg)
     }
@@ -126,6 +127,11 @@ impl Pg {
             .spawn()
             .expect("start postgres again");
         self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits (bounded) until the server takes connections, past "starting up".
+    fn wait_ready(&self) {
         let up = wait_until(Duration::from_secs(20), || {
             Command::new(self.bin.join("pg_isready"))
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
@@ -133,7 +139,11 @@ impl Pg {
                 .status()
                 .is_ok_and(|s| s.success())
         });
-        assert!(up, "postgres did not come back on port {}", self.port);
+        assert!(
+            up,
+            "postgres did not accept connections on port {}",
+            self.port
+        );
     }
 
     fn url(&self) -> String {
