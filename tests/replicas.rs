@@ -97,6 +97,7 @@ impl Pg {
             bin,
             dir,
         };
+        pg.wait_ready();
         pg.psql("postgres", "CREATE DATABASE fleet");
         Some(pg)
     }
@@ -126,6 +127,11 @@ impl Pg {
             .spawn()
             .expect("start postgres again");
         self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits (bounded) until the server takes connections, past "starting up".
+    fn wait_ready(&self) {
         let up = wait_until(Duration::from_secs(20), || {
             Command::new(self.bin.join("pg_isready"))
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
@@ -133,7 +139,11 @@ impl Pg {
                 .status()
                 .is_ok_and(|s| s.success())
         });
-        assert!(up, "postgres did not come back on port {}", self.port);
+        assert!(
+            up,
+            "postgres did not accept connections on port {}",
+            self.port
+        );
     }
 
     fn url(&self) -> String {
@@ -464,4 +474,74 @@ fn a_database_outage_answers_writes_503_with_retry_after_and_recovers() {
     );
     let names: Vec<String> = fleet_at(&m.url()).into_keys().collect();
     assert_eq!(names, ["n1", "n2"]);
+}
+
+#[test]
+fn two_replicas_advance_a_rollout_exactly_once_per_step() {
+    let Some(pg) = Pg::start() else { return };
+    let first = Manager::start(&["--quiet", "--admin-token", "adm", "--database", &pg.url()]);
+    let shared = first.bin_dir().display().to_string();
+    let second = Manager::start(&[
+        "--quiet",
+        "--admin-token",
+        "adm",
+        "--database",
+        &pg.url(),
+        "--bin-dir",
+        &shared,
+    ]);
+    first.publish_mv("app", b"#!/bin/sh\n# build a\nexit 0\n");
+    for i in 0..20 {
+        let name = format!("n{i:02}");
+        let r = http(
+            "POST",
+            &format!("{}/api/v1/keepalive?node={name}", second.url()),
+            &[("Content-Type", "application/json")],
+            registration(&name, &common::md5_hex(b"#!/bin/sh\n# build a\nexit 0\n")).as_bytes(),
+        );
+        envelope(&r, 200);
+    }
+    // A staged publish through one replica; both run the health gate every
+    // second against the same rollout record.
+    let r = common::manager::put(
+        &first,
+        "/bins/app?rollout=10,50,100&soak=1",
+        Some("adm"),
+        b"#!/bin/sh\n# build c\nexit 0\n",
+    );
+    envelope(&r, 200);
+    let state = |m: &Manager| {
+        let r = http("GET", &format!("{}/api/v1/rollouts/app", m.url()), &[], b"");
+        envelope(&r, 200).get("state").s().to_string()
+    };
+    let done = wait_until(Duration::from_secs(30), || state(&first) == "done");
+    assert!(done, "the rollout finished (state {})", state(&first));
+    assert_eq!(state(&second), "done", "both replicas see it done");
+    // Every stored rollout record is one revision, each exactly once, in
+    // order: no step was taken twice.
+    let revisions = pg.psql(
+        "fleet",
+        "SELECT (op::json->'rollout'->>'revision') FROM registry_log \
+         WHERE op::json->>'op' = 'rollout' ORDER BY seq",
+    );
+    let all: Vec<u64> = revisions.lines().map(|l| l.parse().unwrap()).collect();
+    // The staged rollout's records start at its revision 1 (before it: the
+    // record of build a, noticed in binDir).
+    let start = all.iter().rposition(|r| *r == 1).expect("a revision 1");
+    let revisions = all[start..].to_vec();
+    let expected: Vec<u64> = (1..=revisions.len() as u64).collect();
+    assert_eq!(
+        revisions, expected,
+        "the staged rollout's revisions as stored: {all:?}"
+    );
+    let percents = pg.psql(
+        "fleet",
+        "SELECT (op::json->'rollout'->>'state') FROM registry_log \
+         WHERE op::json->>'op' = 'rollout' ORDER BY seq",
+    );
+    assert_eq!(percents.lines().last(), Some("done"), "{percents}");
+    assert!(
+        revisions.len() >= 4,
+        "publish, 50%, 100%, done: {revisions:?}"
+    );
 }
