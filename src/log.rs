@@ -493,4 +493,25 @@ mod tests {
         assert_eq!(short("1f3a2b4c5d6e7f8091a2b3c4d5e6f708"), "1f3a2b4c…");
         assert_eq!(short(""), "none");
     }
+
+    #[test]
+    fn the_level_filters_what_is_printed() {
+        // The only unit test that changes the global level; it restores the
+        // default before it ends.
+        let all = [Level::Error, Level::Warn, Level::Info, Level::Debug];
+        let shown = || {
+            all.iter()
+                .filter(|l| enabled(**l))
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        set_level(Level::Warn);
+        assert_eq!(shown(), [Level::Error, Level::Warn]);
+        set_level(Level::Error);
+        assert_eq!(shown(), [Level::Error]);
+        set_level(Level::Debug);
+        assert_eq!(shown(), all);
+        set_level(Level::Info);
+        assert_eq!(shown(), [Level::Error, Level::Warn, Level::Info]);
+    }
 }
