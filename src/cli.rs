@@ -67,6 +67,8 @@ pub struct Args {
     pub log_format: Option<crate::log::Format>,
     /// `--metrics-file PATH` (else `BIN_PROXY_METRICS_FILE`, else the manifest's `metricsFile`).
     pub metrics_file: Option<PathBuf>,
+    /// `--no-proxy`: ignore `http_proxy`, `https_proxy` and `no_proxy`.
+    pub no_proxy: bool,
 }
 
 impl Default for Args {
@@ -86,6 +88,7 @@ impl Default for Args {
             verbose: false,
             log_format: None,
             metrics_file: None,
+            no_proxy: false,
         }
     }
 }
@@ -147,6 +150,8 @@ OPTIONS:
         --log-format FORMAT  text (default) or json: one object per line with ts,
                              level, binary, event, from, to, msg. Default:
                              $BIN_PROXY_LOG_FORMAT, else text.
+        --no-proxy           Connect directly, ignoring http_proxy, https_proxy and
+                             no_proxy.
     -q, --quiet              Print only warnings and errors.
     -v, --verbose            Print every request and decision.
     -h, --help               Print this help.
@@ -155,6 +160,9 @@ OPTIONS:
 ENVIRONMENT:
     BIN_MANAGER_TOKEN        Bearer token for the server (else manager.tokenFile). Never printed.
     BIN_PROXY_SUPERVISORCTL  The supervisorctl command, e.g. \"supervisorctl -c /etc/s.conf\".
+    http_proxy, https_proxy  http://[user:pass@]host:port of the proxy for http:// and
+                             https:// URLs (a CONNECT tunnel); upper case also read.
+    no_proxy                 Hosts reached directly: host, .domain, host:port, *.
 
 A build that failed here (it did not come up, or its postUpgrade check
 failed) is rolled back and held back: later runs leave it alone until the
@@ -212,6 +220,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
                 )?)
             }
             Long("metrics-file") => out.metrics_file = Some(parser.value().map_err(usage)?.into()),
+            Long("no-proxy") => out.no_proxy = true,
             Short('q') | Long("quiet") => out.quiet = true,
             Short('v') | Long("verbose") => out.verbose = true,
             Value(word) if command.is_none() => {
