@@ -72,6 +72,8 @@ pub struct Args {
     pub metrics_file: Option<PathBuf>,
     /// `--trusted-key FILE` (repeatable; added to the manifest's `manager.trustedKeys`).
     pub trusted_keys: Vec<PathBuf>,
+    /// `--no-proxy`: ignore `http_proxy`, `https_proxy` and `no_proxy`.
+    pub no_proxy: bool,
 }
 
 impl Default for Args {
@@ -92,6 +94,7 @@ impl Default for Args {
             log_format: None,
             metrics_file: None,
             trusted_keys: Vec::new(),
+            no_proxy: false,
         }
     }
 }
@@ -159,6 +162,8 @@ OPTIONS:
         --log-format FORMAT  text (default) or json: one object per line with ts,
                              level, binary, event, from, to, msg. Default:
                              $BIN_PROXY_LOG_FORMAT, else text.
+        --no-proxy           Connect directly, ignoring http_proxy, https_proxy and
+                             no_proxy.
     -q, --quiet              Print only warnings and errors.
     -v, --verbose            Print every request and decision.
     -h, --help               Print this help.
@@ -167,6 +172,9 @@ OPTIONS:
 ENVIRONMENT:
     BIN_MANAGER_TOKEN        Bearer token for the server (else manager.tokenFile). Never printed.
     BIN_PROXY_SUPERVISORCTL  The supervisorctl command, e.g. \"supervisorctl -c /etc/s.conf\".
+    http_proxy, https_proxy  http://[user:pass@]host:port of the proxy for http:// and
+                             https:// URLs (a CONNECT tunnel); upper case also read.
+    no_proxy                 Hosts reached directly: host, .domain, host:port, *.
 
 A build that failed here (it did not come up, or its postUpgrade check
 failed) is rolled back and held back: later runs leave it alone until the
@@ -225,6 +233,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
                 )?)
             }
             Long("metrics-file") => out.metrics_file = Some(parser.value().map_err(usage)?.into()),
+            Long("no-proxy") => out.no_proxy = true,
             Short('q') | Long("quiet") => out.quiet = true,
             Short('v') | Long("verbose") => out.verbose = true,
             Value(word) if command.is_none() => {

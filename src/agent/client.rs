@@ -1,23 +1,20 @@
-//! The bin-manager client (the only minreq user): the protocol's five calls,
-//! with timeouts, a bearer token sent only to the configured API and
-//! download origins, at most three
-//! redirects followed by hand, JSON answers capped at 1 MiB, and downloads
+//! The bin-manager client: the protocol's five calls and the downloads, all
+//! through the agent's one HTTP client ([`crate::agent::http`]), with
+//! timeouts, a bearer token sent only to the configured API and download
+//! origins (never to a proxy), JSON answers capped at 1 MiB, and downloads
 //! streamed to a sink with their length checked.
 
-use crate::agent::fetch;
+use crate::agent::http::{self, proxy::Proxies, Method};
 use crate::error::{Error, Result};
 use crate::json::Value;
 use crate::protocol::{self, BinInfo, Registration};
-use minreq::{Method, Request, ResponseLazy};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
 /// Redirects followed before giving up.
-pub const MAX_REDIRECTS: usize = 3;
+pub const MAX_REDIRECTS: usize = http::MAX_REDIRECTS;
 /// Largest JSON answer read.
 pub const MAX_JSON: usize = 1 << 20;
-/// Largest response header block accepted.
-const MAX_HEADERS: usize = 64 * 1024;
 /// Download read size (also the block size handed to the hashers).
 pub const CHUNK: usize = 128 * 1024;
 
@@ -43,24 +40,15 @@ pub struct Client {
     /// This node's token from the server (never logged), sent as
     /// `X-Node-Token` with every request to the configured origins.
     pub node_token: Option<String>,
-}
-
-/// A response whose body has not been read yet.
-pub struct Response {
-    /// The URL finally answered (after redirects).
-    pub url: String,
-    /// HTTP status.
-    pub status: i32,
-    /// `Content-Length`, if given.
-    pub length: Option<u64>,
-    inner: ResponseLazy,
+    /// The proxies from the environment (none with `--no-proxy`).
+    pub proxies: Proxies,
 }
 
 impl Client {
     /// `GET keepalive?node=`: `Some` when the server knows this node, `None` on 404.
     pub fn keepalive_get(&self, node: &str) -> Result<Option<Value>> {
         let url = format!("{}/keepalive?node={}", self.api, protocol::encode(node));
-        let resp = self.send(Method::Get, &url, None, self.timeout)?;
+        let resp = self.send(Method::Get, &url, None)?;
         if resp.status == 404 {
             return Ok(None);
         }
@@ -74,7 +62,7 @@ impl Client {
             self.api,
             protocol::encode(&reg.name)
         );
-        let resp = self.send(Method::Post, &url, Some(reg.to_json()), self.timeout)?;
+        let resp = self.send(Method::Post, &url, Some(reg.to_json()))?;
         self.json(resp)
     }
 
@@ -86,7 +74,7 @@ impl Client {
             protocol::encode(name),
             self.query(version)
         );
-        let resp = self.send(Method::Get, &url, None, self.timeout)?;
+        let resp = self.send(Method::Get, &url, None)?;
         let url = resp.url.clone();
         protocol::bin_info(&url, &self.json(resp)?)
     }
@@ -100,12 +88,7 @@ impl Client {
             protocol::encode(name),
             protocol::encode(node)
         );
-        let resp = self.send(
-            Method::Post,
-            &url,
-            Some(protocol::hash_report(md5)),
-            self.timeout,
-        )?;
+        let resp = self.send(Method::Post, &url, Some(protocol::hash_report(md5)))?;
         self.json(resp).map(drop)
     }
 
@@ -123,8 +106,7 @@ impl Client {
         }
     }
 
-    /// Streams `url` into `sink` in blocks (through [`crate::agent::fetch`], which
-    /// reads bodies in large blocks); refuses bodies over `max` bytes and
+    /// Streams `url` into `sink` in blocks of up to [`CHUNK`]; refuses bodies over `max` bytes and
     /// bodies shorter than their `Content-Length`. `on_start` learns the
     /// announced length before the first block. Returns the byte count.
     ///
@@ -139,12 +121,15 @@ impl Client {
         sink: &mut dyn FnMut(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(self.download_timeout.max(1));
-        let mut resp = fetch::get(
+        let mut resp = http::send(&http::Request {
+            method: Method::Get,
             url,
-            &|u| self.credentials(u),
-            Duration::from_secs(self.timeout.max(1)),
+            body: None,
+            credentials: &|u| self.credentials(u),
+            timeout: Duration::from_secs(self.timeout.max(1)),
             deadline,
-        )?;
+            proxies: &self.proxies,
+        })?;
         let url = resp.url.clone();
         if !(200..300).contains(&resp.status) {
             let mut body = Vec::new();
@@ -219,8 +204,7 @@ impl Client {
     /// download origins do — never a binary's own `downloadUrl` elsewhere,
     /// nor a host a redirect points to.
     fn trusts(&self, url: &str) -> bool {
-        let o = origin(url);
-        o == origin(&self.api) || o == origin(&self.download_base)
+        http::same_origin(url, &self.api) || http::same_origin(url, &self.download_base)
     }
 
     fn query(&self, version: Option<&str>) -> String {
@@ -236,89 +220,40 @@ impl Client {
     }
 
     /// Reads a JSON answer (≤ 1 MiB) and unwraps its envelope.
-    fn json(&self, mut resp: Response) -> Result<Value> {
-        let body = read_capped(&mut resp, MAX_JSON + 1)?;
+    fn json(&self, mut resp: http::Response) -> Result<Value> {
+        let mut body = Vec::new();
+        Read::take(&mut resp, MAX_JSON as u64 + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => Error::Protocol {
+                    url: resp.url.clone(),
+                    msg: format!("reading the answer: {e}"),
+                },
+                _ => Error::Http {
+                    url: resp.url.clone(),
+                    msg: format!("reading the answer: {e}"),
+                },
+            })?;
         if body.len() > MAX_JSON {
             return Err(Error::Protocol {
                 url: resp.url,
                 msg: "answer larger than 1 MiB".into(),
             });
         }
-        protocol::unwrap_answer(&resp.url, resp.status, &resp.inner.reason_phrase, &body)
+        protocol::unwrap_answer(&resp.url, i32::from(resp.status), &resp.reason, &body)
     }
 
-    /// Sends one request, following up to [`MAX_REDIRECTS`] redirects. The
-    /// token goes only to the origin it was configured for.
-    fn send(
-        &self,
-        method: Method,
-        url: &str,
-        body: Option<String>,
-        timeout: u64,
-    ) -> Result<Response> {
-        let mut url = url.to_string();
-        let mut method = method;
-        for _ in 0..=MAX_REDIRECTS {
-            crate::debug!(
-                "{} {url}",
-                if matches!(method, Method::Post) {
-                    "posting to"
-                } else {
-                    "asking"
-                }
-            );
-            let mut req = Request::new(method.clone(), url.as_str())
-                .with_timeout(timeout.max(1))
-                .with_follow_redirects(false)
-                .with_max_headers_size(MAX_HEADERS)
-                .with_max_status_line_length(8 * 1024)
-                .with_header(
-                    "User-Agent",
-                    concat!("bin-proxy/", env!("CARGO_PKG_VERSION")),
-                );
-            for (name, value) in self.credentials(&url) {
-                req = req.with_header(name, value);
-            }
-            if let Some(body) = &body {
-                req = req
-                    .with_header("Content-Type", "application/json")
-                    .with_body(body.clone());
-            }
-            let inner = req.send_lazy().map_err(|e| http_error(&url, timeout, e))?;
-            let status = inner.status_code;
-            if matches!(status, 301 | 302 | 303 | 307 | 308) {
-                let Some(location) = inner.headers.get("location") else {
-                    return Err(Error::Protocol {
-                        url,
-                        msg: format!("redirect {status} without a Location"),
-                    });
-                };
-                url = resolve(&url, location).ok_or_else(|| Error::Protocol {
-                    url: url.clone(),
-                    msg: format!(
-                        "redirect to an unsupported location \"{}\"",
-                        protocol::one_line(location, 200)
-                    ),
-                })?;
-                if status == 303 {
-                    method = Method::Get;
-                }
-                continue;
-            }
-            let length = inner
-                .headers
-                .get("content-length")
-                .and_then(|v| v.trim().parse().ok());
-            return Ok(Response {
-                url,
-                status,
-                length,
-                inner,
-            });
-        }
-        Err(Error::Protocol {
+    /// Sends one API request (redirects followed, within [`Client::timeout`]).
+    fn send(&self, method: Method, url: &str, body: Option<String>) -> Result<http::Response> {
+        let timeout = Duration::from_secs(self.timeout.max(1));
+        http::send(&http::Request {
+            method,
             url,
-            msg: format!("more than {MAX_REDIRECTS} redirects"),
+            body: body.as_deref().map(str::as_bytes),
+            credentials: &|u| self.credentials(u),
+            timeout,
+            deadline: Instant::now() + timeout,
+            proxies: &self.proxies,
         })
     }
 
@@ -344,107 +279,9 @@ impl Client {
     }
 }
 
-fn read_capped(resp: &mut Response, cap: usize) -> Result<Vec<u8>> {
-    let mut body = Vec::new();
-    Read::take(&mut resp.inner, cap as u64)
-        .read_to_end(&mut body)
-        .map_err(|e| Error::Http {
-            url: resp.url.clone(),
-            msg: format!("reading the answer: {e}"),
-        })?;
-    Ok(body)
-}
-
 fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-    ) || e.to_string().contains("timeout")
-}
-
-/// Maps minreq's errors: network trouble (worth a retry) becomes
-/// [`Error::Http`]; a malformed answer (which a retry would only repeat)
-/// becomes [`Error::Protocol`].
-fn http_error(url: &str, timeout: u64, e: minreq::Error) -> Error {
-    use minreq::Error as M;
-    if matches!(
-        e,
-        M::HeadersOverflow
-            | M::StatusLineOverflow
-            | M::MalformedChunkLength
-            | M::MalformedChunkEnd
-            | M::MalformedContentLength
-            | M::InvalidUtf8InResponse
-    ) {
-        return Error::Protocol {
-            url: url.to_string(),
-            msg: e.to_string(),
-        };
-    }
-    let msg = match &e {
-        minreq::Error::IoError(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            "connection refused (is bin-manager running and the address right?)".to_string()
-        }
-        minreq::Error::IoError(io) if is_timeout(io) => format!("no answer within {timeout} s"),
-        minreq::Error::AddressNotFound => "could not resolve the host name".to_string(),
-        other => match other.to_string() {
-            m if m.contains("invalid peer certificate") => {
-                format!("{m} (is the server's CA in the system store, or in SSL_CERT_FILE?)")
-            }
-            m => m,
-        },
-    };
-    Error::Http {
-        url: url.to_string(),
-        msg,
-    }
-}
-
-/// `scheme://host:port` of a URL (the part a token is bound to).
-fn origin(url: &str) -> &str {
-    let rest = url.find("://").map_or(0, |i| i + 3);
-    let end = url[rest..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| rest + i);
-    &url[..end]
-}
-
-/// Resolves a redirect `Location` against the URL that answered.
-pub fn resolve(base: &str, location: &str) -> Option<String> {
-    let location = location.trim();
-    if location.starts_with("http://") || location.starts_with("https://") {
-        Some(location.to_string())
-    } else if location.starts_with("//") {
-        let scheme = &base[..base.find("://")?];
-        Some(format!("{scheme}:{location}"))
-    } else if location.starts_with('/') {
-        Some(format!("{}{location}", origin(base)))
-    } else {
-        None
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn origins_and_redirects() {
-        assert_eq!(origin("http://h:1/api/v1?x"), "http://h:1");
-        assert_eq!(origin("https://h"), "https://h");
-        assert_eq!(
-            resolve("http://h:1/a/b", "/c?d").as_deref(),
-            Some("http://h:1/c?d")
-        );
-        assert_eq!(
-            resolve("https://h/a", "//o/p").as_deref(),
-            Some("https://o/p")
-        );
-        assert_eq!(
-            resolve("http://h/a", "http://o/p").as_deref(),
-            Some("http://o/p")
-        );
-        assert_eq!(resolve("http://h/a", "ftp://o/p"), None);
-        assert_eq!(resolve("http://h/a", "relative"), None);
-    }
+    )
 }

@@ -8,8 +8,8 @@
 //! files, running services and hooks, and the host's own facts.
 
 pub mod client;
-pub mod fetch;
 pub mod host;
+pub mod http;
 pub mod install;
 pub mod manifest;
 pub mod metrics;

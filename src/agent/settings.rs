@@ -4,6 +4,7 @@
 
 use super::client::Client;
 use super::host;
+use super::http::proxy::Proxies;
 use super::manifest::{Manifest, DEFAULT_PATH};
 use crate::cli::{Args, Env};
 use crate::error::{Error, Result};
@@ -63,6 +64,11 @@ pub fn client_for(
         arch: facts.cpu_arch.clone(),
         node: facts.name.clone(),
         node_token: None, // from the state file, once it is loaded
+        proxies: if args.no_proxy {
+            Proxies::default()
+        } else {
+            Proxies::from_env(env)?
+        },
     })
 }
 

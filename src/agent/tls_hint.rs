@@ -2,7 +2,7 @@
 //! (`https://` for bin-manager's own listener), or a plain client talking to
 //! a TLS port, or a certificate this host does not trust. [`classify`] turns
 //! such an error into [`Error::Tls`], which says what to change and is never
-//! retried. The HTTP client's errors arrive as text here (minreq and rustls
+//! retried. The HTTP client's errors arrive as text here (httparse and rustls
 //! report these cases only in their messages), so this is the one place that
 //! reads them; everything after it decides on the typed variant.
 
