@@ -15,6 +15,11 @@
 //! due time plus `--grace` (runs not started by then are counted as skipped,
 //! runs still going stop between requests).
 //!
+//! With `--mode check`, a node's run is instead what an agent that speaks
+//! the batched check sends: one `POST check` naming its B binaries with the
+//! ETag of its last answer in `If-None-Match` (idle: a `304`), and a `POST
+//! keepalive` registration when the answer says `registered: false`.
+//!
 //! With `--server-pid`, a sampler reads the server's `/proc` files every
 //! 100 ms: CPU time (utime+stime), disk writes, peak RSS and the state of
 //! each thread (with its kernel wait channel); with `--state-file` it also
@@ -68,13 +73,15 @@ struct Opts {
     bad_hash: Option<String>,
     /// The binary it is published as.
     bad_bin: String,
+    /// `POST check` instead of keepalive + bins/NAME.
+    check: bool,
 }
 
 const USAGE: &str =
     "usage: fleet --addr IP:PORT [--nodes N] [--bins B] [--window SECS] [--rounds R]
              [--threads T] [--arch ARCH] [--node-prefix P] [--bin-prefix P]
              [--timeout SECS] [--grace SECS] [--server-pid PID] [--state-file PATH]
-             [--clk-tck HZ] [--bad-hash MD5 --bad-bin NAME]
+             [--clk-tck HZ] [--bad-hash MD5 --bad-bin NAME] [--mode bins|check]
 Binaries are named BIN_PREFIX000 .. (three digits); they must be published.";
 
 fn parse_args() -> Result<Opts, String> {
@@ -95,6 +102,7 @@ fn parse_args() -> Result<Opts, String> {
         clk_tck: 100,
         bad_hash: None,
         bad_bin: String::new(),
+        check: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -127,6 +135,13 @@ fn parse_args() -> Result<Opts, String> {
             "--clk-tck" => o.clk_tck = num(value)?.max(1),
             "--bad-hash" => o.bad_hash = Some(value.to_ascii_lowercase()),
             "--bad-bin" => o.bad_bin = value.clone(),
+            "--mode" => {
+                o.check = match value.as_str() {
+                    "check" => true,
+                    "bins" => false,
+                    _ => return Err(format!("--mode: bins or check, not {value}")),
+                }
+            }
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
     }
@@ -168,9 +183,11 @@ struct RoundStats {
     requests: u64,
     ok: u64,
     registrations: u64,
+    /// Check mode: `304 Not Modified` answers (idle runs).
+    not_modified: u64,
     errors: BTreeMap<String, u64>,
     /// Latency of every request, microseconds, by [`KINDS`].
-    lat_us: [Vec<u32>; 3],
+    lat_us: [Vec<u32>; 4],
     /// How late each run started, milliseconds.
     late_ms: Vec<u32>,
     aborted_runs: u64,
@@ -185,6 +202,7 @@ impl RoundStats {
         self.requests += o.requests;
         self.ok += o.ok;
         self.registrations += o.registrations;
+        self.not_modified += o.not_modified;
         for (k, v) in o.errors {
             *self.errors.entry(k).or_default() += v;
         }
@@ -208,10 +226,11 @@ fn min_opt(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 }
 
 /// The request kinds latency is reported for.
-const KINDS: [&str; 3] = [
+const KINDS: [&str; 4] = [
     "GET keepalive",
     "POST keepalive (registration)",
     "GET bins/NAME",
+    "POST check",
 ];
 
 /// Per-thread results: one [`RoundStats`] per round, and per second since
@@ -235,6 +254,8 @@ struct Ctx {
     /// each failure report was answered (since the start).
     received: std::sync::Mutex<BTreeMap<usize, Duration>>,
     failures: std::sync::Mutex<Vec<Duration>>,
+    /// Check mode: each node's last ETag.
+    etags: Vec<std::sync::Mutex<String>>,
 }
 
 fn main() {
@@ -281,6 +302,9 @@ fn main() {
         registration_bins,
         received: std::sync::Mutex::new(BTreeMap::new()),
         failures: std::sync::Mutex::new(Vec::new()),
+        etags: (0..if o.check { o.nodes } else { 0 })
+            .map(|_| std::sync::Mutex::new(String::new()))
+            .collect(),
     });
     let done = Arc::new(AtomicBool::new(false));
     let sampler = o.server_pid.map(|pid| {
@@ -355,7 +379,7 @@ fn main() {
 fn watch_rollout(ctx: &Ctx, done: &AtomicBool) -> Option<(Duration, String)> {
     let target = format!("/api/v1/rollouts/{}", ctx.o.bad_bin);
     while !done.load(Ordering::Relaxed) {
-        if let Ok((200, body)) = request(ctx, "GET", &target, None) {
+        if let Ok((200, body, _)) = request(ctx, "GET", &target, None, None) {
             let text = String::from_utf8_lossy(&body);
             if text.contains("\"state\":\"paused\"") {
                 let at = ctx.start.elapsed();
@@ -444,8 +468,19 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
     let arch = &ctx.o.arch;
     let keepalive = format!("/api/v1/keepalive?node={node}&arch={arch}");
     let mut targets: Vec<(&str, String, Option<String>)> = Vec::with_capacity(ctx.o.bins + 2);
-    targets.push(("GET", keepalive.clone(), None));
-    for b in 0..ctx.o.bins {
+    if ctx.o.check {
+        let bins: Vec<String> = (0..ctx.o.bins)
+            .map(|b| format!("{{\"name\":\"{}{b:03}\"}}", ctx.o.bin_prefix))
+            .collect();
+        let body = format!(
+            "{{\"node\":\"{node}\",\"arch\":\"{arch}\",\"binaries\":[{}]}}",
+            bins.join(",")
+        );
+        targets.push(("POST", "/api/v1/check".to_string(), Some(body)));
+    } else {
+        targets.push(("GET", keepalive.clone(), None));
+    }
+    for b in 0..if ctx.o.check { 0 } else { ctx.o.bins } {
         targets.push((
             "GET",
             format!(
@@ -464,7 +499,16 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
         let (method, target, sent) = &targets[idx];
         let reports_failure = sent.as_deref().is_some_and(|b| b.contains("\"failures\""));
         let t0 = Instant::now();
-        let result = request(ctx, method, target, sent.as_deref());
+        let is_check = target == "/api/v1/check";
+        let etag = if is_check {
+            let e = ctx.etags[run.node]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            Some(e.clone()).filter(|e| !e.is_empty())
+        } else {
+            None
+        };
+        let result = request(ctx, method, target, sent.as_deref(), etag.as_deref());
         let t1 = Instant::now();
         let us = t1.duration_since(t0).as_micros().min(u32::MAX as u128) as u32;
         let sec = t1.duration_since(ctx.start).as_secs() as usize;
@@ -476,6 +520,7 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
         let stats = &mut st.rounds[run.round];
         stats.requests += 1;
         let kind = match (idx, *method) {
+            _ if is_check => 3,
             (0, _) => 0,
             (_, "POST") => 1,
             _ => 2,
@@ -486,8 +531,29 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
         stats.last_end = stats.last_end.max(Some(t1.duration_since(ctx.start)));
         let verdict = match result {
             Err(kind) => Err(kind),
+            Ok((304, _, _)) if is_check => {
+                stats.ok += 1;
+                stats.not_modified += 1;
+                Ok(())
+            }
+            Ok((200, body, tag)) if is_check && body.starts_with(b"{\"code\":200") => {
+                if let Some(tag) = tag {
+                    *ctx.etags[run.node]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = tag;
+                }
+                if String::from_utf8_lossy(&body).contains("\"registered\":false") {
+                    let reg = format!(
+                        "{{\"name\":\"{node}\",\"cpuArch\":\"{arch}\",\"osRelease\":\"Debian GNU/Linux 12 (bookworm)\",\"proxyVersion\":\"1.0.0\",\"binaries\":[{}],\"lastSeen\":\"\"}}",
+                        ctx.registration_bins
+                    );
+                    targets.insert(idx + 1, ("POST", keepalive.clone(), Some(reg)));
+                }
+                stats.ok += 1;
+                Ok(())
+            }
             // The first keepalive of an unknown node: register, as the agent does.
-            Ok((404, _)) if idx == 0 => {
+            Ok((404, _, _)) if idx == 0 => {
                 let reg = format!(
                     "{{\"name\":\"{node}\",\"cpuArch\":\"{arch}\",\"osRelease\":\"Debian GNU/Linux 12 (bookworm)\",\"proxyVersion\":\"1.0.0\",\"binaries\":[{}],\"lastSeen\":\"\"}}",
                     ctx.registration_bins
@@ -496,7 +562,7 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
                 stats.ok += 1; // a valid answer: "not registered"
                 Ok(())
             }
-            Ok((200, body)) if body.starts_with(b"{\"code\":200") => {
+            Ok((200, body, _)) if body.starts_with(b"{\"code\":200") => {
                 if *method == "POST" {
                     stats.registrations += 1;
                 }
@@ -510,8 +576,8 @@ fn node_run(ctx: &Ctx, run: Run, st: &mut ThreadStats) {
                 }
                 Ok(())
             }
-            Ok((200, _)) => Err("200 without envelope code 200".to_string()),
-            Ok((status, _)) => Err(format!("HTTP {status}")),
+            Ok((200, _, _)) => Err("200 without envelope code 200".to_string()),
+            Ok((status, _, _)) => Err(format!("HTTP {status}")),
         };
         if let Err(kind) = verdict {
             *stats.errors.entry(kind).or_default() += 1;
@@ -548,7 +614,8 @@ fn request(
     method: &str,
     target: &str,
     body: Option<&str>,
-) -> Result<(u16, Vec<u8>), String> {
+    if_none_match: Option<&str>,
+) -> Result<(u16, Vec<u8>, Option<String>), String> {
     let timeout = ctx.o.timeout;
     let deadline = Instant::now() + timeout;
     let mut s = TcpStream::connect_timeout(&ctx.o.addr, timeout)
@@ -557,6 +624,9 @@ fn request(
         "{method} {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: fleet-sim\r\nAccept: */*\r\nConnection: close\r\n",
         ctx.host
     );
+    if let Some(tag) = if_none_match {
+        req.push_str(&format!("If-None-Match: {tag}\r\n"));
+    }
     if let Some(b) = body {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
@@ -595,7 +665,8 @@ fn request(
     parse_response(&resp)
 }
 
-fn parse_response(resp: &[u8]) -> Result<(u16, Vec<u8>), String> {
+/// Status, body and ETag of a whole response.
+fn parse_response(resp: &[u8]) -> Result<(u16, Vec<u8>, Option<String>), String> {
     if resp.is_empty() {
         return Err("empty answer (closed without a response)".into());
     }
@@ -612,16 +683,20 @@ fn parse_response(resp: &[u8]) -> Result<(u16, Vec<u8>), String> {
         .and_then(|c| c.parse().ok())
         .ok_or("malformed status line")?;
     let body = &resp[end + 4..];
-    let length = lines.find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())
-            .flatten()
-    });
+    let (mut length, mut etag) = (None, None);
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        if k.trim().eq_ignore_ascii_case("content-length") {
+            length = v.trim().parse::<usize>().ok();
+        } else if k.trim().eq_ignore_ascii_case("etag") {
+            etag = Some(v.trim().to_string());
+        }
+    }
     match length {
         Some(n) if n != body.len() => Err("body shorter than Content-Length".into()),
-        _ => Ok((status, body.to_vec())),
+        _ => Ok((status, body.to_vec(), etag)),
     }
 }
 
@@ -840,6 +915,12 @@ fn report(
         all.skipped_runs,
         all.aborted_runs
     );
+    if o.check {
+        println!(
+            "Checks answered 304 Not Modified (idle runs of one request): {}.",
+            all.not_modified
+        );
+    }
     if let Some(t) = client_cpu {
         println!(
             "Client (this simulator, same machine): {:.1} s CPU = {:.0}% of one core.",

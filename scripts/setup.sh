@@ -20,8 +20,9 @@ trap 'echo "setup.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 # prometheus-node-exporter (tests/metrics.rs reads the agent's textfile
 # metrics through it); systemd for `systemd-analyze verify` of the units
 # install.sh writes (tests/install.rs); openssl for a real TLS port
-# (tests/agent_run.rs).
-packages=(supervisor curl strace libcap2-bin attr chromium fonts-dejavu-core jq python3-requests prometheus-node-exporter systemd openssl)
+# (tests/agent_run.rs); postgresql and nginx for bin-manager's replicas
+# (tests/replicas.rs).
+packages=(supervisor curl strace libcap2-bin attr chromium fonts-dejavu-core jq python3-requests prometheus-node-exporter systemd openssl postgresql nginx)
 # With --release: what static musl builds for both targets need, and what the
 # release tests use (qemu for aarch64, nginx + openssl for HTTPS, readelf).
 release=0

@@ -397,6 +397,8 @@ pub struct ManagerArgs {
     pub listen: Option<String>,
     /// `--state-file PATH`
     pub state_file: Option<PathBuf>,
+    /// `--database postgres://…`
+    pub database: Option<String>,
     /// `--token TOKEN`
     pub token: Option<String>,
     /// `--admin-token TOKEN`
@@ -469,6 +471,10 @@ OPTIONS:
         --listen ADDR        Address to listen on; port 0 picks a free one (the
                              address bound is logged). Default: 127.0.0.1:8081.
         --state-file PATH    Node registry. Default: /var/lib/bin-manager/state.json.
+        --database URL       Keep the registry and rollouts in PostgreSQL instead
+                             (postgres://USER[:PASSWORD]@HOST:PORT/DB), so that
+                             several replicas sharing one binDir serve one fleet.
+                             Config key \"database\". Default: the state file.
         --token TOKEN        Bearer token every /api/v1 request must carry
                              (also $BIN_MANAGER_TOKEN). Default: none.
         --admin-token TOKEN  Bearer token for PUT /api/v1/bins/NAME (also
@@ -534,6 +540,9 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
             Long("bin-dir") => out.bin_dir = Some(parser.value().map_err(usage)?.into()),
             Long("listen") => out.listen = Some(string(&mut parser, "--listen")?),
             Long("state-file") => out.state_file = Some(parser.value().map_err(usage)?.into()),
+            Long("database") => {
+                out.database = Some(parser.value().map_err(usage)?.string().map_err(usage)?)
+            }
             Long("token") => out.token = Some(string(&mut parser, "--token")?),
             Long("admin-token") => out.admin_token = Some(string(&mut parser, "--admin-token")?),
             Long("max-upload") => {

@@ -157,6 +157,10 @@ pub enum Error {
     Stopped,
     /// A failure a caller wants to describe in its own words (rollback, lock, state).
     Other(String),
+    /// bin-manager's PostgreSQL (`--database`) could not be reached or
+    /// refused a statement; the message names what was being done. A write
+    /// that meets it is answered 503 with Retry-After.
+    Database(String),
 }
 
 impl Error {
@@ -251,6 +255,7 @@ impl fmt::Display for Error {
             ),
             Error::Stopped => f.write_str("stopping on a signal; abandoned before the swap, nothing changed"),
             Error::Other(msg) => f.write_str(msg),
+            Error::Database(msg) => write!(f, "database: {msg}"),
         }
     }
 }

@@ -303,12 +303,17 @@ mod tests {
         unwrap_answer("http://m/api/v1/bins/a", status, "Reason", body.as_bytes())
     }
 
-    fn check_info(body: &str, expected: Result<(&str, Option<&str>), &str>) {
+    /// Expected: (hash, sha256, version, size) or an error fragment.
+    type Want<'a> = Result<(&'a str, Option<&'a str>, &'a str, Option<u64>), &'a str>;
+
+    fn check_info(body: &str, expected: Want) {
         let got = answer(200, body).and_then(|d| bin_info("u", &d));
         match (got, expected) {
-            (Ok(info), Ok((hash, sha))) => {
-                assert_eq!(info.hash, hash);
-                assert_eq!(info.sha256.as_deref(), sha);
+            (Ok(info), Ok((hash, sha, version, size))) => {
+                assert_eq!(info.hash, hash, "{body}");
+                assert_eq!(info.sha256.as_deref(), sha, "{body}");
+                assert_eq!(info.version, version, "{body}");
+                assert_eq!(info.size, size, "{body}");
             }
             (Err(e), Err(msg)) => assert!(e.to_string().contains(msg), "{body}: {e}"),
             (got, want) => panic!("{body}: got {got:?}, want {want:?}"),
@@ -321,23 +326,39 @@ mod tests {
             &format!(
                 r#"{{"code":200,"message":"Success","data":{{"name":"a","version":"latest","hash":"{H}"}}}}"#
             ),
-            Ok((H, None)),
+            Ok((H, None, "latest", None)),
         );
         check_info(
             &format!(
                 r#"{{"code":0,"message":"success","data":{{"hash":"{}"}}}}"#,
                 H.to_uppercase()
             ),
-            Ok((H, None)),
+            Ok((H, None, "", None)),
         );
         check_info(
             &format!(r#"{{"name":"a","hash":"{H}","extra":[1,2]}}"#),
-            Ok((H, None)),
+            Ok((H, None, "", None)),
         );
         let sha = "a".repeat(64);
         check_info(
-            &format!(r#"{{"data":{{"hash":"{H}","sha256":"{sha}","size":12}}}}"#),
-            Ok((H, Some(&sha))),
+            &format!(r#"{{"data":{{"hash":"{H}","sha256":"{sha}","size":12,"version":"v2"}}}}"#),
+            Ok((H, Some(&sha), "v2", Some(12))),
+        );
+        // Upper-case sha256 is accepted and lowered; an empty one is "none".
+        check_info(
+            &format!(
+                r#"{{"data":{{"hash":"{H}","sha256":"{}"}}}}"#,
+                sha.to_uppercase()
+            ),
+            Ok((H, Some(&sha), "", None)),
+        );
+        check_info(
+            &format!(r#"{{"data":{{"hash":"{H}","sha256":""}}}}"#),
+            Ok((H, None, "", None)),
+        );
+        check_info(
+            &format!(r#"{{"data":{{"hash":"{H}","sha256":null}}}}"#),
+            Ok((H, None, "", None)),
         );
     }
 
@@ -357,6 +378,23 @@ mod tests {
             Err("\"hash\" is not an md5"),
         );
         check_info(r#"{"code":200,"data":null}"#, Err("no \"data\""));
+        check_info(r#"{"code":200,"data":{"name":"a"}}"#, Err("no \"hash\""));
+        check_info(
+            r#"{"code":200,"data":{"hash":7}}"#,
+            Err("\"hash\" must be a string"),
+        );
+        // Not a sha256: too short, too long, not hex, not a string.
+        for bad in [
+            format!("\"{}\"", "a".repeat(63)),
+            format!("\"{}\"", "a".repeat(65)),
+            format!("\"{}g\"", "a".repeat(63)),
+            "64".to_string(),
+        ] {
+            check_info(
+                &format!(r#"{{"data":{{"hash":"{H}","sha256":{bad}}}}}"#),
+                Err("\"sha256\" is not 64 hex digits"),
+            );
+        }
         check_info(
             r#"{"code":200,"data":{"hash":""}}"#,
             Err("publishes no build"),

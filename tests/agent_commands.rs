@@ -1349,14 +1349,32 @@ fn every_stops_on_sigterm_without_a_half_done_step() {
 }
 
 #[test]
-fn splay_run_completes() {
+fn splay_waits_the_nodes_fixed_share_then_runs() {
     let (host, _old, new) = upgradable_host();
+    // The wait is md5(node name)'s first 48 bits mod (SECS + 1): fixed per
+    // node. For the test node and --splay 2 that is 2 s, so an ignored
+    // --splay (no wait) fails here.
+    let max = 2;
+    let secs = u64::from_str_radix(&md5_hex(NODE.as_bytes())[..12], 16).unwrap() % (max + 1);
+    assert!(secs > 0, "pick a --splay whose wait for {NODE} is not 0");
+    let started = std::time::Instant::now();
     let ran = run_bounded(
-        host.command(&["--splay", "2"]),
+        host.command(&["--splay", &max.to_string(), "--verbose"]),
         &host.dir.path,
         Duration::from_secs(60),
     );
+    let took = started.elapsed();
     ran.expect_code(0);
+    assert!(
+        ran.stderr
+            .contains(&format!("waiting {secs} s before starting")),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        took >= Duration::from_secs(secs),
+        "took {took:?}, splay {secs} s"
+    );
     assert_eq!(fs::read(host.target("myapp")).unwrap(), new);
 }
 

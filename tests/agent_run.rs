@@ -821,19 +821,22 @@ fn restart_failure_rolls_back_none_skips_and_missing_supervisorctl_warns() {
 
     // No supervisorctl on PATH at all.
     let host = outdated_host();
-    let system_has_one = ["/usr/bin/supervisorctl", "/bin/supervisorctl"]
-        .iter()
-        .any(|p| Path::new(p).exists());
-    let out = host
-        .command(&[])
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .unwrap();
-    let ran = ran_of(out);
-    if system_has_one {
-        eprintln!("this machine has a real supervisorctl; skipping the not-found check");
-        return;
+    // The system's own tools, minus supervisorctl (setup.sh installs a real
+    // one): build that PATH instead of depending on what is installed.
+    let bin = host.dir.join("path-without-supervisorctl");
+    fs::create_dir(&bin).unwrap();
+    for dir in ["/usr/bin", "/bin"] {
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            let name = e.file_name();
+            if name == "supervisorctl" || bin.join(&name).exists() {
+                continue;
+            }
+            std::os::unix::fs::symlink(e.path(), bin.join(&name)).unwrap();
+        }
     }
+    assert!(!bin.join("supervisorctl").exists());
+    let out = host.command(&[]).env("PATH", &bin).output().unwrap();
+    let ran = ran_of(out);
     ran.expect_code(0);
     log_line(&ran, &["myapp", "supervisorctl not found"]);
     assert!(

@@ -225,7 +225,7 @@ fn every_json_answer_is_an_envelope() {
 
     // The nodes view and the listing are envelopes too.
     let nodes = envelope(&get(&m, "/nodes"), 200);
-    assert_eq!(nodes.keys(), ["summary", "nodes"]);
+    assert_eq!(nodes.keys(), ["summary", "next", "nodes"]);
     let list = envelope(&get(&m, "/bins"), 200);
     assert_eq!(list.arr().len(), 2);
 }
@@ -2361,4 +2361,71 @@ fn sigterm_stops_accepting_finishes_downloads_in_flight_and_exits_0() {
         .rfind(|l| l.contains("listening on"))
         .unwrap();
     assert!(line.contains(", 1 node known,"), "{line}");
+}
+
+#[test]
+fn the_fleet_view_pages_by_name_with_a_cursor() {
+    let m = Manager::start_with_config(r#"{"registrationsPerMinute":1000}"#, &[]);
+    let hash = "0123456789abcdef0123456789abcdef";
+    // Registered out of order: the pages are in name order all the same.
+    let mut names: Vec<String> = (0..25).map(|i| format!("n{:02}", (i * 7) % 25)).collect();
+    for n in &names {
+        let r = post(&m, &format!("/keepalive?node={n}"), &registration(n, hash));
+        envelope(&r, 200);
+    }
+    names.sort();
+    let page_names = |d: &Json| -> Vec<String> {
+        d.get("nodes")
+            .arr()
+            .iter()
+            .map(|n| n.get("name").s().to_string())
+            .collect()
+    };
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    for round in 0..4 {
+        let path = if after.is_empty() {
+            "/nodes?limit=10".to_string()
+        } else {
+            format!("/nodes?limit=10&after={after}")
+        };
+        let d = envelope(&get(&m, &path), 200);
+        assert_eq!(
+            d.get("summary").get("nodes"),
+            &Json::Num(25.0),
+            "whole fleet"
+        );
+        let page = page_names(&d);
+        assert!(page.len() <= 10, "{path}: {page:?}");
+        seen.extend(page.clone());
+        match d.get("next") {
+            Json::Null => {
+                assert_eq!(round, 2, "the third page is the last");
+                break;
+            }
+            Json::Str(next) => {
+                assert_eq!(next, page.last().unwrap(), "next is the page's last name");
+                after = next.clone();
+            }
+            o => panic!("next: {o:?}"),
+        }
+    }
+    assert_eq!(seen, names, "every node once, in name order");
+    // Without parameters: the whole fleet, as before, no cursor.
+    let d = envelope(&get(&m, "/nodes"), 200);
+    assert_eq!(page_names(&d), names);
+    assert_eq!(d.get("next"), &Json::Null);
+    // A cursor between names, past the end; a bad limit.
+    let d = envelope(&get(&m, "/nodes?limit=2&after=n10x"), 200);
+    assert_eq!(page_names(&d), ["n11", "n12"]);
+    let d = envelope(&get(&m, "/nodes?after=zz"), 200);
+    assert!(page_names(&d).is_empty());
+    assert_eq!(d.get("next"), &Json::Null);
+    for bad in ["0", "10001", "x"] {
+        expect_error(
+            &get(&m, &format!("/nodes?limit={bad}")),
+            400,
+            "invalid limit: expected a number from 1 to 10000",
+        );
+    }
 }

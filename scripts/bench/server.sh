@@ -22,9 +22,10 @@
 #      ever received it before the health gate paused it, and how long that
 #      took.
 #
-# Usage: scripts/bench/server.sh [--smoke]
+# Usage: scripts/bench/server.sh [--smoke] [--only rps|download|fleet|rollout]
 #   --smoke: ~2 s per wrk row, no extra rows, a 32 MiB download and
 #            200 nodes x 50 over 10 s; for scripts/test.sh (< 40 s).
+#   --only:  run one of the numbered parts (rps = 1, download = 2, ...).
 # Installs wrk and nginx (Debian packages) when missing; builds dist/ with
 # scripts/build-release.sh --quick when the release bin-manager is missing.
 set -euo pipefail
@@ -32,13 +33,22 @@ set -E
 trap 'echo "server.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 cd "$(dirname "$0")/../.."
 
-smoke=0
-case "${1:-}" in
-    --smoke) smoke=1 ;;
-    "") ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-    *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
-esac
+smoke=0; only=""
+usage="usage: $0 [--smoke] [--only rps|download|fleet|rollout]"
+while (($#)); do
+    case "$1" in
+        --smoke) smoke=1 ;;
+        --only)
+            case "${2:-}" in
+                rps|download|fleet|rollout) only=$2; shift ;;
+                *) echo "$0: --only needs one of rps, download, fleet, rollout (got '${2:-}')" >&2; exit 2 ;;
+            esac ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        *) echo "$usage" >&2; exit 2 ;;
+    esac
+    shift
+done
+want() { [ -z "$only" ] || [ "$only" = "$1" ]; }
 
 if ((smoke)); then
     dur=2s; dl_mib=32; fleet_nodes=200; fleet_window=5; fleet_rounds=2; extra_rows=0
@@ -161,6 +171,12 @@ echo "* $("$BM" --version), $dist_bin ($(stat -c %s "$dist_bin") bytes, built $(
 echo "* load average at the start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine adds noise)"
 echo "* everything on 127.0.0.1; client and servers share the $(nproc) cores"
 
+# The whole simulated fleet comes from 127.0.0.1: lift the per-address
+# limits (new registrations a minute, worker requests at once) that would
+# otherwise throttle one address registering 10,000 nodes (parts 3 and 4).
+echo '{"registrationsPerMinute":0,"workersPerClient":4096}' > "$T/fleet-config.json"
+
+if want rps || want download; then
 # --- nginx ------------------------------------------------------------------
 N="$T/nginx"; mkdir -p "$N"
 nginx_user=""
@@ -210,6 +226,9 @@ done
 [ -n "$NPORT" ] || { cat "$N/start.log" "$N/error.log" >&2 2>/dev/null; say "nginx did not start"; exit 1; }
 NGX="http://127.0.0.1:$NPORT/api/v1"
 
+fi
+
+if want rps; then
 # --- 1. requests/s ----------------------------------------------------------
 declare -A RPS P99 CPU
 clk_tck=$(getconf CLK_TCK)
@@ -343,6 +362,9 @@ echo "Listen backlog (ss Send-Q): bin-manager ${backlog_bm:-?}, nginx ${backlog_
 echo
 echo "Access log: $(ratio "${RPS[ka-log-100]:-0}" "${RPS[ka-quiet2-100]:-0}")× the req/s and $(ratio "${CPU[ka-log-100]:-0}" "${CPU[ka-quiet2-100]:-0}")× the server CPU per request of --quiet, measured back to back at 100 connections ($(fmt_int "$log_lines") lines, $(fmt_int "$log_bytes") bytes written to a file on $(df --output=fstype "$T" | tail -1))."
 
+fi
+
+if want download; then
 # --- 2. download ------------------------------------------------------------
 start_manager dl --quiet
 DPID=$MPID
@@ -376,11 +398,10 @@ echo "| bin-manager | $(fmt_int "$mb_bm") | $all_bm |"
 echo "| nginx (sendfile on) | $(fmt_int "$mb_ng") | $all_ng |"
 echo "| ratio bin-manager / nginx | $(ratio "$mb_bm" "$mb_ng") | |"
 
+fi
+
+if want fleet; then
 # --- 3. fleet ---------------------------------------------------------------
-# The whole simulated fleet comes from 127.0.0.1: lift the per-address
-# limits (new registrations a minute, worker requests at once) that would
-# otherwise throttle one address registering 10,000 nodes.
-echo '{"registrationsPerMinute":0,"workersPerClient":4096}' > "$T/fleet-config.json"
 start_manager fleet --quiet --config "$T/fleet-config.json"
 FPID=$MPID
 say "server-bench: fleet $fleet_nodes nodes x $fleet_bins over $fleet_rounds x $fleet_window s"
@@ -410,6 +431,9 @@ echo
 echo "Registry files after the run: snapshot $(fmt_int "$(stat -c %s "$S" 2>/dev/null || echo 0)") bytes ($(fmt_int "${known:-0}") nodes in it), log $(fmt_int "$(stat -c %s "$S.log" 2>/dev/null || echo 0)") bytes ($(count '"op":"node"' "$S.log") registration lines, $(count '"op":"seen"' "$S.log") batched lastSeen lines, $(count '"op":"report"' "$S.log") report lines since the last fold into the snapshot). GET /api/v1/nodes afterwards: $(fmt_int "$nodes_size") bytes in $nodes_t s. Server peak RSS after that: $(awk '/^VmHWM/ { print $2, $3 }' "/proc/$FPID/status")."
 stop_pid "$FPID"
 
+fi
+
+if want rollout; then
 # --- 4. a bad build in a staged rollout -------------------------------------
 # The fleet checks in once (registrations), then a build of fleetbin000 that
 # fails on every node that installs it is published in steps 1,10,50,100;
@@ -434,6 +458,7 @@ echo "Steps 1,10,50,100, maxFailures=$max_failures, soak 600 s; $fleet_nodes nod
     --rounds 1 --threads "$fleet_threads" --grace 60 --timeout 30 --bad-hash "$bad" --bad-bin fleetbin000 \
     | sed -n '/^Rollout of a bad build/,$p'
 stop_pid "$RPID"
+fi
 say "server-bench: done"
 echo
 echo "Load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."

@@ -605,6 +605,41 @@ mod tests {
     }
 
     #[test]
+    fn names_paths_and_bounds_are_checked() {
+        check_err(
+            &with_binary(r#""name":"a/b","path":"/x/b""#),
+            "binaries[1] (\"a/b\"): key \"name\" must not contain '/' or control characters",
+        );
+        check_err(
+            &with_binary("\"name\":\"b\\u0007\",\"path\":\"/x/b\""),
+            "binaries[1] (\"b\u{7}\"): key \"name\" must not contain '/' or control characters",
+        );
+        check_err(
+            &with_binary(r#""name":"","path":"/x/b""#),
+            "binaries[1]: key \"name\" must not be empty",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/""#),
+            "binaries[1] (\"b\"): key \"path\" must name a file, not \"/x/\"",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/""#),
+            "binaries[1] (\"b\"): key \"path\" must name a file, not \"/\"",
+        );
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","confirmSeconds":601"#),
+            "binaries[1] (\"b\"): key \"confirmSeconds\" must be a whole number of seconds from 0 to 600",
+        );
+        for secs in [0, 600] {
+            let m = Manifest::parse(&with_binary(&format!(
+                r#""name":"b","path":"/x/b","confirmSeconds":{secs}"#
+            )))
+            .unwrap();
+            assert_eq!(m.binaries[1].confirm_seconds, Some(secs));
+        }
+    }
+
+    #[test]
     fn mistakes_are_named() {
         check_err(
             "{\"binaries\": [}",

@@ -632,9 +632,9 @@ mod tests {
         // Same size, different bytes: mtime/ctime give it away.
         std::thread::sleep(std::time::Duration::from_millis(20));
         fs::write(&file, b"HELLO WORLD\n").unwrap();
-        assert_ne!(
+        assert_eq!(
             loaded.actual_hash(&file).unwrap().as_deref(),
-            Some("6f5902ac237024bdd0c176cb93063dc4")
+            Some("2cad20c19a8eb9bb11a9f76527aec9bc")
         );
         fs::remove_file(&file).unwrap();
         assert_eq!(loaded.actual_hash(&file).unwrap(), None);
@@ -647,7 +647,236 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let p = dir.join("s");
         fs::write(&p, b"{not json").unwrap();
-        assert!(State::load(&p).quarantine.is_empty());
+        let mut s = State::load(&p);
+        assert_eq!(
+            s,
+            State {
+                dirty: true,
+                ..State::default()
+            }
+        );
+        // The damaged file is replaced by a valid one on the next save.
+        s.save_if_changed(&p).unwrap();
+        assert_eq!(State::load(&p), State::default());
+        // A record missing a required key damages the whole file.
+        fs::write(&p, br#"{"quarantine":[{"hash":"ab"}]}"#).unwrap();
+        assert!(State::load(&p).dirty);
+        fs::write(&p, br#"{"files":[{"path":"/x","md5":"ab","size":1,"ino":2,"mtime":3,"mtimeNs":4,"ctime":5}]}"#).unwrap();
+        assert!(State::load(&p).dirty);
+        fs::write(&p, br#"{"files":7}"#).unwrap();
+        assert!(State::load(&p).dirty);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn q(name: &str, hash: &str) -> Quarantined {
+        Quarantined {
+            name: name.into(),
+            hash: hash.into(),
+            error: "e".into(),
+            at: "t".into(),
+        }
+    }
+
+    fn p(name: &str, new: &str) -> Pending {
+        Pending {
+            name: name.into(),
+            old: "o".into(),
+            new: new.into(),
+            at: "t".into(),
+        }
+    }
+
+    #[test]
+    fn quarantine_matches_name_and_hash_and_keeps_other_binaries() {
+        let mut s = State::default();
+        s.add_quarantine(q("app", "aa"));
+        s.add_quarantine(q("tool", "bb"));
+        assert_eq!(
+            s.quarantined("app", "AA").map(|q| q.hash.as_str()),
+            Some("aa")
+        );
+        assert!(
+            s.quarantined("app", "bb").is_none(),
+            "same name, other hash"
+        );
+        assert!(
+            s.quarantined("tool", "aa").is_none(),
+            "same hash, other name"
+        );
+        // Replacing app's entry keeps tool's.
+        s.add_quarantine(q("app", "cc"));
+        assert!(s.quarantined("app", "aa").is_none());
+        assert!(s.quarantined("app", "cc").is_some());
+        assert!(s.quarantined("tool", "bb").is_some());
+        assert_eq!(s.quarantine.len(), 2);
+        s.dirty = false;
+        assert!(s.clear_quarantine("app"));
+        assert!(s.dirty);
+        s.dirty = false;
+        assert!(!s.clear_quarantine("app"));
+        assert!(!s.dirty);
+        assert!(s.quarantined("tool", "bb").is_some());
+    }
+
+    #[test]
+    fn pending_and_blocks_replace_per_binary() {
+        let mut s = State::default();
+        s.set_pending(p("app", "v1"));
+        s.set_pending(p("tool", "t1"));
+        s.set_pending(p("app", "v2"));
+        assert_eq!(s.pending_for("app").map(|p| p.new.as_str()), Some("v2"));
+        assert_eq!(s.pending_for("tool").map(|p| p.new.as_str()), Some("t1"));
+        assert_eq!(s.pending.len(), 2);
+        s.dirty = false;
+        s.clear_pending("nothing");
+        assert!(!s.dirty);
+        s.clear_pending("app");
+        assert!(s.dirty);
+        assert!(s.pending_for("app").is_none());
+        assert!(s.pending_for("tool").is_some());
+
+        let b = |name: &str, hash: &str| Blocked {
+            name: name.into(),
+            hash: hash.into(),
+            dir: PathBuf::from("/ro"),
+            why: "w".into(),
+            at: "t".into(),
+        };
+        s.add_block(b("app", "h1"));
+        s.add_block(b("tool", "h2"));
+        s.add_block(b("app", "h3"));
+        assert_eq!(s.blocked_for("app").map(|b| b.hash.as_str()), Some("h3"));
+        assert_eq!(s.blocked.len(), 2);
+        s.dirty = false;
+        assert!(!s.clear_block("nothing"));
+        assert!(!s.dirty);
+        assert!(s.clear_block("app"));
+        assert!(s.dirty);
+        assert!(s.blocked_for("app").is_none());
+        assert!(s.blocked_for("tool").is_some());
+    }
+
+    #[test]
+    fn dirty_flag_tracks_real_changes_only() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-state-dirty-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let mut s = State::default();
+        // Nothing changed: nothing written.
+        s.save_if_changed(&path).unwrap();
+        assert!(!path.exists());
+        s.set_node_token("n1", "tok");
+        assert!(s.dirty);
+        s.save_if_changed(&path).unwrap();
+        assert!(!s.dirty);
+        assert!(path.exists());
+        s.set_node_token("n1", "tok");
+        assert!(!s.dirty, "same token again is no change");
+        s.set_node_token("n1", "tok2");
+        assert!(s.dirty);
+        assert_eq!(s.node_token("n1"), Some("tok2"));
+        s.dirty = false;
+        s.run_ended(false, false, 5);
+        assert!(!s.dirty);
+        assert_eq!((s.last_success, s.unreachable_runs), (None, 0));
+        s.run_ended(false, true, 5);
+        assert!(s.dirty);
+        assert_eq!((s.last_success, s.unreachable_runs), (None, 1));
+        s.dirty = false;
+        s.run_ended(true, false, 6);
+        assert!(s.dirty);
+        assert_eq!((s.last_success, s.unreachable_runs), (Some(6), 1));
+        s.dirty = false;
+        s.count("app", Count::Failure);
+        assert!(s.dirty);
+        s.count("tool", Count::Upgrade);
+        s.count("app", Count::Failure);
+        let c = s.counters_of("app");
+        assert_eq!(
+            (c.name.as_str(), c.upgrades, c.failures, c.rollbacks),
+            ("app", 0, 2, 0)
+        );
+        assert_eq!(s.counters_of("tool").upgrades, 1);
+        assert_eq!(s.counters_of("new").name, "new");
+        s.dirty = false;
+        s.forget(&dir.join("never-hashed"));
+        assert!(!s.dirty);
+        // A write: dirty; a hash from the cache: not dirty.
+        let file = dir.join("app");
+        fs::write(&file, b"other\n").unwrap();
+        assert_eq!(
+            s.actual_hash(&file).unwrap().as_deref(),
+            Some("ba7790b1708b71cb2b61b1a30d824712")
+        );
+        assert!(s.dirty);
+        s.dirty = false;
+        assert_eq!(
+            s.actual_hash(&file).unwrap().as_deref(),
+            Some("ba7790b1708b71cb2b61b1a30d824712")
+        );
+        assert!(!s.dirty);
+        s.forget(&file);
+        assert!(s.dirty);
+        assert!(s.files.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn peek_hash_hashes_without_caching() {
+        let dir = std::env::temp_dir().join(format!("bin-proxy-state-peek-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("app");
+        fs::write(&file, b"other\n").unwrap();
+        let s = State::default();
+        assert_eq!(
+            s.peek_hash(&file).unwrap().as_deref(),
+            Some("ba7790b1708b71cb2b61b1a30d824712")
+        );
+        assert!(s.files.is_empty() && !s.dirty);
+        assert_eq!(s.peek_hash(&dir.join("missing")).unwrap(), None);
+        // A cached entry is found for the same stamp.
+        let mut s = State::default();
+        let stamp = Stamp::of(&fs::metadata(&file).unwrap());
+        s.remember(&file, stamp, "cafe");
+        assert_eq!(s.peek_hash(&file).unwrap().as_deref(), Some("cafe"));
+        assert_eq!(s.actual_hash(&file).unwrap().as_deref(), Some("cafe"));
+        // A changed stamp means hash again.
+        let other = Stamp {
+            size: stamp.size + 1,
+            ..stamp
+        };
+        s.remember(&file, other, "cafe");
+        assert_eq!(
+            s.actual_hash(&file).unwrap().as_deref(),
+            Some("ba7790b1708b71cb2b61b1a30d824712")
+        );
+        assert_eq!(s.files.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn staged_in_is_per_binary() {
+        let mut s = State::default();
+        assert!(s.set_staged_in("app", Path::new("/a")));
+        assert!(s.set_staged_in("tool", Path::new("/t")));
+        s.dirty = false;
+        assert!(!s.set_staged_in("app", Path::new("/a")));
+        assert!(!s.dirty);
+        assert!(s.set_staged_in("app", Path::new("/b")));
+        assert!(s.dirty);
+        assert_eq!(s.staged_in("app"), Some(Path::new("/b")));
+        assert_eq!(s.staged_in("tool"), Some(Path::new("/t")));
+        assert_eq!(s.staged_in("none"), None);
+    }
+
+    #[test]
+    fn state_path_sits_beside_the_manifest() {
+        assert_eq!(
+            State::path_for(Path::new("/etc/bin-manifests.json")),
+            PathBuf::from("/etc/bin-manifests.json.state")
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! bin-manager's settings: `/etc/bin-manager/config.json`
 //! (`{"binDir","listen","stateFile","token","adminToken","maxUpload","workers",
 //! "workersPerClient","requireNodeTokens","admission","maxNodes",
-//! "registrationsPerMinute"}`), overridden by environment
+//! "registrationsPerMinute","maxRequestsPerSecond"}`), overridden by environment
 //! (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`) and flags. Unknown keys
 //! and values of the wrong type are errors, as in the agent's manifest.
 
@@ -48,6 +48,8 @@ pub struct Config {
     pub listen: String,
     /// The registry snapshot (its log is `stateFile.log`).
     pub state_file: PathBuf,
+    /// PostgreSQL instead of the state file (`database`), if set.
+    pub database: Option<String>,
     /// Bearer token guarding /api/v1.
     pub token: Option<String>,
     /// Bearer token guarding publishing.
@@ -68,6 +70,9 @@ pub struct Config {
     pub max_nodes: usize,
     /// New nodes one client address may register per minute (0: no limit).
     pub registrations_per_minute: u32,
+    /// Requests a second the server takes before answering 503 with
+    /// Retry-After (0: no limit).
+    pub max_requests_per_second: u32,
     /// One stderr line per request.
     pub access_log: bool,
     /// Default rollout policy per binary (`"rollouts": {"NAME": {…}}`),
@@ -83,6 +88,7 @@ const KEYS: &[&str] = &[
     "binDir",
     "listen",
     "stateFile",
+    "database",
     "token",
     "adminToken",
     "maxUpload",
@@ -92,6 +98,7 @@ const KEYS: &[&str] = &[
     "admission",
     "maxNodes",
     "registrationsPerMinute",
+    "maxRequestsPerSecond",
     "rollouts",
     "requireSignatures",
     "trustedKeys",
@@ -105,6 +112,7 @@ impl Config {
             bin_dir: "/var/lib/bin-manager/bins".into(),
             listen: "127.0.0.1:8081".into(),
             state_file: "/var/lib/bin-manager/state.json".into(),
+            database: None,
             token: None,
             admin_token: None,
             max_upload: 2 << 30,
@@ -114,6 +122,7 @@ impl Config {
             admission: Admission::Open,
             max_nodes: DEFAULT_MAX_NODES,
             registrations_per_minute: DEFAULT_REGISTRATIONS_PER_MINUTE,
+            max_requests_per_second: 0,
             access_log: !args.quiet,
             rollouts: HashMap::new(),
             require_signatures: false,
@@ -142,6 +151,9 @@ impl Config {
         }
         if let Some(v) = &args.state_file {
             c.state_file = v.clone();
+        }
+        if let Some(v) = &args.database {
+            c.database = Some(v.clone());
         }
         if let Some(v) = &args.token {
             c.token = Some(v.clone());
@@ -200,12 +212,23 @@ impl Config {
                 "binDir" => self.bin_dir = text()?.into(),
                 "listen" => self.listen = text()?,
                 "stateFile" => self.state_file = text()?.into(),
+                "database" => self.database = Some(text()?),
                 "token" => self.token = Some(text()?),
                 "adminToken" => self.admin_token = Some(text()?),
                 "maxUpload" => self.max_upload = number()?,
                 "workers" => self.workers = count(number()?).min(MAX_WORKERS),
                 "workersPerClient" => self.workers_per_client = count(number()?),
                 "maxNodes" => self.max_nodes = count(number()?),
+                "maxRequestsPerSecond" => {
+                    self.max_requests_per_second = value
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "key \"{key}\" must be a whole number (0: no limit)"
+                            ))
+                        })?;
+                }
                 "registrationsPerMinute" => {
                     self.registrations_per_minute = value
                         .as_u64()

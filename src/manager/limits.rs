@@ -143,9 +143,96 @@ impl RateLimit {
     }
 }
 
+/// Longest `Retry-After` of a shed request.
+const MAX_SHED_WAIT: u64 = 600;
+
+/// The server's own load limit (`maxRequestsPerSecond`): one token bucket
+/// for all clients, `per_second` requests a second with a second's worth as
+/// burst. A refused request is told to come back when the requests refused
+/// so far in this window could be served at the rate (`Retry-After`, 1 to
+/// 600 s), so that a fleet in trouble spreads out instead of coming back
+/// all at once; the agent adds its own jitter.
+pub struct Shed {
+    per_second: f64,
+    tokens: f64,
+    at: Instant,
+    /// Requests refused since the last log line, and when it was written.
+    refused: u64,
+    logged: Option<Instant>,
+    /// Requests refused since the bucket was last full.
+    backlog: u64,
+}
+
+impl Shed {
+    /// A limit of `per_second`; 0 is no limit.
+    pub fn new(per_second: u32, now: Instant) -> Shed {
+        Shed {
+            per_second: f64::from(per_second),
+            tokens: f64::from(per_second),
+            at: now,
+            refused: 0,
+            logged: None,
+            backlog: 0,
+        }
+    }
+
+    /// Takes one request at `now`; `Err(seconds)` is its Retry-After. Logs
+    /// at most one line a second about the requests refused.
+    pub fn take(&mut self, now: Instant) -> Result<(), u64> {
+        if self.per_second <= 0.0 {
+            return Ok(());
+        }
+        let cap = self.per_second;
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(cap);
+        self.at = now;
+        if self.tokens >= cap {
+            self.backlog = 0;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        self.refused += 1;
+        self.backlog += 1;
+        if self
+            .logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            crate::warn!(
+                "overloaded: {} request(s) refused with 503 in the last second (maxRequestsPerSecond {})",
+                self.refused,
+                self.per_second
+            );
+            self.refused = 0;
+            self.logged = Some(now);
+        }
+        let wait = (self.backlog as f64 / self.per_second).ceil() as u64;
+        Err(wait.clamp(1, MAX_SHED_WAIT))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shedding_spreads_the_backlog() {
+        let t0 = Instant::now();
+        let mut s = Shed::new(10, t0);
+        for _ in 0..10 {
+            assert_eq!(s.take(t0), Ok(()));
+        }
+        assert_eq!(s.take(t0), Err(1));
+        for _ in 0..19 {
+            let _ = s.take(t0);
+        }
+        assert_eq!(s.take(t0), Err(3), "21 refused at 10/s: come back in 3 s");
+        // Refilled after a second: served again, the backlog forgotten.
+        assert_eq!(s.take(t0 + Duration::from_secs(2)), Ok(()));
+        let mut off = Shed::new(0, t0);
+        assert!((0..1000).all(|_| off.take(t0).is_ok()));
+    }
     use crate::protocol::{BinaryFact, FailureFact};
 
     fn check(edit: impl FnOnce(&mut Node), expected: Result<(), &str>) {

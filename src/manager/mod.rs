@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod database;
 pub mod http;
 pub mod identity;
 pub mod keytool;
@@ -57,7 +58,10 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         other => other,
     })?;
     sweep_uploads(&store);
-    let registry = registry::Registry::open(&config.state_file)?;
+    let registry = match &config.database {
+        Some(url) => registry::Registry::open_database(url)?,
+        None => registry::Registry::open(&config.state_file)?,
+    };
     let listener = TcpListener::bind(&config.listen)
         .map_err(|e| Error::Other(format!("cannot listen on {}: {e}", config.listen)))?;
     http::widen_backlog(&listener, 1024);
@@ -65,10 +69,13 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         .local_addr()
         .map_err(|e| Error::Other(format!("cannot read the bound address: {e}")))?;
     crate::info!(
-        "bin-manager {} listening on http://{addr} (binDir \"{}\", state \"{}\", {} known, token {}, publishing {}, node tokens {}, admission {})",
+        "bin-manager {} listening on http://{addr} (binDir \"{}\", state {}, {} known, token {}, publishing {}, node tokens {}, admission {})",
         env!("CARGO_PKG_VERSION"),
         config.bin_dir.display(),
-        config.state_file.display(),
+        match registry.database() {
+            Some(db) => format!("in database {db}"),
+            None => format!("\"{}\"", config.state_file.display()),
+        },
         match registry.len() {
             1 => "1 node".to_string(),
             n => format!("{n} nodes"),
@@ -94,6 +101,10 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         },
         admission: config.admission,
         rate: std::sync::Mutex::new(limits::RateLimit::new(config.registrations_per_minute)),
+        shed: std::sync::Mutex::new(limits::Shed::new(
+            config.max_requests_per_second,
+            std::time::Instant::now(),
+        )),
         releases: release::Releases::new(config.rollouts.clone()),
         signing: signing::Signing {
             require: config.require_signatures,

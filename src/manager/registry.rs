@@ -51,6 +51,47 @@ struct Inner {
     log_len: u64,
     /// A fold is running (at most one at a time).
     folding: bool,
+    /// `--database`: the log is PostgreSQL's `registry_log` instead (the
+    /// file `log` is then `/dev/null`, never written), read through.
+    db: Option<super::database::Database>,
+    /// The last `registry_log` line applied.
+    seq: i64,
+    /// The database failed at the last read (logged once, until it answers).
+    db_down: bool,
+}
+
+impl Inner {
+    /// Applies the database's lines written since the last (by any
+    /// replica). When it cannot be read the view stays as it was: logged
+    /// once, and the writes meanwhile answer 503.
+    fn catch_up(&mut self) {
+        let Some(db) = &mut self.db else { return };
+        match db.since(self.seq) {
+            Ok(lines) => {
+                if self.db_down {
+                    crate::info!("database {} answers again", db.shown());
+                    self.db_down = false;
+                }
+                for (seq, op) in lines {
+                    apply_line(&mut self.fleet, seq, &op);
+                    self.seq = seq;
+                }
+            }
+            Err(e) if !self.db_down => {
+                crate::error!("{e}; serving the fleet as last read, refusing writes with 503");
+                self.db_down = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Applies one line of `registry_log`.
+fn apply_line(fleet: &mut Fleet, seq: i64, op: &str) {
+    match json::parse(op) {
+        Ok(op) => apply(fleet, &op),
+        Err(e) => crate::warn!("ignoring a damaged registry_log line {seq}: {e}"),
+    }
 }
 
 /// The registry's files.
@@ -145,12 +186,55 @@ impl Registry {
                 log: Arc::new(log),
                 log_len,
                 folding: false,
+                db: None,
+                seq: 0,
+                db_down: false,
             })),
         };
         // Start from a compact state: fold whatever the logs held.
         registry.lock().folding = true;
         fold(&registry.files, &registry.inner)?;
         Ok(registry)
+    }
+
+    /// Opens the registry kept in PostgreSQL at `url` (migrating its
+    /// schema), replaying every line written so far.
+    pub fn open_database(url: &str) -> Result<Registry> {
+        let mut db = super::database::Database::open(url)?;
+        let mut fleet = Fleet::default();
+        let mut seq = 0;
+        for (s, op) in db.since(0)? {
+            apply_line(&mut fleet, s, &op);
+            seq = s;
+        }
+        let null = Path::new("/dev/null");
+        let log = OpenOptions::new()
+            .append(true)
+            .open(null)
+            .map_err(|e| Error::io("opening", null, e))?;
+        Ok(Registry {
+            files: Arc::new(Files {
+                snapshot: null.to_path_buf(),
+                log: null.to_path_buf(),
+                folded: null.to_path_buf(),
+            }),
+            compact_at: u64::MAX,
+            inner: Arc::new(Mutex::new(Inner {
+                fleet,
+                seen: BTreeSet::new(),
+                log: Arc::new(log),
+                log_len: 0,
+                folding: true, // never: the database keeps the log
+                db: Some(db),
+                seq,
+                db_down: false,
+            })),
+        })
+    }
+
+    /// The database the registry lives in (for the start-up line).
+    pub fn database(&self) -> Option<String> {
+        lock(&self.inner).db.as_ref().map(|d| d.shown().to_string())
     }
 
     /// How many nodes are known.
@@ -248,6 +332,9 @@ impl Registry {
         make: impl FnOnce(&mut Inner) -> Option<Value>,
         then: impl FnOnce(&mut Inner, &Value),
     ) -> Result<()> {
+        if lock(&self.inner).db.is_some() {
+            return self.commit_to_database(make, then);
+        }
         let (log, fold) = {
             let mut inner = self.lock();
             let Some(op) = make(&mut inner) else {
@@ -268,6 +355,37 @@ impl Registry {
             .map_err(|e| Error::io("syncing", &self.files.log, e))?;
         if fold {
             self.fold_in_background();
+        }
+        Ok(())
+    }
+
+    /// [`Registry::commit_if`] with the log in PostgreSQL: under the
+    /// registry's lock and the database's write lock, catches up with the
+    /// other replicas' lines, decides, appends and commits; applies the line
+    /// only once it is committed.
+    fn commit_to_database(
+        &self,
+        make: impl FnOnce(&mut Inner) -> Option<Value>,
+        then: impl FnOnce(&mut Inner, &Value),
+    ) -> Result<()> {
+        let mut inner = lock(&self.inner);
+        // Put back below before the lock is released (panic = abort).
+        let mut db = inner.db.take().expect("database mode");
+        let mut made = None;
+        let after = inner.seq;
+        let result = db.append(after, |lines| {
+            for (seq, op) in &lines {
+                apply_line(&mut inner.fleet, *seq, op);
+            }
+            let op = make(&mut inner)?;
+            let line = op.to_compact();
+            made = Some(op);
+            Some(line)
+        });
+        inner.db = Some(db);
+        inner.seq = result?;
+        if let Some(op) = made {
+            then(&mut inner, &op);
         }
         Ok(())
     }
@@ -296,8 +414,11 @@ impl Registry {
         }
     }
 
+    /// The registry, up to date with the database's lines in database mode.
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        lock(&self.inner)
+        let mut inner = lock(&self.inner);
+        inner.catch_up();
+        inner
     }
 }
 

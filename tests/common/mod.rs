@@ -1269,15 +1269,18 @@ pub fn path_with(dir: &Path) -> OsString {
 /// Names (sorted) of the entries directly in `dir` that contain `.tmp` or
 /// `bin-proxy-tmp`: stale temp files a run must not leave behind.
 pub fn temp_files(dir: &Path) -> Vec<String> {
+    // A missing or unreadable directory is a broken test, not "no temp
+    // files": fail instead of returning an empty list.
     let mut names: Vec<String> = fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(".tmp") || n.contains("bin-proxy-tmp"))
-                .collect()
+        .unwrap_or_else(|e| panic!("temp_files: cannot list {}: {e}", dir.display()))
+        .map(|e| {
+            e.unwrap_or_else(|e| panic!("temp_files: reading {}: {e}", dir.display()))
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
         })
-        .unwrap_or_default();
+        .filter(|n| n.contains(".tmp") || n.contains("bin-proxy-tmp"))
+        .collect();
     names.sort();
     names
 }

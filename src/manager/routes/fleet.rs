@@ -13,19 +13,47 @@ use crate::manager::store::valid_name;
 use crate::protocol::{self, BinaryFact, FailureFact};
 use std::collections::HashMap;
 
+/// The most nodes one answer of `GET nodes` holds (about 60 MB at 50
+/// binaries a node).
+pub const MAX_PAGE: usize = 10_000;
+
 impl App {
     /// The fleet view, written as text in two passes over the registry
     /// (counts for the summary, then the nodes, each with its binaries,
     /// labels and failures) with no document tree: at 10,000 nodes × 50
     /// binaries the answer is 60 MB, and a tree of it would take several
     /// times that.
-    pub(super) fn nodes(&self) -> Response {
-        let nodes = self.registry.nodes();
+    ///
+    /// Paged by name: `?limit=N&after=NAME` answers at most N nodes (at most
+    /// [`MAX_PAGE`]) whose names sort after NAME, and `next`, the cursor of
+    /// the following page (`null` on the last). Without `limit` the answer
+    /// is today's whole fleet, capped at [`MAX_PAGE`] nodes (with `next`
+    /// when cut). The summary always counts the whole fleet.
+    pub(super) fn nodes(&self, pairs: &[(String, String)]) -> Response {
+        let param = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let limit = match param("limit").map(str::parse::<usize>) {
+            None => MAX_PAGE,
+            Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+            Some(_) => {
+                return super::fail(
+                    400,
+                    &format!("invalid limit: expected a number from 1 to {MAX_PAGE}"),
+                )
+            }
+        };
+        let all = self.registry.nodes();
+        let start =
+            param("after").map_or(0, |after| all.partition_point(|n| n.name.as_str() <= after));
+        let page = &all[start..all.len().min(start.saturating_add(limit))];
+        let next = (start + page.len() < all.len())
+            .then(|| page.last().map(|n| n.name.clone()))
+            .flatten();
+        let nodes = all.as_slice();
         // One lookup per (binary, arch, version), however many nodes share it.
         let mut published = HashMap::new();
         let (mut current, mut behind, mut failed) = (0u64, 0u64, 0u64);
         let pending = nodes.iter().filter(|n| n.pending).count();
-        for node in &nodes {
+        for node in nodes {
             for b in &node.binaries {
                 match self.standing(node, b, &mut published).0 {
                     "current" => current += 1,
@@ -46,8 +74,10 @@ impl App {
         let body = protocol::envelope_with(200, "Success", |out| {
             out.push_str("{\"summary\":");
             summary.write_compact(out);
+            out.push_str(",\"next\":");
+            next.map_or(Value::Null, Value::Str).write_compact(out);
             out.push_str(",\"nodes\":[");
-            for (i, node) in nodes.iter().enumerate() {
+            for (i, node) in page.iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }

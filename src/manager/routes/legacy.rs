@@ -183,7 +183,7 @@ impl App {
                 ("sha256", Value::str(&r.sha256)),
             ])),
             Ok(_) => fail(404, "node not found"),
-            Err(e) => fail(500, &format!("could not store the report: {e}")),
+            Err(e) => super::not_stored("the report", &e),
         })
     }
 
@@ -237,7 +237,7 @@ impl App {
                 ("status", Value::str(p.status.word())),
             ])),
             Ok(_) => fail(404, "node not found"),
-            Err(e) => fail(500, &format!("could not store the progress report: {e}")),
+            Err(e) => super::not_stored("the progress report", &e),
         }
     }
 

@@ -8,8 +8,9 @@
 
 use super::config::Admission;
 use super::http::{Context, Payload, Request, Response};
-use super::limits::RateLimit;
+use super::limits::{RateLimit, Shed};
 use super::registry::{self, Registry};
+mod check;
 mod console;
 mod fleet;
 mod legacy;
@@ -47,6 +48,8 @@ pub struct App {
     pub admission: Admission,
     /// New registrations per client address.
     pub rate: Mutex<RateLimit>,
+    /// The server's own load limit (`maxRequestsPerSecond`).
+    pub shed: Mutex<Shed>,
     /// Signed releases: what is required of a publish.
     pub signing: super::signing::Signing,
     /// Key rotation statements (`binDir/.trust`, read at start).
@@ -59,6 +62,23 @@ fn ok(data: Value) -> Response {
 }
 
 /// An error in the same envelope, `code` = HTTP status.
+/// Retry-After of a 503 for a write the database did not take.
+const DATABASE_RETRY_SECS: u64 = 5;
+
+/// The answer to a write that could not be stored: 503 with Retry-After
+/// when the database (`--database`) is down, so agents come back; 500
+/// otherwise. Logged either way.
+fn not_stored(what: &str, e: &crate::error::Error) -> Response {
+    crate::error!("could not store {what}: {e}");
+    if matches!(e, crate::error::Error::Database(_)) {
+        let mut resp = fail(503, &format!("could not store {what}: {e}; try again"));
+        resp.headers
+            .push(("Retry-After", DATABASE_RETRY_SECS.to_string()));
+        return resp;
+    }
+    fail(500, &format!("could not store {what}: {e}"))
+}
+
 fn fail(status: u16, message: &str) -> Response {
     Response::error(status, message)
 }
@@ -82,6 +102,20 @@ impl App {
         let Some(rest) = req.path.strip_prefix("/api/v1/") else {
             return Some(fail(404, "not found"));
         };
+        // Each request is charged once: a request without a body is seen on
+        // a loop first (and maybe again by a worker), one with a body only
+        // by a worker.
+        if on_loop || req.body_len > 0 {
+            let taken = match self.shed.lock() {
+                Ok(mut shed) => shed.take(std::time::Instant::now()),
+                Err(_) => Ok(()),
+            };
+            if let Err(secs) = taken {
+                let mut resp = fail(503, "server overloaded: retry after the Retry-After delay");
+                resp.headers.push(("Retry-After", secs.to_string()));
+                return Some(resp);
+            }
+        }
         if let Some(token) = &self.token {
             let given = bearer(req);
             let admin = self
@@ -140,15 +174,16 @@ impl App {
             ("bins", Some(name), "GET") => return self.bin_info(&name, &query, on_loop),
             _ if on_loop => return None,
             ("keepalive", None, "POST") => self.keepalive_post(req, &query),
+            ("check", None, "POST") => self.check(req, &query),
             ("bins", None, "GET") => self.list(),
             ("bins", Some(name), "POST") => self.report(req, &name, &query),
             ("bins", Some(name), "PUT") => self.publish(req, &name, &query),
             ("download", Some(name), "GET" | "HEAD") => self.download(req, &name, &query),
-            ("nodes", None, "GET") => self.nodes(),
+            ("nodes", None, "GET") => self.nodes(&query.pairs),
             ("rollouts", None, "GET") => self.rollouts(),
             ("rollouts", Some(name), "GET") => self.rollout(&name, &query),
             ("rollouts", Some(name), "POST") => self.control(req, &name, &query),
-            ("keepalive" | "bins" | "download" | "nodes" | "rollouts", _, _) => {
+            ("keepalive" | "bins" | "download" | "nodes" | "rollouts" | "check", _, _) => {
                 fail(405, "method not allowed here")
             }
             _ => fail(404, "not found"),
@@ -185,49 +220,62 @@ impl App {
     /// A build's hashes; `None` when it would have to be hashed first and
     /// `on_loop` forbids that.
     fn bin_info(&self, name: &str, q: &Query, on_loop: bool) -> Option<Response> {
-        Some(match self.resolve(name, q, false, !on_loop) {
-            Ok(Some((b, r))) => {
-                if let Err(msg) = self.signing.check_served(name, &b) {
-                    crate::warn!("not serving {name}: {msg}");
-                    return Some(fail(409, &format!("not served: {msg}")));
-                }
-                let mut data = vec![
-                    ("name", Value::str(name)),
-                    ("version", Value::str(&b.version)),
-                    ("hash", Value::str(&b.md5)),
-                    ("sha256", Value::str(&b.sha256)),
-                    ("size", Value::int(b.size)),
-                ];
-                if let Some(sig) = &b.signature {
-                    data.push(("signature", Value::str(sig)));
-                }
-                if !self.statements.is_empty() {
-                    data.push((
-                        "keyStatements",
-                        Value::Arr(self.statements.iter().map(Value::str).collect()),
-                    ));
-                }
-                if let Some(r) = r {
-                    let build = if crate::hash::same(&b.md5, &r.to.md5) {
-                        "new"
-                    } else {
-                        "previous"
-                    };
-                    data.push((
-                        "rollout",
-                        Value::obj([
-                            ("id", Value::str(&r.id)),
-                            ("state", Value::str(r.state.word())),
-                            ("percent", Value::int(r.percent())),
-                            ("build", Value::str(build)),
-                        ]),
-                    ));
-                }
-                legacy::bin_answer(Value::obj(data), &b.sha256)
-            }
+        Some(match self.bin_data(name, q, !on_loop) {
+            Ok(Some((data, sha256))) => legacy::bin_answer(data, &sha256),
             Ok(None) => return None,
             Err(resp) => resp,
         })
+    }
+
+    /// `bins/NAME`'s `data` (and the build's sha256): the build this node
+    /// gets, with the rollout that chose it. Shared by `GET bins/NAME` and
+    /// each entry of `POST check` so that both answer the same.
+    fn bin_data(
+        &self,
+        name: &str,
+        q: &Query,
+        may_hash: bool,
+    ) -> Result<Option<(Value, String)>, Response> {
+        let Some((b, r)) = self.resolve(name, q, false, may_hash)? else {
+            return Ok(None);
+        };
+        if let Err(msg) = self.signing.check_served(name, &b) {
+            crate::warn!("not serving {name}: {msg}");
+            return Err(fail(409, &format!("not served: {msg}")));
+        }
+        let mut data = vec![
+            ("name", Value::str(name)),
+            ("version", Value::str(&b.version)),
+            ("hash", Value::str(&b.md5)),
+            ("sha256", Value::str(&b.sha256)),
+            ("size", Value::int(b.size)),
+        ];
+        if let Some(sig) = &b.signature {
+            data.push(("signature", Value::str(sig)));
+        }
+        if !self.statements.is_empty() {
+            data.push((
+                "keyStatements",
+                Value::Arr(self.statements.iter().map(Value::str).collect()),
+            ));
+        }
+        if let Some(r) = r {
+            let build = if crate::hash::same(&b.md5, &r.to.md5) {
+                "new"
+            } else {
+                "previous"
+            };
+            data.push((
+                "rollout",
+                Value::obj([
+                    ("id", Value::str(&r.id)),
+                    ("state", Value::str(r.state.word())),
+                    ("percent", Value::int(r.percent())),
+                    ("build", Value::str(build)),
+                ]),
+            ));
+        }
+        Ok(Some((Value::obj(data), b.sha256)))
     }
 
     fn list(&self) -> Response {
@@ -391,7 +439,13 @@ impl App {
             ("Accept-Ranges", "bytes".to_string()),
             ("ETag", format!("\"{}\"", build.md5)),
         ];
-        let (status, start, len) = match req.header("range").map(|r| parse_range(r, size)) {
+        // If-Range: the range only of this very build (strong comparison;
+        // a date or another ETag gets the whole file, RFC 9110 13.1.5).
+        let etag = format!("\"{}\"", build.md5);
+        let range = req
+            .header("range")
+            .filter(|_| req.header("if-range").is_none_or(|v| v.trim() == etag));
+        let (status, start, len) = match range.map(|r| parse_range(r, size)) {
             None | Some(Range::Ignore) => (200, 0, size),
             Some(Range::Bytes(start, end)) => {
                 headers.push(("Content-Range", format!("bytes {start}-{end}/{size}")));

@@ -117,7 +117,7 @@ impl App {
                 resp
             }
             Ok(Registered::Unknown) => fail(404, "node not found"),
-            Err(e) => fail(500, &format!("could not store the registration: {e}")),
+            Err(e) => super::not_stored("the registration", &e),
         }
     }
 
@@ -166,7 +166,7 @@ impl App {
         {
             Ok(Reported::Stored | Reported::UnknownNode) => ok(Value::Null),
             Ok(Reported::Refused(check)) => fail(403, &check.refusal(node)),
-            Err(e) => fail(500, &format!("could not store the report: {e}")),
+            Err(e) => super::not_stored("the report", &e),
         }
     }
 
@@ -192,7 +192,7 @@ impl App {
                 ok(node.to_json())
             }
             Ok(None) => fail(404, "node not found"),
-            Err(e) => fail(500, &format!("could not store the change: {e}")),
+            Err(e) => super::not_stored("the change", &e),
         }
     }
 

@@ -76,7 +76,7 @@ impl App {
                 fail(409, &refused.0)
             }
             Ok(Err(refused)) => fail(404, &refused.0),
-            Err(e) => fail(500, &e.to_string()),
+            Err(e) => super::not_stored("the rollout", &e),
         }
     }
 
