@@ -350,6 +350,10 @@ pub enum ManagerCommand {
     Keygen,
     /// `sign --key FILE --name NAME … BUILD`: write BUILD's signature document (offline).
     Sign(PathBuf),
+    /// `trust --key FILE NEW.pub`: print a rotation statement "trust NEW" signed by FILE.
+    Trust(PathBuf),
+    /// `revoke --key FILE KEYID`: print a statement "stop trusting KEYID" signed by FILE.
+    Revoke(String),
 }
 
 /// What `bin-manager rollout` does.
@@ -458,6 +462,10 @@ USAGE:
                                               write BUILD.sig, the one-line signature
                                               document (also printed); the serial is
                                               one above the name's last, or --serial
+    bin-manager trust --key OLD.key NEW.pub   print a key rotation statement \"trust NEW\",
+                                              signed by a trusted key (append it to
+                                              binDir/.trust)
+    bin-manager revoke --key FILE KEYID       print a statement \"stop trusting KEYID\"
     bin-manager rollout status|pause|resume|promote|abort NAME [--arch ARCH]
                 [--server URL] [--admin-token-file FILE]
                                               show or steer the staged rollout of NAME
@@ -580,6 +588,29 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
             Value(build) if out.command == ManagerCommand::Sign(PathBuf::new()) => {
                 out.command = ManagerCommand::Sign(build.into());
             }
+            Value(word)
+                if out.command == ManagerCommand::Serve
+                    && (word == "trust" || word == "revoke") =>
+            {
+                let arg = match parser.next().map_err(usage)? {
+                    Some(Long("key")) => {
+                        out.key = Some(parser.value().map_err(usage)?.into());
+                        parser.next().map_err(usage)?
+                    }
+                    other => other,
+                };
+                let need = "trust --key FILE NEW.pub / revoke --key FILE KEYID";
+                let Some(Value(arg)) = arg else {
+                    return Err(Error::Usage(need.into()));
+                };
+                out.command = if word == "trust" {
+                    ManagerCommand::Trust(arg.into())
+                } else {
+                    ManagerCommand::Revoke(
+                        arg.into_string().map_err(|_| Error::Usage(need.into()))?,
+                    )
+                };
+            }
             Value(word) if out.command == ManagerCommand::Serve && word == "rollout" => {
                 let need = "rollout needs an action and a binary: rollout status|pause|resume|promote|abort NAME";
                 let mut word = || match parser.next().map_err(usage)? {
@@ -630,6 +661,11 @@ pub fn parse_manager(args: impl IntoIterator<Item = OsString>) -> Result<Manager
         }
     }
     match &out.command {
+        ManagerCommand::Trust(_) | ManagerCommand::Revoke(_) if out.key.is_none() => {
+            return Err(Error::Usage(
+                "trust and revoke need --key FILE, a key the hosts already trust".into(),
+            ))
+        }
         ManagerCommand::Keygen if out.out.is_none() => {
             return Err(Error::Usage("keygen needs --out DIR".into()))
         }

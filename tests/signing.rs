@@ -392,13 +392,18 @@ fn key_rotation_one_step_at_a_time() {
     let host = host(&[&a.public], "latest");
     let before = snapshot(&host);
     let by_b = sign(&b.key, "app", &[], &build(&d, "new", NEW));
+    // `bin-manager trust --key OLD.key NEW.pub`: the statement line.
     let statement = |signer: &Path, trusts: &Path| {
-        // A rotation statement, signed with the offline key (unit-tested
-        // format, see src/sign): built here from the two key files.
-        let key = bin_proxy::sign::SecretKey::load(signer).unwrap();
-        let new = bin_proxy::sign::TrustedKey::load(trusts).unwrap();
-        key.sign_statement(bin_proxy::sign::Change::Trust(new))
-            .to_string()
+        let args = [
+            "trust",
+            "--key",
+            signer.to_str().unwrap(),
+            trusts.to_str().unwrap(),
+        ];
+        let (code, out, err) = run_cli(&args, &[], CLI);
+        assert_eq!(code, 0, "trust failed: {err}");
+        assert!(out.starts_with("bin-proxy-trust-v1 "), "{out}");
+        out.trim().to_string()
     };
     // Signed by an untrusted key C: refused.
     host.server.publish("app", NEW);

@@ -22,7 +22,10 @@ fn main() -> ExitCode {
     }
     if matches!(
         args.command,
-        bin_proxy::cli::ManagerCommand::Keygen | bin_proxy::cli::ManagerCommand::Sign(_)
+        bin_proxy::cli::ManagerCommand::Keygen
+            | bin_proxy::cli::ManagerCommand::Sign(_)
+            | bin_proxy::cli::ManagerCommand::Trust(_)
+            | bin_proxy::cli::ManagerCommand::Revoke(_)
     ) {
         return match bin_proxy::manager::keytool::run(&args) {
             Ok(line) => {

@@ -153,9 +153,11 @@ pub fn run(args: &ManagerArgs, env: Env) -> Result<String> {
             };
             return Ok(describe_rollout(&r));
         }
-        ManagerCommand::Serve | ManagerCommand::Keygen | ManagerCommand::Sign(_) => {
-            return Err(Error::Usage("not an admin subcommand".into()))
-        }
+        ManagerCommand::Serve
+        | ManagerCommand::Keygen
+        | ManagerCommand::Sign(_)
+        | ManagerCommand::Trust(_)
+        | ManagerCommand::Revoke(_) => return Err(Error::Usage("not an admin subcommand".into())),
     };
     check_name(name, "node")?;
     let token = admin_token(args, env)?;

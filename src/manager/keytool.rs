@@ -7,7 +7,7 @@
 use crate::cli::{ManagerArgs, ManagerCommand};
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::sign::{Document, SecretKey};
+use crate::sign::{Change, Document, SecretKey};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -20,6 +20,20 @@ pub fn run(args: &ManagerArgs) -> Result<String> {
     match &args.command {
         ManagerCommand::Keygen => keygen(args.out.as_deref().unwrap_or(Path::new("."))),
         ManagerCommand::Sign(build) => sign(args, build),
+        ManagerCommand::Trust(public) => {
+            let key = SecretKey::load(args.key.as_deref().unwrap_or(Path::new("")))?;
+            let new = crate::sign::TrustedKey::load(public)?;
+            Ok(key.sign_statement(Change::Trust(new)).to_string())
+        }
+        ManagerCommand::Revoke(id) => {
+            if id.len() != 16 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(Error::Usage(format!(
+                    "\"{id}\" is not a key id (16 lowercase hex digits)"
+                )));
+            }
+            let key = SecretKey::load(args.key.as_deref().unwrap_or(Path::new("")))?;
+            Ok(key.sign_statement(Change::Revoke(id.clone())).to_string())
+        }
         _ => Err(Error::Other("not a key tool command".into())),
     }
 }

@@ -20,8 +20,6 @@
 use std::fmt;
 use std::path::Path;
 
-use ed25519_compact::{KeyPair, PublicKey, Seed, Signature};
-
 use crate::error::{Error, Result};
 
 /// What a signature document starts with.
@@ -87,7 +85,7 @@ impl Document {
     /// Signs the fields with `key` (its id replaces `self.key`).
     pub fn sign(mut self, key: &SecretKey) -> Document {
         self.key = key.id();
-        self.sig = *key.pair.sk.sign(self.message(), None);
+        self.sig = key.sign_bytes(&self.message());
         self
     }
 
@@ -101,14 +99,14 @@ impl Document {
                 ids(trusted)
             )
         })?;
-        key.key
-            .verify(self.message(), &Signature::new(self.sig))
-            .map_err(|_| {
-                format!(
-                    "bad signature: the document does not verify under key {} (its fields or signature were altered)",
-                    self.key
-                )
-            })
+        if verify(&key.key, &self.message(), &self.sig) {
+            Ok(())
+        } else {
+            Err(format!(
+                "bad signature: the document does not verify under key {} (its fields or signature were altered)",
+                self.key
+            ))
+        }
     }
 
     /// Whether it covers exactly this build: `name`, `arch` (a `*`
@@ -255,6 +253,13 @@ fn sig_bytes(v: &str) -> std::result::Result<[u8; 64], String> {
     Ok(out)
 }
 
+/// Ed25519 verification (RFC 8032) through ring.
+fn verify(key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+        .verify(msg, sig)
+        .is_ok()
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -283,7 +288,7 @@ pub struct TrustedKey {
     /// [`key_id`] of it.
     pub id: String,
     /// The key.
-    pub key: PublicKey,
+    pub key: [u8; 32],
 }
 
 impl TrustedKey {
@@ -291,13 +296,13 @@ impl TrustedKey {
     pub fn new(bytes: [u8; 32]) -> TrustedKey {
         TrustedKey {
             id: key_id(&bytes),
-            key: PublicKey::new(bytes),
+            key: bytes,
         }
     }
 
     /// The public key file's one line.
     pub fn file_text(&self) -> String {
-        format!("{PUB_MAGIC} {}\n", hex(&self.key[..]))
+        format!("{PUB_MAGIC} {}\n", hex(&self.key))
     }
 
     /// Parses a public key file's text.
@@ -326,14 +331,18 @@ impl TrustedKey {
 
 /// A signing key (bin-manager's offline tools only).
 pub struct SecretKey {
-    pair: KeyPair,
+    seed: [u8; 32],
+    pair: ring::signature::Ed25519KeyPair,
 }
 
 impl SecretKey {
     /// From a 32-byte seed.
     pub fn from_seed(seed: [u8; 32]) -> SecretKey {
         SecretKey {
-            pair: KeyPair::from_seed(Seed::new(seed)),
+            seed,
+            // Never rejected: any 32 bytes are a valid Ed25519 seed.
+            pair: ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed)
+                .unwrap_or_else(|_| unreachable!("ring rejects no 32-byte seed")),
         }
     }
 
@@ -349,7 +358,10 @@ impl SecretKey {
 
     /// Its public half.
     pub fn public(&self) -> TrustedKey {
-        TrustedKey::new(*self.pair.pk)
+        use ring::signature::KeyPair;
+        let mut pk = [0u8; 32];
+        pk.copy_from_slice(self.pair.public_key().as_ref());
+        TrustedKey::new(pk)
     }
 
     /// Its key id.
@@ -359,7 +371,7 @@ impl SecretKey {
 
     /// The secret key file's one line.
     pub fn file_text(&self) -> String {
-        format!("{KEY_MAGIC} {}\n", hex(&self.pair.sk.seed()[..]))
+        format!("{KEY_MAGIC} {}\n", hex(&self.seed))
     }
 
     /// Reads a secret key file (`release.key`).
@@ -385,6 +397,12 @@ impl SecretKey {
         Ok(SecretKey::from_seed(b))
     }
 
+    fn sign_bytes(&self, msg: &[u8]) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        out.copy_from_slice(self.pair.sign(msg).as_ref());
+        out
+    }
+
     /// Signs a rotation statement.
     pub fn sign_statement(&self, change: Change) -> Statement {
         let mut s = Statement {
@@ -392,7 +410,7 @@ impl SecretKey {
             change,
             sig: [0; 64],
         };
-        s.sig = *self.pair.sk.sign(s.message(), None);
+        s.sig = self.sign_bytes(&s.message());
         s
     }
 }
@@ -420,7 +438,7 @@ pub struct Statement {
 impl Statement {
     fn unsigned_line(&self) -> String {
         match &self.change {
-            Change::Trust(k) => format!("{TRUST_MAGIC} key={} trust={}", self.key, hex(&k.key[..])),
+            Change::Trust(k) => format!("{TRUST_MAGIC} key={} trust={}", self.key, hex(&k.key)),
             Change::Revoke(id) => format!("{TRUST_MAGIC} key={} revoke={id}", self.key),
         }
     }
@@ -474,10 +492,9 @@ pub fn rotate(
                 ids(&trusted)
             )
         })?;
-        signer
-            .key
-            .verify(s.message(), &Signature::new(s.sig))
-            .map_err(|_| {
+        verify(&signer.key, &s.message(), &s.sig)
+            .then_some(())
+            .ok_or_else(|| {
                 format!(
                     "key rotation statement {}: bad signature under key {}",
                     i + 1,
