@@ -850,8 +850,11 @@ mod tests {
         }
         assert!(!reg.lock().folding, "a fold did not finish within 20 s");
         assert!(!dir.join("state.json.log.folding").exists());
-        let log = fs::metadata(dir.join("state.json.log")).unwrap().len();
-        assert!(log < 60 * 50, "the log was never folded: {log} bytes");
+        // The first registrations were folded out of the log into the
+        // snapshot. (How much is left in the log depends on how fast the
+        // fold thread ran beside the registrations: not asserted.)
+        let log = fs::read_to_string(dir.join("state.json.log")).unwrap();
+        assert!(!log.contains("\"n00\""), "the log was never folded: {log}");
         let snapshot = fs::read_to_string(&state).unwrap();
         assert!(snapshot.contains("\"n00\""), "{snapshot}");
         drop(reg);
