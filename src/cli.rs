@@ -514,6 +514,10 @@ CONFIG KEYS BEYOND THE FLAGS (see README.md):
     maxNodes                 Most nodes in the registry (default 100000); beyond: 503.
     registrationsPerMinute   New nodes one address may register a minute (default
                              600; 0 = no limit); beyond: 429.
+    maxRequestsPerSecond     Requests a second for all of /api/v1 (default 0 = no
+                             limit); beyond: 503 with Retry-After.
+    requireSignatures        true: refuse to publish a build without a valid
+                             signature by one of trustedKeys (public key files).
 
 ENDPOINTS (all JSON answers are {\"code\",\"message\",\"data\"}):
     GET|POST /api/v1/keepalive?node=NAME   heartbeat / registration
@@ -522,7 +526,8 @@ ENDPOINTS (all JSON answers are {\"code\",\"message\",\"data\"}):
     POST     /api/v1/bins/NAME?node=NODE    an agent reports {\"hash\"} it runs
     PUT      /api/v1/bins/NAME              publish (admin token; ?arch=&version=)
     GET|HEAD /api/v1/download/NAME          the file (Range supported)
-    GET      /api/v1/nodes                  the fleet: who runs what, who is behind
+    POST     /api/v1/check                  every binary of a node at once (ETag, 304)
+    GET      /api/v1/nodes                  the fleet (?limit=N&after=NAME pages)
     POST     /api/v1/nodes/NAME/accept      admit a pending node (admin token)
     POST     /api/v1/nodes/NAME/reset       forget a node's token (admin token)
     GET      /healthz                       liveness
