@@ -207,6 +207,13 @@ impl Config {
                     .filter(|n| *n >= 1)
                     .ok_or_else(|| bad(format!("key \"{key}\" must be a positive whole number")))
             };
+            let flag = || match value {
+                Value::Bool(b) => Ok(*b),
+                other => Err(bad(format!(
+                    "key \"{key}\" must be true or false, not {}",
+                    other.kind()
+                ))),
+            };
             let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
             match key.as_str() {
                 "binDir" => self.bin_dir = text()?.into(),
@@ -239,17 +246,7 @@ impl Config {
                             ))
                         })?
                 }
-                "requireSignatures" => {
-                    self.require_signatures = match value {
-                        Value::Bool(b) => *b,
-                        other => {
-                            return Err(bad(format!(
-                                "key \"{key}\" must be true or false, not {}",
-                                other.kind()
-                            )))
-                        }
-                    }
-                }
+                "requireSignatures" => self.require_signatures = flag()?,
                 "trustedKeys" => {
                     let Value::Arr(items) = value else {
                         return Err(bad(format!(
@@ -265,17 +262,7 @@ impl Config {
                             .push(crate::sign::TrustedKey::load(&file)?);
                     }
                 }
-                "requireNodeTokens" => {
-                    self.require_node_tokens = match value {
-                        Value::Bool(b) => *b,
-                        other => {
-                            return Err(bad(format!(
-                                "key \"{key}\" must be true or false, not {}",
-                                other.kind()
-                            )))
-                        }
-                    }
-                }
+                "requireNodeTokens" => self.require_node_tokens = flag()?,
                 "rollouts" => {
                     let Value::Obj(policies) = value else {
                         return Err(bad(format!(
