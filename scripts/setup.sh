@@ -21,8 +21,9 @@ trap 'echo "setup.sh: failed at line $LINENO: $BASH_COMMAND (exit $?)" >&2' ERR
 # metrics through it); systemd for `systemd-analyze verify` of the units
 # install.sh writes (tests/install.rs); openssl for a real TLS port
 # (tests/agent_run.rs); postgresql and nginx for bin-manager's replicas
-# (tests/replicas.rs).
-packages=(supervisor curl strace libcap2-bin attr chromium fonts-dejavu-core jq python3-requests prometheus-node-exporter systemd openssl postgresql nginx)
+# (tests/replicas.rs); tinyproxy, a real HTTP proxy for the agent's
+# http_proxy/https_proxy/no_proxy (tests/proxy.rs).
+packages=(supervisor curl strace tinyproxy libcap2-bin attr chromium fonts-dejavu-core jq python3-requests prometheus-node-exporter systemd openssl postgresql nginx)
 # With --release: what static musl builds for both targets need, and what the
 # release tests use (qemu for aarch64, nginx + openssl for HTTPS, readelf).
 release=0
@@ -73,7 +74,7 @@ if ((${#missing[@]})); then
     # Only the services of packages installed just now are stopped.
     for p in "${missing[@]}"; do
         case $p in
-            supervisor | nginx | prometheus-node-exporter) ;;
+            supervisor | nginx | prometheus-node-exporter | tinyproxy) ;;
             *) continue ;;
         esac
         if [ -x "/etc/init.d/$p" ] && command -v service >/dev/null; then
