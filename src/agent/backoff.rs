@@ -222,6 +222,11 @@ mod tests {
         // Never more than a day, whatever the server said or the dice.
         assert_eq!(not_before(NOW, Some(10 * 86_400), 0), NOW + MAX_DELAY);
         assert_eq!(not_before(NOW, Some(u64::MAX), 0), NOW + MAX_DELAY);
+        assert_eq!(
+            not_before(NOW, Some(u64::MAX), 5),
+            NOW + MAX_DELAY,
+            "no overflow"
+        );
         assert_eq!(not_before(NOW, Some(86_000), 1000), NOW + MAX_DELAY);
         assert_eq!(not_before(NOW, Some(86_000), 399), NOW + 86_399);
         assert_eq!(not_before(u64::MAX, Some(5), 0), u64::MAX);

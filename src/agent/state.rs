@@ -933,6 +933,12 @@ mod tests {
         assert_eq!(s.backoff(0), None);
         s.clear_backoff();
         assert!(!s.dirty, "nothing to forget: nothing to save");
+        s.set_backoff(1, "told before");
+        s.clear_backoff();
+        assert!(
+            s.dirty && s.backoff(0).is_none(),
+            "set, then forgotten: still to save"
+        );
         s.set_backoff(1000, "503 from http://x/api/v1/bins/app");
         assert!(s.dirty);
         s.save_if_changed(&p).unwrap();
