@@ -531,6 +531,10 @@ CONFIG KEYS BEYOND THE FLAGS (see README.md):
                              600; 0 = no limit); beyond: 429.
     maxRequestsPerSecond     Requests a second for all of /api/v1 (default 0 = no
                              limit); beyond: 503 with Retry-After.
+    maxRequestsPerClientPerSecond
+                             Requests a second one client address (IPv4, IPv6
+                             /64) may make to /api/v1 (default 0 = no limit);
+                             beyond: 429 with Retry-After.
     requireSignatures        true: refuse to publish a build without a valid
                              signature by one of trustedKeys (public key files).
 

@@ -345,3 +345,52 @@ fn a_real_bin_manager_over_max_requests_per_second_is_left_alone() {
         .count();
     assert_eq!(asked, 1, "{:#?}", m.log_lines());
 }
+
+/// bin-manager's per-client share (`maxRequestsPerClientPerSecond`): the
+/// agent over it is told 429 + Retry-After and backs off; another address
+/// is served meanwhile.
+#[test]
+fn one_client_over_its_share_is_told_429_and_backs_off_while_others_are_served() {
+    let m = Manager::start_with_config(r#"{"maxRequestsPerClientPerSecond":2}"#, &[]);
+    m.publish_mv("a", NEW);
+    let host = Host::new();
+    install_file(&host, "a", OLD, 0o755);
+    host.manifest_for(&[("a", &md5_hex(OLD))]);
+    let agent = || {
+        let mut cmd = host.command(&[]);
+        cmd.env("BIN_MANAGER_API", m.api());
+        Ran::from_command(&mut cmd)
+    };
+    // GET keepalive (404: a new node), POST keepalive, then bins/a: the third
+    // in a second from 127.0.0.1.
+    let t0 = now();
+    let ran = agent();
+    let t1 = now();
+    ran.expect_code(1);
+    let line = log_line(&ran, &["server asks to retry after 1 s", "429 from "]);
+    assert!(
+        line.contains("/api/v1/bins/a") && line.contains("too many requests from your address"),
+        "{line}"
+    );
+    let until = backoff_until(&host).unwrap();
+    assert!(until > t0 && until <= t1 + 2, "{t0} {until} {t1}");
+    assert_eq!(fs::read(host.target("a")).unwrap(), OLD);
+    // Another address has its own share.
+    let r = common::manager::http_from(
+        "127.0.0.2".parse().unwrap(),
+        "GET",
+        &format!("{}/bins/a", m.api()),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.body_str());
+
+    // Off by default: the same run against a server without the key works.
+    let free = Manager::start(&[]);
+    free.publish_mv("a", NEW);
+    let mut cmd = host.command(&["--now"]);
+    cmd.env("BIN_MANAGER_API", free.api());
+    let ran = Ran::from_command(&mut cmd);
+    ran.expect_code(0);
+    assert_eq!(fs::read(host.target("a")).unwrap(), NEW);
+}
