@@ -215,26 +215,49 @@ fn a_429_without_retry_after_backs_off_one_to_five_minutes() {
 }
 
 #[test]
-fn a_429_on_the_report_keeps_the_upgrade_and_asks_nothing_more() {
+fn a_429_on_a_report_keeps_the_upgrade_and_asks_nothing_more() {
     let host = outdated_pair();
-    // The report about `a` is answered 429 (no Retry-After); its lookup and
-    // download were served.
-    host.server.fault("a", Fault::ReportStatus(429));
+    // The report about `b`, the last binary, is answered 429 (no
+    // Retry-After); its lookup and download were served.
+    host.server.fault("b", Fault::ReportStatus(429));
     let ran = host.run(&[]);
     ran.expect_code(1);
-    assert_eq!(fs::read(host.target("a")).unwrap(), NEW, "kept: it works");
+    assert_eq!(fs::read(host.target("a")).unwrap(), NEW);
+    assert_eq!(fs::read(host.target("b")).unwrap(), NEW, "kept: it works");
     log_line(
         &ran,
-        &["server is overloaded (no Retry-After)", "429 from "],
+        &[
+            "server is overloaded (no Retry-After)",
+            "429 from ",
+            "bins/b",
+        ],
     );
+    // Only the registration before it: no inventory after it.
+    assert_eq!(host.server.count("POST", "/api/v1/keepalive"), 1);
+    assert!(backoff_until(&host).is_some());
+
+    // The same for `a`'s report, with `b` still to do: `b` is not asked.
+    host.server.fault("b", Fault::None);
+    host.server.fault("a", Fault::ReportStatus(429));
+    for name in ["a", "b"] {
+        host.server.publish(name, OLD);
+    }
+    host.server.clear_requests();
+    let ran = host.run(&["--now"]);
+    ran.expect_code(1);
+    assert_eq!(
+        fs::read(host.target("a")).unwrap(),
+        OLD,
+        "a upgraded (to OLD)"
+    );
+    assert_eq!(fs::read(host.target("b")).unwrap(), NEW, "b left for later");
+    log_line(&ran, &["429 from ", "bins/a", "1 binary not checked"]);
     assert_eq!(
         host.server.count("GET", "/api/v1/bins/b"),
         0,
         "asked nothing more"
     );
-    // Only the registration before it: no inventory after it.
-    assert_eq!(host.server.count("POST", "/api/v1/keepalive"), 1);
-    assert!(backoff_until(&host).is_some());
+    assert_eq!(host.server.count("POST", "/api/v1/keepalive"), 0);
 }
 
 #[test]

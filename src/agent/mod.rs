@@ -338,6 +338,9 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             }
         };
     }
+    if let Some(e) = run.busy.take() {
+        unreachable = Some(e); // the last binary's report: no inventory after it
+    }
     match (&unreachable, keepalive_error) {
         (Some(e @ Error::Busy { .. }), _) => run.back_off(e, tally.unreachable),
         (Some(e), _) => event!(
