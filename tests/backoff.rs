@@ -191,13 +191,31 @@ fn a_retry_after_of_ten_days_is_capped_at_one_day() {
     let host = outdated_pair();
     host.server
         .fault("a", Fault::Busy(503, Some((10 * 86_400).to_string())));
-    let (t0, ran, t1) = timed_run(&host, &[]);
+    let metrics = host.dir.join("bin-proxy.prom");
+    let (t0, ran, t1) = timed_run(&host, &["--metrics-file", metrics.to_str().unwrap()]);
     ran.expect_code(1);
     ran.expect_log("server asks to retry after 864000 s");
     let until = backoff_until(&host).unwrap();
     assert!(
         until >= t0 + 86_400 && until <= t1 + 86_400,
         "at most a day: {t0} {until} {t1}"
+    );
+    // The metrics file says so too (for an alert that tells a quiet agent
+    // from one that was asked to be quiet).
+    let text = fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains(&format!(
+            "\nbin_proxy_server_backoff_until_seconds {until}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nbin_proxy_last_run_exit_code 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nbin_proxy_server_unreachable_runs_total 0\n"),
+        "it answered: not an unreachable run\n{text}"
     );
 }
 

@@ -84,6 +84,15 @@ pub fn render(run: &RunFacts<'_>, state: &State) -> String {
         "Runs that could not reach bin-manager.",
         &one(state.unreachable_runs),
     );
+    if let Some(b) = state.backoff(run.ended) {
+        family(
+            &mut out,
+            "bin_proxy_server_backoff_until_seconds",
+            "gauge",
+            "Until when bin-manager asked this host to leave it alone (429/503 Retry-After), in Unix time; the runs before then ask nothing and do not rewrite this file.",
+            &one(b.until),
+        );
+    }
     let info: Vec<(String, String)> = run
         .binaries
         .iter()
@@ -200,5 +209,18 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "lacks {line:?}:\n{text}");
         }
         assert!(text.ends_with('\n'));
+        assert!(!text.contains("backoff"), "none asked for: {text}");
+        state.set_backoff(1_795_507_202, "503");
+        let text = render(&run, &state);
+        assert!(
+            text.lines()
+                .any(|l| l == "bin_proxy_server_backoff_until_seconds 1795507202"),
+            "{text}"
+        );
+        state.set_backoff(1_795_507_201, "503");
+        assert!(
+            !render(&run, &state).contains("backoff"),
+            "over when the run ended"
+        );
     }
 }

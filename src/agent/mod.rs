@@ -387,7 +387,12 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     if let Some(path) = metrics_path(args, &run.manifest) {
         // Kept only for the metrics: without them an idle run writes nothing.
         let ended = log::unix_now();
-        run.state.run_ended(code == 0, unreachable.is_some(), ended);
+        // A server that asked to back off was reached: not an unreachable run.
+        run.state.run_ended(
+            code == 0,
+            unreachable.is_some() && !tally.backing_off,
+            ended,
+        );
         run.save_state();
         let facts = metrics::RunFacts {
             ended,
