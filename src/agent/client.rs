@@ -178,9 +178,10 @@ impl Client {
             }
         }
         match resp.length {
-            Some(len) if total != len => Err(Error::Size {
+            Some(len) if total != len => Err(Error::Truncated {
                 url,
-                msg: format!("truncated: got {total} of {len} bytes"),
+                got: total,
+                len,
             }),
             _ => Ok(total),
         }

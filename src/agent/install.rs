@@ -79,7 +79,7 @@ pub fn stage(
     loop {
         match stage_once(client, name, url, target, want, max).map_err(super::tls_hint::classify) {
             Ok(staged) => return Ok(staged),
-            Err(e) if attempt < ATTEMPTS && retryable(&e) => {
+            Err(e) if attempt < ATTEMPTS && super::plan::worth_retry(&e) => {
                 let wait = Duration::from_secs(1 << (attempt - 1));
                 crate::event!(
                     Warn,
@@ -106,15 +106,6 @@ pub fn require_dir(target: &Path) -> Result<()> {
         "directory \"{}\" does not exist (create it, or correct \"path\" in the manifest); nothing was downloaded",
         dir.display()
     )))
-}
-
-fn retryable(e: &Error) -> bool {
-    match e {
-        Error::Http { .. } => true,
-        Error::Server { status, .. } => *status >= 500 || *status == 429,
-        Error::Size { msg, .. } => msg.starts_with("truncated"),
-        _ => false,
-    }
 }
 
 fn stage_once(

@@ -259,7 +259,7 @@ impl Run<'_> {
         let staged =
             install::stage(&self.client, &bin.name, &url, target, want, max)
                 .map_err(|e| match (e, &signed) {
-                    (Error::Size { url, msg }, Some(d)) if !msg.starts_with("truncated") => {
+                    (Error::Size { url, msg }, Some(d)) => {
                         Error::Size {
                             url,
                             msg: format!(

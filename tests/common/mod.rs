@@ -1325,6 +1325,28 @@ pub fn can_run(have: bool, why: &str) -> bool {
     false
 }
 
+/// The proxy variables of the environment the tests run in: removed from
+/// every `bin-proxy` command, so that a developer's proxy never changes a
+/// test's outcome (tests that want a proxy set their own).
+pub const PROXY_VARS: [&str; 8] = [
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+];
+
+/// Removes [`PROXY_VARS`] from `cmd`'s environment.
+pub fn without_proxies(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// Whether this process runs as root (reads `/proc/self/status`).
 pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
