@@ -51,6 +51,20 @@ pub enum Error {
         /// The server's own message, or the reason phrase.
         message: String,
     },
+    /// The server asked to be left alone (`429`, or `503`): the run stops
+    /// asking, and the runs after it wait until its `Retry-After` passed.
+    /// An infrastructure fault: nothing held back, no build blamed.
+    Busy {
+        /// The URL asked for.
+        url: String,
+        /// The HTTP status (429 or 503).
+        status: u16,
+        /// Its `Retry-After` in seconds from the answer (a date already
+        /// converted); `None` when it sent none or none that reads.
+        retry_after: Option<u64>,
+        /// The server's own message, or the reason phrase.
+        message: String,
+    },
     /// The server's answer could not be understood (bad JSON, missing field, bad hash).
     Protocol {
         /// The URL asked for.
@@ -209,6 +223,21 @@ impl fmt::Display for Error {
             } => {
                 write!(f, "{url}: server answered {status}: {message}")
             }
+            Error::Busy {
+                url,
+                status,
+                retry_after,
+                message,
+            } => match retry_after {
+                Some(secs) => write!(
+                    f,
+                    "{url}: server answered {status} ({message}) and asks to retry after {secs} s"
+                ),
+                None => write!(
+                    f,
+                    "{url}: server answered {status} ({message}) without Retry-After"
+                ),
+            },
             Error::Protocol { url, msg } => write!(f, "{url}: unexpected answer: {msg}"),
             Error::HashMismatch {
                 algo,

@@ -5,6 +5,7 @@
 //! target (a running executable is never written to), fsync the directory.
 //! Rollback renames the backup back the same way.
 
+use crate::agent::backoff::Retries;
 use crate::agent::client::{Client, CHUNK};
 use crate::error::{Error, Result};
 use crate::fsutil::{self, create_exclusive, sync_dir};
@@ -18,8 +19,15 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Downloads are attempted this many times (transport errors, 5xx, truncation).
-const ATTEMPTS: u32 = 3;
+/// Downloads are attempted 3 times (transport errors, 5xx, truncation, a
+/// 429/503 with a short Retry-After), waiting full-jitter 0..1 s, then 0..2 s
+/// (at least the server's short delay), 30 s of waiting at most.
+const RETRIES: Retries = Retries {
+    attempts: 3,
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(8),
+    budget: Duration::from_secs(30),
+};
 /// Blocks queued for each hash thread at most.
 const HASH_QUEUE: usize = 2;
 /// Files at least this large get progress lines…
@@ -76,22 +84,32 @@ pub fn stage(
 ) -> Result<Staged> {
     require_dir(target)?;
     let mut attempt = 1;
+    let mut waited = Duration::ZERO;
     loop {
-        match stage_once(client, name, url, target, want, max).map_err(super::tls_hint::classify) {
+        let e = match stage_once(client, name, url, target, want, max) {
             Ok(staged) => return Ok(staged),
-            Err(e) if attempt < ATTEMPTS && super::plan::worth_retry(&e) => {
-                let wait = Duration::from_secs(1 << (attempt - 1));
-                crate::event!(
-                    Warn,
-                    log::Event::new(name, "download_retry"),
-                    "download attempt {attempt} of {ATTEMPTS} failed: {e}; retrying in {} s",
-                    wait.as_secs()
-                );
-                std::thread::sleep(wait);
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
+            Err(e) => super::tls_hint::classify(e),
+        };
+        let retry_after = match &e {
+            Error::Busy { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        let wait = super::plan::worth_retry(&e)
+            .then(|| RETRIES.wait(attempt, waited, retry_after, super::random()))
+            .flatten();
+        let Some(wait) = wait else {
+            return Err(e);
+        };
+        crate::event!(
+            Warn,
+            log::Event::new(name, "download_retry"),
+            "download attempt {attempt} of {} failed: {e}; retrying in {} ms",
+            RETRIES.attempts,
+            wait.as_millis()
+        );
+        std::thread::sleep(wait);
+        waited += wait;
+        attempt += 1;
     }
 }
 

@@ -74,7 +74,7 @@ pub fn decide(recorded: &str, actual: Option<&str>, remote: &str, held_back: boo
 /// a wrong hash, a size over a limit or a 4xx will not.
 pub fn worth_retry(e: &Error) -> bool {
     match e {
-        Error::Http { .. } | Error::Truncated { .. } => true,
+        Error::Http { .. } | Error::Truncated { .. } | Error::Busy { .. } => true,
         Error::Server { status, .. } => *status >= 500 || *status == 429,
         _ => false,
     }
@@ -149,6 +149,15 @@ mod tests {
             (server(500), true),
             (server(503), true),
             (server(429), true),
+            (
+                Error::Busy {
+                    url: "u".into(),
+                    status: 503,
+                    retry_after: Some(5),
+                    message: "busy".into(),
+                },
+                true,
+            ),
             (server(499), false),
             (server(428), false),
             (server(430), false),

@@ -214,7 +214,8 @@ impl Run<'_> {
             log::short(&remote.hash)
         );
         let kept = |e: Error| match e {
-            Error::Stopped => e,
+            // The server's back-off ends the run; the running version is kept anyway.
+            Error::Stopped | Error::Busy { .. } => e,
             e => Error::Other(format!("{e}; kept the running version")),
         };
         install::require_dir(target)?;

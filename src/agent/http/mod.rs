@@ -65,6 +65,8 @@ pub struct Response {
     pub reason: String,
     /// `Content-Length`, when the body has one.
     pub length: Option<u64>,
+    /// `Retry-After`, as sent (read by [`crate::agent::backoff`]).
+    pub retry_after: Option<String>,
     location: Option<String>,
     body: BufReader<Conn>,
     framing: Framing,
@@ -232,6 +234,7 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
         status,
         reason: parsed.reason.unwrap_or("").to_string(),
         length,
+        retry_after: header("retry-after"),
         location: header("location"),
         body,
         framing,
