@@ -69,6 +69,28 @@ pub fn decide(recorded: &str, actual: Option<&str>, remote: &str, held_back: boo
     })
 }
 
+/// When the state does not know the file on disk as it is now (first run,
+/// a touched file), whether to install without reading it first — hashing
+/// it while the new build downloads: `Some(reason)` when an upgrade is due
+/// anyway (the manifest records a build other than the published one, and
+/// none is held back or blocked here), so the wait for a whole read of the
+/// old file changes nothing. `None`: read it first (it may well be the
+/// published build: then nothing is downloaded).
+pub fn install_while_hashing(recorded: &str, remote: &str, held: bool) -> Option<Reason> {
+    (!held && !recorded.is_empty() && !same(recorded, remote)).then_some(Reason::Outdated)
+}
+
+/// After a download begun by [`install_while_hashing`], with the old
+/// file's hash `actual` read meanwhile: why the download replaces it, or
+/// `None` when the file already was the published build (the download is
+/// dropped, the manifest records the build).
+pub fn replaced(recorded: &str, actual: &str, remote: &str) -> Option<Reason> {
+    match decide(recorded, Some(actual), remote, false) {
+        Action::Install(reason) => Some(reason),
+        Action::UpToDate { .. } | Action::HeldBack => None,
+    }
+}
+
 /// Whether a download that failed with `e` is worth another try: the
 /// network or the server may recover (a 5xx, 429, a connection cut short);
 /// a wrong hash, a size over a limit or a 4xx will not.
@@ -116,6 +138,20 @@ mod tests {
         check("", Some("cc"), "bb", false, Install(Reason::Outdated));
         check("aa", Some("aa"), "bb", true, HeldBack);
         check("", None, "bb", true, HeldBack);
+    }
+
+    #[test]
+    fn hashing_meanwhile() {
+        assert_eq!(
+            install_while_hashing("aa", "bb", false),
+            Some(Reason::Outdated)
+        );
+        assert_eq!(install_while_hashing("aa", "bb", true), None);
+        assert_eq!(install_while_hashing("aa", "AA", false), None);
+        assert_eq!(install_while_hashing("", "bb", false), None);
+        assert_eq!(replaced("aa", "aa", "bb"), Some(Reason::Outdated));
+        assert_eq!(replaced("aa", "cc", "bb"), Some(Reason::Changed));
+        assert_eq!(replaced("aa", "BB", "bb"), None);
     }
 
     #[test]

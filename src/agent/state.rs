@@ -16,6 +16,18 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// What [`State::cached_hash`] knows of a file without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// There is no file.
+    Missing,
+    /// Its md5, remembered for the file as `stat` shows it now.
+    Known(String),
+    /// A file the cache does not know as it is now (never hashed, or
+    /// changed since): its stamp, to remember its hash by once read.
+    Unread(Stamp),
+}
+
 /// What `stat` said about a file when it was hashed. Any change to size,
 /// inode, mtime or ctime (which no tool can set back) means "hash again".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -371,24 +383,38 @@ impl State {
         Ok(())
     }
 
-    /// The md5 of the file at `path`, from the cache when `stat` shows it
-    /// unchanged, else read and remembered. `None` when there is no file.
-    pub fn actual_hash(&mut self, path: &Path) -> Result<Option<String>> {
+    /// What the cache knows of the file at `path`, without reading it:
+    /// its md5 when `stat` shows it unchanged.
+    pub fn cached_hash(&mut self, path: &Path) -> Result<Cached> {
         let meta = match fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.forget(path);
-                return Ok(None);
+                return Ok(Cached::Missing);
             }
             Err(e) => return Err(crate::error::Error::io("inspecting", path, e)),
         };
         let stamp = Stamp::of(&meta);
-        if let Some((_, _, md5)) = self.files.iter().find(|(p, s, _)| p == path && *s == stamp) {
-            return Ok(Some(md5.clone()));
+        Ok(
+            match self.files.iter().find(|(p, s, _)| p == path && *s == stamp) {
+                Some((_, _, md5)) => Cached::Known(md5.clone()),
+                None => Cached::Unread(stamp),
+            },
+        )
+    }
+
+    /// The md5 of the file at `path`, from the cache when `stat` shows it
+    /// unchanged, else read and remembered. `None` when there is no file.
+    pub fn actual_hash(&mut self, path: &Path) -> Result<Option<String>> {
+        match self.cached_hash(path)? {
+            Cached::Missing => Ok(None),
+            Cached::Known(md5) => Ok(Some(md5)),
+            Cached::Unread(stamp) => {
+                let md5 = hash::md5_file(path)?;
+                self.remember(path, stamp, &md5);
+                Ok(Some(md5))
+            }
         }
-        let md5 = hash::md5_file(path)?;
-        self.remember(path, stamp, &md5);
-        Ok(Some(md5))
     }
 
     /// Like [`State::actual_hash`] but never changes the cache (for dry runs).
@@ -863,6 +889,34 @@ mod tests {
         s.forget(&file);
         assert!(s.dirty);
         assert!(s.files.is_empty());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cached_hash_never_reads_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-state-cached-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("app");
+        let mut s = State::default();
+        let any = Stamp::of(&fs::metadata(&dir).unwrap());
+        s.remember(&dir.join("gone"), any, "beef");
+        s.dirty = false;
+        assert_eq!(s.cached_hash(&dir.join("gone")).unwrap(), Cached::Missing);
+        assert!(s.files.is_empty() && s.dirty, "a missing file is forgotten");
+        fs::write(&file, b"other\n").unwrap();
+        let stamp = Stamp::of(&fs::metadata(&file).unwrap());
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Unread(stamp));
+        assert!(s.files.is_empty(), "not hashed, not remembered");
+        s.remember(&file, stamp, "cafe");
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Known("cafe".into()));
+        let other = Stamp {
+            size: stamp.size + 1,
+            ..stamp
+        };
+        s.remember(&file, other, "cafe");
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Unread(stamp));
         fs::remove_dir_all(&dir).unwrap();
     }
 

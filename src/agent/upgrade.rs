@@ -13,7 +13,7 @@ use super::paths;
 use super::plan::{self, Action, Reason};
 use super::selftest;
 use super::service::{self, Restart, Restarted};
-use super::state::{Blocked, Count, Pending, Quarantined, Stamp};
+use super::state::{Blocked, Cached, Count, Pending, Quarantined, Stamp};
 use super::verify;
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
@@ -40,7 +40,7 @@ impl Run<'_> {
         };
         let target = install::real_target(&bin.path);
         self.sweep(bin, &target);
-        let actual = self.state.actual_hash(&target)?;
+        let cached = self.state.cached_hash(&target)?;
         if self
             .state
             .quarantine
@@ -72,6 +72,29 @@ impl Run<'_> {
             }
         }
         let quarantine = self.state.quarantined(&bin.name, &remote.hash).cloned();
+        // A file the state does not know as it is now is read whole only
+        // where the answer can change what happens; else while the new
+        // build downloads.
+        let held = quarantine.is_some() || self.state.blocked_for(&bin.name).is_some();
+        let actual = match cached {
+            Cached::Missing => None,
+            Cached::Known(md5) => Some(md5),
+            Cached::Unread(stamp) => {
+                match plan::install_while_hashing(&bin.hash, &remote.hash, held) {
+                    Some(reason) => {
+                        event!(
+                            Debug,
+                            Event::new(&bin.name, "checked").hashes(&bin.hash, &remote.hash),
+                            "recorded {}, on disk not known yet (read during the download), published {}",
+                            log::short(&bin.hash),
+                            log::short(&remote.hash)
+                        );
+                        return self.install(bin, &target, Old::Unread(stamp), &remote, reason);
+                    }
+                    None => self.state.actual_hash(&target)?,
+                }
+            }
+        };
         event!(
             Debug,
             Event::new(&bin.name, "checked").hashes(&bin.hash, &remote.hash),
@@ -100,17 +123,7 @@ impl Run<'_> {
                 );
                 Ok(Outcome::UpToDate)
             }
-            Action::UpToDate { record: true } => {
-                self.record(&bin.name, &remote.hash)?;
-                self.report(&bin.name, &remote.hash);
-                event!(
-                    Info,
-                    Event::new(&bin.name, "recorded").hashes(&bin.hash, &remote.hash),
-                    "file already is the published build {}; recorded it",
-                    log::short(&remote.hash)
-                );
-                Ok(Outcome::Changed)
-            }
+            Action::UpToDate { record: true } => self.record_published(bin, &remote.hash),
             Action::HeldBack => {
                 let q = quarantine.unwrap_or_else(|| unreachable!("decide() says held back"));
                 event!(
@@ -146,9 +159,22 @@ impl Run<'_> {
                         }
                     }
                 }
-                self.install(bin, &target, actual.as_deref(), &remote, reason)
+                self.install(bin, &target, Old::Known(actual.as_deref()), &remote, reason)
             }
         }
+    }
+
+    /// The file already is the published build: record and report it.
+    fn record_published(&mut self, bin: &Binary, hash: &str) -> Result<Outcome> {
+        self.record(&bin.name, hash)?;
+        self.report(&bin.name, hash);
+        event!(
+            Info,
+            Event::new(&bin.name, "recorded").hashes(&bin.hash, hash),
+            "file already is the published build {}; recorded it",
+            log::short(hash)
+        );
+        Ok(Outcome::Changed)
     }
 
     /// Removes the temp files a killed run left beside the target — and in
@@ -192,11 +218,14 @@ impl Run<'_> {
         &mut self,
         bin: &Binary,
         target: &Path,
-        actual: Option<&str>,
+        old: Old,
         remote: &BinInfo,
         reason: Reason,
     ) -> Result<Outcome> {
-        let from = actual.unwrap_or("");
+        let from = match old {
+            Old::Known(actual) => actual.unwrap_or(""),
+            Old::Unread(_) => "",
+        };
         let url =
             self.client
                 .download_url(&bin.name, bin.download_url.as_deref(), bin.pinned_version());
@@ -208,10 +237,15 @@ impl Run<'_> {
         event!(
             Info,
             Event::new(&bin.name, "installing").hashes(from, &remote.hash),
-            "{}; installing {}→{} from {url}",
+            "{}; installing {} from {url}",
             reason.describe(),
-            log::short(from),
-            log::short(&remote.hash)
+            match old {
+                Old::Known(_) => format!("{}→{}", log::short(from), log::short(&remote.hash)),
+                Old::Unread(_) => format!(
+                    "{} over the file on disk (read while downloading)",
+                    log::short(&remote.hash)
+                ),
+            }
         );
         let kept = |e: Error| match e {
             // The server's back-off ends the run; the running version is kept anyway.
@@ -257,7 +291,8 @@ impl Run<'_> {
             (Some(w), Some(d)) => (w, d.size.min(self.args.max_size)),
             _ => (remote, self.args.max_size),
         };
-        let staged =
+        let unread = matches!(old, Old::Unread(_)).then_some(target);
+        let (staged, read) = stage_while_hashing(unread, || {
             install::stage(&self.client, &bin.name, &url, target, want, max)
                 .map_err(|e| match (e, &signed) {
                     (Error::Size { url, msg }, Some(d)) => {
@@ -271,7 +306,32 @@ impl Run<'_> {
                     }
                     (e, _) => e,
                 })
-                .map_err(kept)?;
+                .map_err(kept)
+        });
+        let staged = staged?;
+        let read = match (read, old) {
+            (Some(md5), Old::Unread(stamp)) => Some((md5.map_err(kept)?, stamp)),
+            _ => None,
+        };
+        let from = match &read {
+            None => from,
+            Some((md5, stamp)) => {
+                self.state.remember(target, *stamp, md5);
+                match plan::replaced(&bin.hash, md5, &remote.hash) {
+                    None => return self.record_published(bin, &remote.hash), // the download goes
+                    Some(Reason::Changed) => event!(
+                        Warn,
+                        Event::new(&bin.name, "changed").hashes(&bin.hash, md5),
+                        "{}: recorded {}, on disk {}",
+                        Reason::Changed.describe(),
+                        log::short(&bin.hash),
+                        log::short(md5)
+                    ),
+                    Some(_) => {}
+                }
+                md5.as_str()
+            }
+        };
         if selftest::is_self(target) {
             self.save_state();
             match selftest::run_new(
@@ -578,6 +638,34 @@ impl Run<'_> {
             ),
         }
     }
+}
+
+/// The file an install replaces, as known before the download.
+#[derive(Clone, Copy)]
+enum Old<'a> {
+    /// Its md5 (`None`: there is no file).
+    Known(Option<&'a str>),
+    /// There, but not read yet: it is hashed while the new build downloads
+    /// (its stamp, to remember the hash by).
+    Unread(Stamp),
+}
+
+/// Runs `stage` (the download) while another thread hashes the file at
+/// `old`, if any: on two cores a cold upgrade then costs about what a warm
+/// one does. Returns the download's result and the old file's md5.
+fn stage_while_hashing<T>(
+    old: Option<&Path>,
+    stage: impl FnOnce() -> T,
+) -> (T, Option<Result<String>>) {
+    std::thread::scope(|s| {
+        let hashing = old.map(|path| s.spawn(move || hash::md5_file(path)));
+        let staged = stage();
+        let md5 = hashing.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::Other("hashing the old file failed".into())))
+        });
+        (staged, md5)
+    })
 }
 
 pub(super) fn describe(r: &Restarted) -> String {
