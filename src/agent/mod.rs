@@ -7,6 +7,7 @@
 //! file, the pure planner, the client for bin-manager, staging and swapping
 //! files, running services and hooks, and the host's own facts.
 
+pub mod batch;
 pub mod client;
 pub mod host;
 pub mod http;
@@ -221,6 +222,11 @@ struct Run<'a> {
     token_refused: bool,
     /// Release keys this host trusts (none: signatures are not required).
     trusted: Vec<crate::sign::TrustedKey>,
+    /// The batched check's last answer, beside the manifest ([`batch`]).
+    cache: batch::Cache,
+    cache_path: PathBuf,
+    /// Where this run's answers about the binaries come from.
+    answers: batch::Answers,
 }
 
 /// One upgrade cycle.
@@ -250,13 +256,6 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     let mut run = Run::new(args, config, manifest, client, facts);
     run.trusted = trusted;
 
-    // A heartbeat that cannot reach the server is told once, below, if the
-    // binaries' lookups cannot reach it either.
-    let CheckIn {
-        pending,
-        error: keepalive_error,
-    } = run.check_in();
-    let mut tally = Tally::default();
     let bins: Vec<Binary> = run
         .manifest
         .binaries
@@ -264,6 +263,13 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         .filter(|b| selected(args, b))
         .cloned()
         .collect();
+    // A heartbeat that cannot reach the server is told once, below, if the
+    // binaries' lookups cannot reach it either.
+    let CheckIn {
+        pending,
+        error: keepalive_error,
+    } = run.check_in_batched(&bins);
+    let mut tally = Tally::default();
     if pending {
         warn!(
             "node \"{}\" is waiting for an admin to accept it on {} (bin-manager node accept {}); nothing is installed until then",
@@ -318,10 +324,10 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             Error,
             Event::run("server_unreachable"),
             "{}: {e}; {} not checked, nothing changed",
-            if matches!(e, Error::Tls { .. }) {
-                "cannot talk to the server"
-            } else {
-                "server unreachable"
+            match e {
+                Error::Tls { .. } => "cannot talk to the server",
+                Error::Http { .. } | Error::Server { status: 500.., .. } => "server unreachable",
+                _ => "the server could not answer the check",
             },
             plural(tally.unreachable, "binary", "binaries")
         ),
@@ -475,6 +481,7 @@ impl<'a> Run<'a> {
     ) -> Run<'a> {
         let state_path = State::path_for(config);
         let state = State::load(&state_path);
+        let cache_path = batch::Cache::path_for(config);
         client.node_token = state.node_token(&facts.name).map(str::to_string);
         Run {
             args,
@@ -486,6 +493,9 @@ impl<'a> Run<'a> {
             client,
             token_refused: false,
             trusted: Vec::new(),
+            cache: batch::Cache::load(&cache_path),
+            cache_path,
+            answers: batch::Answers::default(),
         }
     }
 
