@@ -153,7 +153,13 @@ fn first_run_registers_with_all_six_fields_then_known_node_does_not_repost() {
     let ran = host.run(&[]);
     ran.expect_code(0).expect_log("registered node");
 
-    let reqs = host.server.requests();
+    // The batched check first: the seed's server has none (404), so the seed's calls.
+    let mut reqs = host.server.requests();
+    assert_eq!(
+        (reqs[0].method.as_str(), reqs[0].path.as_str()),
+        ("POST", "/api/v1/check")
+    );
+    reqs.remove(0);
     assert!(reqs.len() >= 2, "{reqs:?}");
     assert_eq!(
         (reqs[0].method.as_str(), reqs[0].path.as_str()),
@@ -1288,8 +1294,11 @@ fn the_node_token_is_kept_private_and_sent_about_this_node_only() {
     let state = host.dir.join("etc/bin-manifests.json.state");
     assert_eq!(mode(&state), 0o600);
     assert!(fs::read_to_string(&state).unwrap().contains(token));
-    // The first run registered (no token yet), then sent it from there on.
-    let first = host.server.requests();
+    // The first run registered (no token yet), then sent it from there on
+    // (after the batched check the seed's server does not have).
+    let mut first = host.server.requests();
+    assert_eq!(first[0].path, "/api/v1/check");
+    first.remove(0);
     assert_eq!(
         (first[0].method.as_str(), first[0].header("x-node-token")),
         ("GET", None)

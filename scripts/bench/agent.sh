@@ -4,7 +4,9 @@
 # talking to one bin-manager on 127.0.0.1. Prints Markdown tables:
 #
 #   1. idle run over 1, 10, 50 up-to-date binaries (hyperfine; -N for
-#      bin-proxy, shell mode for the script);
+#      bin-proxy, shell mode for the script), and the idle run over 50
+#      binaries against the goal of issue 16 (>= 200x the script, one
+#      request on the wire, counted in bin-manager's access log);
 #   2. upgrade of one large binary (fresh random bytes): bin-proxy (its state
 #      knowing the old file, and cold: state removed) vs the
 #      script vs `curl -o f && md5sum f` vs `md5sum f` alone, with the target
@@ -94,9 +96,10 @@ fi
 md5() { local h; h=$(md5sum -- "$1"); echo "${h%% *}"; }
 rand() { head -c "$(($2 << 20))" /dev/urandom >"$1"; } # file MiB
 
-start_manager() { # bindir statefile -> sets STARTED_API (not $(...): it would wait for the server)
-    local log=$2.stderr i # not $2.log: that is the registry's own log file
-    "$D/bin-manager" --quiet --bin-dir "$1" --state-file "$2" --listen 127.0.0.1:0 </dev/null >/dev/null 2>"$log" &
+start_manager() { # bindir statefile [--access-log] -> sets STARTED_API (not $(...): it would wait for the server)
+    local log=$2.stderr i quiet=--quiet # not $2.log: that is the registry's own log file
+    [[ ${3:-} == --access-log ]] && quiet=
+    "$D/bin-manager" $quiet --bin-dir "$1" --state-file "$2" --listen 127.0.0.1:0 </dev/null >/dev/null 2>"$log" &
     PIDS+=($!)
     for ((i = 0; i < 100; i++)); do
         grep -q "listening on" "$log" && break
@@ -198,6 +201,49 @@ for n in "${IDLE_COUNTS[@]}"; do
     echo "| $n | $(ms "$t_bp") | $(ms "$t_sh") | **$(ratio "$t_sh" "$t_bp")** |"
 done
 echo
+
+# api_requests LOG FROM: the API requests in a bin-manager access log after
+# line FROM, once a marker request (GET /healthz) sent now shows that every
+# earlier one is logged.
+api_requests() {
+    local i
+    curl -fsS -o /dev/null "${API_LOG%/api/v1}/healthz"
+    for ((i = 0; i < 100; i++)); do
+        tail -n +"$(($2 + 1))" "$1" | grep -q 'GET /healthz' && break
+        sleep 0.05
+    done
+    tail -n +"$(($2 + 1))" "$1" | grep -c ' /api/v1/' || true
+}
+echo "## Idle run, 50 binaries: one request (the goal of issue 16)"
+echo
+echo "The 50-binary idle run again, against a bin-manager that logs every request: bin-proxy \
+asks once (\`POST check\` with its ETag, answered \`304 Not Modified\`), the script asks the \
+keepalive and every \`bins/NAME\`. Requests counted in the access log for one run of each. \
+Runs: $IDLE_RUNS, warm-up: $IDLE_WARMUP. Goal: bin-proxy ≥ 200× faster, 1 request."
+echo
+echo "| row | bin-proxy (median) | baseline-agent.sh (median) | script / bin-proxy | goal | requests: bin-proxy | requests: script |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+start_manager "$D/bins" "$D/state-log.json" --access-log
+API_LOG=$STARTED_API
+LOG=$D/state-log.json.stderr
+entries=$(jq -c '.binaries' "$D/idle-50-bp.json")
+manifest "$D/idle-log-bp.json" bench-log-bp "$entries"
+manifest "$D/idle-log-sh.json" bench-log-sh "$entries"
+# Register both and give bin-proxy its state and its check answer (not timed).
+"$BP" --quiet --config "$D/idle-log-bp.json" --api "$API_LOG"
+BIN_MANAGER_API=$API_LOG bash "$SH" "$D/idle-log-sh.json" 2>/dev/null
+from=$(wc -l <"$LOG")
+"$BP" --quiet --config "$D/idle-log-bp.json" --api "$API_LOG"
+n_bp=$(api_requests "$LOG" "$from")
+from=$(wc -l <"$LOG")
+BIN_MANAGER_API=$API_LOG bash "$SH" "$D/idle-log-sh.json" 2>/dev/null
+n_sh=$(api_requests "$LOG" "$from")
+t_bp=$(bench "idle-log-bp" N "$IDLE_RUNS" "$IDLE_WARMUP" "" "$BP --config $D/idle-log-bp.json --api $API_LOG")
+t_sh=$(bench "idle-log-sh" sh "$IDLE_RUNS" "$IDLE_WARMUP" "" "env BIN_MANAGER_API=$API_LOG bash $SH $D/idle-log-sh.json")
+r=$(awk -v a="$t_sh" -v b="$t_bp" 'BEGIN { print (a / b >= 200) ? "met" : "**missed**" }')
+echo "| idle run, 50 binaries | $(ms "$t_bp") | $(ms "$t_sh") | **$(ratio "$t_sh" "$t_bp")** | ≥ 200×: $r | $n_bp | $n_sh |"
+echo
+[[ $n_bp == 1 ]] || { say "an idle bin-proxy run made $n_bp requests, not 1"; exit 1; }
 
 # nginx_api DIR NODE: an nginx on 127.0.0.1 answering /api/v1/keepalive and
 # /api/v1/bins/big with bin-manager's own answers minus sha256, from static

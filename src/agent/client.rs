@@ -1,4 +1,4 @@
-//! The bin-manager client: the protocol's five calls and the downloads, all
+//! The bin-manager client: the protocol's five calls, the batched check and the downloads, all
 //! through the agent's one HTTP client ([`crate::agent::http`]), with
 //! timeouts, a bearer token sent only to the configured API and download
 //! origins (never to a proxy), JSON answers capped at 1 MiB, and downloads
@@ -17,6 +17,22 @@ pub const MAX_REDIRECTS: usize = http::MAX_REDIRECTS;
 pub const MAX_JSON: usize = 1 << 20;
 /// Download read size (also the block size handed to the hashers).
 pub const CHUNK: usize = 128 * 1024;
+
+/// What `POST check` answered.
+#[derive(Debug)]
+pub enum Checked {
+    /// `200`: the answer's `data`, and its `ETag` (if any).
+    Answer {
+        /// The answer's `ETag`.
+        etag: Option<String>,
+        /// The answer's `data`.
+        data: Value,
+    },
+    /// `304 Not Modified`: the answer held is still the answer.
+    NotModified,
+    /// `404`/`405`: a server without the batched check.
+    Unsupported,
+}
 
 /// Where and how to talk to bin-manager.
 #[derive(Clone, Debug)]
@@ -79,6 +95,37 @@ impl Client {
         protocol::bin_info(&url, &self.json(resp)?)
     }
 
+    /// `POST check`: the batched check of [`crate::agent::batch`], `body`
+    /// being the request's JSON. `etag` (of the answer the agent holds to
+    /// the same request) goes as `If-None-Match`.
+    pub fn check(&self, body: String, etag: Option<&str>) -> Result<Checked> {
+        let url = format!("{}/check", self.api);
+        let headers: Vec<(&'static str, String)> = etag
+            .map(|e| ("If-None-Match", e.to_string()))
+            .into_iter()
+            .collect();
+        let mut resp = self.send_with(Method::Post, &url, Some(body), &headers)?;
+        match resp.status {
+            304 => return Ok(Checked::NotModified),
+            // The seed's server, the original Go server: no such route.
+            404 | 405 => return Ok(Checked::Unsupported),
+            _ => {}
+        }
+        let etag = resp.etag.take();
+        match self.json(resp) {
+            Ok(data) => Ok(Checked::Answer { etag, data }),
+            // A seed-style server answering its errors with HTTP 200.
+            Err(Error::Server {
+                status: 200,
+                message,
+                ..
+            }) if message.starts_with("code 404:") || message.starts_with("code 405:") => {
+                Ok(Checked::Unsupported)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST bins/NAME?node=NODE`: reports the hash this node now runs
     /// (`node=` is an extension a seed-only server ignores).
     pub fn report_hash(&self, node: &str, name: &str, md5: &str) -> Result<()> {
@@ -126,6 +173,7 @@ impl Client {
             url,
             body: None,
             credentials: &|u| self.credentials(u),
+            headers: &[],
             timeout: Duration::from_secs(self.timeout.max(1)),
             deadline,
             proxies: &self.proxies,
@@ -250,12 +298,24 @@ impl Client {
     /// Sends one API request (redirects followed, within [`Client::timeout`]).
     /// A `429` or `503` is [`Error::Busy`]: the server asks to be left alone.
     fn send(&self, method: Method, url: &str, body: Option<String>) -> Result<http::Response> {
+        self.send_with(method, url, body, &[])
+    }
+
+    /// [`Client::send`] with more request headers.
+    fn send_with(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<String>,
+        headers: &[(&'static str, String)],
+    ) -> Result<http::Response> {
         let timeout = Duration::from_secs(self.timeout.max(1));
         let resp = http::send(&http::Request {
             method,
             url,
             body: body.as_deref().map(str::as_bytes),
             credentials: &|u| self.credentials(u),
+            headers,
             timeout,
             deadline: Instant::now() + timeout,
             proxies: &self.proxies,

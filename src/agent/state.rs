@@ -159,6 +159,9 @@ pub struct State {
     pub last_success: Option<u64>,
     /// The back-off the server asked for, if one was asked for.
     backoff: Option<Backoff>,
+    /// An API that has no batched check (it answered `POST check` with
+    /// 404/405), and when it said so (Unix seconds): see `agent::batch`.
+    no_check: Option<(String, u64)>,
     dirty: bool,
 }
 
@@ -372,6 +375,20 @@ impl State {
         self.dirty |= ok || unreachable;
     }
 
+    /// When `api` last said it has no batched check, if it did.
+    pub fn no_check_since(&self, api: &str) -> Option<u64> {
+        self.no_check
+            .as_ref()
+            .filter(|(a, _)| a == api)
+            .map(|(_, at)| *at)
+    }
+
+    /// Remembers that `api` has no batched check (saved with the state).
+    pub fn set_no_check(&mut self, api: &str, at: u64) {
+        self.no_check = Some((api.to_string(), at));
+        self.dirty = true;
+    }
+
     /// Writes the state atomically if anything changed.
     pub fn save_if_changed(&mut self, path: &Path) -> Result<()> {
         if self.dirty {
@@ -541,6 +558,12 @@ impl State {
                 Value::obj([("until", Value::int(b.until)), ("why", Value::str(&b.why))]),
             ));
         }
+        if let Some((api, at)) = &self.no_check {
+            top.push((
+                "noCheck",
+                Value::obj([("api", Value::str(api)), ("at", Value::int(*at))]),
+            ));
+        }
         if let Some((name, token)) = &self.node_token {
             top.push((
                 "node",
@@ -623,6 +646,9 @@ impl State {
                 why: s(b, "why").unwrap_or_default(),
             });
         }
+        state.no_check = v
+            .get("noCheck")
+            .and_then(|n| Some((s(n, "api")?, u(n, "at")?)));
         Some(state)
     }
 }

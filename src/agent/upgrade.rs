@@ -7,6 +7,7 @@
 //! unreachable, supervisord down or without the program) are never blamed
 //! on the build: nothing is held back for them.
 
+use super::batch::Missed;
 use super::install::{self, Staged};
 use super::manifest::Binary;
 use super::paths;
@@ -30,13 +31,11 @@ impl Run<'_> {
         if let Some(outcome) = self.resume(bin) {
             return outcome;
         }
-        let remote = match self.client.bin_info(&bin.name, bin.pinned_version()) {
+        let remote = match self.remote(bin) {
             Ok(remote) => remote,
-            Err(e) => match super::tls_hint::classify(e) {
-                // Not this binary's fault: the run reports it once.
-                e @ (Error::Http { .. } | Error::Tls { .. }) => return Ok(Outcome::Unreachable(e)),
-                e => return Err(e),
-            },
+            // Not this binary's fault: the run reports it once.
+            Err(Missed::Unreachable(e)) => return Ok(Outcome::Unreachable(e)),
+            Err(Missed::Failed(e)) => return Err(e),
         };
         let target = install::real_target(&bin.path);
         self.sweep(bin, &target);

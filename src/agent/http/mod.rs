@@ -47,6 +47,8 @@ pub struct Request<'a> {
     /// The headers a URL may receive (Authorization, X-Node-Token); asked
     /// again after each redirect. Never sent to a proxy itself.
     pub credentials: &'a dyn Fn(&str) -> Vec<(&'static str, String)>,
+    /// Other request headers (`If-None-Match`), sent to every URL asked.
+    pub headers: &'a [(&'static str, String)],
     /// Bounds connecting and receiving the head of each answer.
     pub timeout: Duration,
     /// Bounds everything, body included.
@@ -67,6 +69,8 @@ pub struct Response {
     pub length: Option<u64>,
     /// `Retry-After`, as sent (read by [`crate::agent::backoff`]).
     pub retry_after: Option<String>,
+    /// `ETag`, when the answer has one.
+    pub etag: Option<String>,
     location: Option<String>,
     body: BufReader<Conn>,
     framing: Framing,
@@ -156,7 +160,7 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
         target.authority,
         env!("CARGO_PKG_VERSION")
     );
-    for (name, value) in (req.credentials)(url) {
+    for (name, value) in (req.credentials)(url).iter().chain(req.headers) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     if let Some(body) = body {
@@ -235,6 +239,7 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
         reason: parsed.reason.unwrap_or("").to_string(),
         length,
         retry_after: header("retry-after"),
+        etag: header("etag"),
         location: header("location"),
         body,
         framing,
