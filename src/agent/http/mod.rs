@@ -47,6 +47,8 @@ pub struct Request<'a> {
     /// The headers a URL may receive (Authorization, X-Node-Token); asked
     /// again after each redirect. Never sent to a proxy itself.
     pub credentials: &'a dyn Fn(&str) -> Vec<(&'static str, String)>,
+    /// More request headers, sent to every URL (`Range`, `If-Range`).
+    pub headers: &'a [(&'a str, String)],
     /// Bounds connecting and receiving the head of each answer.
     pub timeout: Duration,
     /// Bounds everything, body included.
@@ -65,6 +67,10 @@ pub struct Response {
     pub reason: String,
     /// `Content-Length`, when the body has one.
     pub length: Option<u64>,
+    /// `ETag`, as sent.
+    pub etag: Option<String>,
+    /// `Content-Range`, as sent.
+    pub content_range: Option<String>,
     location: Option<String>,
     body: BufReader<Conn>,
     framing: Framing,
@@ -157,6 +163,9 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
     for (name, value) in (req.credentials)(url) {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
+    for (name, value) in req.headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
     if let Some(body) = body {
         head.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -218,6 +227,8 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
         status,
         reason: parsed.reason.unwrap_or("").to_string(),
         length,
+        etag: header("etag"),
+        content_range: header("content-range"),
         location: header("location"),
         body,
         framing,
