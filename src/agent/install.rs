@@ -452,6 +452,19 @@ fn stage_once(
     };
     // Complete: whatever it verifies to, it is never resumed again.
     (out.journal)(None);
+    // The hashes are of the bytes received (and, resumed, of those on
+    // disk before them): the file must hold exactly those.
+    let on_disk = out
+        .file
+        .metadata()
+        .map_err(|e| Error::io("inspecting", &staged.tmp, e))?
+        .len();
+    if on_disk != size {
+        return Err(Error::Other(format!(
+            "\"{}\" holds {on_disk} bytes, not the {size} downloaded; discarded it",
+            staged.tmp.display()
+        )));
+    }
     staged.size = size;
     staged.md5 = md5;
     staged.elapsed = started.elapsed();
