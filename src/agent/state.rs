@@ -79,6 +79,30 @@ pub struct Pending {
     pub at: String,
 }
 
+/// The journal entry of a download cut off (timeout, broken connection,
+/// kill, reboot): its temp file stays beside the target and the next run
+/// asks only for the rest. `bytes` are on disk and fsynced before the entry
+/// says so; bytes past them are cut off before resuming.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Partial {
+    /// Binary name.
+    pub name: String,
+    /// Where it was downloaded from (another URL starts over).
+    pub url: String,
+    /// The temp file.
+    pub file: PathBuf,
+    /// The published md5 it is downloaded against (another build starts over).
+    pub md5: String,
+    /// The published sha256, when one was offered.
+    pub sha256: Option<String>,
+    /// The server's strong ETag, sent back as `If-Range`.
+    pub etag: String,
+    /// The whole file's length, as announced.
+    pub size: Option<u64>,
+    /// Bytes on disk, synced.
+    pub bytes: u64,
+}
+
 /// A build that could not be put in place because its directory cannot be
 /// written (a read-only mount) or its file is a mount point: not downloaded
 /// again until the server publishes another hash or the place becomes
@@ -153,6 +177,8 @@ pub struct State {
     serials: Vec<(String, u64)>,
     /// Per-binary counters for the metrics file.
     pub counters: Vec<Counters>,
+    /// Downloads cut off, to resume (at most one per binary).
+    pub partials: Vec<Partial>,
     /// Runs that could not reach the server, over all runs.
     pub unreachable_runs: u64,
     /// When a run last ended with nothing failed (Unix seconds).
@@ -231,6 +257,29 @@ impl State {
         let before = self.pending.len();
         self.pending.retain(|p| p.name != name);
         self.dirty |= self.pending.len() != before;
+    }
+
+    /// The partial download of a binary, if one was cut off.
+    pub fn partial_for(&self, name: &str) -> Option<&Partial> {
+        self.partials.iter().find(|p| p.name == name)
+    }
+
+    /// Journals a partial download (replacing an older entry for that
+    /// binary). Sync its bytes first, save after.
+    pub fn set_partial(&mut self, p: Partial) {
+        if self.partial_for(&p.name) == Some(&p) {
+            return;
+        }
+        self.partials.retain(|o| o.name != p.name);
+        self.partials.push(p);
+        self.dirty = true;
+    }
+
+    /// Forgets a binary's partial download (its file is the caller's to remove).
+    pub fn clear_partial(&mut self, name: &str) {
+        let before = self.partials.len();
+        self.partials.retain(|p| p.name != name);
+        self.dirty |= self.partials.len() != before;
     }
 
     /// The token the server issued to `node` (none for another name: the
@@ -564,6 +613,21 @@ impl State {
                 Value::obj([("api", Value::str(api)), ("at", Value::int(*at))]),
             ));
         }
+        if !self.partials.is_empty() {
+            let partials = self.partials.iter().map(|p| {
+                Value::obj([
+                    ("name", Value::str(&p.name)),
+                    ("url", Value::str(&p.url)),
+                    ("file", Value::str(p.file.display().to_string())),
+                    ("md5", Value::str(&p.md5)),
+                    ("sha256", p.sha256.as_ref().map_or(Value::Null, Value::str)),
+                    ("etag", Value::str(&p.etag)),
+                    ("size", p.size.map_or(Value::Null, Value::int)),
+                    ("bytes", Value::int(p.bytes)),
+                ])
+            });
+            top.push(("partialDownloads", Value::Arr(partials.collect())));
+        }
         if let Some((name, token)) = &self.node_token {
             top.push((
                 "node",
@@ -618,6 +682,18 @@ impl State {
         }
         for d in list("signedSerials")? {
             state.serials.push((s(&d, "name")?, u(&d, "serial")?));
+        }
+        for p in list("partialDownloads")? {
+            state.partials.push(Partial {
+                name: s(&p, "name")?,
+                url: s(&p, "url")?,
+                file: PathBuf::from(s(&p, "file")?),
+                md5: s(&p, "md5")?,
+                sha256: s(&p, "sha256"),
+                etag: s(&p, "etag")?,
+                size: u(&p, "size"),
+                bytes: u(&p, "bytes")?,
+            });
         }
         if let Some(node) = v.get("node") {
             state.node_token = Some((s(node, "name")?, s(node, "token")?));
@@ -978,6 +1054,40 @@ mod tests {
         );
         assert_eq!(s.files.len(), 1);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn partials_round_trip_replace_per_binary_and_dirty_only_on_change() {
+        let part = |name: &str, bytes: u64, sha256: Option<&str>| Partial {
+            name: name.into(),
+            url: "http://m/api/v1/download/app".into(),
+            file: PathBuf::from(format!("/opt/.{name}.1dl.bin-proxy-tmp")),
+            md5: "aa".into(),
+            sha256: sha256.map(str::to_string),
+            etag: "\"aa\"".into(),
+            size: Some(1000),
+            bytes,
+        };
+        let mut s = State::default();
+        s.set_partial(part("app", 10, Some("bb")));
+        s.set_partial(part("tool", 0, None));
+        s.set_partial(part("app", 20, Some("bb")));
+        assert_eq!(s.partials.len(), 2);
+        assert_eq!(s.partial_for("app").map(|p| p.bytes), Some(20));
+        let back = State::from_json(&json::parse(&s.to_json().to_pretty()).unwrap()).unwrap();
+        assert_eq!(back.partials, s.partials);
+        s.dirty = false;
+        s.set_partial(part("app", 20, Some("bb")));
+        s.clear_partial("none");
+        assert!(!s.dirty, "nothing changed");
+        s.clear_partial("app");
+        assert!(s.dirty);
+        assert_eq!(s.partial_for("app"), None);
+        // A state without any has no key at all (an idle state file is unchanged).
+        assert!(!State::default()
+            .to_json()
+            .to_pretty()
+            .contains("partialDownloads"));
     }
 
     #[test]

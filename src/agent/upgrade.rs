@@ -14,7 +14,7 @@ use super::paths;
 use super::plan::{self, Action, Reason};
 use super::selftest;
 use super::service::{self, Restart, Restarted};
-use super::state::{Blocked, Cached, Count, Pending, Quarantined, Stamp};
+use super::state::{Blocked, Cached, Count, Partial, Pending, Quarantined, Stamp};
 use super::verify;
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
@@ -38,7 +38,7 @@ impl Run<'_> {
             Err(Missed::Failed(e)) => return Err(e),
         };
         let target = install::real_target(&bin.path);
-        self.sweep(bin, &target);
+        self.sweep(bin, &target, &remote);
         let cached = self.state.cached_hash(&target)?;
         if self
             .state
@@ -179,8 +179,10 @@ impl Run<'_> {
     /// Removes the temp files a killed run left beside the target — and in
     /// the directory its last download was staged in, when the managed path
     /// leads elsewhere now (a symlinked directory was switched).
-    fn sweep(&mut self, bin: &Binary, target: &Path) {
-        let swept = fsutil::sweep_temps(target) + fsutil::sweep_temps(&backup_of(target));
+    fn sweep(&mut self, bin: &Binary, target: &Path, remote: &BinInfo) {
+        let keep = self.keep_partial(bin, target, remote);
+        let swept = fsutil::sweep_temps_but(target, keep.as_deref())
+            + fsutil::sweep_temps(&backup_of(target));
         if swept > 0 {
             event!(
                 Info,
@@ -211,6 +213,27 @@ impl Run<'_> {
                 );
             }
         }
+    }
+
+    /// The temp file of a journalled partial download that may still be
+    /// resumed: of the build published now, beside this target. Another is
+    /// removed (by the sweep, or here) and forgotten.
+    fn keep_partial(&mut self, bin: &Binary, target: &Path, remote: &BinInfo) -> Option<PathBuf> {
+        let p = self.state.partial_for(&bin.name)?.clone();
+        if hash::same(&p.md5, &remote.hash) && fsutil::parent(&p.file) == fsutil::parent(target) {
+            return Some(p.file);
+        }
+        let _ = fs::remove_file(&p.file);
+        self.state.clear_partial(&bin.name);
+        event!(
+            Info,
+            Event::new(&bin.name, "partial_discarded"),
+            "discarded the download of {} cut off at {}: {} is published now",
+            log::short(&p.md5),
+            log::size(p.bytes),
+            log::short(&remote.hash)
+        );
+        None
     }
 
     fn install(
@@ -290,9 +313,22 @@ impl Run<'_> {
             (Some(w), Some(d)) => (w, d.size.min(self.args.max_size)),
             _ => (remote, self.args.max_size),
         };
+        // A cut-off download is journalled (and the state saved) as it
+        // goes, so that the next run resumes it.
+        let partial = self.state.partial_for(&bin.name).cloned();
+        let (state, state_path) = (&mut self.state, &self.state_path);
+        let mut journal = |p: Option<&Partial>| match p {
+            Some(p) => {
+                state.set_partial(p.clone());
+                if let Err(e) = state.save_if_changed(state_path) {
+                    crate::warn!("{}: could not journal the partial download: {e}", p.name);
+                }
+            }
+            None => state.clear_partial(&bin.name),
+        };
         let unread = matches!(old, Old::Unread(_)).then_some(target);
         let (staged, read) = stage_while_hashing(unread, || {
-            install::stage(&self.client, &bin.name, &url, target, want, max)
+            install::stage(&self.client, &bin.name, &url, target, want, max, partial, &mut journal)
                 .map_err(|e| match (e, &signed) {
                     (Error::Size { url, msg }, Some(d)) => {
                         Error::Size {

@@ -47,8 +47,8 @@ pub struct Request<'a> {
     /// The headers a URL may receive (Authorization, X-Node-Token); asked
     /// again after each redirect. Never sent to a proxy itself.
     pub credentials: &'a dyn Fn(&str) -> Vec<(&'static str, String)>,
-    /// Other request headers (`If-None-Match`), sent to every URL asked.
-    pub headers: &'a [(&'static str, String)],
+    /// More request headers, sent to every URL (`Range`, `If-Range`).
+    pub headers: &'a [(&'a str, String)],
     /// Bounds connecting and receiving the head of each answer.
     pub timeout: Duration,
     /// Bounds everything, body included.
@@ -69,8 +69,10 @@ pub struct Response {
     pub length: Option<u64>,
     /// `Retry-After`, as sent (read by [`crate::agent::backoff`]).
     pub retry_after: Option<String>,
-    /// `ETag`, when the answer has one.
+    /// `ETag`, as sent.
     pub etag: Option<String>,
+    /// `Content-Range`, as sent.
+    pub content_range: Option<String>,
     location: Option<String>,
     body: BufReader<Conn>,
     framing: Framing,
@@ -240,6 +242,7 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
         length,
         retry_after: header("retry-after"),
         etag: header("etag"),
+        content_range: header("content-range"),
         location: header("location"),
         body,
         framing,
