@@ -85,8 +85,18 @@ pub enum Error {
     Size {
         /// The URL downloaded.
         url: String,
-        /// What went wrong: too large, or shorter than announced.
+        /// What went wrong: announced or grown over a limit.
         msg: String,
+    },
+    /// A download ended before the length its answer announced: worth
+    /// another try, unlike a download that is too large.
+    Truncated {
+        /// The URL downloaded.
+        url: String,
+        /// The bytes received.
+        got: u64,
+        /// The bytes announced (`Content-Length`).
+        len: u64,
     },
     /// A hook, restart command or supervisorctl call failed.
     Command {
@@ -237,6 +247,9 @@ impl fmt::Display for Error {
                 write!(f, "{algo} mismatch: expected {expected}, got {got}")
             }
             Error::Size { url, msg } => write!(f, "{url}: {msg}"),
+            Error::Truncated { url, got, len } => {
+                write!(f, "{url}: truncated: got {got} of {len} bytes")
+            }
             Error::Command { cmd, msg } => write!(f, "{cmd} {msg}"),
             Error::Supervisor {
                 cmd,

@@ -4,8 +4,11 @@
 # talking to one bin-manager on 127.0.0.1. Prints Markdown tables:
 #
 #   1. idle run over 1, 10, 50 up-to-date binaries (hyperfine; -N for
-#      bin-proxy, shell mode for the script);
-#   2. upgrade of one large binary (fresh random bytes): bin-proxy vs the
+#      bin-proxy, shell mode for the script), and the idle run over 50
+#      binaries against the goal of issue 16 (>= 200x the script, one
+#      request on the wire, counted in bin-manager's access log);
+#   2. upgrade of one large binary (fresh random bytes): bin-proxy (its state
+#      knowing the old file, and cold: state removed) vs the
 #      script vs `curl -o f && md5sum f` vs `md5sum f` alone, with the target
 #      directory on disk (/var/tmp) and on tmpfs (/dev/shm);
 #   3. peak RSS (/usr/bin/time -v) downloading 1 GiB and 64 MiB, and curl's;
@@ -93,9 +96,10 @@ fi
 md5() { local h; h=$(md5sum -- "$1"); echo "${h%% *}"; }
 rand() { head -c "$(($2 << 20))" /dev/urandom >"$1"; } # file MiB
 
-start_manager() { # bindir statefile -> sets STARTED_API (not $(...): it would wait for the server)
-    local log=$2.stderr i # not $2.log: that is the registry's own log file
-    "$D/bin-manager" --quiet --bin-dir "$1" --state-file "$2" --listen 127.0.0.1:0 </dev/null >/dev/null 2>"$log" &
+start_manager() { # bindir statefile [--access-log] -> sets STARTED_API (not $(...): it would wait for the server)
+    local log=$2.stderr i quiet=--quiet # not $2.log: that is the registry's own log file
+    [[ ${3:-} == --access-log ]] && quiet=
+    "$D/bin-manager" $quiet --bin-dir "$1" --state-file "$2" --listen 127.0.0.1:0 </dev/null >/dev/null 2>"$log" &
     PIDS+=($!)
     for ((i = 0; i < 100; i++)); do
         grep -q "listening on" "$log" && break
@@ -198,6 +202,49 @@ for n in "${IDLE_COUNTS[@]}"; do
 done
 echo
 
+# api_requests LOG FROM: the API requests in a bin-manager access log after
+# line FROM, once a marker request (GET /healthz) sent now shows that every
+# earlier one is logged.
+api_requests() {
+    local i
+    curl -fsS -o /dev/null "${API_LOG%/api/v1}/healthz"
+    for ((i = 0; i < 100; i++)); do
+        tail -n +"$(($2 + 1))" "$1" | grep -q 'GET /healthz' && break
+        sleep 0.05
+    done
+    tail -n +"$(($2 + 1))" "$1" | grep -c ' /api/v1/' || true
+}
+echo "## Idle run, 50 binaries: one request (the goal of issue 16)"
+echo
+echo "The 50-binary idle run again, against a bin-manager that logs every request: bin-proxy \
+asks once (\`POST check\` with its ETag, answered \`304 Not Modified\`), the script asks the \
+keepalive and every \`bins/NAME\`. Requests counted in the access log for one run of each. \
+Runs: $IDLE_RUNS, warm-up: $IDLE_WARMUP. Goal: bin-proxy ≥ 200× faster, 1 request."
+echo
+echo "| row | bin-proxy (median) | baseline-agent.sh (median) | script / bin-proxy | goal | requests: bin-proxy | requests: script |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+start_manager "$D/bins" "$D/state-log.json" --access-log
+API_LOG=$STARTED_API
+LOG=$D/state-log.json.stderr
+entries=$(jq -c '.binaries' "$D/idle-50-bp.json")
+manifest "$D/idle-log-bp.json" bench-log-bp "$entries"
+manifest "$D/idle-log-sh.json" bench-log-sh "$entries"
+# Register both and give bin-proxy its state and its check answer (not timed).
+"$BP" --quiet --config "$D/idle-log-bp.json" --api "$API_LOG"
+BIN_MANAGER_API=$API_LOG bash "$SH" "$D/idle-log-sh.json" 2>/dev/null
+from=$(wc -l <"$LOG")
+"$BP" --quiet --config "$D/idle-log-bp.json" --api "$API_LOG"
+n_bp=$(api_requests "$LOG" "$from")
+from=$(wc -l <"$LOG")
+BIN_MANAGER_API=$API_LOG bash "$SH" "$D/idle-log-sh.json" 2>/dev/null
+n_sh=$(api_requests "$LOG" "$from")
+t_bp=$(bench "idle-log-bp" N "$IDLE_RUNS" "$IDLE_WARMUP" "" "$BP --config $D/idle-log-bp.json --api $API_LOG")
+t_sh=$(bench "idle-log-sh" sh "$IDLE_RUNS" "$IDLE_WARMUP" "" "env BIN_MANAGER_API=$API_LOG bash $SH $D/idle-log-sh.json")
+r=$(awk -v a="$t_sh" -v b="$t_bp" 'BEGIN { print (a / b >= 200) ? "met" : "**missed**" }')
+echo "| idle run, 50 binaries | $(ms "$t_bp") | $(ms "$t_sh") | **$(ratio "$t_sh" "$t_bp")** | ≥ 200×: $r | $n_bp | $n_sh |"
+echo
+[[ $n_bp == 1 ]] || { say "an idle bin-proxy run made $n_bp requests, not 1"; exit 1; }
+
 # nginx_api DIR NODE: an nginx on 127.0.0.1 answering /api/v1/keepalive and
 # /api/v1/bins/big with bin-manager's own answers minus sha256, from static
 # files (POSTs get the same file: error_page 405 =200). Sets NGINX_API.
@@ -255,11 +302,13 @@ publishes the old build, so its \`MANIFEST.state\` holds the old file's hash as 
 earlier cron run (steady state: it does not re-read the old file); the script always md5sums \
 the old file when the recorded hash differs from the published one (that cost is the \
 \`md5sum\` column). \`restart: \"none\"\` for both agents. bin-proxy fsyncs the new file and \
-the directory; the script and curl do not. \`curl\` and \`md5sum\` write to / read from the \
+the directory; the script and curl do not. *bin-proxy cold*: the same upgrade with \`MANIFEST.state\` \
+removed before each run (first run after an install, or a touched file): it does not know the old \
+file, and hashes it while the new build downloads. \`curl\` and \`md5sum\` write to / read from the \
 same directory; \`md5sum f alone\` hashes the published file (page-cached). Runs: $UP_RUNS, warm-up: $UP_WARMUP."
 echo
-echo "| target dir | bin-proxy | baseline-agent.sh | \`curl -s -o f URL && md5sum f\` | \`md5sum f\` alone | script / bin-proxy | curl+md5sum / bin-proxy |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| target dir | bin-proxy | bin-proxy cold | baseline-agent.sh | \`curl -s -o f URL && md5sum f\` | \`md5sum f\` alone | script / bin-proxy | script / cold | curl+md5sum / bin-proxy |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for where in disk tmpfs; do
     if [[ $where == disk ]]; then X=$D/up-disk; else X=$S/up-tmpfs; fi
     label="$where: ${X%%/bin-proxy-bench*} ($(findmnt -no FSTYPE -T "$D"))"
@@ -276,6 +325,7 @@ cp "$X/old-big" "$X/t/big"; chmod 755 "$X/t/big"
 case \$1 in
     bp) rm -f "$X/bp.json.state"; cp "$X/bp.json.orig" "$X/bp.json"
         "$BP" --quiet --config "$X/bp.json" --api "$API_OLD" ;;
+    bpcold) rm -f "$X/bp.json.state"; cp "$X/bp.json.orig" "$X/bp.json" ;;
     sh) cp "$X/sh.json.orig" "$X/sh.json" ;;
 esac
 sync
@@ -287,6 +337,8 @@ EOF
     fi
     t_bp=$(bench "up-$where-bp" N "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh bp" "$BP --config $X/bp.json")
     [[ $(md5 "$X/t/big") == "$NEW" ]] || { say "bin-proxy did not install the new build"; exit 1; }
+    t_cold=$(bench "up-$where-cold" N "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh bpcold" "$BP --config $X/bp.json")
+    [[ $(md5 "$X/t/big") == "$NEW" ]] || { say "bin-proxy (cold) did not install the new build"; exit 1; }
     t_sh=$(bench "up-$where-sh" sh "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh sh" "bash $SH $X/sh.json")
     [[ $(md5 "$X/t/big") == "$NEW" ]] || { say "baseline-agent.sh did not install the new build"; exit 1; }
     t_curl=$(bench "up-$where-curl" sh "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh none" \
@@ -303,7 +355,7 @@ EOF
         t_tmpfs_bp=$t_bp t_tmpfs_md5=$t_md5
         kill "$NGINX_PID" 2>/dev/null || true
     fi
-    echo "| $label | $(sec "$t_bp") ($(rate "$UP_MIB" "$t_bp")) | $(sec "$t_sh") | $(sec "$t_curl") | $(sec "$t_md5") | **$(ratio "$t_sh" "$t_bp")** | **$(ratio "$t_curl" "$t_bp")** |"
+    echo "| $label | $(sec "$t_bp") ($(rate "$UP_MIB" "$t_bp")) | $(sec "$t_cold") | $(sec "$t_sh") | $(sec "$t_curl") | $(sec "$t_md5") | **$(ratio "$t_sh" "$t_bp")** | **$(ratio "$t_sh" "$t_cold")** | **$(ratio "$t_curl" "$t_bp")** |"
     rm -rf "$X"
 done
 echo

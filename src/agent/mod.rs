@@ -8,6 +8,7 @@
 //! files, running services and hooks, and the host's own facts.
 
 pub mod backoff;
+pub mod batch;
 pub mod client;
 pub mod host;
 pub mod http;
@@ -224,6 +225,11 @@ struct Run<'a> {
     trusted: Vec<crate::sign::TrustedKey>,
     /// A report was answered 429/503 ([`Error::Busy`]): the run asks nothing more.
     busy: Option<Error>,
+    /// The batched check's last answer, beside the manifest ([`batch`]).
+    cache: batch::Cache,
+    cache_path: PathBuf,
+    /// Where this run's answers about the binaries come from.
+    answers: batch::Answers,
 }
 
 /// One upgrade cycle.
@@ -257,18 +263,6 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     run.trusted = trusted;
     run.state.clear_backoff(); // passed, or --now: asked again below
 
-    // A heartbeat that cannot reach the server is told once, below, if the
-    // binaries' lookups cannot reach it either.
-    let CheckIn {
-        pending,
-        error: keepalive_error,
-    } = run.check_in();
-    // The server asked to be left alone: ask it nothing more this run.
-    let (mut unreachable, keepalive_error) = match keepalive_error {
-        Some(e @ Error::Busy { .. }) => (Some(e), None),
-        e => (None, e),
-    };
-    let mut tally = Tally::default();
     let bins: Vec<Binary> = run
         .manifest
         .binaries
@@ -276,6 +270,18 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         .filter(|b| selected(args, b))
         .cloned()
         .collect();
+    // A heartbeat that cannot reach the server is told once, below, if the
+    // binaries' lookups cannot reach it either.
+    let CheckIn {
+        pending,
+        error: keepalive_error,
+    } = run.check_in_batched(&bins);
+    // The server asked to be left alone: ask it nothing more this run.
+    let (mut unreachable, keepalive_error) = match keepalive_error {
+        Some(e @ Error::Busy { .. }) => (Some(e), None),
+        e => (None, e),
+    };
+    let mut tally = Tally::default();
     if pending {
         warn!(
             "node \"{}\" is waiting for an admin to accept it on {} (bin-manager node accept {}); nothing is installed until then",
@@ -347,10 +353,10 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             Error,
             Event::run("server_unreachable"),
             "{}: {e}; {} not checked, nothing changed",
-            if matches!(e, Error::Tls { .. }) {
-                "cannot talk to the server"
-            } else {
-                "server unreachable"
+            match e {
+                Error::Tls { .. } => "cannot talk to the server",
+                Error::Http { .. } | Error::Server { status: 500.., .. } => "server unreachable",
+                _ => "the server could not answer the check",
             },
             plural(tally.unreachable, "binary", "binaries")
         ),
@@ -572,6 +578,7 @@ impl<'a> Run<'a> {
     ) -> Run<'a> {
         let state_path = State::path_for(config);
         let state = State::load(&state_path);
+        let cache_path = batch::Cache::path_for(config);
         client.node_token = state.node_token(&facts.name).map(str::to_string);
         Run {
             args,
@@ -584,6 +591,9 @@ impl<'a> Run<'a> {
             token_refused: false,
             trusted: Vec::new(),
             busy: None,
+            cache: batch::Cache::load(&cache_path),
+            cache_path,
+            answers: batch::Answers::default(),
         }
     }
 

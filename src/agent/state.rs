@@ -16,6 +16,18 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// What [`State::cached_hash`] knows of a file without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// There is no file.
+    Missing,
+    /// Its md5, remembered for the file as `stat` shows it now.
+    Known(String),
+    /// A file the cache does not know as it is now (never hashed, or
+    /// changed since): its stamp, to remember its hash by once read.
+    Unread(Stamp),
+}
+
 /// What `stat` said about a file when it was hashed. Any change to size,
 /// inode, mtime or ctime (which no tool can set back) means "hash again".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +77,30 @@ pub struct Pending {
     pub new: String,
     /// When the swap started, RFC 3339 UTC.
     pub at: String,
+}
+
+/// The journal entry of a download cut off (timeout, broken connection,
+/// kill, reboot): its temp file stays beside the target and the next run
+/// asks only for the rest. `bytes` are on disk and fsynced before the entry
+/// says so; bytes past them are cut off before resuming.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Partial {
+    /// Binary name.
+    pub name: String,
+    /// Where it was downloaded from (another URL starts over).
+    pub url: String,
+    /// The temp file.
+    pub file: PathBuf,
+    /// The published md5 it is downloaded against (another build starts over).
+    pub md5: String,
+    /// The published sha256, when one was offered.
+    pub sha256: Option<String>,
+    /// The server's strong ETag, sent back as `If-Range`.
+    pub etag: String,
+    /// The whole file's length, as announced.
+    pub size: Option<u64>,
+    /// Bytes on disk, synced.
+    pub bytes: u64,
 }
 
 /// A build that could not be put in place because its directory cannot be
@@ -141,12 +177,17 @@ pub struct State {
     serials: Vec<(String, u64)>,
     /// Per-binary counters for the metrics file.
     pub counters: Vec<Counters>,
+    /// Downloads cut off, to resume (at most one per binary).
+    pub partials: Vec<Partial>,
     /// Runs that could not reach the server, over all runs.
     pub unreachable_runs: u64,
     /// When a run last ended with nothing failed (Unix seconds).
     pub last_success: Option<u64>,
     /// The back-off the server asked for, if one was asked for.
     backoff: Option<Backoff>,
+    /// An API that has no batched check (it answered `POST check` with
+    /// 404/405), and when it said so (Unix seconds): see `agent::batch`.
+    no_check: Option<(String, u64)>,
     dirty: bool,
 }
 
@@ -216,6 +257,29 @@ impl State {
         let before = self.pending.len();
         self.pending.retain(|p| p.name != name);
         self.dirty |= self.pending.len() != before;
+    }
+
+    /// The partial download of a binary, if one was cut off.
+    pub fn partial_for(&self, name: &str) -> Option<&Partial> {
+        self.partials.iter().find(|p| p.name == name)
+    }
+
+    /// Journals a partial download (replacing an older entry for that
+    /// binary). Sync its bytes first, save after.
+    pub fn set_partial(&mut self, p: Partial) {
+        if self.partial_for(&p.name) == Some(&p) {
+            return;
+        }
+        self.partials.retain(|o| o.name != p.name);
+        self.partials.push(p);
+        self.dirty = true;
+    }
+
+    /// Forgets a binary's partial download (its file is the caller's to remove).
+    pub fn clear_partial(&mut self, name: &str) {
+        let before = self.partials.len();
+        self.partials.retain(|p| p.name != name);
+        self.dirty |= self.partials.len() != before;
     }
 
     /// The token the server issued to `node` (none for another name: the
@@ -360,6 +424,20 @@ impl State {
         self.dirty |= ok || unreachable;
     }
 
+    /// When `api` last said it has no batched check, if it did.
+    pub fn no_check_since(&self, api: &str) -> Option<u64> {
+        self.no_check
+            .as_ref()
+            .filter(|(a, _)| a == api)
+            .map(|(_, at)| *at)
+    }
+
+    /// Remembers that `api` has no batched check (saved with the state).
+    pub fn set_no_check(&mut self, api: &str, at: u64) {
+        self.no_check = Some((api.to_string(), at));
+        self.dirty = true;
+    }
+
     /// Writes the state atomically if anything changed.
     pub fn save_if_changed(&mut self, path: &Path) -> Result<()> {
         if self.dirty {
@@ -371,24 +449,38 @@ impl State {
         Ok(())
     }
 
-    /// The md5 of the file at `path`, from the cache when `stat` shows it
-    /// unchanged, else read and remembered. `None` when there is no file.
-    pub fn actual_hash(&mut self, path: &Path) -> Result<Option<String>> {
+    /// What the cache knows of the file at `path`, without reading it:
+    /// its md5 when `stat` shows it unchanged.
+    pub fn cached_hash(&mut self, path: &Path) -> Result<Cached> {
         let meta = match fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.forget(path);
-                return Ok(None);
+                return Ok(Cached::Missing);
             }
             Err(e) => return Err(crate::error::Error::io("inspecting", path, e)),
         };
         let stamp = Stamp::of(&meta);
-        if let Some((_, _, md5)) = self.files.iter().find(|(p, s, _)| p == path && *s == stamp) {
-            return Ok(Some(md5.clone()));
+        Ok(
+            match self.files.iter().find(|(p, s, _)| p == path && *s == stamp) {
+                Some((_, _, md5)) => Cached::Known(md5.clone()),
+                None => Cached::Unread(stamp),
+            },
+        )
+    }
+
+    /// The md5 of the file at `path`, from the cache when `stat` shows it
+    /// unchanged, else read and remembered. `None` when there is no file.
+    pub fn actual_hash(&mut self, path: &Path) -> Result<Option<String>> {
+        match self.cached_hash(path)? {
+            Cached::Missing => Ok(None),
+            Cached::Known(md5) => Ok(Some(md5)),
+            Cached::Unread(stamp) => {
+                let md5 = hash::md5_file(path)?;
+                self.remember(path, stamp, &md5);
+                Ok(Some(md5))
+            }
         }
-        let md5 = hash::md5_file(path)?;
-        self.remember(path, stamp, &md5);
-        Ok(Some(md5))
     }
 
     /// Like [`State::actual_hash`] but never changes the cache (for dry runs).
@@ -515,6 +607,27 @@ impl State {
                 Value::obj([("until", Value::int(b.until)), ("why", Value::str(&b.why))]),
             ));
         }
+        if let Some((api, at)) = &self.no_check {
+            top.push((
+                "noCheck",
+                Value::obj([("api", Value::str(api)), ("at", Value::int(*at))]),
+            ));
+        }
+        if !self.partials.is_empty() {
+            let partials = self.partials.iter().map(|p| {
+                Value::obj([
+                    ("name", Value::str(&p.name)),
+                    ("url", Value::str(&p.url)),
+                    ("file", Value::str(p.file.display().to_string())),
+                    ("md5", Value::str(&p.md5)),
+                    ("sha256", p.sha256.as_ref().map_or(Value::Null, Value::str)),
+                    ("etag", Value::str(&p.etag)),
+                    ("size", p.size.map_or(Value::Null, Value::int)),
+                    ("bytes", Value::int(p.bytes)),
+                ])
+            });
+            top.push(("partialDownloads", Value::Arr(partials.collect())));
+        }
         if let Some((name, token)) = &self.node_token {
             top.push((
                 "node",
@@ -570,6 +683,18 @@ impl State {
         for d in list("signedSerials")? {
             state.serials.push((s(&d, "name")?, u(&d, "serial")?));
         }
+        for p in list("partialDownloads")? {
+            state.partials.push(Partial {
+                name: s(&p, "name")?,
+                url: s(&p, "url")?,
+                file: PathBuf::from(s(&p, "file")?),
+                md5: s(&p, "md5")?,
+                sha256: s(&p, "sha256"),
+                etag: s(&p, "etag")?,
+                size: u(&p, "size"),
+                bytes: u(&p, "bytes")?,
+            });
+        }
         if let Some(node) = v.get("node") {
             state.node_token = Some((s(node, "name")?, s(node, "token")?));
         }
@@ -597,6 +722,9 @@ impl State {
                 why: s(b, "why").unwrap_or_default(),
             });
         }
+        state.no_check = v
+            .get("noCheck")
+            .and_then(|n| Some((s(n, "api")?, u(n, "at")?)));
         Some(state)
     }
 }
@@ -867,6 +995,34 @@ mod tests {
     }
 
     #[test]
+    fn cached_hash_never_reads_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-state-cached-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("app");
+        let mut s = State::default();
+        let any = Stamp::of(&fs::metadata(&dir).unwrap());
+        s.remember(&dir.join("gone"), any, "beef");
+        s.dirty = false;
+        assert_eq!(s.cached_hash(&dir.join("gone")).unwrap(), Cached::Missing);
+        assert!(s.files.is_empty() && s.dirty, "a missing file is forgotten");
+        fs::write(&file, b"other\n").unwrap();
+        let stamp = Stamp::of(&fs::metadata(&file).unwrap());
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Unread(stamp));
+        assert!(s.files.is_empty(), "not hashed, not remembered");
+        s.remember(&file, stamp, "cafe");
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Known("cafe".into()));
+        let other = Stamp {
+            size: stamp.size + 1,
+            ..stamp
+        };
+        s.remember(&file, other, "cafe");
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Unread(stamp));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn peek_hash_hashes_without_caching() {
         let dir = std::env::temp_dir().join(format!("bin-proxy-state-peek-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -898,6 +1054,40 @@ mod tests {
         );
         assert_eq!(s.files.len(), 1);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn partials_round_trip_replace_per_binary_and_dirty_only_on_change() {
+        let part = |name: &str, bytes: u64, sha256: Option<&str>| Partial {
+            name: name.into(),
+            url: "http://m/api/v1/download/app".into(),
+            file: PathBuf::from(format!("/opt/.{name}.1dl.bin-proxy-tmp")),
+            md5: "aa".into(),
+            sha256: sha256.map(str::to_string),
+            etag: "\"aa\"".into(),
+            size: Some(1000),
+            bytes,
+        };
+        let mut s = State::default();
+        s.set_partial(part("app", 10, Some("bb")));
+        s.set_partial(part("tool", 0, None));
+        s.set_partial(part("app", 20, Some("bb")));
+        assert_eq!(s.partials.len(), 2);
+        assert_eq!(s.partial_for("app").map(|p| p.bytes), Some(20));
+        let back = State::from_json(&json::parse(&s.to_json().to_pretty()).unwrap()).unwrap();
+        assert_eq!(back.partials, s.partials);
+        s.dirty = false;
+        s.set_partial(part("app", 20, Some("bb")));
+        s.clear_partial("none");
+        assert!(!s.dirty, "nothing changed");
+        s.clear_partial("app");
+        assert!(s.dirty);
+        assert_eq!(s.partial_for("app"), None);
+        // A state without any has no key at all (an idle state file is unchanged).
+        assert!(!State::default()
+            .to_json()
+            .to_pretty()
+            .contains("partialDownloads"));
     }
 
     #[test]

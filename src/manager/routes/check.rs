@@ -16,11 +16,15 @@
 //! install on every host.
 //!
 //! Answer: `{"code":200,"message":"Success","data":{"registered":BOOL,
-//! "binaries":[ENTRY…]}}` in the order asked, where ENTRY is `bins/NAME`'s
+//! "hasNodeToken":false?,"admission":"pending"?,"binaries":[ENTRY…]}}`
+//! (the two optional keys as in the keepalive's answer: only while so) in
+//! the order asked, where ENTRY is `bins/NAME`'s
 //! `data` or, for a binary that cannot be answered,
 //! `{"name":N,"code":404,"message":"binary not found"}` (the status
 //! `bins/NAME` would have answered). `registered` is false when the node is
-//! not in the registry: the agent registers (`POST keepalive`) and asks again.
+//! not in the registry, `hasNodeToken` false when the registry holds no
+//! token for it (an admin reset it): the agent registers (`POST keepalive`)
+//! and asks again.
 
 use super::nodes::node_token;
 use super::{fail, json_body, ok, App, Query};
@@ -68,12 +72,12 @@ impl App {
         if let Some(refusal) = self.refuse_unadmitted(req, &bq) {
             return refusal;
         }
-        let registered =
+        let found =
             match self
                 .registry
                 .heartbeat(&node, node_token(req), &self.policy, &log::utc_now())
             {
-                Ok(found) => found.is_some(),
+                Ok(found) => found,
                 Err(check) => return fail(403, &check.refusal(&node)),
             };
         let mut entries = Vec::with_capacity(asked.len());
@@ -99,10 +103,16 @@ impl App {
                 }
             });
         }
-        let data = Value::obj([
-            ("registered", Value::Bool(registered)),
-            ("binaries", Value::Arr(entries)),
-        ]);
+        let mut data = vec![("registered", Value::Bool(found.is_some()))];
+        // As the keepalive says it: only while true, so the ETag stays put.
+        if found.as_ref().is_some_and(|n| n.token_hash.is_empty()) {
+            data.push(("hasNodeToken", Value::Bool(false)));
+        }
+        if found.as_ref().is_some_and(|n| n.pending) {
+            data.push(("admission", Value::str("pending")));
+        }
+        data.push(("binaries", Value::Arr(entries)));
+        let data = Value::obj(data);
         let etag = etag_of(&data.to_compact());
         if req
             .header("if-none-match")
