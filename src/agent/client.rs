@@ -195,6 +195,9 @@ impl Client {
                 ask = None;
                 continue;
             }
+            if matches!(resp.status, 429 | 503) {
+                return Err(busy(resp));
+            }
             if !(200..300).contains(&resp.status) {
                 let url = resp.url.clone();
                 let mut body = Vec::new();
@@ -279,9 +282,10 @@ impl Client {
             }
         }
         match resp.length {
-            Some(len) if got != len => Err(Error::Size {
+            Some(len) if got != len => Err(Error::Truncated {
                 url,
-                msg: format!("truncated: got {} of {} bytes", offset + got, offset + len),
+                got: offset + got,
+                len: offset + len,
             }),
             _ => Ok(offset + got),
         }
@@ -345,9 +349,10 @@ impl Client {
     }
 
     /// Sends one API request (redirects followed, within [`Client::timeout`]).
+    /// A `429` or `503` is [`Error::Busy`]: the server asks to be left alone.
     fn send(&self, method: Method, url: &str, body: Option<String>) -> Result<http::Response> {
         let timeout = Duration::from_secs(self.timeout.max(1));
-        http::send(&http::Request {
+        let resp = http::send(&http::Request {
             method,
             url,
             body: body.as_deref().map(str::as_bytes),
@@ -356,7 +361,11 @@ impl Client {
             timeout,
             deadline: Instant::now() + timeout,
             proxies: &self.proxies,
-        })
+        })?;
+        match resp.status {
+            429 | 503 => Err(busy(resp)),
+            _ => Ok(resp),
+        }
     }
 
     fn transfer_error(&self, url: &str, got: u64, e: std::io::Error) -> Error {
@@ -397,6 +406,28 @@ fn content_range(v: &str) -> Option<(u64, u64)> {
         total.parse().ok()?,
     );
     (start <= end && end.checked_add(1) == Some(total)).then_some((start, total))
+}
+
+/// A `429`/`503` answer as [`Error::Busy`]: its `Retry-After` read, its
+/// message from the envelope when it has one (else the reason phrase).
+fn busy(mut resp: http::Response) -> Error {
+    let mut body = Vec::new();
+    let _ = Read::take(&mut resp, 4096).read_to_end(&mut body);
+    let status = i32::from(resp.status);
+    let message = match protocol::unwrap_answer(&resp.url, status, &resp.reason, &body) {
+        Err(Error::Server { message, .. }) => message,
+        _ => resp.reason.clone(),
+    };
+    let now = crate::log::unix_now();
+    Error::Busy {
+        retry_after: resp
+            .retry_after
+            .as_deref()
+            .and_then(|v| crate::agent::backoff::parse_retry_after(v, now)),
+        url: resp.url,
+        status: resp.status,
+        message,
+    }
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {

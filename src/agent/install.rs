@@ -5,6 +5,7 @@
 //! target (a running executable is never written to), fsync the directory.
 //! Rollback renames the backup back the same way.
 
+use crate::agent::backoff::Retries;
 use crate::agent::client::{Begin, Client, From, CHUNK};
 use crate::agent::state::Partial;
 use crate::error::{Error, Result};
@@ -20,8 +21,15 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Downloads are attempted this many times (transport errors, 5xx, truncation).
-const ATTEMPTS: u32 = 3;
+/// Downloads are attempted 3 times (transport errors, 5xx, truncation, a
+/// 429/503 with a short Retry-After), waiting full-jitter 0..1 s, then 0..2 s
+/// (at least the server's short delay), 30 s of waiting at most.
+const RETRIES: Retries = Retries {
+    attempts: 3,
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(8),
+    budget: Duration::from_secs(30),
+};
 /// Blocks queued for each hash thread at most.
 const HASH_QUEUE: usize = 2;
 /// A resumable download syncs and journals its bytes this often.
@@ -94,24 +102,32 @@ pub fn stage(
     require_dir(target)?;
     let mut partial = partial;
     let mut attempt = 1;
+    let mut waited = Duration::ZERO;
     loop {
-        match stage_once(client, name, url, target, want, max, &mut partial, journal)
-            .map_err(super::tls_hint::classify)
-        {
+        let e = match stage_once(client, name, url, target, want, max, &mut partial, journal) {
             Ok(staged) => return Ok(staged),
-            Err(e) if attempt < ATTEMPTS && retryable(&e) => {
-                let wait = Duration::from_secs(1 << (attempt - 1));
-                crate::event!(
-                    Warn,
-                    log::Event::new(name, "download_retry"),
-                    "download attempt {attempt} of {ATTEMPTS} failed: {e}; retrying in {} s",
-                    wait.as_secs()
-                );
-                std::thread::sleep(wait);
-                attempt += 1;
-            }
-            Err(e) => return Err(e),
-        }
+            Err(e) => super::tls_hint::classify(e),
+        };
+        let retry_after = match &e {
+            Error::Busy { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        let wait = super::plan::worth_retry(&e)
+            .then(|| RETRIES.wait(attempt, waited, retry_after, super::random()))
+            .flatten();
+        let Some(wait) = wait else {
+            return Err(e);
+        };
+        crate::event!(
+            Warn,
+            log::Event::new(name, "download_retry"),
+            "download attempt {attempt} of {} failed: {e}; retrying in {} ms",
+            RETRIES.attempts,
+            wait.as_millis()
+        );
+        std::thread::sleep(wait);
+        waited += wait;
+        attempt += 1;
     }
 }
 
@@ -126,15 +142,6 @@ pub fn require_dir(target: &Path) -> Result<()> {
         "directory \"{}\" does not exist (create it, or correct \"path\" in the manifest); nothing was downloaded",
         dir.display()
     )))
-}
-
-fn retryable(e: &Error) -> bool {
-    match e {
-        Error::Http { .. } => true,
-        Error::Server { status, .. } => *status >= 500 || *status == 429,
-        Error::Size { msg, .. } => msg.starts_with("truncated"),
-        _ => false,
-    }
 }
 
 /// The partial download worth resuming: of this URL and build, beside
@@ -432,7 +439,7 @@ fn stage_once(
         Err(e) => {
             // Cut off while resumable: keep what arrived for the next attempt.
             if out.entry.is_some()
-                && (retryable(&e) || matches!(e, Error::Stopped))
+                && (super::plan::worth_retry(&e) || matches!(e, Error::Stopped))
                 && out.checkpoint().is_ok()
             {
                 staged.keep = true;

@@ -109,6 +109,16 @@ pub struct Blocked {
     pub at: String,
 }
 
+/// The server's request to be left alone (a `429`/`503`): no run asks it
+/// anything before `until` (unless told `--now`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Unix seconds: Retry-After plus jitter, at most a day after it was told.
+    pub until: u64,
+    /// What the server said, one line.
+    pub why: String,
+}
+
 /// What happened to one binary here over all runs (Prometheus counters:
 /// they only grow, across runs).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -161,6 +171,8 @@ pub struct State {
     pub unreachable_runs: u64,
     /// When a run last ended with nothing failed (Unix seconds).
     pub last_success: Option<u64>,
+    /// The back-off the server asked for, if one was asked for.
+    backoff: Option<Backoff>,
     dirty: bool,
 }
 
@@ -366,6 +378,25 @@ impl State {
             })
     }
 
+    /// The back-off the server asked for, while it lasts (at `now`).
+    pub fn backoff(&self, now: u64) -> Option<&Backoff> {
+        self.backoff.as_ref().filter(|b| b.until > now)
+    }
+
+    /// Remembers the server's request to wait until `until` (save it).
+    pub fn set_backoff(&mut self, until: u64, why: &str) {
+        self.backoff = Some(Backoff {
+            until,
+            why: why.to_string(),
+        });
+        self.dirty = true;
+    }
+
+    /// Forgets the back-off (it passed, or an operator said `--now`).
+    pub fn clear_backoff(&mut self) {
+        self.dirty |= self.backoff.take().is_some();
+    }
+
     /// Records how a run ended: a success stamps `last_success`, an
     /// unreachable server counts.
     pub fn run_ended(&mut self, ok: bool, unreachable: bool, now: u64) {
@@ -542,6 +573,12 @@ impl State {
             });
             top.push(("partialDownloads", Value::Arr(partials.collect())));
         }
+        if let Some(b) = &self.backoff {
+            top.push((
+                "serverBackoff",
+                Value::obj([("until", Value::int(b.until)), ("why", Value::str(&b.why))]),
+            ));
+        }
         if let Some((name, token)) = &self.node_token {
             top.push((
                 "node",
@@ -630,6 +667,12 @@ impl State {
         }
         state.unreachable_runs = u(v, "unreachableRuns").unwrap_or(0);
         state.last_success = u(v, "lastSuccess");
+        if let Some(b) = v.get("serverBackoff") {
+            state.backoff = Some(Backoff {
+                until: u(b, "until")?,
+                why: s(b, "why").unwrap_or_default(),
+            });
+        }
         Some(state)
     }
 }
@@ -988,5 +1031,45 @@ mod tests {
             State::path_for(Path::new("/etc/bin-manifests.json")),
             PathBuf::from("/etc/bin-manifests.json.state")
         );
+    }
+
+    #[test]
+    fn the_server_backoff_is_kept_until_it_passes() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-state-backoff-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s");
+        let mut s = State::default();
+        assert_eq!(s.backoff(0), None);
+        s.clear_backoff();
+        assert!(!s.dirty, "nothing to forget: nothing to save");
+        s.set_backoff(1, "told before");
+        s.clear_backoff();
+        assert!(
+            s.dirty && s.backoff(0).is_none(),
+            "set, then forgotten: still to save"
+        );
+        s.set_backoff(1000, "503 from http://x/api/v1/bins/app");
+        assert!(s.dirty);
+        s.save_if_changed(&p).unwrap();
+        let mut loaded = State::load(&p);
+        assert!(!loaded.dirty);
+        let b = loaded.backoff(999).expect("kept across runs");
+        assert_eq!(
+            (b.until, b.why.as_str()),
+            (1000, "503 from http://x/api/v1/bins/app")
+        );
+        assert_eq!(loaded.backoff(1000), None, "over at its second");
+        loaded.clear_backoff();
+        assert!(loaded.dirty);
+        loaded.save_if_changed(&p).unwrap();
+        assert_eq!(State::load(&p).backoff(0), None);
+        assert!(!fs::read_to_string(&p).unwrap().contains("serverBackoff"));
+        // An entry without its time damages the file, as any other would.
+        fs::write(&p, br#"{"serverBackoff":{"why":"x"}}"#).unwrap();
+        assert!(State::load(&p).dirty);
+        fs::write(&p, br#"{"serverBackoff":{"until":5}}"#).unwrap();
+        assert_eq!(State::load(&p).backoff(4).map(|b| b.why.as_str()), Some(""));
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -237,7 +237,8 @@ impl Run<'_> {
             log::short(&remote.hash)
         );
         let kept = |e: Error| match e {
-            Error::Stopped => e,
+            // The server's back-off ends the run; the running version is kept anyway.
+            Error::Stopped | Error::Busy { .. } => e,
             e => Error::Other(format!("{e}; kept the running version")),
         };
         install::require_dir(target)?;
@@ -295,7 +296,7 @@ impl Run<'_> {
         let staged =
             install::stage(&self.client, &bin.name, &url, target, want, max, partial, &mut journal)
                 .map_err(|e| match (e, &signed) {
-                    (Error::Size { url, msg }, Some(d)) if !msg.starts_with("truncated") => {
+                    (Error::Size { url, msg }, Some(d)) => {
                         Error::Size {
                             url,
                             msg: format!(

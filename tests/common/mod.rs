@@ -97,7 +97,7 @@ pub enum Style {
 }
 
 /// Misbehaviour of the `bins/NAME` and/or `download/NAME` routes of one name.
-/// Faults apply to GET requests; `POST bins/NAME` is only affected by `ReportStatus`.
+/// Faults apply to GET requests; `POST bins/NAME` is only affected by `ReportStatus` and `Busy`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     None,
@@ -137,6 +137,13 @@ pub enum Fault {
     /// `download/NAME` serves, this `signature` document (when not empty)
     /// and these `keyStatements`.
     Signed(String, Vec<String>),
+    /// Overload: `bins/NAME`, `POST bins/NAME` and `download/NAME` answer this
+    /// status with `{"code":<status>,"message":"server busy"}` and this
+    /// `Retry-After` header (none for `None`).
+    Busy(u16, Option<String>),
+    /// The next N `download/NAME` answer `Busy(503, retry_after)`; after
+    /// them it serves.
+    DownloadBusy(Option<String>, usize),
     /// Like `Signed` (no statements), but `download/NAME` sends no length and
     /// the published bytes followed by endless filler (up to 256 MiB).
     Endless(String),
@@ -612,11 +619,25 @@ fn injected(status: u16) -> Action {
     )
 }
 
+/// A `Fault::Busy` answer.
+fn busy(status: u16, retry_after: &Option<String>) -> Action {
+    Action::Reply {
+        status,
+        content_type: "application/json",
+        headers: retry_after
+            .iter()
+            .map(|v| ("Retry-After".to_string(), v.clone()))
+            .collect(),
+        body: format!("{{\"code\":{status},\"message\":\"server busy\"}}").into_bytes(),
+    }
+}
+
 fn bins_get(st: &State, name: &str) -> Action {
     let style = st.style;
     let fault = st.faults.get(name).cloned().unwrap_or(Fault::None);
     match &fault {
         Fault::Status(s) => return injected(*s),
+        Fault::Busy(s, after) => return busy(*s, after),
         Fault::Hang => return Action::Hang,
         Fault::Garbage => return json(200, "{\"code\":200,\"data\":{\"hash\": ".to_string()),
         Fault::EnvelopeCode(code, message) => {
@@ -689,14 +710,22 @@ fn bins_post(st: &mut State, name: &str, req: &Request) -> Action {
     st.reported.entry(name.to_string()).or_default().push(hash);
     match st.faults.get(name) {
         Some(Fault::ReportStatus(s)) => injected(*s),
+        Some(Fault::Busy(s, after)) => busy(*s, after),
         _ => json(200, success(st.style, "null")),
     }
 }
 
-fn download(st: &State, name: &str, req: &Request, base: &str) -> Action {
+fn download(st: &mut State, name: &str, req: &Request, base: &str) -> Action {
+    if let Some(Fault::DownloadBusy(after, left)) = st.faults.get_mut(name) {
+        if *left > 0 {
+            *left -= 1;
+            return busy(503, after);
+        }
+    }
     let fault = st.faults.get(name).cloned().unwrap_or(Fault::None);
     match &fault {
         Fault::Status(s) => return injected(*s),
+        Fault::Busy(s, after) => return busy(*s, after),
         Fault::DownloadStatus(s) => {
             return Action::Reply {
                 status: *s,
@@ -1462,6 +1491,28 @@ pub fn can_run(have: bool, why: &str) -> bool {
     );
     eprintln!("SKIPPED (cannot run here): {why}");
     false
+}
+
+/// The proxy variables of the environment the tests run in: removed from
+/// every `bin-proxy` command, so that a developer's proxy never changes a
+/// test's outcome (tests that want a proxy set their own).
+pub const PROXY_VARS: [&str; 8] = [
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+];
+
+/// Removes [`PROXY_VARS`] from `cmd`'s environment.
+pub fn without_proxies(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// Whether this process runs as root (reads `/proc/self/status`).

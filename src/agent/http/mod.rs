@@ -71,6 +71,8 @@ pub struct Response {
     pub etag: Option<String>,
     /// `Content-Range`, as sent.
     pub content_range: Option<String>,
+    /// `Retry-After`, as sent (read by [`crate::agent::backoff`]).
+    pub retry_after: Option<String>,
     location: Option<String>,
     body: BufReader<Conn>,
     framing: Framing,
@@ -207,6 +209,20 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
             .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
     };
     let status = parsed.code.unwrap_or(0);
+    // A plain-HTTP proxy answers its own refusals (an ACL, a filter, a
+    // login it wants): a 407 always is the proxy's, and so is a 403 that is
+    // not bin-manager's JSON. Neither is the server's word on this node or
+    // build: it is an unreachable server, and the error names the proxy.
+    if let Some(p) = proxy.filter(|_| !target.https) {
+        let json = header("content-type").is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        if status == 407 || (status == 403 && !json) {
+            return Err(http(format!(
+                "proxy {} refused the request: {status} {}",
+                p.authority,
+                crate::protocol::one_line(parsed.reason.unwrap_or(""), 200)
+            )));
+        }
+    }
     let chunked =
         header("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
     let length = match header("content-length") {
@@ -229,6 +245,7 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
         length,
         etag: header("etag"),
         content_range: header("content-range"),
+        retry_after: header("retry-after"),
         location: header("location"),
         body,
         framing,
