@@ -356,7 +356,7 @@ fn a_real_bin_manager_over_max_requests_per_second_is_left_alone() {
     ran.expect_code(1);
     let line = log_line(&ran, &["server asks to retry after 1 s", "503 from "]);
     assert!(
-        line.contains("overloaded") && line.contains("keepalive"),
+        line.contains("overloaded") && line.contains("/api/v1/check"),
         "{line}"
     );
     let until = backoff_until(&host).unwrap();
@@ -382,7 +382,7 @@ fn a_real_bin_manager_over_max_requests_per_second_is_left_alone() {
     let asked = m
         .log_lines()
         .iter()
-        .filter(|l| l.contains("node=test-node"))
+        .filter(|l| l.contains("node=test-node") || l.contains("POST /api/v1/check"))
         .count();
     assert_eq!(asked, 1, "{:#?}", m.log_lines());
 }
@@ -402,15 +402,15 @@ fn one_client_over_its_share_is_told_429_and_backs_off_while_others_are_served()
         cmd.env("BIN_MANAGER_API", m.api());
         Ran::from_command(&mut cmd)
     };
-    // GET keepalive (404: a new node), POST keepalive, then bins/a: the third
-    // in a second from 127.0.0.1.
+    // POST check (a new node: registered false), POST keepalive, then the
+    // check again: the third in a second from 127.0.0.1.
     let t0 = now();
     let ran = agent();
     let t1 = now();
     ran.expect_code(1);
     let line = log_line(&ran, &["server asks to retry after 1 s", "429 from "]);
     assert!(
-        line.contains("/api/v1/bins/a") && line.contains("too many requests from your address"),
+        line.contains("/api/v1/check") && line.contains("too many requests from your address"),
         "{line}"
     );
     let until = backoff_until(&host).unwrap();
