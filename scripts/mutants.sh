@@ -19,7 +19,7 @@ fi
 if [ "$#" -gt 0 ]; then
     files="$*"
 else
-    files="src/agent/plan.rs src/agent/state.rs src/agent/manifest.rs src/protocol.rs src/hash.rs src/log.rs src/manager/rollout/mod.rs src/manager/rollout/policy.rs"
+    files="src/agent/plan.rs src/agent/backoff.rs src/agent/state.rs src/agent/manifest.rs src/protocol.rs src/hash.rs src/log.rs src/manager/rollout/mod.rs src/manager/rollout/policy.rs"
     # The signature module, once it exists.
     for f in src/sign/*.rs; do [ -f "$f" ] && files="$files $f"; done
 fi

@@ -74,6 +74,8 @@ pub struct Args {
     pub trusted_keys: Vec<PathBuf>,
     /// `--no-proxy`: ignore `http_proxy`, `https_proxy` and `no_proxy`.
     pub no_proxy: bool,
+    /// `--now`: ask the server even while the back-off it asked for lasts.
+    pub now: bool,
 }
 
 impl Default for Args {
@@ -95,6 +97,7 @@ impl Default for Args {
             metrics_file: None,
             trusted_keys: Vec::new(),
             no_proxy: false,
+            now: false,
         }
     }
 }
@@ -146,7 +149,9 @@ OPTIONS:
         --download-timeout SECS
                              Deadline for each whole download attempt. Network
                              failures, 5xx answers and truncated bodies are
-                             tried 3 times (1 s, then 2 s apart). Default: 1800.
+                             tried 3 times (waits drawn from 0..1 s, then 0..2 s;
+                             a 429/503 Retry-After of up to 10 s is waited out).
+                             Default: 1800.
         --max-size SIZE      Refuse downloads larger than this (suffixes K, M, G).
                              Default: 2G.
         --splay SECS         Sleep a per-node fixed 0..SECS seconds before starting, so
@@ -164,6 +169,8 @@ OPTIONS:
                              $BIN_PROXY_LOG_FORMAT, else text.
         --no-proxy           Connect directly, ignoring http_proxy, https_proxy and
                              no_proxy.
+        --now                Ask the server even while the back-off it asked for
+                             lasts (see BACK-OFF below).
     -q, --quiet              Print only warnings and errors.
     -v, --verbose            Print every request and decision.
     -h, --help               Print this help.
@@ -180,12 +187,19 @@ A build that failed here (it did not come up, or its postUpgrade check
 failed) is rolled back and held back: later runs leave it alone until the
 server publishes another build, or `bin-proxy retry NAME`.
 
+BACK-OFF: when the server answers 429 or 503 the run stops asking (exit 1)
+and keeps \"not before\" in the state file: its Retry-After (seconds or a
+date; none: 60 s) plus up to half as much jitter (none: up to 4 min), never
+more than a day. Runs before then ask nothing and exit 0 with one info line
+(none with --quiet), so cron does not mail every minute; `status` and
+`check` show it; `--now` ignores it.
+
 EXIT STATUS:
     0  nothing failed (also: another run holds the lock; a failed build is
-       held back)
+       held back; the server's back-off lasts)
     1  a binary failed, supervisord could not restart a service (nothing
-       swapped, nothing held back), the server could not be reached, or it
-       refused this node's token
+       swapped, nothing held back), the server could not be reached or
+       asked to back off (429/503), or it refused this node's token
     2  bad command line or invalid manifest; nothing was changed
 
 Logs go to stderr, one line per event, UTC timestamps. Manifest format, install
@@ -234,6 +248,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args> {
             }
             Long("metrics-file") => out.metrics_file = Some(parser.value().map_err(usage)?.into()),
             Long("no-proxy") => out.no_proxy = true,
+            Long("now") => out.now = true,
             Short('q') | Long("quiet") => out.quiet = true,
             Short('v') | Long("verbose") => out.verbose = true,
             Value(word) if command.is_none() => {
@@ -516,6 +531,10 @@ CONFIG KEYS BEYOND THE FLAGS (see README.md):
                              600; 0 = no limit); beyond: 429.
     maxRequestsPerSecond     Requests a second for all of /api/v1 (default 0 = no
                              limit); beyond: 503 with Retry-After.
+    maxRequestsPerClientPerSecond
+                             Requests a second one client address (IPv4, IPv6
+                             /64) may make to /api/v1 (default 0 = no limit);
+                             beyond: 429 with Retry-After.
     requireSignatures        true: refuse to publish a build without a valid
                              signature by one of trustedKeys (public key files).
 

@@ -51,6 +51,20 @@ pub enum Error {
         /// The server's own message, or the reason phrase.
         message: String,
     },
+    /// The server asked to be left alone (`429`, or `503`): the run stops
+    /// asking, and the runs after it wait until its `Retry-After` passed.
+    /// An infrastructure fault: nothing held back, no build blamed.
+    Busy {
+        /// The URL asked for.
+        url: String,
+        /// The HTTP status (429 or 503).
+        status: u16,
+        /// Its `Retry-After` in seconds from the answer (a date already
+        /// converted); `None` when it sent none or none that reads.
+        retry_after: Option<u64>,
+        /// The server's own message, or the reason phrase.
+        message: String,
+    },
     /// The server's answer could not be understood (bad JSON, missing field, bad hash).
     Protocol {
         /// The URL asked for.
@@ -71,8 +85,18 @@ pub enum Error {
     Size {
         /// The URL downloaded.
         url: String,
-        /// What went wrong: too large, or shorter than announced.
+        /// What went wrong: announced or grown over a limit.
         msg: String,
+    },
+    /// A download ended before the length its answer announced: worth
+    /// another try, unlike a download that is too large.
+    Truncated {
+        /// The URL downloaded.
+        url: String,
+        /// The bytes received.
+        got: u64,
+        /// The bytes announced (`Content-Length`).
+        len: u64,
     },
     /// A hook, restart command or supervisorctl call failed.
     Command {
@@ -199,6 +223,21 @@ impl fmt::Display for Error {
             } => {
                 write!(f, "{url}: server answered {status}: {message}")
             }
+            Error::Busy {
+                url,
+                status,
+                retry_after,
+                message,
+            } => match retry_after {
+                Some(secs) => write!(
+                    f,
+                    "{url}: server answered {status} ({message}) and asks to retry after {secs} s"
+                ),
+                None => write!(
+                    f,
+                    "{url}: server answered {status} ({message}) without Retry-After"
+                ),
+            },
             Error::Protocol { url, msg } => write!(f, "{url}: unexpected answer: {msg}"),
             Error::HashMismatch {
                 algo,
@@ -208,6 +247,9 @@ impl fmt::Display for Error {
                 write!(f, "{algo} mismatch: expected {expected}, got {got}")
             }
             Error::Size { url, msg } => write!(f, "{url}: {msg}"),
+            Error::Truncated { url, got, len } => {
+                write!(f, "{url}: truncated: got {got} of {len} bytes")
+            }
             Error::Command { cmd, msg } => write!(f, "{cmd} {msg}"),
             Error::Supervisor {
                 cmd,

@@ -91,10 +91,20 @@ fn is_temp_of(file: &str, target_name: &str) -> bool {
 /// when they were killed. Only call it while holding the run lock. Returns
 /// how many were removed.
 pub fn sweep_temps(target: &Path) -> usize {
+    sweep_temps_but(target, None)
+}
+
+/// [`sweep_temps`], sparing `keep` (a journalled partial download).
+pub fn sweep_temps_but(target: &Path, keep: Option<&Path>) -> usize {
     let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return 0;
     };
-    sweep_dir(parent(target), |file| is_temp_of(file, &name), |_| true)
+    let keep = keep.and_then(Path::file_name);
+    sweep_dir(
+        parent(target),
+        |file| is_temp_of(file, &name) && keep.is_none_or(|k| k.to_string_lossy() != file),
+        |_| true,
+    )
 }
 
 /// Removes, in `dir`, the upload temp files ([`unique_temp_path`] with

@@ -302,13 +302,13 @@ fn a_check_that_fails_is_the_run_s_fault_never_a_build_s() {
     let host = Host::new();
     host.manifest_for(&[("app", ""), ("tool", "")]);
     let before = common::host::snapshot(&host);
-    let down = Failing::start(503);
+    let down = Failing::start(500);
     for round in 0..2 {
         let mut cmd = host.command(&["--timeout", "20"]);
         cmd.env("BIN_MANAGER_API", down.api());
         let ran = Ran::bounded(&mut cmd, Duration::from_secs(60), "bin-proxy");
         ran.expect_code(1);
-        let line = common::host::log_line(&ran, &["server unreachable", "503"]);
+        let line = common::host::log_line(&ran, &["server unreachable", "500"]);
         assert!(
             line.contains("2 binaries not checked, nothing changed"),
             "{line}"

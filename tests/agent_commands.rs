@@ -32,6 +32,7 @@ fn bare(args: &[&str]) -> Command {
         .env_remove("BIN_DOWNLOAD_URL")
         .env_remove("BIN_MANAGER_TOKEN")
         .env_remove("BIN_PROXY_SUPERVISORCTL");
+    common::without_proxies(&mut cmd);
     cmd
 }
 

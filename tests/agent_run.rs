@@ -12,7 +12,7 @@ use common::{
     json_string, md5_hex, mode, supervisorctl_actions, supervisorctl_log, temp_files, Fault, Style,
 };
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 const OLD: &[u8] = b"#!/bin/sh\necho old build\n";
@@ -393,6 +393,74 @@ fn file_edited_on_disk_since_recorded_is_reinstalled() {
     let ran = host.run(&[]);
     ran.expect_code(0).expect_log("1 up to date");
     assert_eq!(host.server.count("GET", "/api/v1/download/myapp"), 1);
+}
+
+/// Cold state (no state file: the first run after an install), the
+/// manifest records an older build: the old file is hashed while the new
+/// build downloads. When it turns out to be the published build already,
+/// the download is dropped and the manifest records it: the file is not
+/// replaced (same inode, no backup), nothing is restarted.
+#[test]
+fn a_cold_upgrade_that_finds_the_published_build_on_disk_records_it() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEW, 0o750);
+    host.manifest_for(&[("myapp", &md5_hex(OLD))]);
+    host.server.publish("myapp", NEW);
+    let inode = fs::metadata(host.target("myapp")).unwrap().ino();
+
+    let ran = host.run(&[]);
+    ran.expect_code(0).expect_log(&format!(
+        "file already is the published build {}",
+        &md5_hex(NEW)[..8]
+    ));
+    assert!(!ran.stderr.contains("upgraded"), "{}", ran.stderr);
+    assert_eq!(fs::metadata(host.target("myapp")).unwrap().ino(), inode);
+    assert!(!host.opt.join("myapp.bak").exists());
+    assert_eq!(mode(&host.target("myapp")), 0o750);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
+    assert_eq!(host.server.reported("myapp"), [md5_hex(NEW)]);
+    assert!(
+        supervisorctl_actions(&host.dir.path).is_empty(),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        temp_files(&host.opt).is_empty(),
+        "{:?}",
+        temp_files(&host.opt)
+    );
+    // The state learned the file: the next run reads and downloads nothing.
+    host.run(&[]).expect_code(0).expect_log("1 up to date");
+    assert_eq!(host.server.count("GET", "/api/v1/download/myapp"), 1);
+}
+
+/// Cold state, a new build published, and the file is neither the recorded
+/// nor the published build: installed, with the drift named once the file
+/// was read (during the download); the backup is the file that was there.
+#[test]
+fn a_cold_upgrade_over_a_changed_file_names_the_change_and_keeps_it_as_backup() {
+    let host = Host::new();
+    install_file(&host, "myapp", NEWER, 0o750);
+    host.manifest_for(&[("myapp", &md5_hex(OLD))]);
+    host.server.publish("myapp", NEW);
+
+    let ran = host.run(&[]);
+    ran.expect_code(0);
+    let line = log_line(
+        &ran,
+        &["myapp", "file changed on disk since it was installed"],
+    );
+    assert!(
+        line.contains(&format!("on disk {}", &md5_hex(NEWER)[..8])),
+        "{line}"
+    );
+    log_line(
+        &ran,
+        &["myapp", &format!("upgraded {}", &md5_hex(NEWER)[..8])],
+    );
+    assert_eq!(fs::read(host.target("myapp")).unwrap(), NEW);
+    assert_eq!(fs::read(host.opt.join("myapp.bak")).unwrap(), NEWER);
+    assert_eq!(recorded(&host, "myapp"), md5_hex(NEW));
 }
 
 /// Case 6: the file is gone though the manifest records it.

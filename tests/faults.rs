@@ -758,7 +758,7 @@ fn run_killed_mid_download_releases_the_lock_and_is_swept() {
     let body = pattern(100);
     let host = outdated_host(OLD, &body);
     host.server
-        .fault("app", Fault::SlowDownload(Duration::from_millis(20)));
+        .fault("app", Fault::SlowDownload(Duration::from_millis(100)));
     let target = host.target("app");
     let manifest = host.manifest_text();
     let mut child = host
@@ -773,11 +773,10 @@ fn run_killed_mid_download_releases_the_lock_and_is_swept() {
     // The agent's HTTP client fills a 64 KiB buffer before handing bytes
     // over, so the 100-byte temp file stays empty until the body is complete:
     // "mid-download" is the temp file existing while the server is still
-    // sending.
+    // sending (for 10 s: a byte per 100 ms), so it is killed at once.
     let downloading = wait_until(Duration::from_secs(10), || {
         fs::metadata(&tmp).is_ok() && host.server.count("GET", "/api/v1/download/") >= 1
     });
-    std::thread::sleep(Duration::from_millis(200));
     child.kill().expect("kill -9");
     child.wait().unwrap();
     assert!(

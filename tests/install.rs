@@ -160,7 +160,7 @@ fn assert_no_temp_files(root: &Root) {
 
 /// `bin-proxy status` parses the manifest; with no binaries it contacts no server.
 fn assert_status_ok(agent: &Path, manifest: &Path) {
-    let out = Command::new(agent)
+    let out = common::without_proxies(&mut Command::new(agent))
         .arg("status")
         .arg("--config")
         .arg(manifest)

@@ -894,6 +894,9 @@ fn registry_survives_kill_9_and_restart() {
 
 #[test]
 fn slow_clients_do_not_starve_others() {
+    // Two workers, three clients sending their heads a byte at a time: if
+    // heads were read by workers (or one request at a time), the normal
+    // requests below would wait for the slow clients' head timeout (10 s).
     let m = Manager::start(&["--workers", "2"]);
     let app = pattern(11, 2000);
     fs::write(m.bin_dir().join("app"), &app).unwrap();
@@ -911,7 +914,7 @@ fn slow_clients_do_not_starve_others() {
                 for &b in b"X-Slow: 123456789".iter().take(12) {
                     thread::sleep(Duration::from_millis(500));
                     if s.write_all(&[b]).is_err() {
-                        return ("write failed", Vec::new());
+                        return ("write failed", Instant::now(), Vec::new());
                     }
                 }
                 // …then silence: the server must drop the connection (bounded wait).
@@ -920,60 +923,60 @@ fn slow_clients_do_not_starve_others() {
                 let mut buf = [0u8; 4096];
                 loop {
                     match s.read(&mut buf) {
-                        Ok(0) => return ("closed", got),
+                        Ok(0) => return ("closed", Instant::now(), got),
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                         Err(e)
                             if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                         {
-                            return ("still open", got)
+                            return ("still open", Instant::now(), got)
                         }
-                        Err(_) => return ("reset", got),
+                        Err(_) => return ("reset", Instant::now(), got),
                     }
                 }
             })
         })
         .collect();
+    // The slow clients are connected (and queued for accept) before the
+    // normal requests below, so a server serving in arrival order would
+    // take them first.
     for _ in 0..3 {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("slow clients connected");
     }
-    thread::sleep(Duration::from_millis(300));
 
-    // Meanwhile, normal requests are answered (liveness bound 15 s each).
-    let started = Instant::now();
-    let r = http_within(
-        Duration::from_secs(15),
-        "GET",
-        &format!("{}/bins/app", m.api()),
-        &[],
-        b"",
-    );
-    let first = started.elapsed();
+    // Meanwhile, normal requests are answered, each well within the slow
+    // clients' 10 s head timeout (a generous bound: they take milliseconds).
+    let bound = Duration::from_secs(5);
+    let timed = |path: String| {
+        let started = Instant::now();
+        let r = http_within(Duration::from_secs(30), "GET", &path, &[], b"");
+        let took = started.elapsed();
+        assert!(
+            took < bound,
+            "GET {path} took {took:?} with 3 slow clients on 2 workers (bound {bound:?})"
+        );
+        r
+    };
+    let r = timed(format!("{}/bins/app", m.api()));
     assert_eq!(envelope(&r, 200).get("hash").s(), md5_hex(&app));
-    let r = http_within(
-        Duration::from_secs(15),
-        "GET",
-        &format!("{}/download/app", m.api()),
-        &[],
-        b"",
-    );
+    let r = timed(format!("{}/download/app", m.api()));
     assert_eq!((r.status, &r.body), (200, &app));
-    let r = http_within(
-        Duration::from_secs(15),
-        "GET",
-        &format!("{}/healthz", m.url()),
-        &[],
-        b"",
-    );
+    let r = timed(format!("{}/healthz", m.url()));
     assert_eq!(r.status, 200);
-    eprintln!("first normal request answered after {first:?} (2 workers, 3 slow clients)");
+    let answered = Instant::now();
 
     for h in slow {
-        let (how, got) = h.join().unwrap();
+        let (how, when, got) = h.join().unwrap();
         assert!(
             how == "closed" || how == "reset" || how == "write failed",
             "a slow client was not dropped: {how}, got {:?}",
             String::from_utf8_lossy(&got)
+        );
+        // Whatever the machine's speed: the normal requests were answered
+        // while every slow client was still connected.
+        assert!(
+            when > answered,
+            "a slow client was dropped before the normal requests were answered"
         );
         if !got.is_empty() {
             let r = parse_response(&got).expect("a parsable answer");
@@ -1399,24 +1402,79 @@ fn a_full_worker_queue_answers_503_at_once() {
     fs::write(m.bin_dir().join("app"), &app).unwrap();
     envelope(&get(&m, "/bins/app"), 200); // hashed now: answered on the loops from here on
 
-    // The worker is busy with an upload whose body stops coming…
+    // The worker is busy with an upload whose body keeps coming, a byte at a
+    // time (so its read timeout never ends it), until `stop`.
     let mut upload = TcpStream::connect(m.addr()).unwrap();
     upload
-        .write_all(b"PUT /api/v1/bins/slow HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer adm\r\nContent-Length: 1000\r\n\r\nabc")
+        .write_all(b"PUT /api/v1/bins/slow HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer adm\r\nContent-Length: 67108864\r\n\r\nabc")
         .unwrap();
-    thread::sleep(Duration::from_millis(300));
-    // …and sixteen requests that need a worker fill its queue.
-    let queued: Vec<TcpStream> = (0..16)
-        .map(|_| {
-            let mut s = TcpStream::connect(m.addr()).unwrap();
-            s.write_all(b"GET /api/v1/nodes HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-                .unwrap();
-            s
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(200));
+                if upload.write_all(b"x").is_err() {
+                    break;
+                }
+            }
         })
-        .collect();
-    thread::sleep(Duration::from_millis(500));
+    };
+    // The worker has it once its temp file holds the first bytes.
+    let taken = common::wait_until(Duration::from_secs(30), || {
+        fs::read_dir(m.bin_dir()).unwrap().flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(".slow.")
+                && name.ends_with(".bin-proxy-tmp")
+                && e.metadata().is_ok_and(|md| md.len() >= 3)
+        })
+    });
+    assert!(taken, "the worker never started writing the upload");
 
-    // The next one is told at once, in the envelope, with Retry-After.
+    // Sixteen requests that need a worker fill its queue…
+    let nodes = || {
+        let mut s = TcpStream::connect(m.addr()).unwrap();
+        s.write_all(b"GET /api/v1/nodes HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        s
+    };
+    let mut queued: Vec<TcpStream> = (0..16).map(|_| nodes()).collect();
+    // …and the next is refused. Sent one by one until one is: one not
+    // answered within 2 s is not yet read by its loop (so queued, or
+    // refused later): kept, and read below.
+    let mut refused = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while refused.is_none() && Instant::now() < deadline && queued.len() < 40 {
+        let mut s = nodes();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut first = [0u8; 1];
+        match s.read(&mut first) {
+            Ok(1) => {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut raw = first.to_vec();
+                let _ = s.read_to_end(&mut raw);
+                refused = Some(parse_response(&raw).unwrap_or_else(|| {
+                    panic!("after {} queued: {:?}", queued.len(), snippet(&raw))
+                }));
+            }
+            _ => queued.push(s),
+        }
+    }
+    let r = refused.unwrap_or_else(|| {
+        panic!(
+            "no request was refused with {} waiting for the one worker",
+            queued.len()
+        )
+    });
+    // Refused at once (within the 2 s above), in the envelope, with Retry-After.
+    expect_error(&r, 503, "server busy: every worker is taken; retry shortly");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        queued.len() >= 16,
+        "refused with only {} requests queued",
+        queued.len()
+    );
+    // And so is the next one, while the queue stays full.
     let r = http_within(
         Duration::from_secs(5),
         "GET",
@@ -1425,7 +1483,6 @@ fn a_full_worker_queue_answers_503_at_once() {
         b"",
     );
     expect_error(&r, 503, "server busy: every worker is taken; retry shortly");
-    assert_eq!(r.header("retry-after"), Some("1"));
     // What the loops answer is still answered.
     let r = http_within(
         Duration::from_secs(5),
@@ -1437,16 +1494,23 @@ fn a_full_worker_queue_answers_503_at_once() {
     assert_eq!(envelope(&r, 200).get("hash").s(), md5_hex(&app));
 
     // The upload gives up: the worker answers it, then every queued request.
-    drop(upload);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    trickle.join().unwrap();
+    let mut served = 0;
     for (i, mut s) in queued.into_iter().enumerate() {
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut raw = Vec::new();
         let _ = s.read_to_end(&mut raw);
         let r = parse_response(&raw)
             .unwrap_or_else(|| panic!("queued request {i}: no answer: {:?}", snippet(&raw)));
+        if r.status == 503 {
+            continue; // read by its loop only after the queue was full
+        }
         let data = envelope(&r, 200);
         assert!(data.get("nodes").arr().is_empty(), "queued request {i}");
+        served += 1;
     }
+    assert_eq!(served, 16, "requests the full queue held");
     assert!(
         !m.bin_dir().join("slow").exists(),
         "a cut-off upload was published"
@@ -2309,17 +2373,36 @@ fn sigterm_stops_accepting_finishes_downloads_in_flight_and_exits_0() {
     );
     envelope(&r, 200);
 
-    // A download that has started but is read slowly: still in flight.
+    // A download that has started and is read slowly (64 KiB per 100 ms, so
+    // the server's writes keep making progress and never hit its 10 s write
+    // timeout, however long the checks below take) until `go`: in flight.
     let mut s = TcpStream::connect(m.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s.write_all(b"GET /api/v1/download/big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut got = vec![0u8; 64 * 1024];
     let n = s.read(&mut got).unwrap();
     got.truncate(n);
+    let go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let go = go.clone();
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                if !go.load(std::sync::atomic::Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(100));
+                }
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return Err(format!("{e} after {} bytes", got.len())),
+                }
+            }
+        })
+    };
 
     m.signal("TERM");
-    let refused = common::wait_until(Duration::from_secs(10), || {
+    let refused = common::wait_until(Duration::from_secs(30), || {
         TcpStream::connect(m.addr()).is_err()
     });
     assert!(refused, "still accepting after SIGTERM");
@@ -2328,30 +2411,35 @@ fn sigterm_stops_accepting_finishes_downloads_in_flight_and_exits_0() {
         "exited with a download in flight"
     );
 
-    s.read_to_end(&mut got).unwrap();
+    go.store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = reader.join().unwrap().expect("reading the download");
     let start = find(&got, b"\r\n\r\n").expect("a head") + 4;
     assert_eq!(got.len() - start, body.len(), "the download was cut short");
     assert!(got[start..] == body[..], "the download's bytes differ");
 
     assert_eq!(
-        m.wait_exit(Duration::from_secs(30)),
+        m.wait_exit(Duration::from_secs(60)),
         Some(0),
         "{:?}",
         m.log_lines()
     );
-    let stopped = m
-        .log_lines()
-        .into_iter()
-        .filter(|l| l.contains("bin-manager stopped"))
-        .collect::<Vec<_>>();
-    assert_eq!(stopped.len(), 1, "{:?}", m.log_lines());
+    // The last line may still be on its way from the pipe.
+    let stopped = m.wait_log(Duration::from_secs(10), |l| {
+        l.contains("bin-manager stopped")
+    });
+    let stopped = stopped.unwrap_or_else(|| panic!("no \"stopped\" line: {:?}", m.log_lines()));
     assert!(
-        stopped[0].contains(
+        stopped.contains(
             "bin-manager stopped (SIGTERM): stopped accepting, finished the 1 request in flight"
         ),
-        "{}",
-        stopped[0]
+        "{stopped}"
     );
+    let count = m
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("bin-manager stopped"))
+        .count();
+    assert_eq!(count, 1, "{:?}", m.log_lines());
 
     // The registration survived; the count reads as English.
     m.restart();

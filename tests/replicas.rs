@@ -545,3 +545,118 @@ fn two_replicas_advance_a_rollout_exactly_once_per_step() {
         "publish, 50%, 100%, done: {revisions:?}"
     );
 }
+
+/// The once-per-step guarantee forced: two replicas on one database are
+/// told the same thing (pause, then resume) at the same moment, many times.
+/// Each time exactly one of them may take the step and the other must be
+/// refused (409: it is already paused / running), and the database must
+/// hold exactly one record of each step, revisions 1, 2, 3… once each. A
+/// replica that decided without the revision check, or without the write
+/// lock, takes a step twice within a few rounds.
+#[test]
+fn replicas_told_the_same_step_at_once_take_it_exactly_once() {
+    let Some(pg) = Pg::start() else { return };
+    let first = Manager::start(&["--quiet", "--admin-token", "adm", "--database", &pg.url()]);
+    let shared = first.bin_dir().display().to_string();
+    let second = Manager::start(&[
+        "--quiet",
+        "--admin-token",
+        "adm",
+        "--database",
+        &pg.url(),
+        "--bin-dir",
+        &shared,
+    ]);
+    first.publish_mv("app", b"#!/bin/sh\n# build a\nexit 0\n");
+    // A staged rollout whose first step soaks for an hour: the health gate
+    // takes no step during the test, only the operators below do.
+    let r = common::manager::put(
+        &first,
+        "/bins/app?rollout=10,50,100&soak=3600",
+        Some("adm"),
+        b"#!/bin/sh\n# build c\nexit 0\n",
+    );
+    envelope(&r, 200);
+    let rows = |pg: &Pg| -> Vec<(u64, String)> {
+        pg.psql(
+            "fleet",
+            "SELECT (op::json->'rollout'->>'revision') || ' ' || (op::json->'rollout'->>'state') \
+             FROM registry_log WHERE op::json->>'op' = 'rollout' ORDER BY seq",
+        )
+        .lines()
+        .map(|l| {
+            let (rev, state) = l.split_once(' ').expect("revision and state");
+            (rev.parse().expect("a revision"), state.to_string())
+        })
+        .collect()
+    };
+    let before = rows(&pg);
+    assert_eq!(
+        before.last().map(|(_, s)| s.as_str()),
+        Some("running"),
+        "{before:?}"
+    );
+
+    // An answer in a line: its message, or the rollout's state and revision.
+    let brief = |r: &common::HttpResponse| match common::json::try_parse(&r.body_str()) {
+        Ok(j) => match j.opt("data").and_then(|d| d.opt("revision")) {
+            Some(rev) => format!(
+                "{}: {} at revision {rev:?}",
+                r.status,
+                j.get("data").get("state").s()
+            ),
+            None => format!("{}: {:?}", r.status, j.opt("message")),
+        },
+        Err(_) => format!("{}: {}", r.status, r.body_str()),
+    };
+    const ROUNDS: usize = 25;
+    let urls = [first.url(), second.url()];
+    for round in 0..ROUNDS {
+        for (action, state) in [("pause", "paused"), ("resume", "running")] {
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let answers: Vec<_> = urls
+                .iter()
+                .map(|base| {
+                    let url = format!("{base}/api/v1/rollouts/app/{action}");
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        http("POST", &url, &[("Authorization", "Bearer adm")], b"")
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            let mut statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+            statuses.sort();
+            assert_eq!(
+                statuses,
+                [200, 409],
+                "round {round}, {action} on both replicas at once: {:?}",
+                answers.iter().map(brief).collect::<Vec<_>>()
+            );
+            let won = answers.iter().find(|r| r.status == 200).unwrap();
+            assert_eq!(envelope(won, 200).get("state").s(), state, "round {round}");
+        }
+    }
+
+    // The database holds each step once: one record per step taken, in
+    // revision order, the states alternating.
+    let after = rows(&pg);
+    let start = before.len() - 1;
+    let ours = &after[start..];
+    let (rev0, _) = ours[0];
+    let expected: Vec<(u64, String)> = (0..=2 * ROUNDS as u64)
+        .map(|i| {
+            let state = if i % 2 == 1 { "paused" } else { "running" };
+            (rev0 + i, state.to_string())
+        })
+        .collect();
+    assert_eq!(ours, expected, "the rollout's records as stored");
+    for m in [&first, &second] {
+        let r = http("GET", &format!("{}/api/v1/rollouts/app", m.url()), &[], b"");
+        let d = envelope(&r, 200);
+        assert_eq!(d.get("state").s(), "running");
+    }
+}

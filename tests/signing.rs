@@ -547,6 +547,7 @@ fn the_agent_updates_itself_only_to_a_build_that_passes_its_self_test() {
             .env_remove("BIN_PROXY_CONFIG")
             .env_remove("BIN_DOWNLOAD_URL")
             .env_remove("BIN_MANAGER_TOKEN");
+        common::without_proxies(&mut cmd);
         Ran::bounded(&mut cmd, Duration::from_secs(60), "the installed bin-proxy")
     };
     let publish_signed = |bytes: &[u8], file: &str| {

@@ -7,7 +7,8 @@
 #      bin-proxy, shell mode for the script), and the idle run over 50
 #      binaries against the goal of issue 16 (>= 200x the script, one
 #      request on the wire, counted in bin-manager's access log);
-#   2. upgrade of one large binary (fresh random bytes): bin-proxy vs the
+#   2. upgrade of one large binary (fresh random bytes): bin-proxy (its state
+#      knowing the old file, and cold: state removed) vs the
 #      script vs `curl -o f && md5sum f` vs `md5sum f` alone, with the target
 #      directory on disk (/var/tmp) and on tmpfs (/dev/shm);
 #   3. peak RSS (/usr/bin/time -v) downloading 1 GiB and 64 MiB, and curl's;
@@ -302,11 +303,13 @@ publishes the old build, so its \`MANIFEST.state\` holds the old file's hash as 
 earlier cron run (steady state: it does not re-read the old file); the script always md5sums \
 the old file when the recorded hash differs from the published one (that cost is the \
 \`md5sum\` column). \`restart: \"none\"\` for both agents. bin-proxy fsyncs the new file and \
-the directory; the script and curl do not. \`curl\` and \`md5sum\` write to / read from the \
+the directory; the script and curl do not. *bin-proxy cold*: the same upgrade with \`MANIFEST.state\` \
+removed before each run (first run after an install, or a touched file): it does not know the old \
+file, and hashes it while the new build downloads. \`curl\` and \`md5sum\` write to / read from the \
 same directory; \`md5sum f alone\` hashes the published file (page-cached). Runs: $UP_RUNS, warm-up: $UP_WARMUP."
 echo
-echo "| target dir | bin-proxy | baseline-agent.sh | \`curl -s -o f URL && md5sum f\` | \`md5sum f\` alone | script / bin-proxy | curl+md5sum / bin-proxy |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "| target dir | bin-proxy | bin-proxy cold | baseline-agent.sh | \`curl -s -o f URL && md5sum f\` | \`md5sum f\` alone | script / bin-proxy | script / cold | curl+md5sum / bin-proxy |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for where in disk tmpfs; do
     if [[ $where == disk ]]; then X=$D/up-disk; else X=$S/up-tmpfs; fi
     label="$where: ${X%%/bin-proxy-bench*} ($(findmnt -no FSTYPE -T "$D"))"
@@ -323,6 +326,7 @@ cp "$X/old-big" "$X/t/big"; chmod 755 "$X/t/big"
 case \$1 in
     bp) rm -f "$X/bp.json.state"; cp "$X/bp.json.orig" "$X/bp.json"
         "$BP" --quiet --config "$X/bp.json" --api "$API_OLD" ;;
+    bpcold) rm -f "$X/bp.json.state"; cp "$X/bp.json.orig" "$X/bp.json" ;;
     sh) cp "$X/sh.json.orig" "$X/sh.json" ;;
 esac
 sync
@@ -334,6 +338,8 @@ EOF
     fi
     t_bp=$(bench "up-$where-bp" N "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh bp" "$BP --config $X/bp.json")
     [[ $(md5 "$X/t/big") == "$NEW" ]] || { say "bin-proxy did not install the new build"; exit 1; }
+    t_cold=$(bench "up-$where-cold" N "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh bpcold" "$BP --config $X/bp.json")
+    [[ $(md5 "$X/t/big") == "$NEW" ]] || { say "bin-proxy (cold) did not install the new build"; exit 1; }
     t_sh=$(bench "up-$where-sh" sh "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh sh" "bash $SH $X/sh.json")
     [[ $(md5 "$X/t/big") == "$NEW" ]] || { say "baseline-agent.sh did not install the new build"; exit 1; }
     t_curl=$(bench "up-$where-curl" sh "$UP_RUNS" "$UP_WARMUP" "bash $X/prep.sh none" \
@@ -350,7 +356,7 @@ EOF
         t_tmpfs_bp=$t_bp t_tmpfs_md5=$t_md5
         kill "$NGINX_PID" 2>/dev/null || true
     fi
-    echo "| $label | $(sec "$t_bp") ($(rate "$UP_MIB" "$t_bp")) | $(sec "$t_sh") | $(sec "$t_curl") | $(sec "$t_md5") | **$(ratio "$t_sh" "$t_bp")** | **$(ratio "$t_curl" "$t_bp")** |"
+    echo "| $label | $(sec "$t_bp") ($(rate "$UP_MIB" "$t_bp")) | $(sec "$t_cold") | $(sec "$t_sh") | $(sec "$t_curl") | $(sec "$t_md5") | **$(ratio "$t_sh" "$t_bp")** | **$(ratio "$t_sh" "$t_cold")** | **$(ratio "$t_curl" "$t_bp")** |"
     rm -rf "$X"
 done
 echo

@@ -256,6 +256,13 @@ impl Run<'_> {
                 self.node_request_failed("check", e);
                 return Some(CheckIn::default()); // each binary asked as today
             }
+            // 429/503: the server asks to be left alone; the run backs off.
+            Err(e @ Error::Busy { .. }) => {
+                return Some(CheckIn {
+                    pending: false,
+                    error: Some(e),
+                })
+            }
             Err(e) => match tls_hint::classify(e) {
                 // The server is down or overloaded: the run's failure.
                 e @ (Error::Http { .. }

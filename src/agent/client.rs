@@ -34,6 +34,32 @@ pub enum Checked {
     Unsupported,
 }
 
+/// Where an interrupted download goes on: the bytes already on disk and
+/// the validator they were received under.
+#[derive(Clone, Debug)]
+pub struct From {
+    /// Bytes on disk.
+    pub offset: u64,
+    /// The `ETag` they came with (a strong one: only those resume).
+    pub etag: String,
+    /// The whole file's length, as announced then.
+    pub total: Option<u64>,
+}
+
+/// How an answer continues the file, told before its first block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Begin {
+    /// The blocks go at this offset: 0 starts the file over (truncate it),
+    /// else it is the resume point asked for.
+    pub offset: u64,
+    /// The whole file's length, when announced.
+    pub total: Option<u64>,
+    /// The answer's strong `ETag`: without one, the download cannot resume.
+    pub etag: Option<String>,
+    /// Why a resume asked for starts over instead.
+    pub restart: Option<String>,
+}
+
 /// Where and how to talk to bin-manager.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -153,9 +179,15 @@ impl Client {
         }
     }
 
-    /// Streams `url` into `sink` in blocks of up to [`CHUNK`]; refuses bodies over `max` bytes and
-    /// bodies shorter than their `Content-Length`. `on_start` learns the
-    /// announced length before the first block. Returns the byte count.
+    /// Streams `url` into `sink` in blocks of up to [`CHUNK`]; refuses files over `max` bytes and
+    /// bodies shorter than their `Content-Length`. `on_start` learns, before
+    /// the first block, where the blocks go and how long the whole file is
+    /// ([`Begin`]). Returns the whole file's length (resumed bytes included).
+    ///
+    /// With `from`, asks only for the rest (`Range: bytes=N-` under
+    /// `If-Range`), and takes only a `206` whose `Content-Range` starts at N
+    /// and has the expected total; anything else starts over from byte 0
+    /// (a `200` is the whole file, never the rest to append).
     ///
     /// `sink(buf, n)`: the first `n` bytes of `buf` are the next ones. The
     /// sink may keep `buf` by swapping in another buffer of [`CHUNK`] bytes
@@ -164,34 +196,100 @@ impl Client {
         &self,
         url: &str,
         max: u64,
-        on_start: &mut dyn FnMut(Option<u64>),
+        from: Option<&From>,
+        on_start: &mut dyn FnMut(&Begin) -> Result<()>,
         sink: &mut dyn FnMut(&mut Vec<u8>, usize) -> Result<()>,
     ) -> Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(self.download_timeout.max(1));
-        let mut resp = http::send(&http::Request {
-            method: Method::Get,
-            url,
-            body: None,
-            credentials: &|u| self.credentials(u),
-            headers: &[],
-            timeout: Duration::from_secs(self.timeout.max(1)),
-            deadline,
-            proxies: &self.proxies,
-        })?;
+        let mut ask = from.filter(|f| f.offset > 0 && strong(&f.etag).is_some());
+        let mut restart = None;
+        // At most two requests: a refused resume asks once more, for everything.
+        let (mut resp, offset, total) = loop {
+            let headers: Vec<(&str, String)> = match ask {
+                Some(f) => vec![
+                    ("Range", format!("bytes={}-", f.offset)),
+                    ("If-Range", f.etag.clone()),
+                ],
+                None => Vec::new(),
+            };
+            let mut resp = http::send(&http::Request {
+                method: Method::Get,
+                url,
+                body: None,
+                credentials: &|u| self.credentials(u),
+                headers: &headers,
+                timeout: Duration::from_secs(self.timeout.max(1)),
+                deadline,
+                proxies: &self.proxies,
+            })?;
+            if matches!(resp.status, 429 | 503) {
+                return Err(busy(resp));
+            }
+            let got = resp.content_range.clone().unwrap_or_default();
+            if let (Some(f), 416) = (ask, resp.status) {
+                // Nothing left to send: complete if the file has exactly this length.
+                let whole = got.strip_prefix("bytes */").and_then(|t| t.parse().ok());
+                if whole == Some(f.offset) && f.total.is_none_or(|t| t == f.offset) {
+                    on_start(&Begin {
+                        offset: f.offset,
+                        total: whole,
+                        etag: strong(&f.etag),
+                        restart: None,
+                    })?;
+                    return Ok(f.offset);
+                }
+                restart = Some(format!(
+                    "the server cannot send bytes {}- (416, Content-Range \"{got}\")",
+                    f.offset
+                ));
+                ask = None;
+                continue;
+            }
+            if !(200..300).contains(&resp.status) {
+                let url = resp.url.clone();
+                let mut body = Vec::new();
+                let _ = Read::take(&mut resp, 4096).read_to_end(&mut body);
+                let status = i32::from(resp.status);
+                return Err(protocol::unwrap_answer(&url, status, &resp.reason, &body)
+                    .err()
+                    .unwrap_or(Error::Server {
+                        url,
+                        status,
+                        message: resp.reason.clone(),
+                    }));
+            }
+            let Some(f) = ask else {
+                break (resp, 0, None);
+            };
+            if resp.status != 206 {
+                restart = Some(format!(
+                    "the server sent the whole file (status {}), not the rest",
+                    resp.status
+                ));
+                break (resp, 0, None);
+            }
+            match content_range(&got) {
+                Some((start, total))
+                    if start == f.offset
+                        && f.total.is_none_or(|t| t == total)
+                        && resp.length.is_none_or(|l| start + l == total) =>
+                {
+                    break (resp, start, Some(total));
+                }
+                _ => {
+                    restart = Some(format!(
+                        "the server answered 206 with Content-Range \"{}\", not bytes {}-{}",
+                        crate::protocol::one_line(&got, 100),
+                        f.offset,
+                        f.total.map(|t| format!("…/{t}")).unwrap_or_default()
+                    ));
+                    ask = None;
+                }
+            }
+        };
         let url = resp.url.clone();
-        if !(200..300).contains(&resp.status) {
-            let mut body = Vec::new();
-            let _ = Read::take(&mut resp, 4096).read_to_end(&mut body);
-            let status = i32::from(resp.status);
-            return Err(protocol::unwrap_answer(&url, status, &resp.reason, &body)
-                .err()
-                .unwrap_or(Error::Server {
-                    url,
-                    status,
-                    message: resp.reason.clone(),
-                }));
-        }
-        if let Some(len) = resp.length.filter(|&len| len > max) {
+        let total = total.or(resp.length);
+        if let Some(len) = total.filter(|&len| len > max) {
             return Err(Error::Size {
                 url,
                 msg: format!(
@@ -201,20 +299,25 @@ impl Client {
                 ),
             });
         }
-        on_start(resp.length);
+        on_start(&Begin {
+            offset,
+            total,
+            etag: resp.etag.as_deref().and_then(strong),
+            restart,
+        })?;
         let mut buf = vec![0u8; CHUNK];
-        let mut total: u64 = 0;
+        let mut got: u64 = 0;
         loop {
             let n = match resp.read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.transfer_error(&url, total, e)),
+                Err(e) => return Err(self.transfer_error(&url, offset + got, e)),
             };
             if n == 0 {
                 break;
             }
-            total += n as u64;
-            if total > max {
+            got += n as u64;
+            if offset + got > max {
                 return Err(Error::Size {
                     url,
                     msg: format!("body exceeds the limit of {}", crate::log::size(max)),
@@ -226,11 +329,12 @@ impl Client {
             }
         }
         match resp.length {
-            Some(len) if total != len => Err(Error::Size {
+            Some(len) if got != len => Err(Error::Truncated {
                 url,
-                msg: format!("truncated: got {total} of {len} bytes"),
+                got: offset + got,
+                len: offset + len,
             }),
-            _ => Ok(total),
+            _ => Ok(offset + got),
         }
     }
 
@@ -292,6 +396,7 @@ impl Client {
     }
 
     /// Sends one API request (redirects followed, within [`Client::timeout`]).
+    /// A `429` or `503` is [`Error::Busy`]: the server asks to be left alone.
     fn send(&self, method: Method, url: &str, body: Option<String>) -> Result<http::Response> {
         self.send_with(method, url, body, &[])
     }
@@ -305,7 +410,7 @@ impl Client {
         headers: &[(&'static str, String)],
     ) -> Result<http::Response> {
         let timeout = Duration::from_secs(self.timeout.max(1));
-        http::send(&http::Request {
+        let resp = http::send(&http::Request {
             method,
             url,
             body: body.as_deref().map(str::as_bytes),
@@ -314,7 +419,11 @@ impl Client {
             timeout,
             deadline: Instant::now() + timeout,
             proxies: &self.proxies,
-        })
+        })?;
+        match resp.status {
+            429 | 503 => Err(busy(resp)),
+            _ => Ok(resp),
+        }
     }
 
     fn transfer_error(&self, url: &str, got: u64, e: std::io::Error) -> Error {
@@ -339,9 +448,70 @@ impl Client {
     }
 }
 
+/// A `429`/`503` answer as [`Error::Busy`]: its `Retry-After` read, its
+/// message from the envelope when it has one (else the reason phrase).
+fn busy(mut resp: http::Response) -> Error {
+    let mut body = Vec::new();
+    let _ = Read::take(&mut resp, 4096).read_to_end(&mut body);
+    let status = i32::from(resp.status);
+    let message = match protocol::unwrap_answer(&resp.url, status, &resp.reason, &body) {
+        Err(Error::Server { message, .. }) => message,
+        _ => resp.reason.clone(),
+    };
+    let now = crate::log::unix_now();
+    Error::Busy {
+        retry_after: resp
+            .retry_after
+            .as_deref()
+            .and_then(|v| crate::agent::backoff::parse_retry_after(v, now)),
+        url: resp.url,
+        status: resp.status,
+        message,
+    }
+}
+
+/// A strong ETag (`"…"`), the only kind `If-Range` may carry.
+fn strong(etag: &str) -> Option<String> {
+    let e = etag.trim();
+    (e.len() >= 2 && e.starts_with('"') && e.ends_with('"')).then(|| e.to_string())
+}
+
+/// `bytes START-END/TOTAL` → (START, TOTAL), with END the last byte.
+fn content_range(v: &str) -> Option<(u64, u64)> {
+    let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end, total) = (
+        start.parse().ok()?,
+        end.parse::<u64>().ok()?,
+        total.parse().ok()?,
+    );
+    (start <= end && end.checked_add(1) == Some(total)).then_some((start, total))
+}
+
 fn is_timeout(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_whole_content_range_and_a_strong_etag_are_taken() {
+        assert_eq!(content_range("bytes 100-999/1000"), Some((100, 1000)));
+        assert_eq!(content_range(" bytes 0-0/1 "), Some((0, 1)));
+        // Not to the end, unknown total, reversed, not bytes, garbage.
+        assert_eq!(content_range("bytes 100-998/1000"), None);
+        assert_eq!(content_range("bytes 100-999/*"), None);
+        assert_eq!(content_range("bytes 9-1/2"), None);
+        assert_eq!(content_range("items 0-9/10"), None);
+        assert_eq!(content_range("bytes */1000"), None);
+        assert_eq!(strong("\"abc\""), Some("\"abc\"".into()));
+        assert_eq!(strong("W/\"abc\""), None);
+        assert_eq!(strong("abc"), None);
+        assert_eq!(strong("\""), None);
+    }
 }

@@ -26,6 +26,14 @@ pub(super) fn check(args: &Args, config: &Path, table: bool) -> Result<u8> {
     let mut client = client_for(args, &process_env, &manifest, config, &facts)?;
     let state = State::load(&State::path_for(config));
     client.node_token = state.node_token(&facts.name).map(str::to_string);
+    if let Some(b) = state.backoff(log::unix_now()) {
+        // Shown, not obeyed: an operator asking is not the fleet's cron.
+        warn!(
+            "the server asked to be left alone until {} ({}); runs ask nothing until then (`bin-proxy --now` overrides)",
+            super::at(b.until),
+            b.why
+        );
+    }
     let mut failed = false;
     let mut rows =
         vec![["NAME", "PATH", "RECORDED", "ACTUAL", "REMOTE", "STATE"].map(String::from)];

@@ -7,6 +7,7 @@
 //! file, the pure planner, the client for bin-manager, staging and swapping
 //! files, running services and hooks, and the host's own facts.
 
+pub mod backoff;
 pub mod batch;
 pub mod client;
 pub mod host;
@@ -222,6 +223,8 @@ struct Run<'a> {
     token_refused: bool,
     /// Release keys this host trusts (none: signatures are not required).
     trusted: Vec<crate::sign::TrustedKey>,
+    /// A report was answered 429/503 ([`Error::Busy`]): the run asks nothing more.
+    busy: Option<Error>,
     /// The batched check's last answer, beside the manifest ([`batch`]).
     cache: batch::Cache,
     cache_path: PathBuf,
@@ -241,6 +244,9 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     };
     let manifest = Manifest::load(config)?;
     check_only(args, &manifest)?;
+    if backoff_lasts(args, config) {
+        return Ok(0); // told once, with exit 1, by the run the server answered
+    }
     let facts = node_facts(&manifest);
     let client = client_for(args, &process_env, &manifest, config, &facts)?;
     if args.splay > 0 {
@@ -255,6 +261,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
     let trusted = verify::load_keys(&keys)?;
     let mut run = Run::new(args, config, manifest, client, facts);
     run.trusted = trusted;
+    run.state.clear_backoff(); // passed, or --now: asked again below
 
     let bins: Vec<Binary> = run
         .manifest
@@ -269,6 +276,11 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         pending,
         error: keepalive_error,
     } = run.check_in_batched(&bins);
+    // The server asked to be left alone: ask it nothing more this run.
+    let (mut unreachable, keepalive_error) = match keepalive_error {
+        Some(e @ Error::Busy { .. }) => (Some(e), None),
+        e => (None, e),
+    };
     let mut tally = Tally::default();
     if pending {
         warn!(
@@ -277,12 +289,20 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         );
         tally.held_back = bins.len();
     }
-    let mut unreachable = None;
+    if unreachable.is_some() {
+        tally.unreachable = bins.len();
+    }
     // How each binary ended the run, for the metrics ("not_checked" unless reached).
     let mut states = vec!["not_checked"; bins.len()];
     for (i, bin) in bins.iter().enumerate().filter(|_| !pending) {
-        if stop_requested() {
+        if stop_requested() || unreachable.is_some() {
             break; // --every is stopping: the rest wait for the next start
+        }
+        if let Some(e) = run.busy.take() {
+            // A report was answered 429/503: the rest wait for the back-off.
+            tally.unreachable = bins.len() - i;
+            unreachable = Some(e);
+            break;
         }
         states[i] = match run.binary(bin) {
             Ok(Outcome::UpToDate) => {
@@ -312,6 +332,11 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
                 break;
             }
             Err(Error::Stopped) => break,
+            Err(e @ Error::Busy { .. }) => {
+                tally.unreachable = bins.len() - i;
+                unreachable = Some(e);
+                break;
+            }
             Err(e) => {
                 event!(Error, Event::new(&bin.name, "failed"), "{e}");
                 tally.failed += 1;
@@ -320,6 +345,7 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
         };
     }
     match (&unreachable, keepalive_error) {
+        (Some(e @ Error::Busy { .. }), _) => run.back_off(e, tally.unreachable),
         (Some(e), _) => event!(
             Error,
             Event::run("server_unreachable"),
@@ -342,12 +368,19 @@ fn run(args: &Args, config: &Path) -> Result<u8> {
             Ok(data) => run.take_token(&data),
             Err(e) => run.node_request_failed("reporting the node's inventory", e),
         }
+        if let Some(e) = run.busy.take() {
+            run.back_off(&e, 0);
+            unreachable = Some(e);
+        }
     }
+    tally.backing_off = matches!(unreachable, Some(Error::Busy { .. }));
     let mut summary = tally.summary(bins.len());
     if run.token_refused {
         summary.push_str("; the server refused this node's token");
     }
-    let failed = tally.failed + tally.waiting + tally.unreachable > 0 || run.token_refused;
+    let failed = tally.failed + tally.waiting + tally.unreachable > 0
+        || run.token_refused
+        || matches!(unreachable, Some(Error::Busy { .. }));
     let code = u8::from(failed);
     if code > 0 {
         event!(Error, Event::run("summary"), "{summary}");
@@ -411,6 +444,8 @@ struct Tally {
     held_back: usize,
     waiting: usize,
     unreachable: usize,
+    /// The binaries not checked were not checked because of a 429/503.
+    backing_off: bool,
 }
 
 impl Tally {
@@ -433,8 +468,13 @@ impl Tally {
         }
         if self.unreachable > 0 {
             s.push_str(&format!(
-                ", {} not checked (server unreachable)",
-                self.unreachable
+                ", {} not checked ({})",
+                self.unreachable,
+                if self.backing_off {
+                    "the server asked to back off"
+                } else {
+                    "server unreachable"
+                }
             ));
         }
         s
@@ -461,6 +501,55 @@ fn check_only(args: &Args, manifest: &Manifest) -> Result<()> {
         ))),
         None => Ok(()),
     }
+}
+
+/// Whether the back-off the server asked for still lasts: then this run
+/// asks nothing (one info line). `--now` overrides it; one that passed is
+/// forgotten by the run (its state is saved at the end).
+fn backoff_lasts(args: &Args, config: &Path) -> bool {
+    let state = State::load(&State::path_for(config));
+    let Some(b) = state.backoff(log::unix_now()) else {
+        return false;
+    };
+    if args.now {
+        info!(
+            "--now: asking the server although it asked to be left alone until {} ({})",
+            at(b.until),
+            b.why
+        );
+        return false;
+    }
+    info!(
+        "server asked to be left alone until {} ({}); not asking before then (--now overrides)",
+        at(b.until),
+        b.why
+    );
+    true
+}
+
+/// Unix seconds as RFC 3339 UTC.
+fn at(secs: u64) -> String {
+    log::rfc3339(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// A random number for jitter: from /dev/urandom; where that cannot be
+/// read, the clock and the pid mixed through md5 (jitter needs spread, not
+/// secrecy).
+pub(crate) fn random() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return u64::from_le_bytes(b);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut md5 = hash::Md5::new();
+    md5.update(format!("{nanos} {}", std::process::id()).as_bytes());
+    u64::from_str_radix(&md5.hex()[..16], 16).unwrap_or(0)
 }
 
 /// A fixed per-node delay in 0..=max seconds.
@@ -493,6 +582,7 @@ impl<'a> Run<'a> {
             client,
             token_refused: false,
             trusted: Vec::new(),
+            busy: None,
             cache: batch::Cache::load(&cache_path),
             cache_path,
             answers: batch::Answers::default(),
@@ -516,6 +606,12 @@ impl<'a> Run<'a> {
                         Some(_) => info!("node \"{node}\" has no node token on the server; registered again to get one"),
                     }
                     data
+                }
+                Err(e @ Error::Busy { .. }) => {
+                    return CheckIn {
+                        pending: false,
+                        error: Some(e),
+                    }
                 }
                 Err(e) => {
                     self.node_request_failed(&format!("registering node \"{node}\""), e);
@@ -579,8 +675,48 @@ impl<'a> Run<'a> {
                 };
                 error!("{what}: {e}");
             }
+            e @ Error::Busy { .. } => self.busy = Some(e),
             e => warn!("{what}: {e}"),
         }
+    }
+
+    /// The server answered 429/503: keeps "not before" (its Retry-After plus
+    /// jitter, at most a day) in the state, so that the runs until then ask
+    /// nothing, and says so once. `skipped`: the binaries left unchecked.
+    fn back_off(&mut self, e: &Error, skipped: usize) {
+        let Error::Busy {
+            url,
+            status,
+            retry_after,
+            message,
+        } = e
+        else {
+            return;
+        };
+        let now = log::unix_now();
+        let until = backoff::not_before(now, *retry_after, random());
+        let asked = match retry_after {
+            Some(secs) => format!("server asks to retry after {secs} s"),
+            None => "server is overloaded (no Retry-After)".to_string(),
+        };
+        let why = format!("{status} from {url}: {message}");
+        self.state
+            .set_backoff(until, &crate::protocol::one_line(&why, 300));
+        self.save_state();
+        event!(
+            Error,
+            Event::run("server_backoff"),
+            "{asked} ({why}); next attempt not before {}{}",
+            at(until),
+            if skipped > 0 {
+                format!(
+                    "; {} not checked, nothing changed",
+                    plural(skipped, "binary", "binaries")
+                )
+            } else {
+                String::new()
+            }
+        );
     }
 
     fn registration(&self) -> Registration {

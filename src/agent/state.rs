@@ -16,6 +16,18 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+/// What [`State::cached_hash`] knows of a file without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cached {
+    /// There is no file.
+    Missing,
+    /// Its md5, remembered for the file as `stat` shows it now.
+    Known(String),
+    /// A file the cache does not know as it is now (never hashed, or
+    /// changed since): its stamp, to remember its hash by once read.
+    Unread(Stamp),
+}
+
 /// What `stat` said about a file when it was hashed. Any change to size,
 /// inode, mtime or ctime (which no tool can set back) means "hash again".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +79,30 @@ pub struct Pending {
     pub at: String,
 }
 
+/// The journal entry of a download cut off (timeout, broken connection,
+/// kill, reboot): its temp file stays beside the target and the next run
+/// asks only for the rest. `bytes` are on disk and fsynced before the entry
+/// says so; bytes past them are cut off before resuming.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Partial {
+    /// Binary name.
+    pub name: String,
+    /// Where it was downloaded from (another URL starts over).
+    pub url: String,
+    /// The temp file.
+    pub file: PathBuf,
+    /// The published md5 it is downloaded against (another build starts over).
+    pub md5: String,
+    /// The published sha256, when one was offered.
+    pub sha256: Option<String>,
+    /// The server's strong ETag, sent back as `If-Range`.
+    pub etag: String,
+    /// The whole file's length, as announced.
+    pub size: Option<u64>,
+    /// Bytes on disk, synced.
+    pub bytes: u64,
+}
+
 /// A build that could not be put in place because its directory cannot be
 /// written (a read-only mount) or its file is a mount point: not downloaded
 /// again until the server publishes another hash or the place becomes
@@ -83,6 +119,16 @@ pub struct Blocked {
     pub why: String,
     /// Since when, RFC 3339 UTC.
     pub at: String,
+}
+
+/// The server's request to be left alone (a `429`/`503`): no run asks it
+/// anything before `until` (unless told `--now`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Unix seconds: Retry-After plus jitter, at most a day after it was told.
+    pub until: u64,
+    /// What the server said, one line.
+    pub why: String,
 }
 
 /// What happened to one binary here over all runs (Prometheus counters:
@@ -131,10 +177,14 @@ pub struct State {
     serials: Vec<(String, u64)>,
     /// Per-binary counters for the metrics file.
     pub counters: Vec<Counters>,
+    /// Downloads cut off, to resume (at most one per binary).
+    pub partials: Vec<Partial>,
     /// Runs that could not reach the server, over all runs.
     pub unreachable_runs: u64,
     /// When a run last ended with nothing failed (Unix seconds).
     pub last_success: Option<u64>,
+    /// The back-off the server asked for, if one was asked for.
+    backoff: Option<Backoff>,
     /// An API that has no batched check (it answered `POST check` with
     /// 404/405), and when it said so (Unix seconds): see `agent::batch`.
     no_check: Option<(String, u64)>,
@@ -207,6 +257,29 @@ impl State {
         let before = self.pending.len();
         self.pending.retain(|p| p.name != name);
         self.dirty |= self.pending.len() != before;
+    }
+
+    /// The partial download of a binary, if one was cut off.
+    pub fn partial_for(&self, name: &str) -> Option<&Partial> {
+        self.partials.iter().find(|p| p.name == name)
+    }
+
+    /// Journals a partial download (replacing an older entry for that
+    /// binary). Sync its bytes first, save after.
+    pub fn set_partial(&mut self, p: Partial) {
+        if self.partial_for(&p.name) == Some(&p) {
+            return;
+        }
+        self.partials.retain(|o| o.name != p.name);
+        self.partials.push(p);
+        self.dirty = true;
+    }
+
+    /// Forgets a binary's partial download (its file is the caller's to remove).
+    pub fn clear_partial(&mut self, name: &str) {
+        let before = self.partials.len();
+        self.partials.retain(|p| p.name != name);
+        self.dirty |= self.partials.len() != before;
     }
 
     /// The token the server issued to `node` (none for another name: the
@@ -320,6 +393,25 @@ impl State {
             })
     }
 
+    /// The back-off the server asked for, while it lasts (at `now`).
+    pub fn backoff(&self, now: u64) -> Option<&Backoff> {
+        self.backoff.as_ref().filter(|b| b.until > now)
+    }
+
+    /// Remembers the server's request to wait until `until` (save it).
+    pub fn set_backoff(&mut self, until: u64, why: &str) {
+        self.backoff = Some(Backoff {
+            until,
+            why: why.to_string(),
+        });
+        self.dirty = true;
+    }
+
+    /// Forgets the back-off (it passed, or an operator said `--now`).
+    pub fn clear_backoff(&mut self) {
+        self.dirty |= self.backoff.take().is_some();
+    }
+
     /// Records how a run ended: a success stamps `last_success`, an
     /// unreachable server counts.
     pub fn run_ended(&mut self, ok: bool, unreachable: bool, now: u64) {
@@ -357,24 +449,38 @@ impl State {
         Ok(())
     }
 
-    /// The md5 of the file at `path`, from the cache when `stat` shows it
-    /// unchanged, else read and remembered. `None` when there is no file.
-    pub fn actual_hash(&mut self, path: &Path) -> Result<Option<String>> {
+    /// What the cache knows of the file at `path`, without reading it:
+    /// its md5 when `stat` shows it unchanged.
+    pub fn cached_hash(&mut self, path: &Path) -> Result<Cached> {
         let meta = match fs::metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.forget(path);
-                return Ok(None);
+                return Ok(Cached::Missing);
             }
             Err(e) => return Err(crate::error::Error::io("inspecting", path, e)),
         };
         let stamp = Stamp::of(&meta);
-        if let Some((_, _, md5)) = self.files.iter().find(|(p, s, _)| p == path && *s == stamp) {
-            return Ok(Some(md5.clone()));
+        Ok(
+            match self.files.iter().find(|(p, s, _)| p == path && *s == stamp) {
+                Some((_, _, md5)) => Cached::Known(md5.clone()),
+                None => Cached::Unread(stamp),
+            },
+        )
+    }
+
+    /// The md5 of the file at `path`, from the cache when `stat` shows it
+    /// unchanged, else read and remembered. `None` when there is no file.
+    pub fn actual_hash(&mut self, path: &Path) -> Result<Option<String>> {
+        match self.cached_hash(path)? {
+            Cached::Missing => Ok(None),
+            Cached::Known(md5) => Ok(Some(md5)),
+            Cached::Unread(stamp) => {
+                let md5 = hash::md5_file(path)?;
+                self.remember(path, stamp, &md5);
+                Ok(Some(md5))
+            }
         }
-        let md5 = hash::md5_file(path)?;
-        self.remember(path, stamp, &md5);
-        Ok(Some(md5))
     }
 
     /// Like [`State::actual_hash`] but never changes the cache (for dry runs).
@@ -495,11 +601,32 @@ impl State {
             });
             top.push(("signedSerials", Value::Arr(serials.collect())));
         }
+        if let Some(b) = &self.backoff {
+            top.push((
+                "serverBackoff",
+                Value::obj([("until", Value::int(b.until)), ("why", Value::str(&b.why))]),
+            ));
+        }
         if let Some((api, at)) = &self.no_check {
             top.push((
                 "noCheck",
                 Value::obj([("api", Value::str(api)), ("at", Value::int(*at))]),
             ));
+        }
+        if !self.partials.is_empty() {
+            let partials = self.partials.iter().map(|p| {
+                Value::obj([
+                    ("name", Value::str(&p.name)),
+                    ("url", Value::str(&p.url)),
+                    ("file", Value::str(p.file.display().to_string())),
+                    ("md5", Value::str(&p.md5)),
+                    ("sha256", p.sha256.as_ref().map_or(Value::Null, Value::str)),
+                    ("etag", Value::str(&p.etag)),
+                    ("size", p.size.map_or(Value::Null, Value::int)),
+                    ("bytes", Value::int(p.bytes)),
+                ])
+            });
+            top.push(("partialDownloads", Value::Arr(partials.collect())));
         }
         if let Some((name, token)) = &self.node_token {
             top.push((
@@ -556,6 +683,18 @@ impl State {
         for d in list("signedSerials")? {
             state.serials.push((s(&d, "name")?, u(&d, "serial")?));
         }
+        for p in list("partialDownloads")? {
+            state.partials.push(Partial {
+                name: s(&p, "name")?,
+                url: s(&p, "url")?,
+                file: PathBuf::from(s(&p, "file")?),
+                md5: s(&p, "md5")?,
+                sha256: s(&p, "sha256"),
+                etag: s(&p, "etag")?,
+                size: u(&p, "size"),
+                bytes: u(&p, "bytes")?,
+            });
+        }
         if let Some(node) = v.get("node") {
             state.node_token = Some((s(node, "name")?, s(node, "token")?));
         }
@@ -577,6 +716,12 @@ impl State {
         }
         state.unreachable_runs = u(v, "unreachableRuns").unwrap_or(0);
         state.last_success = u(v, "lastSuccess");
+        if let Some(b) = v.get("serverBackoff") {
+            state.backoff = Some(Backoff {
+                until: u(b, "until")?,
+                why: s(b, "why").unwrap_or_default(),
+            });
+        }
         state.no_check = v
             .get("noCheck")
             .and_then(|n| Some((s(n, "api")?, u(n, "at")?)));
@@ -850,6 +995,34 @@ mod tests {
     }
 
     #[test]
+    fn cached_hash_never_reads_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-state-cached-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("app");
+        let mut s = State::default();
+        let any = Stamp::of(&fs::metadata(&dir).unwrap());
+        s.remember(&dir.join("gone"), any, "beef");
+        s.dirty = false;
+        assert_eq!(s.cached_hash(&dir.join("gone")).unwrap(), Cached::Missing);
+        assert!(s.files.is_empty() && s.dirty, "a missing file is forgotten");
+        fs::write(&file, b"other\n").unwrap();
+        let stamp = Stamp::of(&fs::metadata(&file).unwrap());
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Unread(stamp));
+        assert!(s.files.is_empty(), "not hashed, not remembered");
+        s.remember(&file, stamp, "cafe");
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Known("cafe".into()));
+        let other = Stamp {
+            size: stamp.size + 1,
+            ..stamp
+        };
+        s.remember(&file, other, "cafe");
+        assert_eq!(s.cached_hash(&file).unwrap(), Cached::Unread(stamp));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn peek_hash_hashes_without_caching() {
         let dir = std::env::temp_dir().join(format!("bin-proxy-state-peek-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -884,6 +1057,40 @@ mod tests {
     }
 
     #[test]
+    fn partials_round_trip_replace_per_binary_and_dirty_only_on_change() {
+        let part = |name: &str, bytes: u64, sha256: Option<&str>| Partial {
+            name: name.into(),
+            url: "http://m/api/v1/download/app".into(),
+            file: PathBuf::from(format!("/opt/.{name}.1dl.bin-proxy-tmp")),
+            md5: "aa".into(),
+            sha256: sha256.map(str::to_string),
+            etag: "\"aa\"".into(),
+            size: Some(1000),
+            bytes,
+        };
+        let mut s = State::default();
+        s.set_partial(part("app", 10, Some("bb")));
+        s.set_partial(part("tool", 0, None));
+        s.set_partial(part("app", 20, Some("bb")));
+        assert_eq!(s.partials.len(), 2);
+        assert_eq!(s.partial_for("app").map(|p| p.bytes), Some(20));
+        let back = State::from_json(&json::parse(&s.to_json().to_pretty()).unwrap()).unwrap();
+        assert_eq!(back.partials, s.partials);
+        s.dirty = false;
+        s.set_partial(part("app", 20, Some("bb")));
+        s.clear_partial("none");
+        assert!(!s.dirty, "nothing changed");
+        s.clear_partial("app");
+        assert!(s.dirty);
+        assert_eq!(s.partial_for("app"), None);
+        // A state without any has no key at all (an idle state file is unchanged).
+        assert!(!State::default()
+            .to_json()
+            .to_pretty()
+            .contains("partialDownloads"));
+    }
+
+    #[test]
     fn staged_in_is_per_binary() {
         let mut s = State::default();
         assert!(s.set_staged_in("app", Path::new("/a")));
@@ -904,5 +1111,45 @@ mod tests {
             State::path_for(Path::new("/etc/bin-manifests.json")),
             PathBuf::from("/etc/bin-manifests.json.state")
         );
+    }
+
+    #[test]
+    fn the_server_backoff_is_kept_until_it_passes() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-state-backoff-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s");
+        let mut s = State::default();
+        assert_eq!(s.backoff(0), None);
+        s.clear_backoff();
+        assert!(!s.dirty, "nothing to forget: nothing to save");
+        s.set_backoff(1, "told before");
+        s.clear_backoff();
+        assert!(
+            s.dirty && s.backoff(0).is_none(),
+            "set, then forgotten: still to save"
+        );
+        s.set_backoff(1000, "503 from http://x/api/v1/bins/app");
+        assert!(s.dirty);
+        s.save_if_changed(&p).unwrap();
+        let mut loaded = State::load(&p);
+        assert!(!loaded.dirty);
+        let b = loaded.backoff(999).expect("kept across runs");
+        assert_eq!(
+            (b.until, b.why.as_str()),
+            (1000, "503 from http://x/api/v1/bins/app")
+        );
+        assert_eq!(loaded.backoff(1000), None, "over at its second");
+        loaded.clear_backoff();
+        assert!(loaded.dirty);
+        loaded.save_if_changed(&p).unwrap();
+        assert_eq!(State::load(&p).backoff(0), None);
+        assert!(!fs::read_to_string(&p).unwrap().contains("serverBackoff"));
+        // An entry without its time damages the file, as any other would.
+        fs::write(&p, br#"{"serverBackoff":{"why":"x"}}"#).unwrap();
+        assert!(State::load(&p).dirty);
+        fs::write(&p, br#"{"serverBackoff":{"until":5}}"#).unwrap();
+        assert_eq!(State::load(&p).backoff(4).map(|b| b.why.as_str()), Some(""));
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -14,7 +14,7 @@ use super::paths;
 use super::plan::{self, Action, Reason};
 use super::selftest;
 use super::service::{self, Restart, Restarted};
-use super::state::{Blocked, Count, Pending, Quarantined, Stamp};
+use super::state::{Blocked, Cached, Count, Partial, Pending, Quarantined, Stamp};
 use super::verify;
 use super::{Outcome, Run};
 use crate::error::{Error, Result};
@@ -38,8 +38,8 @@ impl Run<'_> {
             Err(Missed::Failed(e)) => return Err(e),
         };
         let target = install::real_target(&bin.path);
-        self.sweep(bin, &target);
-        let actual = self.state.actual_hash(&target)?;
+        self.sweep(bin, &target, &remote);
+        let cached = self.state.cached_hash(&target)?;
         if self
             .state
             .quarantine
@@ -71,6 +71,29 @@ impl Run<'_> {
             }
         }
         let quarantine = self.state.quarantined(&bin.name, &remote.hash).cloned();
+        // A file the state does not know as it is now is read whole only
+        // where the answer can change what happens; else while the new
+        // build downloads.
+        let held = quarantine.is_some() || self.state.blocked_for(&bin.name).is_some();
+        let actual = match cached {
+            Cached::Missing => None,
+            Cached::Known(md5) => Some(md5),
+            Cached::Unread(stamp) => {
+                match plan::install_while_hashing(&bin.hash, &remote.hash, held) {
+                    Some(reason) => {
+                        event!(
+                            Debug,
+                            Event::new(&bin.name, "checked").hashes(&bin.hash, &remote.hash),
+                            "recorded {}, on disk not known yet (read during the download), published {}",
+                            log::short(&bin.hash),
+                            log::short(&remote.hash)
+                        );
+                        return self.install(bin, &target, Old::Unread(stamp), &remote, reason);
+                    }
+                    None => self.state.actual_hash(&target)?,
+                }
+            }
+        };
         event!(
             Debug,
             Event::new(&bin.name, "checked").hashes(&bin.hash, &remote.hash),
@@ -99,17 +122,7 @@ impl Run<'_> {
                 );
                 Ok(Outcome::UpToDate)
             }
-            Action::UpToDate { record: true } => {
-                self.record(&bin.name, &remote.hash)?;
-                self.report(&bin.name, &remote.hash);
-                event!(
-                    Info,
-                    Event::new(&bin.name, "recorded").hashes(&bin.hash, &remote.hash),
-                    "file already is the published build {}; recorded it",
-                    log::short(&remote.hash)
-                );
-                Ok(Outcome::Changed)
-            }
+            Action::UpToDate { record: true } => self.record_published(bin, &remote.hash),
             Action::HeldBack => {
                 let q = quarantine.unwrap_or_else(|| unreachable!("decide() says held back"));
                 event!(
@@ -145,16 +158,31 @@ impl Run<'_> {
                         }
                     }
                 }
-                self.install(bin, &target, actual.as_deref(), &remote, reason)
+                self.install(bin, &target, Old::Known(actual.as_deref()), &remote, reason)
             }
         }
+    }
+
+    /// The file already is the published build: record and report it.
+    fn record_published(&mut self, bin: &Binary, hash: &str) -> Result<Outcome> {
+        self.record(&bin.name, hash)?;
+        self.report(&bin.name, hash);
+        event!(
+            Info,
+            Event::new(&bin.name, "recorded").hashes(&bin.hash, hash),
+            "file already is the published build {}; recorded it",
+            log::short(hash)
+        );
+        Ok(Outcome::Changed)
     }
 
     /// Removes the temp files a killed run left beside the target — and in
     /// the directory its last download was staged in, when the managed path
     /// leads elsewhere now (a symlinked directory was switched).
-    fn sweep(&mut self, bin: &Binary, target: &Path) {
-        let swept = fsutil::sweep_temps(target) + fsutil::sweep_temps(&backup_of(target));
+    fn sweep(&mut self, bin: &Binary, target: &Path, remote: &BinInfo) {
+        let keep = self.keep_partial(bin, target, remote);
+        let swept = fsutil::sweep_temps_but(target, keep.as_deref())
+            + fsutil::sweep_temps(&backup_of(target));
         if swept > 0 {
             event!(
                 Info,
@@ -187,15 +215,39 @@ impl Run<'_> {
         }
     }
 
+    /// The temp file of a journalled partial download that may still be
+    /// resumed: of the build published now, beside this target. Another is
+    /// removed (by the sweep, or here) and forgotten.
+    fn keep_partial(&mut self, bin: &Binary, target: &Path, remote: &BinInfo) -> Option<PathBuf> {
+        let p = self.state.partial_for(&bin.name)?.clone();
+        if hash::same(&p.md5, &remote.hash) && fsutil::parent(&p.file) == fsutil::parent(target) {
+            return Some(p.file);
+        }
+        let _ = fs::remove_file(&p.file);
+        self.state.clear_partial(&bin.name);
+        event!(
+            Info,
+            Event::new(&bin.name, "partial_discarded"),
+            "discarded the download of {} cut off at {}: {} is published now",
+            log::short(&p.md5),
+            log::size(p.bytes),
+            log::short(&remote.hash)
+        );
+        None
+    }
+
     fn install(
         &mut self,
         bin: &Binary,
         target: &Path,
-        actual: Option<&str>,
+        old: Old,
         remote: &BinInfo,
         reason: Reason,
     ) -> Result<Outcome> {
-        let from = actual.unwrap_or("");
+        let from = match old {
+            Old::Known(actual) => actual.unwrap_or(""),
+            Old::Unread(_) => "",
+        };
         let url =
             self.client
                 .download_url(&bin.name, bin.download_url.as_deref(), bin.pinned_version());
@@ -207,13 +259,19 @@ impl Run<'_> {
         event!(
             Info,
             Event::new(&bin.name, "installing").hashes(from, &remote.hash),
-            "{}; installing {}→{} from {url}",
+            "{}; installing {} from {url}",
             reason.describe(),
-            log::short(from),
-            log::short(&remote.hash)
+            match old {
+                Old::Known(_) => format!("{}→{}", log::short(from), log::short(&remote.hash)),
+                Old::Unread(_) => format!(
+                    "{} over the file on disk (read while downloading)",
+                    log::short(&remote.hash)
+                ),
+            }
         );
         let kept = |e: Error| match e {
-            Error::Stopped => e,
+            // The server's back-off ends the run; the running version is kept anyway.
+            Error::Stopped | Error::Busy { .. } => e,
             e => Error::Other(format!("{e}; kept the running version")),
         };
         install::require_dir(target)?;
@@ -255,10 +313,24 @@ impl Run<'_> {
             (Some(w), Some(d)) => (w, d.size.min(self.args.max_size)),
             _ => (remote, self.args.max_size),
         };
-        let staged =
-            install::stage(&self.client, &bin.name, &url, target, want, max)
+        // A cut-off download is journalled (and the state saved) as it
+        // goes, so that the next run resumes it.
+        let partial = self.state.partial_for(&bin.name).cloned();
+        let (state, state_path) = (&mut self.state, &self.state_path);
+        let mut journal = |p: Option<&Partial>| match p {
+            Some(p) => {
+                state.set_partial(p.clone());
+                if let Err(e) = state.save_if_changed(state_path) {
+                    crate::warn!("{}: could not journal the partial download: {e}", p.name);
+                }
+            }
+            None => state.clear_partial(&bin.name),
+        };
+        let unread = matches!(old, Old::Unread(_)).then_some(target);
+        let (staged, read) = stage_while_hashing(unread, || {
+            install::stage(&self.client, &bin.name, &url, target, want, max, partial, &mut journal)
                 .map_err(|e| match (e, &signed) {
-                    (Error::Size { url, msg }, Some(d)) if !msg.starts_with("truncated") => {
+                    (Error::Size { url, msg }, Some(d)) => {
                         Error::Size {
                             url,
                             msg: format!(
@@ -269,7 +341,32 @@ impl Run<'_> {
                     }
                     (e, _) => e,
                 })
-                .map_err(kept)?;
+                .map_err(kept)
+        });
+        let staged = staged?;
+        let read = match (read, old) {
+            (Some(md5), Old::Unread(stamp)) => Some((md5.map_err(kept)?, stamp)),
+            _ => None,
+        };
+        let from = match &read {
+            None => from,
+            Some((md5, stamp)) => {
+                self.state.remember(target, *stamp, md5);
+                match plan::replaced(&bin.hash, md5, &remote.hash) {
+                    None => return self.record_published(bin, &remote.hash), // the download goes
+                    Some(Reason::Changed) => event!(
+                        Warn,
+                        Event::new(&bin.name, "changed").hashes(&bin.hash, md5),
+                        "{}: recorded {}, on disk {}",
+                        Reason::Changed.describe(),
+                        log::short(&bin.hash),
+                        log::short(md5)
+                    ),
+                    Some(_) => {}
+                }
+                md5.as_str()
+            }
+        };
         if selftest::is_self(target) {
             self.save_state();
             match selftest::run_new(
@@ -576,6 +673,34 @@ impl Run<'_> {
             ),
         }
     }
+}
+
+/// The file an install replaces, as known before the download.
+#[derive(Clone, Copy)]
+enum Old<'a> {
+    /// Its md5 (`None`: there is no file).
+    Known(Option<&'a str>),
+    /// There, but not read yet: it is hashed while the new build downloads
+    /// (its stamp, to remember the hash by).
+    Unread(Stamp),
+}
+
+/// Runs `stage` (the download) while another thread hashes the file at
+/// `old`, if any: on two cores a cold upgrade then costs about what a warm
+/// one does. Returns the download's result and the old file's md5.
+fn stage_while_hashing<T>(
+    old: Option<&Path>,
+    stage: impl FnOnce() -> T,
+) -> (T, Option<Result<String>>) {
+    std::thread::scope(|s| {
+        let hashing = old.map(|path| s.spawn(move || hash::md5_file(path)));
+        let staged = stage();
+        let md5 = hashing.map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::Other("hashing the old file failed".into())))
+        });
+        (staged, md5)
+    })
 }
 
 pub(super) fn describe(r: &Restarted) -> String {

@@ -1,7 +1,8 @@
 //! bin-manager's settings: `/etc/bin-manager/config.json`
 //! (`{"binDir","listen","stateFile","token","adminToken","maxUpload","workers",
 //! "workersPerClient","requireNodeTokens","admission","maxNodes",
-//! "registrationsPerMinute","maxRequestsPerSecond"}`), overridden by environment
+//! "registrationsPerMinute","maxRequestsPerSecond","maxRequestsPerClientPerSecond"}`),
+//! overridden by environment
 //! (`BIN_MANAGER_TOKEN`, `BIN_MANAGER_ADMIN_TOKEN`) and flags. Unknown keys
 //! and values of the wrong type are errors, as in the agent's manifest.
 
@@ -73,6 +74,9 @@ pub struct Config {
     /// Requests a second the server takes before answering 503 with
     /// Retry-After (0: no limit).
     pub max_requests_per_second: u32,
+    /// Requests a second one client address may make before it is answered
+    /// 429 with Retry-After (0: no limit).
+    pub max_requests_per_client_per_second: u32,
     /// One stderr line per request.
     pub access_log: bool,
     /// Default rollout policy per binary (`"rollouts": {"NAME": {…}}`),
@@ -99,6 +103,7 @@ const KEYS: &[&str] = &[
     "maxNodes",
     "registrationsPerMinute",
     "maxRequestsPerSecond",
+    "maxRequestsPerClientPerSecond",
     "rollouts",
     "requireSignatures",
     "trustedKeys",
@@ -123,6 +128,7 @@ impl Config {
             max_nodes: DEFAULT_MAX_NODES,
             registrations_per_minute: DEFAULT_REGISTRATIONS_PER_MINUTE,
             max_requests_per_second: 0,
+            max_requests_per_client_per_second: 0,
             access_log: !args.quiet,
             rollouts: HashMap::new(),
             require_signatures: false,
@@ -226,6 +232,16 @@ impl Config {
                 "workers" => self.workers = count(number()?).min(MAX_WORKERS),
                 "workersPerClient" => self.workers_per_client = count(number()?),
                 "maxNodes" => self.max_nodes = count(number()?),
+                "maxRequestsPerClientPerSecond" => {
+                    self.max_requests_per_client_per_second = value
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "key \"{key}\" must be a whole number (0: no limit)"
+                            ))
+                        })?;
+                }
                 "maxRequestsPerSecond" => {
                     self.max_requests_per_second = value
                         .as_u64()
@@ -331,10 +347,11 @@ mod tests {
 
         std::fs::write(
             &file,
-            r#"{"requireNodeTokens":true,"admission":"manual","maxNodes":5,"registrationsPerMinute":0,"workers":64}"#,
+            r#"{"requireNodeTokens":true,"admission":"manual","maxNodes":5,"registrationsPerMinute":0,"workers":64,"maxRequestsPerClientPerSecond":20}"#,
         )
         .unwrap();
         let c = Config::resolve(&args, &|_| None).unwrap();
+        assert_eq!(c.max_requests_per_client_per_second, 20);
         assert_eq!(
             (
                 c.require_node_tokens,
@@ -361,6 +378,10 @@ mod tests {
             (
                 r#"{"registrationsPerMinute":-1}"#,
                 "key \"registrationsPerMinute\" must be a whole number (0: no limit)",
+            ),
+            (
+                r#"{"maxRequestsPerClientPerSecond":1.5}"#,
+                "key \"maxRequestsPerClientPerSecond\" must be a whole number (0: no limit)",
             ),
         ] {
             std::fs::write(&file, text).unwrap();

@@ -81,9 +81,13 @@ pub fn check_registration(node: &Node) -> Result<(), String> {
 const MAX_CLIENTS: usize = 4096;
 
 /// A token bucket per client address: `per_minute` registrations at once,
-/// refilled at `per_minute` a minute.
+/// refilled at `per_minute` a minute (or, for `maxRequestsPerClientPerSecond`,
+/// `per_second` requests at once, refilled at `per_second` a second).
 pub struct RateLimit {
-    per_minute: u32,
+    /// The burst (0: no limit)…
+    cap: f64,
+    /// …and the refill rate, tokens a second.
+    per_sec: f64,
     /// Tokens left and when they were counted.
     buckets: HashMap<IpAddr, (f64, Instant)>,
 }
@@ -92,7 +96,18 @@ impl RateLimit {
     /// A limit of `per_minute` per address; 0 is no limit.
     pub fn new(per_minute: u32) -> RateLimit {
         RateLimit {
-            per_minute,
+            cap: f64::from(per_minute),
+            per_sec: f64::from(per_minute) / 60.0,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// A limit of `per_second` per address, a second's worth as burst; 0 is
+    /// no limit.
+    pub fn per_second(per_second: u32) -> RateLimit {
+        RateLimit {
+            cap: f64::from(per_second),
+            per_sec: f64::from(per_second),
             buckets: HashMap::new(),
         }
     }
@@ -100,11 +115,10 @@ impl RateLimit {
     /// Takes one registration for `client` at `now`; `Err(wait)` when its
     /// bucket is empty, with how long until the next one.
     pub fn take(&mut self, client: IpAddr, now: Instant) -> Result<(), Duration> {
-        if self.per_minute == 0 {
+        if self.cap <= 0.0 {
             return Ok(());
         }
-        let cap = f64::from(self.per_minute);
-        let per_sec = cap / 60.0;
+        let (cap, per_sec) = (self.cap, self.per_sec);
         if !self.buckets.contains_key(&client) && self.buckets.len() >= MAX_CLIENTS {
             self.make_room(now, cap, per_sec);
         }
@@ -296,6 +310,31 @@ mod tests {
             |n| n.failures = vec![failure],
             Err("\"failures\"[0].\"error\" is 1001 bytes long, more than the limit of 1000"),
         );
+    }
+
+    #[test]
+    fn a_per_second_limit_refills_in_a_second() {
+        let t0 = Instant::now();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mut limit = RateLimit::per_second(4);
+        for _ in 0..4 {
+            limit.take(a, t0).unwrap();
+        }
+        assert_eq!(
+            limit.take(a, t0),
+            Err(Duration::from_secs(1)),
+            "floored at 1 s"
+        );
+        assert_eq!(
+            limit.take(a, t0 + Duration::from_millis(100)),
+            Err(Duration::from_secs(1)),
+            "0.4 of a token back: 150 ms to go, told 1 s"
+        );
+        assert!(
+            limit.take(a, t0 + Duration::from_millis(300)).is_ok(),
+            "refilled at 4 a second"
+        );
+        assert!(RateLimit::per_second(0).take(a, t0).is_ok());
     }
 
     #[test]

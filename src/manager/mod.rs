@@ -101,6 +101,9 @@ pub fn run(args: &ManagerArgs) -> Result<()> {
         },
         admission: config.admission,
         rate: std::sync::Mutex::new(limits::RateLimit::new(config.registrations_per_minute)),
+        client_rate: std::sync::Mutex::new(limits::RateLimit::per_second(
+            config.max_requests_per_client_per_second,
+        )),
         shed: std::sync::Mutex::new(limits::Shed::new(
             config.max_requests_per_second,
             std::time::Instant::now(),

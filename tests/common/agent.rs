@@ -78,8 +78,9 @@ impl Agent {
         fs::read(self.path()).unwrap()
     }
 
-    /// Runs the real agent (bounded: 60 s); returns (exit code, stderr).
-    pub fn run(&self, api: &str, token: Option<&str>) -> (i32, String) {
+    /// The real agent's command with `--api`, the token (if any) and no
+    /// inherited settings or proxies.
+    pub fn command(&self, api: &str, token: Option<&str>) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
         cmd.arg("--config")
             .arg(self.dir.join("manifest.json"))
@@ -92,10 +93,22 @@ impl Agent {
             .env_remove("BIN_DOWNLOAD_URL")
             .env_remove("BIN_MANAGER_TOKEN")
             .env_remove("BIN_PROXY_SUPERVISORCTL");
+        super::without_proxies(&mut cmd);
         if let Some(t) = token {
             cmd.env("BIN_MANAGER_TOKEN", t);
         }
-        let ran = Ran::bounded(&mut cmd, RUN_TIMEOUT, "bin-proxy");
+        cmd
+    }
+
+    /// Runs the real agent (bounded: 60 s); returns (exit code, stderr).
+    pub fn run(&self, api: &str, token: Option<&str>) -> (i32, String) {
+        self.run_command(&mut self.command(api, token))
+    }
+
+    /// Runs `cmd` (from [`Agent::command`], changed) bounded: 60 s; returns
+    /// (exit code, stderr).
+    pub fn run_command(&self, cmd: &mut Command) -> (i32, String) {
+        let ran = Ran::bounded(cmd, RUN_TIMEOUT, "bin-proxy");
         (ran.code, ran.stderr)
     }
 }

@@ -161,7 +161,7 @@ impl Host {
 
     /// A `bin-proxy` command set up for this host: `--config`, the API in
     /// `BIN_MANAGER_API`, the fake supervisorctl first on PATH, no inherited
-    /// settings.
+    /// settings (nor proxies).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
         cmd.args(args)
@@ -173,6 +173,7 @@ impl Host {
             .env_remove("BIN_DOWNLOAD_URL")
             .env_remove("BIN_MANAGER_TOKEN")
             .env_remove("BIN_PROXY_SUPERVISORCTL");
+        super::without_proxies(&mut cmd);
         cmd
     }
 

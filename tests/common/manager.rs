@@ -2,7 +2,7 @@
 //! holding `bins/` (the binDir), `state/state.json` (the registry) and an empty
 //! config file, the child process started with
 //! `--listen 127.0.0.1:0 --bin-dir DIR --state-file DIR/state.json` (+ extra
-//! args), its stderr collected line by line for assertions on the access log.
+//! args; [`Manager::start_listening`] picks another address, e.g. `[::1]:0`), its stderr collected line by line for assertions on the access log.
 //!
 //! Layout of [`Manager::root`]:
 //! ```text
@@ -30,7 +30,11 @@ pub struct Manager {
     /// Everything lives here (see the module docs).
     pub root: TempDir,
     args: Vec<String>,
+    /// `--listen`: `127.0.0.1:0` unless the test chose another.
+    listen: String,
     child: Option<Child>,
+    /// The host part of the address it reported (`127.0.0.1`, `[::1]`).
+    host: String,
     port: u16,
     lines: Arc<Mutex<Vec<String>>>,
 }
@@ -52,7 +56,16 @@ impl Manager {
         Manager::start_in("{}", Some(state), extra)
     }
 
+    /// Starts bin-manager with `--listen listen` (e.g. `[::1]:0`).
+    pub fn start_listening(listen: &str, extra: &[&str]) -> Manager {
+        Manager::start_at(listen, "{}", None, extra)
+    }
+
     fn start_in(config: &str, state: Option<&str>, extra: &[&str]) -> Manager {
+        Manager::start_at("127.0.0.1:0", config, state, extra)
+    }
+
+    fn start_at(listen: &str, config: &str, state: Option<&str>, extra: &[&str]) -> Manager {
         let root = TempDir::new();
         fs::create_dir_all(root.join("bins")).expect("create binDir");
         fs::create_dir_all(root.join("state")).expect("create state dir");
@@ -63,7 +76,9 @@ impl Manager {
         let mut m = Manager {
             root,
             args: extra.iter().map(|s| s.to_string()).collect(),
+            listen: listen.to_string(),
             child: None,
+            host: String::new(),
             port: 0,
             lines: Arc::new(Mutex::new(Vec::new())),
         };
@@ -77,7 +92,7 @@ impl Manager {
             "--config".into(),
             self.root.join("config.json").display().to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            self.listen.clone(),
             "--bin-dir".into(),
             self.bin_dir().display().to_string(),
             "--state-file".into(),
@@ -117,7 +132,7 @@ impl Manager {
         let up = wait_until(START_TIMEOUT, || {
             port = self.lines.lock().unwrap()[first..]
                 .iter()
-                .find_map(|l| listening_port(l));
+                .find_map(|l| listening_at(l));
             port.is_some()
                 || self
                     .child
@@ -125,14 +140,15 @@ impl Manager {
                     .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
         });
         match port {
-            Some(p) if up => self.port = p,
+            Some((host, p)) if up => (self.host, self.port) = (host, p),
             _ => {
                 if let Some(mut c) = self.child.take() {
                     let _ = c.kill();
                     let _ = c.wait();
                 }
                 panic!(
-                    "bin-manager did not report \"listening on http://127.0.0.1:PORT\" within {:?}; stderr:\n{}",
+                    "bin-manager --listen {} did not report \"listening on http://HOST:PORT\" within {:?}; stderr:\n{}",
+                    self.listen,
                     START_TIMEOUT,
                     self.log_lines().join("\n")
                 );
@@ -140,9 +156,9 @@ impl Manager {
         }
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (the host it listens on: `http://[::1]:PORT`).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.addr())
     }
 
     /// `http://127.0.0.1:PORT/api/v1`.
@@ -150,9 +166,14 @@ impl Manager {
         format!("{}/api/v1", self.url())
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `127.0.0.1:PORT` (or `[::1]:PORT`).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The binDir (`ROOT/bins`).
@@ -254,11 +275,13 @@ impl Drop for Manager {
     }
 }
 
-/// The port of a `listening on http://127.0.0.1:PORT` line.
-fn listening_port(line: &str) -> Option<u16> {
-    let rest = &line[line.find("listening on http://127.0.0.1:")? + 30..];
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
+/// The host and port of a `listening on http://HOST:PORT` line (HOST
+/// `127.0.0.1` or `[::1]`).
+fn listening_at(line: &str) -> Option<(String, u16)> {
+    let rest = &line[line.find("listening on http://")? + 20..];
+    let addr = rest.split_whitespace().next()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((host.to_string(), port.parse().ok()?))
 }
 
 /// Runs `bin-manager ARGS` expecting it to exit by itself within `timeout`;

@@ -97,7 +97,7 @@ pub enum Style {
 }
 
 /// Misbehaviour of the `bins/NAME` and/or `download/NAME` routes of one name.
-/// Faults apply to GET requests; `POST bins/NAME` is only affected by `ReportStatus`.
+/// Faults apply to GET requests; `POST bins/NAME` is only affected by `ReportStatus` and `Busy`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     None,
@@ -137,9 +137,34 @@ pub enum Fault {
     /// `download/NAME` serves, this `signature` document (when not empty)
     /// and these `keyStatements`.
     Signed(String, Vec<String>),
+    /// Overload: `bins/NAME`, `POST bins/NAME` and `download/NAME` answer this
+    /// status with `{"code":<status>,"message":"server busy"}` and this
+    /// `Retry-After` header (none for `None`).
+    Busy(u16, Option<String>),
+    /// The next N `download/NAME` answer `Busy(503, retry_after)`; after
+    /// them it serves.
+    DownloadBusy(Option<String>, usize),
     /// Like `Signed` (no statements), but `download/NAME` sends no length and
     /// the published bytes followed by endless filler (up to 256 MiB).
     Endless(String),
+    /// Resumable downloads, as bin-manager serves them: `download/NAME` sends
+    /// `ETag: "<md5>"` and `Accept-Ranges: bytes`, and answers `Range:
+    /// bytes=N-` (under a matching `If-Range`, or none) with `206` and
+    /// `Content-Range: bytes N-END/LEN`, or `416` past the end.
+    Ranges,
+    /// Like `Ranges`, but no byte at or past this offset is ever sent: the
+    /// answer keeps its full `Content-Length` and the connection closes there.
+    CutAt(usize),
+    /// Sends the `ETag` and `Accept-Ranges` but ignores `Range`: always `200`
+    /// with the whole file.
+    IgnoreRange,
+    /// Like `Ranges`, but a `Range` request gets a `206` of the bytes from this
+    /// offset (whatever was asked for), with their honest `Content-Range`.
+    RangeFrom(usize),
+    /// Like `Ranges`, but a `Range` request gets `416` with `Content-Range: bytes */LEN`.
+    RangeUnsatisfiable,
+    /// Like `Ranges`, but the body goes out 16 KiB per interval.
+    Trickle(Duration),
 }
 
 #[derive(Debug)]
@@ -380,6 +405,16 @@ enum Action {
     Endless {
         bytes: Vec<u8>,
     },
+    /// `status` with `headers`, the bytes of `bytes` from `start` announced,
+    /// those before `cut` sent (16 KiB per `pace`, when given).
+    Part {
+        status: u16,
+        headers: Vec<(String, String)>,
+        bytes: Vec<u8>,
+        start: usize,
+        cut: usize,
+        pace: Option<Duration>,
+    },
 }
 
 fn handle_connection(mut stream: TcpStream, ctx: Ctx) {
@@ -584,11 +619,25 @@ fn injected(status: u16) -> Action {
     )
 }
 
+/// A `Fault::Busy` answer.
+fn busy(status: u16, retry_after: &Option<String>) -> Action {
+    Action::Reply {
+        status,
+        content_type: "application/json",
+        headers: retry_after
+            .iter()
+            .map(|v| ("Retry-After".to_string(), v.clone()))
+            .collect(),
+        body: format!("{{\"code\":{status},\"message\":\"server busy\"}}").into_bytes(),
+    }
+}
+
 fn bins_get(st: &State, name: &str) -> Action {
     let style = st.style;
     let fault = st.faults.get(name).cloned().unwrap_or(Fault::None);
     match &fault {
         Fault::Status(s) => return injected(*s),
+        Fault::Busy(s, after) => return busy(*s, after),
         Fault::Hang => return Action::Hang,
         Fault::Garbage => return json(200, "{\"code\":200,\"data\":{\"hash\": ".to_string()),
         Fault::EnvelopeCode(code, message) => {
@@ -661,14 +710,22 @@ fn bins_post(st: &mut State, name: &str, req: &Request) -> Action {
     st.reported.entry(name.to_string()).or_default().push(hash);
     match st.faults.get(name) {
         Some(Fault::ReportStatus(s)) => injected(*s),
+        Some(Fault::Busy(s, after)) => busy(*s, after),
         _ => json(200, success(st.style, "null")),
     }
 }
 
-fn download(st: &State, name: &str, req: &Request, base: &str) -> Action {
+fn download(st: &mut State, name: &str, req: &Request, base: &str) -> Action {
+    if let Some(Fault::DownloadBusy(after, left)) = st.faults.get_mut(name) {
+        if *left > 0 {
+            *left -= 1;
+            return busy(503, after);
+        }
+    }
     let fault = st.faults.get(name).cloned().unwrap_or(Fault::None);
     match &fault {
         Fault::Status(s) => return injected(*s),
+        Fault::Busy(s, after) => return busy(*s, after),
         Fault::DownloadStatus(s) => {
             return Action::Reply {
                 status: *s,
@@ -693,6 +750,17 @@ fn download(st: &State, name: &str, req: &Request, base: &str) -> Action {
         Some(b) => b.clone(),
         None => return json(404, failure(st.style, 404, "binary not found")),
     };
+    if matches!(
+        fault,
+        Fault::Ranges
+            | Fault::CutAt(_)
+            | Fault::IgnoreRange
+            | Fault::RangeFrom(_)
+            | Fault::RangeUnsatisfiable
+            | Fault::Trickle(_)
+    ) {
+        return ranged(&fault, bytes, req);
+    }
     match fault {
         Fault::Truncate(keep) => Action::Truncated { bytes, keep },
         Fault::SlowDownload(interval) => Action::Slow { bytes, interval },
@@ -703,6 +771,71 @@ fn download(st: &State, name: &str, req: &Request, base: &str) -> Action {
             headers: Vec::new(),
             body: bytes,
         },
+    }
+}
+
+/// The resumable download faults (see [`Fault::Ranges`]).
+fn ranged(fault: &Fault, bytes: Vec<u8>, req: &Request) -> Action {
+    let etag = format!("\"{}\"", md5_hex(&bytes));
+    let len = bytes.len();
+    let mut headers = vec![
+        ("ETag".to_string(), etag.clone()),
+        ("Accept-Ranges".to_string(), "bytes".to_string()),
+    ];
+    let asked = req
+        .header("range")
+        .filter(|_| req.header("if-range").is_none_or(|v| v == etag))
+        .and_then(|r| {
+            r.strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse::<usize>()
+                .ok()
+        })
+        .filter(|_| *fault != Fault::IgnoreRange);
+    let cut = match fault {
+        Fault::CutAt(at) => *at,
+        _ => len,
+    };
+    let pace = match fault {
+        Fault::Trickle(every) => Some(*every),
+        _ => None,
+    };
+    let Some(asked) = asked else {
+        return Action::Part {
+            status: 200,
+            headers,
+            bytes,
+            start: 0,
+            cut,
+            pace,
+        };
+    };
+    if asked >= len || *fault == Fault::RangeUnsatisfiable {
+        headers.push(("Content-Range".to_string(), format!("bytes */{len}")));
+        return Action::Part {
+            status: 416,
+            headers,
+            bytes: Vec::new(),
+            start: 0,
+            cut: 0,
+            pace: None,
+        };
+    }
+    let start = match fault {
+        Fault::RangeFrom(at) => *at,
+        _ => asked,
+    };
+    headers.push((
+        "Content-Range".to_string(),
+        format!("bytes {start}-{}/{len}", len - 1),
+    ));
+    Action::Part {
+        status: 206,
+        headers,
+        bytes,
+        start,
+        cut,
+        pace,
     }
 }
 
@@ -851,6 +984,41 @@ fn perform(mut stream: TcpStream, action: Action, stop: &AtomicBool) {
                 if stop.load(std::sync::atomic::Ordering::Relaxed)
                     || stream.write_all(&filler).is_err()
                 {
+                    return;
+                }
+            }
+        }
+        Action::Part {
+            status,
+            headers,
+            bytes,
+            start,
+            cut,
+            pace,
+        } => {
+            let start = start.min(bytes.len());
+            let head = response_head(
+                status,
+                "application/octet-stream",
+                &headers,
+                bytes.len() - start,
+            );
+            if stream.write_all(&head).is_err() {
+                return;
+            }
+            let body = &bytes[start..cut.clamp(start, bytes.len())];
+            let block = if pace.is_some() {
+                16 * 1024
+            } else {
+                body.len().max(1)
+            };
+            for part in body.chunks(block) {
+                if let Some(every) = pace {
+                    if !sleep_unless_stopped(every, stop) {
+                        return;
+                    }
+                }
+                if stream.write_all(part).is_err() {
                     return;
                 }
             }
@@ -1323,6 +1491,28 @@ pub fn can_run(have: bool, why: &str) -> bool {
     );
     eprintln!("SKIPPED (cannot run here): {why}");
     false
+}
+
+/// The proxy variables of the environment the tests run in: removed from
+/// every `bin-proxy` command, so that a developer's proxy never changes a
+/// test's outcome (tests that want a proxy set their own).
+pub const PROXY_VARS: [&str; 8] = [
+    "http_proxy",
+    "HTTP_PROXY",
+    "https_proxy",
+    "HTTPS_PROXY",
+    "no_proxy",
+    "NO_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+];
+
+/// Removes [`PROXY_VARS`] from `cmd`'s environment.
+pub fn without_proxies(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in PROXY_VARS {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// Whether this process runs as root (reads `/proc/self/status`).

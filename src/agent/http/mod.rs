@@ -47,8 +47,8 @@ pub struct Request<'a> {
     /// The headers a URL may receive (Authorization, X-Node-Token); asked
     /// again after each redirect. Never sent to a proxy itself.
     pub credentials: &'a dyn Fn(&str) -> Vec<(&'static str, String)>,
-    /// Other request headers (`If-None-Match`), sent to every URL asked.
-    pub headers: &'a [(&'static str, String)],
+    /// More request headers, sent to every URL (`Range`, `If-Range`).
+    pub headers: &'a [(&'a str, String)],
     /// Bounds connecting and receiving the head of each answer.
     pub timeout: Duration,
     /// Bounds everything, body included.
@@ -67,8 +67,12 @@ pub struct Response {
     pub reason: String,
     /// `Content-Length`, when the body has one.
     pub length: Option<u64>,
-    /// `ETag`, when the answer has one.
+    /// `Retry-After`, as sent (read by [`crate::agent::backoff`]).
+    pub retry_after: Option<String>,
+    /// `ETag`, as sent.
     pub etag: Option<String>,
+    /// `Content-Range`, as sent.
+    pub content_range: Option<String>,
     location: Option<String>,
     body: BufReader<Conn>,
     framing: Framing,
@@ -202,6 +206,20 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
             .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
     };
     let status = parsed.code.unwrap_or(0);
+    // A plain-HTTP proxy answers its own refusals (an ACL, a filter, a
+    // login it wants): a 407 always is the proxy's, and so is a 403 that is
+    // not bin-manager's JSON. Neither is the server's word on this node or
+    // build: it is an unreachable server, and the error names the proxy.
+    if let Some(p) = proxy.filter(|_| !target.https) {
+        let json = header("content-type").is_some_and(|t| t.to_ascii_lowercase().contains("json"));
+        if status == 407 || (status == 403 && !json) {
+            return Err(http(format!(
+                "proxy {} refused the request: {status} {}",
+                p.authority,
+                crate::protocol::one_line(parsed.reason.unwrap_or(""), 200)
+            )));
+        }
+    }
     let chunked =
         header("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
     let length = match header("content-length") {
@@ -222,7 +240,9 @@ fn once(req: &Request, method: Method, url: &str, body: Option<&[u8]>) -> Result
         status,
         reason: parsed.reason.unwrap_or("").to_string(),
         length,
+        retry_after: header("retry-after"),
         etag: header("etag"),
+        content_range: header("content-range"),
         location: header("location"),
         body,
         framing,

@@ -50,6 +50,8 @@ pub struct App {
     pub rate: Mutex<RateLimit>,
     /// The server's own load limit (`maxRequestsPerSecond`).
     pub shed: Mutex<Shed>,
+    /// One client address's share (`maxRequestsPerClientPerSecond`).
+    pub client_rate: Mutex<RateLimit>,
     /// Signed releases: what is required of a publish.
     pub signing: super::signing::Signing,
     /// Key rotation statements (`binDir/.trust`, read at start).
@@ -106,6 +108,22 @@ impl App {
         // a loop first (and maybe again by a worker), one with a body only
         // by a worker.
         if on_loop || req.body_len > 0 {
+            // One client over its share is told first, so it does not use
+            // up the tokens of everyone else's bucket.
+            let own = self
+                .client_rate
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(super::http::client_of(req.peer), std::time::Instant::now());
+            if let Err(wait) = own {
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                let mut resp = fail(
+                    429,
+                    "too many requests from your address (maxRequestsPerClientPerSecond): retry after the Retry-After delay",
+                );
+                resp.headers.push(("Retry-After", secs.to_string()));
+                return Some(resp);
+            }
             let taken = match self.shed.lock() {
                 Ok(mut shed) => shed.take(std::time::Instant::now()),
                 Err(_) => Ok(()),
