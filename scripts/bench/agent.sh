@@ -178,7 +178,8 @@ curl -fsS "$API_OLD/bins/big" >/dev/null
 # ---------------------------------------------------------------- 1. idle
 echo "## Idle run (every binary up to date)"
 echo
-echo "One cron run when nothing changed: keepalive + one \`GET bins/NAME\` per binary, 64 KiB \
+echo "One cron run when nothing changed (bin-proxy: one \`POST check\`, answered 304; the script: \
+keepalive + one \`GET bins/NAME\` per binary), 64 KiB \
 files already installed and recorded. Each tool has its own copy of the same manifest (and \
 is registered already); bin-proxy has its state file from the previous run, the script \
 trusts the recorded hash (no md5sum). Runs: $IDLE_RUNS, warm-up: $IDLE_WARMUP; bin-proxy \
