@@ -315,6 +315,11 @@ fn http_proxy_carries_api_calls_and_downloads_and_no_proxy_bypasses_it() {
         );
     }
     let through = proxy.requests(&m.addr()).len();
+    // The manager logs a request once it is answered, the agent may be
+    // gone by then: wait (bounded) for the lines to arrive.
+    wait_until(Duration::from_secs(10), || {
+        served(&m, "/api/v1/") >= through
+    });
     let api_requests = served(&m, "/api/v1/");
     assert_eq!(
         through,

@@ -1011,6 +1011,8 @@ mod tests {
         let stamp = Stamp::of(&fs::metadata(&file).unwrap());
         assert_eq!(s.cached_hash(&file).unwrap(), Cached::Unread(stamp));
         assert!(s.files.is_empty(), "not hashed, not remembered");
+        let e = s.cached_hash(&file.join("below-a-file")).unwrap_err();
+        assert!(e.to_string().contains("inspecting"), "{e}");
         s.remember(&file, stamp, "cafe");
         assert_eq!(s.cached_hash(&file).unwrap(), Cached::Known("cafe".into()));
         let other = Stamp {
