@@ -101,7 +101,18 @@ fn idle_is_304_and_changes_show_in_the_etag() {
         "heartbeat on a 200"
     );
     let before = last_seen(&m, "web-1");
-    std::thread::sleep(std::time::Duration::from_millis(1100)); // lastSeen has 1 s resolution
+    // lastSeen has 1 s resolution: wait for the clock's next second.
+    let second = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let read_at = second();
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(5), || second() > read_at),
+        "the clock did not reach the next second"
+    );
     let idle = check(&m, "web-1", &["app", "tool", "missing"], Some(&tag));
     assert_eq!(idle.status, 304, "{}", idle.body_str());
     assert!(idle.body.is_empty());

@@ -205,4 +205,25 @@ mod tests {
             assert_eq!(worth_retry(&e), expected, "{e}");
         }
     }
+
+    #[test]
+    fn reasons_read_as_the_log_says() {
+        // How "app: …; installing OLD→NEW from URL" starts in the log.
+        let words = [
+            Reason::Fresh,
+            Reason::Missing,
+            Reason::Changed,
+            Reason::Outdated,
+        ]
+        .map(Reason::describe);
+        assert_eq!(
+            words,
+            [
+                "not installed yet",
+                "file is missing",
+                "file changed on disk since it was installed",
+                "new build published",
+            ]
+        );
+    }
 }

@@ -707,7 +707,18 @@ mod tests {
         assert!(Document::parse(&line.replace(&k, &k[..15]))
             .unwrap_err()
             .contains("key id"));
+        // Sixteen characters a name may have, but not hex.
+        assert!(Document::parse(&line.replace(&k, &"z".repeat(16)))
+            .unwrap_err()
+            .contains("key id"));
         assert!(Document::parse(&"x".repeat(2000))
+            .unwrap_err()
+            .contains("longer than 1024"));
+        // The bound is inclusive: 1024 bytes get as far as the magic word.
+        assert!(Document::parse(&"x".repeat(MAX_LEN))
+            .unwrap_err()
+            .contains("does not start"));
+        assert!(Document::parse(&"x".repeat(MAX_LEN + 1))
             .unwrap_err()
             .contains("longer than 1024"));
         assert!(Document::parse(&line.replace("app", "äpp")).is_err());

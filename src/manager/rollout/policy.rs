@@ -454,5 +454,54 @@ mod tests {
         );
         assert!(Window::parse("mon@05-05").is_err());
         assert!(Window::parse("funday@01-02").is_err());
+        // The end hour is exclusive on the morning after, too.
+        assert!(!night.contains(at(5, 4)), "Sunday 04:00");
+        // A window may start at 23:00, not at 24:00.
+        assert_eq!(Window::parse("*@23-01").unwrap().text(), "*@23-01");
+        assert!(Window::parse("*@24-02").is_err());
+    }
+
+    #[test]
+    fn soak_units_labels_and_canaries() {
+        for (text, secs) in [
+            ("600", Some(600)),
+            ("90s", Some(90)),
+            ("10m", Some(600)),
+            ("2h", Some(7200)),
+            ("1d", Some(86_400)),
+            (" 5m ", Some(300)),
+            ("", None),
+            ("m", None),
+            ("5y", None),
+            ("1.5h", None),
+            ("99999999999999999d", None),
+        ] {
+            assert_eq!(parse_seconds(text), secs, "{text:?}");
+        }
+        // A label's key and value must both be words; either one bad is refused.
+        for bad in ["re gion=eu", "region=e u", "=eu", "region=", "region"] {
+            let q = format!("rollout=100&match={bad}");
+            let e = Policy::from_query(&pairs(&q)).unwrap_err();
+            assert!(e.contains("is not KEY=VALUE"), "{bad}: {e}");
+        }
+        assert!(
+            Policy::from_query(&pairs(&format!("rollout=100&match=k={}", "v".repeat(129))))
+                .is_err()
+        );
+        assert_eq!(
+            policy(&format!("rollout=100&match=k={}", "v".repeat(128))).selector[0]
+                .1
+                .len(),
+            128
+        );
+        // Canaries by name or by label add a phase before the steps.
+        let by = |q: &str| {
+            let p = policy(q);
+            (p.has_canaries(), p.phases())
+        };
+        assert_eq!(by("rollout=10,100"), (false, 2));
+        assert_eq!(by("rollout=10,100&canary=n1"), (true, 3));
+        assert_eq!(by("rollout=10,100&canaryLabel=g=c"), (true, 3));
+        assert_eq!(by("rollout=100"), (false, 1));
     }
 }
