@@ -91,20 +91,10 @@ fn is_temp_of(file: &str, target_name: &str) -> bool {
 /// when they were killed. Only call it while holding the run lock. Returns
 /// how many were removed.
 pub fn sweep_temps(target: &Path) -> usize {
-    sweep_temps_but(target, None)
-}
-
-/// [`sweep_temps`], sparing `keep` (a journalled partial download).
-pub fn sweep_temps_but(target: &Path, keep: Option<&Path>) -> usize {
     let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return 0;
     };
-    let keep = keep.and_then(Path::file_name);
-    sweep_dir(
-        parent(target),
-        |file| is_temp_of(file, &name) && keep.is_none_or(|k| k.to_string_lossy() != file),
-        |_| true,
-    )
+    sweep_dir(parent(target), |file| is_temp_of(file, &name), |_| true)
 }
 
 /// Removes, in `dir`, the upload temp files ([`unique_temp_path`] with
@@ -123,6 +113,58 @@ pub fn sweep_stale_uploads(dir: &Path, tag: &str, age: std::time::Duration) -> u
                 .is_some_and(|e| e >= age)
         },
     )
+}
+
+/// The temp files of earlier runs, one directory listing per run: an idle
+/// run sweeps beside every binary, and 50 binaries in one directory swept
+/// from a fresh listing each (the target's and its backup's) were 100
+/// listings, two thirds of the run's system calls. Only names are kept
+/// (those that look like any temp file); what this run creates later is
+/// its own and not swept. Only use it while holding the run lock.
+#[derive(Debug, Default)]
+pub struct Temps {
+    dirs: std::collections::HashMap<PathBuf, Vec<String>>,
+}
+
+impl Temps {
+    /// Removes the temp files earlier runs left beside `target` (and its
+    /// backup `backup`), sparing `keep`; returns how many were removed.
+    pub fn sweep(&mut self, target: &Path, backup: &Path, keep: Option<&Path>) -> usize {
+        let dir = parent(target);
+        let names = self.dirs.entry(dir.to_path_buf()).or_insert_with(|| {
+            let Ok(entries) = fs::read_dir(dir) else {
+                return Vec::new();
+            };
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with('.') && f.ends_with(TEMP_SUFFIX))
+                .collect()
+        });
+        let of = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+        let (Some(name), backup) = (of(target), of(backup)) else {
+            return 0;
+        };
+        let keep = keep.and_then(of);
+        let mut removed = 0;
+        names.retain(|file| {
+            let picked = (is_temp_of(file, &name)
+                || backup.as_ref().is_some_and(|b| is_temp_of(file, b)))
+                && keep.as_ref() != Some(file);
+            if !picked {
+                return true;
+            }
+            let path = dir.join(file);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if !m.is_dir() && fs::remove_file(&path).is_ok() => {
+                    removed += 1;
+                    false
+                }
+                _ => true,
+            }
+        });
+        removed
+    }
 }
 
 /// Removes the entries of `dir` (never following links) whose name `name`
@@ -319,6 +361,60 @@ mod tests {
             ]
         );
         assert_eq!(sweep_temps(&dir.join("app.x")), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_run_lists_each_directory_once_and_sweeps_each_target_s_temps() {
+        let dir = scratch("temps");
+        let names = |dir: &Path| {
+            let mut left: Vec<_> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            left
+        };
+        for name in [
+            "a",
+            ".a.1.bin-proxy-tmp",
+            ".a.bak.2.bin-proxy-tmp",
+            ".a.3dl.bin-proxy-tmp", // a journalled partial download: kept
+            ".b.4.bin-proxy-tmp",
+            ".c.5.bin-proxy-tmp",
+            ".a.notes",
+        ] {
+            fs::write(dir.join(name), b"x").unwrap();
+        }
+        fs::create_dir(dir.join(".a.6.bin-proxy-tmp")).unwrap(); // never a directory
+        let mut temps = Temps::default();
+        let keep = dir.join(".a.3dl.bin-proxy-tmp");
+        assert_eq!(
+            temps.sweep(&dir.join("a"), &dir.join("a.bak"), Some(&keep)),
+            2
+        );
+        // Created after the listing: this run's own, not swept.
+        fs::write(dir.join(".b.7.bin-proxy-tmp"), b"x").unwrap();
+        assert_eq!(temps.sweep(&dir.join("b"), &dir.join("b.bak"), None), 1);
+        assert_eq!(temps.sweep(&dir.join("a"), &dir.join("a.bak"), None), 1);
+        assert_eq!(
+            names(&dir),
+            [
+                ".a.6.bin-proxy-tmp",
+                ".a.notes",
+                ".b.7.bin-proxy-tmp",
+                ".c.5.bin-proxy-tmp",
+                "a"
+            ]
+        );
+        let other = dir.join("sub");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join(".c.8.bin-proxy-tmp"), b"x").unwrap();
+        assert_eq!(temps.sweep(&other.join("c"), &other.join("c.bak"), None), 1);
+        assert_eq!(
+            temps.sweep(&dir.join("gone/c"), &dir.join("gone/c.bak"), None),
+            0
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -223,6 +223,8 @@ struct Run<'a> {
     token_refused: bool,
     /// Release keys this host trusts (none: signatures are not required).
     trusted: Vec<crate::sign::TrustedKey>,
+    /// Temp files of earlier runs, each directory listed once a run.
+    temps: crate::fsutil::Temps,
     /// A report was answered 429/503 ([`Error::Busy`]): the run asks nothing more.
     busy: Option<Error>,
     /// The batched check's last answer, beside the manifest ([`batch`]).
@@ -590,6 +592,7 @@ impl<'a> Run<'a> {
             client,
             token_refused: false,
             trusted: Vec::new(),
+            temps: crate::fsutil::Temps::default(),
             busy: None,
             cache: batch::Cache::load(&cache_path),
             cache_path,

@@ -181,8 +181,9 @@ impl Run<'_> {
     /// leads elsewhere now (a symlinked directory was switched).
     fn sweep(&mut self, bin: &Binary, target: &Path, remote: &BinInfo) {
         let keep = self.keep_partial(bin, target, remote);
-        let swept = fsutil::sweep_temps_but(target, keep.as_deref())
-            + fsutil::sweep_temps(&backup_of(target));
+        let swept = self
+            .temps
+            .sweep(target, &backup_of(target), keep.as_deref());
         if swept > 0 {
             event!(
                 Info,
