@@ -4,7 +4,7 @@
 //! binary the server does not have fails alone; an unknown node registers
 //! and is then checked; against the seed-style fake server the agent falls
 //! back to the per-binary calls without an error and remembers it.
-mod common;
+use testkit as common;
 
 use common::host::{Host, Ran};
 use common::legacy::api_requests;

@@ -1,8 +1,8 @@
-mod common;
+use testkit as common;
 
 // One `bin-proxy` run, end to end, as an operator sees it: the real executable
-// against the recording fake bin-manager (`tests/common`), in a temp "host"
-// (`tests/common/host.rs`). Every test checks what a user would check: exit
+// against the recording fake bin-manager (`testkit`), in a temp "host"
+// (`testkit/src/host.rs`). Every test checks what a user would check: exit
 // code, the log line, bytes and modes on disk, the manifest, what the server
 // received, and that no temp file is left beside the managed binaries.
 

@@ -1,4 +1,4 @@
-mod common;
+use testkit as common;
 
 // The operating system failing under a run, provoked for real: a full
 // filesystem (tmpfs), fsync and rename failing (strace fault injection), a

@@ -10,7 +10,7 @@
 //! Without tinyproxy (scripts/setup.sh installs it) these tests are skipped
 //! loudly, and fail under CI=true.
 
-mod common;
+use testkit as common;
 
 use common::agent::{Agent, Setup};
 use common::manager::{envelope, Manager};

@@ -5,7 +5,7 @@
 //! Debian's `postgresql` and `nginx` when missing (scripts/setup.sh), runs
 //! its own cluster in a temp dir on 127.0.0.1 with its own port, and stops
 //! every process it started by PID.
-mod common;
+use testkit as common;
 
 use common::json::Json;
 use common::manager::{envelope, Manager};

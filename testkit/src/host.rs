@@ -111,6 +111,12 @@ pub struct Host {
     pub bin: PathBuf,
 }
 
+impl Default for Host {
+    fn default() -> Host {
+        Host::new()
+    }
+}
+
 impl Host {
     /// A new host with an empty target dir and a running server.
     pub fn new() -> Host {
@@ -163,7 +169,7 @@ impl Host {
     /// `BIN_MANAGER_API`, the fake supervisorctl first on PATH, no inherited
     /// settings (nor proxies).
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
+        let mut cmd = Command::new(super::bin("bin-proxy"));
         cmd.args(args)
             .arg("--config")
             .arg(&self.manifest)

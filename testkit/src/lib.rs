@@ -1,5 +1,4 @@
-#![allow(dead_code)]
-//! Shared fixture for the bin-proxy integration tests (include it with `mod common;`).
+//! Shared fixture for the bin-proxy integration tests (a dev-dependency: `use testkit as common;`).
 //!
 //! This module owns:
 //! - [`Server`]: an in-process HTTP/1.1 imitation of the "bin-manager" server
@@ -344,6 +343,34 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// The bin-proxy repository (this crate lives in its `testkit/`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit/ has a parent")
+        .to_path_buf()
+}
+
+/// The package's executable `name` (`bin-proxy`, `bin-manager`) that cargo
+/// built for the running test: `env!("CARGO_BIN_EXE_…")` exists only in the
+/// test crates themselves, so it is found next to the test binary
+/// (`…/target/debug/deps/TEST` → `…/target/debug/NAME`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().and_then(Path::parent);
+    let path = dir
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name));
+    assert!(
+        path.is_file(),
+        "{} (the `{name}` executable) is missing: run the tests with `cargo test`, \
+         which builds it next to the test binary {}",
+        path.display(),
+        exe.display()
+    );
+    path
 }
 
 /// Lowercase hex md5 of `bytes`.
@@ -1358,7 +1385,7 @@ pub fn fake_supervisorctl(dir: &Path) -> PathBuf {
     let quoted = dir.display().to_string().replace('\'', "'\\''");
     let script = format!(
         r#"#!/bin/sh
-# Fake supervisorctl written by the bin-proxy test fixture (tests/common/mod.rs).
+# Fake supervisorctl written by the bin-proxy test fixture (testkit/src/lib.rs).
 dir='{quoted}'
 printf '%s\n' "$*" >> "$dir/supervisorctl.log"
 fail=''
@@ -1533,7 +1560,7 @@ pub fn ensure_debian_packages(packages: &str, program: &str) -> bool {
         return true;
     }
     let out = std::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup.sh"))
+        .arg(root().join("scripts/setup.sh"))
         .env("BIN_PROXY_SETUP_PACKAGES", packages)
         .output();
     match out {
