@@ -25,7 +25,8 @@ pub struct Ran {
     pub stderr: String,
 }
 
-impl Ran {
+/// What a command did, from its output (exit code -1 when killed by a signal).
+impl From<Output> for Ran {
     fn from(out: Output) -> Ran {
         Ran {
             code: out.status.code().unwrap_or(-1),
@@ -33,7 +34,9 @@ impl Ran {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+}
 
+impl Ran {
     /// Runs a prepared command to completion.
     pub fn from_command(cmd: &mut Command) -> Ran {
         Ran::from(cmd.output().expect("run bin-proxy"))
