@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// Every temp file this program creates ends with this, so that a later run
 /// can recognise and sweep the leftovers of a killed one.
-pub const TEMP_SUFFIX: &str = ".bin-proxy-tmp";
+const TEMP_SUFFIX: &str = ".bin-proxy-tmp";
 
 /// The directory holding `path` (`.` for a bare file name).
 pub fn parent(path: &Path) -> &Path {

@@ -83,7 +83,7 @@ pub fn set_xattr(file: &impl AsRawFd, name: &CStr, value: &[u8]) -> io::Result<(
 // ---- bin-manager's event loops ----
 
 /// An epoll event as the kernel lays it out on this architecture.
-pub type EpollEvent = libc::epoll_event;
+type EpollEvent = libc::epoll_event;
 /// Readable.
 pub const EPOLLIN: u32 = libc::EPOLLIN as u32;
 /// Writable.

@@ -4,12 +4,12 @@
 //! binary the server does not have fails alone; an unknown node registers
 //! and is then checked; against the seed-style fake server the agent falls
 //! back to the per-binary calls without an error and remembers it.
-mod common;
+use testkit as common;
 
 use common::host::{Host, Ran};
 use common::legacy::api_requests;
 use common::manager::Manager;
-use common::{http, md5_hex, wait_until};
+use common::{http, md5_hex, wait_until, Fault, Server};
 use std::fs;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -239,62 +239,20 @@ fn a_seed_server_without_the_check_is_asked_the_old_way() {
     assert_eq!(host.server.count("GET", "/api/v1/bins/"), 2);
 }
 
-/// A server answering every request with `status` and a JSON error; counts them.
-struct Failing {
-    addr: std::net::SocketAddr,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+/// A fake server answering every request with `status`.
+fn failing(status: u16) -> Server {
+    let server = Server::start();
+    server.fault(common::EVERY_ROUTE, Fault::Status(status));
+    server
 }
 
-impl Failing {
-    fn start(status: u16) -> Failing {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(5)))
-                    .unwrap();
-                let mut r = BufReader::new(&stream);
-                let mut line = String::new();
-                let _ = r.read_line(&mut line);
-                let mut length = 0;
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                        length = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let _ = r.by_ref().take(length).read_to_end(&mut Vec::new());
-                let words: Vec<&str> = line.split_whitespace().collect();
-                log.lock()
-                    .unwrap()
-                    .push(words[..2.min(words.len())].join(" "));
-                let body = format!("{{\"code\":{status},\"message\":\"the fixture says no\"}}");
-                let _ = (&stream).write_all(
-                    format!(
-                        "HTTP/1.1 {status} Oops\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                    .as_bytes(),
-                );
-            }
-        });
-        Failing { addr, seen }
-    }
-
-    fn api(&self) -> String {
-        format!("http://{}/api/v1", self.addr)
-    }
-
-    fn seen(&self) -> Vec<String> {
-        self.seen.lock().unwrap().clone()
-    }
+/// The requests `server` got, as `METHOD TARGET`.
+fn seen(server: &Server) -> Vec<String> {
+    let requests = server.requests();
+    requests
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.target()))
+        .collect()
 }
 
 #[test]
@@ -302,7 +260,7 @@ fn a_check_that_fails_is_the_run_s_fault_never_a_build_s() {
     let host = Host::new();
     host.manifest_for(&[("app", ""), ("tool", "")]);
     let before = common::host::snapshot(&host);
-    let down = Failing::start(500);
+    let down = failing(500);
     for round in 0..2 {
         let mut cmd = host.command(&["--timeout", "20"]);
         cmd.env("BIN_MANAGER_API", down.api());
@@ -315,7 +273,7 @@ fn a_check_that_fails_is_the_run_s_fault_never_a_build_s() {
         );
         // Not taken for a server without the check: asked again each run.
         assert_eq!(
-            down.seen(),
+            seen(&down),
             vec!["POST /api/v1/check"; round + 1],
             "{}",
             ran.stderr
@@ -349,7 +307,7 @@ fn a_check_that_fails_is_the_run_s_fault_never_a_build_s() {
 fn an_answer_that_is_no_check_s_makes_this_run_ask_the_old_way() {
     let host = Host::new();
     host.manifest_for(&[("app", ""), ("tool", "")]);
-    let refusing = Failing::start(401);
+    let refusing = failing(401);
     for round in 0..2 {
         let mut cmd = host.command(&["--timeout", "20"]);
         cmd.env("BIN_MANAGER_API", refusing.api());
@@ -366,7 +324,7 @@ fn an_answer_that_is_no_check_s_makes_this_run_ask_the_old_way() {
             "GET /api/v1/bins/tool?arch=x86_64&node=test-node",
             "POST /api/v1/keepalive?node=test-node", // the inventory, after a failure
         ];
-        assert_eq!(refusing.seen(), once.repeat(round + 1), "{}", ran.stderr);
+        assert_eq!(seen(&refusing), once.repeat(round + 1), "{}", ran.stderr);
         assert!(!check_file(&host).exists());
         assert!(!remembers_no_check(&host));
     }

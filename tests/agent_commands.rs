@@ -1,4 +1,4 @@
-mod common;
+use testkit as common;
 
 // The agent's commands as an operator uses them: manifest validation, `check`,
 // `status`, `init`, `rollback`, `retry`, `--help`/`--version`, the precedence of

@@ -1,7 +1,7 @@
 //! Downloads over 8 MiB report progress every few seconds (5 s): served
 //! here by a server that holds most of the body back until the agent has
 //! reported, so a run lasts about 5 s however loaded the machine is.
-mod common;
+use testkit as common;
 
 use common::host::{Host, Ran};
 use common::{md5_hex, temp_files};

@@ -1,8 +1,8 @@
-mod common;
+use testkit as common;
 
 // One `bin-proxy` run, end to end, as an operator sees it: the real executable
-// against the recording fake bin-manager (`tests/common`), in a temp "host"
-// (`tests/common/host.rs`). Every test checks what a user would check: exit
+// against the recording fake bin-manager (`testkit`), in a temp "host"
+// (`testkit/src/host.rs`). Every test checks what a user would check: exit
 // code, the log line, bytes and modes on disk, the manifest, what the server
 // received, and that no temp file is left beside the managed binaries.
 
@@ -31,15 +31,6 @@ fn outdated_host() -> Host {
     host.manifest_for(&[("myapp", &md5_hex(OLD))]);
     host.server.publish("myapp", NEW);
     host
-}
-
-/// What a hand-built command did (`Host::run` for ones with extra env).
-fn ran_of(out: std::process::Output) -> Ran {
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 fn write_exec(path: &Path, text: &str) {
@@ -590,7 +581,7 @@ fn server_down_exits_1_with_connection_refused() {
         .env("BIN_MANAGER_API", format!("http://127.0.0.1:{port}/api/v1"))
         .output()
         .unwrap();
-    let ran = ran_of(out);
+    let ran = Ran::from(out);
     ran.expect_code(1);
     // One line about the outage (not one per binary and one per heartbeat),
     // and the binaries are not counted as failed.
@@ -910,7 +901,7 @@ fn restart_failure_rolls_back_none_skips_and_missing_supervisorctl_warns() {
     }
     assert!(!bin.join("supervisorctl").exists());
     let out = host.command(&[]).env("PATH", &bin).output().unwrap();
-    let ran = ran_of(out);
+    let ran = Ran::from(out);
     ran.expect_code(0);
     log_line(&ran, &["myapp", "supervisorctl not found"]);
     assert!(
@@ -1043,7 +1034,7 @@ fn bearer_token_is_sent_with_every_request_and_never_printed() {
             .env("BIN_MANAGER_TOKEN", "s3cret")
             .output()
             .unwrap();
-        let ran = ran_of(out);
+        let ran = Ran::from(out);
         ran.expect_code(1);
         log_line(&ran, &["broken", "500"]);
         assert!(
@@ -1436,7 +1427,7 @@ fn tls_against_plain_http_or_the_reverse_fails_at_once_with_a_hint() {
     let host = outdated_host();
     let before = snapshot(&host);
     let plain = host.server.url().replace("http://", "https://");
-    let ran = ran_of(
+    let ran = Ran::from(
         host.command(&[])
             .env("BIN_MANAGER_API", format!("{plain}/api/v1"))
             .output()
@@ -1483,7 +1474,7 @@ fn tls_against_plain_http_or_the_reverse_fails_at_once_with_a_hint() {
         return;
     };
     let before = snapshot(&host);
-    let ran = ran_of(
+    let ran = Ran::from(
         host.command(&[])
             .env(
                 "BIN_MANAGER_API",
@@ -1512,7 +1503,7 @@ fn supervisord_lost_during_the_restart_rolls_back_without_holding_back() {
     let (ctl, down, breaks) = scripted_supervisorctl(&host);
     fs::write(&breaks, b"").unwrap();
     let run = || {
-        ran_of(
+        Ran::from(
             host.command(&[])
                 .env("BIN_PROXY_SUPERVISORCTL", &ctl)
                 .output()
@@ -1587,7 +1578,7 @@ fn an_interrupted_upgrade_waits_for_supervisord_to_be_confirmed() {
     let (ctl, down, _) = scripted_supervisorctl(&host);
     fs::write(&down, b"").unwrap();
     let run = || {
-        ran_of(
+        Ran::from(
             host.command(&[])
                 .env("BIN_PROXY_SUPERVISORCTL", &ctl)
                 .output()

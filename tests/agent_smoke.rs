@@ -1,5 +1,5 @@
 //! The first end-to-end look: register, upgrade, idle.
-mod common;
+use testkit as common;
 
 use common::host::{Host, NODE};
 use common::{md5_hex, mode, temp_files};

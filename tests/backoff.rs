@@ -1,4 +1,4 @@
-mod common;
+use testkit as common;
 
 // Back-off the server can steer, as an operator sees it: the real
 // `bin-proxy` against the recording fake bin-manager (a `Busy` fault: 429 or

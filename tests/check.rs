@@ -3,7 +3,7 @@
 //! with no body, the ETag changes after a publish and after a rollout
 //! step, the heartbeat is recorded on a `304` too, and a binary the server
 //! does not have is answered in its entry, not by a 404 of the whole.
-mod common;
+use testkit as common;
 
 use common::json::Json;
 use common::manager::{call, envelope, get, post, put, Manager};

@@ -8,7 +8,7 @@
 //! kept in the tab only; and the page's own headers.
 //! `CONSOLE_SCREENSHOT=docs/console.png cargo test --test console` redraws
 //! the README's screenshot.
-mod common;
+use testkit as common;
 
 use common::browser::Browser;
 use common::json::Json;

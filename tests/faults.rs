@@ -1,4 +1,4 @@
-mod common;
+use testkit as common;
 
 // The operating system failing under a run, provoked for real: a full
 // filesystem (tmpfs), fsync and rename failing (strace fault injection), a
@@ -126,14 +126,6 @@ fn mount_read_only(dir: &Path) -> Mount {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn ran_of(out: std::process::Output) -> Ran {
-    Ran {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 fn write_file(path: &Path, bytes: &[u8], file_mode: u32) {
     fs::write(path, bytes).unwrap();
@@ -320,7 +312,7 @@ fn fsync_eio_on_the_download_keeps_the_old_file() {
     )
     .output()
     .expect("run strace");
-    let ran = ran_of(out);
+    let ran = Ran::from(out);
     let trace = fs::read_to_string(&trace_path).unwrap_or_default();
     let ctx = context(&ran, &trace);
 
@@ -402,7 +394,7 @@ fn traced_upgrade(nth: Option<usize>) -> (Host, String, Ran, String, String) {
         args.extend(["-e", inject.as_str()]);
     }
     let out = under_strace(&host, &args).output().expect("run strace");
-    let ran = ran_of(out);
+    let ran = Ran::from(out);
     let trace = fs::read_to_string(trace_path).unwrap_or_default();
     let ctx = context(&ran, &trace);
     (host, manifest, ran, trace, ctx)
@@ -712,7 +704,7 @@ fn overlapping_run_exits_0_while_the_first_completes() {
     });
     if !downloading {
         let _ = first.kill();
-        let ran = ran_of(first.wait_with_output().unwrap());
+        let ran = Ran::from(first.wait_with_output().unwrap());
         panic!("the first run never started downloading\n{}", ran.stderr);
     }
 
@@ -736,7 +728,7 @@ fn overlapping_run_exits_0_while_the_first_completes() {
         host.server.requests()
     );
 
-    let first = ran_of(first.wait_with_output().unwrap());
+    let first = Ran::from(first.wait_with_output().unwrap());
     first.expect_code(0);
     log_line(&first, &["app", "upgraded"], "");
     assert_eq!(fs::read(&target).unwrap(), body);
@@ -1050,7 +1042,7 @@ fn a_directory_switched_mid_run_is_named_and_its_temp_file_swept() {
         in_v1() && host.server.count("GET", "/api/v1/download/") >= 1
     });
     switch_link(&current, "v2");
-    let ran = ran_of(child.wait_with_output().unwrap());
+    let ran = Ran::from(child.wait_with_output().unwrap());
     assert!(downloading, "never saw the download start\n{}", ran.stderr);
     ran.expect_code(1);
     log_line(

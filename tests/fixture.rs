@@ -1,7 +1,7 @@
-//! Self-test of the integration-test fixture in `tests/common/mod.rs`, using raw
+//! Self-test of the integration-test fixture in `testkit/src/mod.rs`, using raw
 //! `TcpStream` requests only.
 
-mod common;
+use testkit as common;
 
 use common::*;
 use std::io::{Read, Write};

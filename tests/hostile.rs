@@ -1,8 +1,8 @@
-mod common;
+use testkit as common;
 
 // The agent against a hostile bin-manager: truncated, endless, huge, slow,
 // silent, looping, cross-origin, header-bombing and garbage-speaking servers.
-// Each scenario runs the real `bin-proxy` executable (tests/common/host.rs)
+// Each scenario runs the real `bin-proxy` executable (testkit/src/host.rs)
 // against a small misbehaving HTTP server written here (std::net only, one
 // thread per connection, every loop bounded, every thread joined when the
 // server is dropped). Each run must end in bounded time (a hung agent is

@@ -1,7 +1,7 @@
 //! scripts/install.sh, run for real with `--root` pointing at a temp dir, so the
 //! real system is never touched.
 
-mod common;
+use testkit as common;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -3,13 +3,13 @@
 //! unchanged: they check in, install, upgrade, roll back, and show up in the
 //! fleet view with what they run and their last progress.
 //!
-//! Two ways (tests/common/legacy.rs): their requests made byte for byte in
+//! Two ways (testkit/src/legacy.rs): their requests made byte for byte in
 //! Rust and their answers read the way they read them; and our stand-ins
 //! of the two agents (tests/fixtures/legacy/) run with the real
 //! python-requests, curl and jq (Debian packages `python3-requests`, `curl`,
 //! `jq`: scripts/setup.sh installs them; these tests fail, never skip,
 //! without them).
-mod common;
+use testkit as common;
 
 use common::agent::{Agent, Setup};
 use common::json::Json;

@@ -1,9 +1,9 @@
 //! Integration tests of the REAL `bin-manager` executable (see
-//! tests/common/manager.rs): the protocol and its envelopes, arch/version
+//! testkit/src/manager.rs): the protocol and its envelopes, arch/version
 //! selection, hash caching, Range/HEAD, publishing, limits, path traversal,
 //! tokens, durability across kill -9, slow clients, publish-while-downloading,
 //! the real agent end to end, the access log and start-up errors.
-mod common;
+use testkit as common;
 
 use common::agent::Agent;
 use common::json::{parse, Json};

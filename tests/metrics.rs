@@ -1,10 +1,10 @@
 //! The metrics file (`--metrics-file`, `BIN_PROXY_METRICS_FILE`, the
 //! manifest's `metricsFile`) read by a real Prometheus node_exporter's
-//! textfile collector (tests/common/exporter.rs), scraped over 127.0.0.1:
+//! textfile collector (testkit/src/exporter.rs), scraped over 127.0.0.1:
 //! what an operator's Prometheus would see after an upgrade, an idle run
 //! and a failed build, with the counters carried across runs.
 
-mod common;
+use testkit as common;
 
 use common::exporter::Exporter;
 use common::host::{install_file, Host, Ran, NODE};

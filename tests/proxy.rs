@@ -10,7 +10,7 @@
 //! Without tinyproxy (scripts/setup.sh installs it) these tests are skipped
 //! loudly, and fail under CI=true.
 
-mod common;
+use testkit as common;
 
 use common::agent::{Agent, Setup};
 use common::manager::{envelope, Manager};
@@ -201,28 +201,14 @@ impl TlsFront {
         );
         fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
         openssl("x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile san.ext -out server.pem");
-        let (child, port) = common::start_on_free_port("nginx (TLS)", |port| {
-            let conf = format!(
-                "daemon off; master_process off; pid {d}/nginx.pid; error_log {d}/error.log;
-                 events {{ worker_connections 64; }}
-                 http {{
-                   access_log off;
-                   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
-                   fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-                   server {{
-                     listen 127.0.0.1:{port} ssl;
-                     ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key;
-                     location / {{ proxy_pass http://{upstream}; proxy_buffering off; }}
-                   }}
+        let (child, port) = common::start_nginx("nginx (TLS)", &dir.path, 64, |port| {
+            format!(
+                "server {{
+                   listen 127.0.0.1:{port} ssl;
+                   ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key;
+                   location / {{ proxy_pass http://{upstream}; proxy_buffering off; }}
                  }}"
-            );
-            fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
-            let mut c = Command::new("/usr/sbin/nginx");
-            c.arg("-p")
-                .arg(&dir.path)
-                .arg("-c")
-                .arg(dir.join("nginx.conf"));
-            c
+            )
         });
         Some(TlsFront {
             child,

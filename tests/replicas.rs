@@ -5,11 +5,13 @@
 //! Debian's `postgresql` and `nginx` when missing (scripts/setup.sh), runs
 //! its own cluster in a temp dir on 127.0.0.1 with its own port, and stops
 //! every process it started by PID.
-mod common;
+use testkit as common;
 
 use common::json::Json;
 use common::manager::{envelope, Manager};
-use common::{ensure_debian_packages, http, is_root, start_on_free_port, wait_until, TempDir};
+use common::{
+    ensure_debian_packages, http, is_root, start_nginx, start_on_free_port, wait_until, TempDir,
+};
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
@@ -227,35 +229,20 @@ impl Nginx {
             .iter()
             .map(|p| format!("server 127.0.0.1:{p} max_fails=0;\n"))
             .collect();
-        let d = dir.path.display().to_string();
-        let (child, port) = start_on_free_port("nginx", |port| {
-            let conf = format!(
-                "daemon off; master_process off; pid {d}/nginx.pid; error_log {d}/error.log;
-                 events {{ worker_connections 256; }}
-                 http {{
-                   access_log off;
-                   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
-                   fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-                   upstream managers {{ {servers} }}
-                   server {{
-                     listen 127.0.0.1:{port};
-                     location / {{
-                       proxy_pass http://managers;
-                       proxy_http_version 1.1;
-                       proxy_set_header Connection \"\";
-                       proxy_next_upstream error timeout;
-                       proxy_connect_timeout 2s;
-                     }}
+        let (child, port) = start_nginx("nginx", &dir.path, 256, |port| {
+            format!(
+                "upstream managers {{ {servers} }}
+                 server {{
+                   listen 127.0.0.1:{port};
+                   location / {{
+                     proxy_pass http://managers;
+                     proxy_http_version 1.1;
+                     proxy_set_header Connection \"\";
+                     proxy_next_upstream error timeout;
+                     proxy_connect_timeout 2s;
                    }}
                  }}"
-            );
-            fs::write(dir.join("nginx.conf"), conf).expect("write nginx.conf");
-            let mut c = Command::new("/usr/sbin/nginx");
-            c.arg("-p")
-                .arg(&dir.path)
-                .arg("-c")
-                .arg(dir.join("nginx.conf"));
-            c
+            )
         });
         Some(Nginx {
             child,

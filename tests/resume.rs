@@ -1,4 +1,4 @@
-mod common;
+use testkit as common;
 
 // Resumable downloads across runs (issue 16): a download cut off leaves its
 // temp file and a journal entry; the next run asks for the rest with

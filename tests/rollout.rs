@@ -5,7 +5,7 @@
 //! abort sending installed nodes back through the normal upgrade path,
 //! promote, a policy from the config applied to a publish by `mv`, the
 //! control API's refusals, and kill -9 of the server mid-rollout.
-mod common;
+use testkit as common;
 
 use bin_proxy::manager::rollout::{bucket, within};
 use common::agent::{Agent, Setup};

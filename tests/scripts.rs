@@ -10,7 +10,7 @@
 //! supervisor's init scripts (the old script ended in
 //! `[ -x /etc/init.d/nginx ] && …` and so exited 1 exactly there).
 
-mod common;
+use testkit as common;
 
 use std::process::{Command, Output};
 

@@ -1,10 +1,10 @@
-mod common;
+use testkit as common;
 
 // Signed releases (issue 15): the real `bin-manager keygen` / `sign` and the
 // real `bin-proxy` against a compromised server. The server is either the
 // real bin-manager whose binDir the attacker writes (arbitrary builds, copied
 // or edited signatures, old builds, rotation statements) or, where the attack
-// is on the wire, the recording fake bin-manager of tests/common (tampered
+// is on the wire, the recording fake bin-manager of testkit (tampered
 // bytes with matching hashes, endless data, a hostile mirror through
 // downloadUrl). Every refusal asserts the exit code, the message naming the
 // attack, the managed file and target dir unchanged, and that nothing was

@@ -1,11 +1,11 @@
-mod common;
+use testkit as common;
 
-// The agent against a REAL supervisord (tests/common/supervisor.rs): restart
+// The agent against a REAL supervisord (testkit/src/supervisor.rs): restart
 // with `supervisorctl restart`, the RUNNING watch window, rollback when a
 // build does not come up, quarantine, failure reports, and the resumption of
 // an upgrade a killed run left between swap and confirmation.
 //
-// Each test has its own host (`tests/common/host.rs`), its own fake
+// Each test has its own host (`testkit/src/host.rs`), its own fake
 // bin-manager and its own supervisord managing program `app`, a small shell
 // script at `opt/app`. Build N is `echo "build N"; exec sleep 100N`, so the
 // pid supervisord reports is the script's and `/proc/PID/cmdline`

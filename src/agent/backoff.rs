@@ -9,14 +9,14 @@ use std::time::Duration;
 
 /// The longest a server can make this host wait: a day. A longer
 /// `Retry-After` (a misconfigured server, a date far ahead) is cut to it.
-pub const MAX_DELAY: u64 = 86_400;
+const MAX_DELAY: u64 = 86_400;
 /// A `429`/`503` without a readable `Retry-After` waits this long…
-pub const DEFAULT_DELAY: u64 = 60;
+const DEFAULT_DELAY: u64 = 60;
 /// …plus up to this much jitter (so 60 s to 5 min).
-pub const DEFAULT_SPREAD: u64 = 240;
+const DEFAULT_SPREAD: u64 = 240;
 /// Inside a run, a download told to retry after at most this many seconds
 /// waits and retries; a longer delay ends the run (the next runs wait).
-pub const SHORT_DELAY: u64 = 10;
+const SHORT_DELAY: u64 = 10;
 
 /// Reads a `Retry-After` value: delay-seconds or an IMF-fixdate
 /// (`Sun, 06 Nov 1994 08:49:37 GMT`), as seconds from `now`. A date in the
@@ -36,7 +36,7 @@ pub fn parse_retry_after(value: &str, now: u64) -> Option<u64> {
 
 /// An IMF-fixdate (RFC 9110 §5.6.7) as seconds since the epoch. The weekday
 /// is not checked against the date (it carries no information).
-pub fn parse_http_date(s: &str) -> Option<u64> {
+fn parse_http_date(s: &str) -> Option<u64> {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
@@ -87,7 +87,7 @@ pub fn not_before(now: u64, retry_after: Option<u64>, random: u64) -> u64 {
 
 /// Full jitter (the AWS architecture blog's name): a wait drawn uniformly
 /// from `0..=min(cap, base·2^attempt)`, in milliseconds.
-pub fn full_jitter(attempt: u32, base: Duration, cap: Duration, random: u64) -> Duration {
+fn full_jitter(attempt: u32, base: Duration, cap: Duration, random: u64) -> Duration {
     let factor = 1u32.checked_shl(attempt).unwrap_or(u32::MAX);
     let ceiling = base.saturating_mul(factor).min(cap);
     let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);

@@ -26,7 +26,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// How long an API found without the check is asked the old way (seconds).
-pub const NO_CHECK_FOR: u64 = 3600;
+const NO_CHECK_FOR: u64 = 3600;
 
 /// Where the binaries' answers come from in this run.
 #[derive(Debug, Default)]
@@ -112,7 +112,7 @@ impl Cache {
 
 /// Whether an API that said it has no check at `since` is still taken at
 /// its word at `now` (for an hour; a clock set back ends it).
-pub fn no_check_holds(since: Option<u64>, now: u64) -> bool {
+fn no_check_holds(since: Option<u64>, now: u64) -> bool {
     since.is_some_and(|at| now >= at && now - at < NO_CHECK_FOR)
 }
 

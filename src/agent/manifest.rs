@@ -84,7 +84,7 @@ pub struct Binary {
 }
 
 /// The supervisor watch window when `confirmSeconds` is not given.
-pub const DEFAULT_CONFIRM_SECONDS: u64 = 3;
+const DEFAULT_CONFIRM_SECONDS: u64 = 3;
 
 impl Binary {
     /// The supervisor program name.
@@ -105,7 +105,7 @@ impl Binary {
     }
 
     /// `PATH.bak`, where the previous build is kept.
-    pub fn backup_path(&self) -> PathBuf {
+    fn backup_path(&self) -> PathBuf {
         let mut p = self.path.clone().into_os_string();
         p.push(".bak");
         PathBuf::from(p)

@@ -197,7 +197,7 @@ fn pid_of(detail: &str) -> String {
 }
 
 /// Finds `SERVICE  STATE  detail` in `supervisorctl status` output.
-pub fn parse_status<'a>(text: &'a str, service: &str) -> Option<(&'a str, &'a str)> {
+fn parse_status<'a>(text: &'a str, service: &str) -> Option<(&'a str, &'a str)> {
     text.lines().find_map(|line| {
         let mut parts = line.split_whitespace();
         let name = parts.next()?;

@@ -20,7 +20,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ANSWER: u64 = 1 << 20;
 
 /// A client for a running bin-manager's admin requests.
-pub struct AdminClient {
+struct AdminClient {
     /// `host:port`.
     authority: String,
     /// `http://host:port/api/v1`, for messages.

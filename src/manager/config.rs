@@ -15,21 +15,21 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Where the config file is when `--config` is not given.
-pub const DEFAULT_CONFIG: &str = "/etc/bin-manager/config.json";
+const DEFAULT_CONFIG: &str = "/etc/bin-manager/config.json";
 
 /// Worker threads by default. Workers serve only the requests that may block
 /// (registrations and reports, which are fsynced; downloads; uploads; the
 /// fleet view; a build's first hashing); idle connections and heartbeats
 /// stay on the event loops. Each costs a 256 KiB stack reservation and
 /// ~20 KiB of memory; 16 requests per worker may wait before a 503.
-pub const DEFAULT_WORKERS: usize = 256;
+const DEFAULT_WORKERS: usize = 256;
 /// The most worker threads allowed.
-pub const MAX_WORKERS: usize = 4096;
+const MAX_WORKERS: usize = 4096;
 
 /// Nodes the registry holds by default (`maxNodes`).
-pub const DEFAULT_MAX_NODES: usize = 100_000;
+const DEFAULT_MAX_NODES: usize = 100_000;
 /// New nodes one client address may register per minute by default.
-pub const DEFAULT_REGISTRATIONS_PER_MINUTE: u32 = 600;
+const DEFAULT_REGISTRATIONS_PER_MINUTE: u32 = 600;
 
 /// Who may join the fleet (`admission`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -27,14 +27,14 @@ use std::time::Duration;
 
 /// The advisory lock key that serializes registry writes (an arbitrary
 /// constant: "bin-mgr1" in ASCII).
-pub const WRITE_LOCK: i64 = 0x6269_6e2d_6d67_7231;
+const WRITE_LOCK: i64 = 0x6269_6e2d_6d67_7231;
 /// The advisory lock key that serializes migrations ("bin-mgr2").
-pub const MIGRATE_LOCK: i64 = 0x6269_6e2d_6d67_7232;
+const MIGRATE_LOCK: i64 = 0x6269_6e2d_6d67_7232;
 /// How long connecting may take before the database counts as down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema, by version; never edit one that shipped, add the next.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
+const MIGRATIONS: &[(i32, &str)] = &[(
     1,
     "CREATE TABLE registry_log (
         seq bigserial PRIMARY KEY,
@@ -85,7 +85,7 @@ impl Database {
     }
 
     /// Applies the migrations not yet recorded; how many it applied.
-    pub fn migrate(&mut self) -> Result<usize> {
+    fn migrate(&mut self) -> Result<usize> {
         let client = self.client()?;
         let mut tx = client.transaction().map_err(db("beginning a migration"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATE_LOCK])

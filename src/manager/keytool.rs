@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How long a signature lasts when `--expires` is not given.
-pub const DEFAULT_EXPIRES: u64 = 90 * 86400;
+const DEFAULT_EXPIRES: u64 = 90 * 86400;
 
 /// Runs `keygen` or `sign`; the line to print.
 pub fn run(args: &ManagerArgs) -> Result<String> {

@@ -19,7 +19,7 @@ const MAX_TEXT: usize = 256;
 /// An `in_progress` older than this is shown as stale: both agents give up
 /// a lock after 600 s, and an agent that crashed mid-upgrade (an exception,
 /// a supervisorctl timeout) never sends the final report.
-pub const STALE_AFTER: u64 = 600;
+const STALE_AFTER: u64 = 600;
 
 /// What a legacy agent said about one binary on its node.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -23,14 +23,14 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 /// What a signature document starts with.
-pub const MAGIC: &str = "bin-proxy-sig-v1";
+const MAGIC: &str = "bin-proxy-sig-v1";
 /// What a rotation statement starts with.
-pub const TRUST_MAGIC: &str = "bin-proxy-trust-v1";
+const TRUST_MAGIC: &str = "bin-proxy-trust-v1";
 /// Prefixed to every signed build message: a signature over a build can
 /// never be replayed as anything else (a rotation statement).
-pub const DOMAIN: &[u8] = b"bin-proxy signed build v1\0";
+const DOMAIN: &[u8] = b"bin-proxy signed build v1\0";
 /// Prefixed to every signed rotation statement.
-pub const TRUST_DOMAIN: &[u8] = b"bin-proxy key rotation v1\0";
+const TRUST_DOMAIN: &[u8] = b"bin-proxy key rotation v1\0";
 /// The longest document accepted (a header line; real ones are ~300 bytes).
 pub const MAX_LEN: usize = 1024;
 
@@ -266,7 +266,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// A key's id: the first 8 bytes of the sha256 of its public key, in hex.
-pub fn key_id(public: &[u8; 32]) -> String {
+fn key_id(public: &[u8; 32]) -> String {
     let mut h = crate::hash::Sha256::new();
     h.update(public);
     hex(&h.bytes()[..8])
@@ -337,7 +337,7 @@ pub struct SecretKey {
 
 impl SecretKey {
     /// From a 32-byte seed.
-    pub fn from_seed(seed: [u8; 32]) -> SecretKey {
+    fn from_seed(seed: [u8; 32]) -> SecretKey {
         SecretKey {
             seed,
             // Never rejected: any 32 bytes are a valid Ed25519 seed.

@@ -172,7 +172,7 @@ pub fn key(name: &str, arch: Option<&str>) -> String {
 
 /// A rollout id: the binary, its arch and both builds, so that every server
 /// derives the same one and a new publish gets fresh buckets.
-pub fn rollout_id(name: &str, arch: Option<&str>, from: &str, to: &str, created: u64) -> String {
+fn rollout_id(name: &str, arch: Option<&str>, from: &str, to: &str, created: u64) -> String {
     let mut sha = Sha256::new();
     for part in [name, arch.unwrap_or(""), from, to, &created.to_string()] {
         sha.update(part.as_bytes());

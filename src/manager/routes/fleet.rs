@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 /// The most nodes one answer of `GET nodes` holds (about 60 MB at 50
 /// binaries a node).
-pub const MAX_PAGE: usize = 10_000;
+const MAX_PAGE: usize = 10_000;
 
 impl App {
     /// The fleet view, written as text in two passes over the registry

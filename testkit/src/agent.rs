@@ -81,7 +81,7 @@ impl Agent {
     /// The real agent's command with `--api`, the token (if any) and no
     /// inherited settings or proxies.
     pub fn command(&self, api: &str, token: Option<&str>) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
+        let mut cmd = Command::new(super::bin("bin-proxy"));
         cmd.arg("--config")
             .arg(self.dir.join("manifest.json"))
             .arg("--api")

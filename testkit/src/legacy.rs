@@ -26,7 +26,7 @@ use super::{fake_supervisorctl, path_with, wait_until, HttpResponse, TempDir};
 use std::fs;
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -172,7 +172,7 @@ impl LegacyHost {
 
     /// One run of the agent against `m` (bounded).
     pub fn run(&self, m: &Manager) -> Ran {
-        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/legacy");
+        let fixtures = super::root().join("tests/fixtures/legacy");
         let mut cmd = match self.dialect {
             Dialect::Python => {
                 let mut c = Command::new("/usr/bin/python3");

@@ -101,7 +101,7 @@ impl Manager {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-manager"));
+        let mut cmd = Command::new(super::bin("bin-manager"));
         cmd.args(self.base_args())
             .args(&self.args)
             .env_remove("BIN_MANAGER_TOKEN")
@@ -294,7 +294,7 @@ pub fn run_to_exit(args: &[&str], timeout: Duration) -> (i32, String) {
 /// Like [`run_to_exit`] with these environment variables set (the tokens'
 /// are otherwise removed); returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-manager"));
+    let mut cmd = Command::new(super::bin("bin-manager"));
     cmd.args(args)
         .env_remove("BIN_MANAGER_TOKEN")
         .env_remove("BIN_MANAGER_ADMIN_TOKEN");

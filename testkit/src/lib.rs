@@ -1,5 +1,4 @@
-#![allow(dead_code)]
-//! Shared fixture for the bin-proxy integration tests (include it with `mod common;`).
+//! Shared fixture for the bin-proxy integration tests (a dev-dependency: `use testkit as common;`).
 //!
 //! This module owns:
 //! - [`Server`]: an in-process HTTP/1.1 imitation of the "bin-manager" server
@@ -81,6 +80,14 @@ impl Request {
         query_param(&self.query, key)
     }
 
+    /// The request target as sent: path, then `?query` if any.
+    pub fn target(&self) -> String {
+        match self.query.as_str() {
+            "" => self.path.clone(),
+            q => format!("{}?{q}", self.path),
+        }
+    }
+
     /// The path percent-decoded (the raw path if it does not decode).
     pub fn decoded_path(&self) -> String {
         percent_decode(&self.path, false).unwrap_or_else(|| self.path.clone())
@@ -95,6 +102,9 @@ pub enum Style {
     /// Success `{"code":0,"message":"success",...}`, errors `{"code":1,"message":...}`.
     Zero,
 }
+
+/// The fault "name" that stands for every route (see [`Server::fault`]).
+pub const EVERY_ROUTE: &str = "*";
 
 /// Misbehaviour of the `bins/NAME` and/or `download/NAME` routes of one name.
 /// Faults apply to GET requests; `POST bins/NAME` is only affected by `ReportStatus` and `Busy`.
@@ -276,8 +286,14 @@ impl Server {
         self.state().published.get(name).map(|b| md5_hex(b))
     }
 
-    /// Sets the fault of `name` (`Fault::None` clears it).
+    /// Sets the fault of `name` (`Fault::None` clears it). The name
+    /// [`EVERY_ROUTE`] with `Fault::Status` makes every request, keepalive and
+    /// check included, answer that status.
     pub fn fault(&self, name: &str, f: Fault) {
+        assert!(
+            name != EVERY_ROUTE || matches!(f, Fault::None | Fault::Status(_)),
+            "fault {EVERY_ROUTE:?} takes only Fault::Status, not {f:?}"
+        );
         let mut st = self.state();
         if f == Fault::None {
             st.faults.remove(name);
@@ -344,6 +360,34 @@ impl Drop for Server {
             }
         }
     }
+}
+
+/// The bin-proxy repository (this crate lives in its `testkit/`).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit/ has a parent")
+        .to_path_buf()
+}
+
+/// The package's executable `name` (`bin-proxy`, `bin-manager`) that cargo
+/// built for the running test: `env!("CARGO_BIN_EXE_…")` exists only in the
+/// test crates themselves, so it is found next to the test binary
+/// (`…/target/debug/deps/TEST` → `…/target/debug/NAME`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().and_then(Path::parent);
+    let path = dir
+        .map(|d| d.join(name))
+        .unwrap_or_else(|| PathBuf::from(name));
+    assert!(
+        path.is_file(),
+        "{} (the `{name}` executable) is missing: run the tests with `cargo test`, \
+         which builds it next to the test binary {}",
+        path.display(),
+        exe.display()
+    );
+    path
 }
 
 /// Lowercase hex md5 of `bytes`.
@@ -556,6 +600,9 @@ fn read_request(stream: &mut TcpStream) -> Result<Request, ReadError> {
 fn route(st: &mut State, req: &Request, base: &str) -> Action {
     let style = st.style;
     let not_found = || json(404, failure(style, 404, "not found"));
+    if let Some(Fault::Status(status)) = st.faults.get(EVERY_ROUTE) {
+        return injected(*status);
+    }
     let rest = match req.path.strip_prefix("/api/v1/") {
         Some(r) => r,
         None => return not_found(),
@@ -1358,7 +1405,7 @@ pub fn fake_supervisorctl(dir: &Path) -> PathBuf {
     let quoted = dir.display().to_string().replace('\'', "'\\''");
     let script = format!(
         r#"#!/bin/sh
-# Fake supervisorctl written by the bin-proxy test fixture (tests/common/mod.rs).
+# Fake supervisorctl written by the bin-proxy test fixture (testkit/src/lib.rs).
 dir='{quoted}'
 printf '%s\n' "$*" >> "$dir/supervisorctl.log"
 fail=''
@@ -1533,7 +1580,7 @@ pub fn ensure_debian_packages(packages: &str, program: &str) -> bool {
         return true;
     }
     let out = std::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup.sh"))
+        .arg(root().join("scripts/setup.sh"))
         .env("BIN_PROXY_SETUP_PACKAGES", packages)
         .output();
     match out {
@@ -1578,4 +1625,34 @@ pub fn start_on_free_port(
         let _ = child.wait();
     }
     panic!("{what} did not start on 127.0.0.1 (5 tries)");
+}
+
+/// Starts `/usr/sbin/nginx` in the foreground on a free port of 127.0.0.1,
+/// everything (config, pid, logs, temp files) in `dir`: `http` is the
+/// config's `http {}` block content for that port (its `server`, `upstream`).
+pub fn start_nginx(
+    what: &str,
+    dir: &Path,
+    connections: u32,
+    http: impl Fn(u16) -> String,
+) -> (std::process::Child, u16) {
+    let d = dir.display();
+    let conf_path = dir.join("nginx.conf");
+    start_on_free_port(what, |port| {
+        let conf = format!(
+            "daemon off; master_process off; pid {d}/nginx.pid; error_log {d}/error.log;
+             events {{ worker_connections {connections}; }}
+             http {{
+               access_log off;
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+               fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+               {}
+             }}",
+            http(port)
+        );
+        fs::write(&conf_path, conf).expect("write nginx.conf");
+        let mut c = std::process::Command::new("/usr/sbin/nginx");
+        c.arg("-p").arg(dir).arg("-c").arg(&conf_path);
+        c
+    })
 }

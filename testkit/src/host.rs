@@ -25,7 +25,8 @@ pub struct Ran {
     pub stderr: String,
 }
 
-impl Ran {
+/// What a command did, from its output (exit code -1 when killed by a signal).
+impl From<Output> for Ran {
     fn from(out: Output) -> Ran {
         Ran {
             code: out.status.code().unwrap_or(-1),
@@ -33,7 +34,9 @@ impl Ran {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+}
 
+impl Ran {
     /// Runs a prepared command to completion.
     pub fn from_command(cmd: &mut Command) -> Ran {
         Ran::from(cmd.output().expect("run bin-proxy"))
@@ -111,6 +114,12 @@ pub struct Host {
     pub bin: PathBuf,
 }
 
+impl Default for Host {
+    fn default() -> Host {
+        Host::new()
+    }
+}
+
 impl Host {
     /// A new host with an empty target dir and a running server.
     pub fn new() -> Host {
@@ -163,7 +172,7 @@ impl Host {
     /// `BIN_MANAGER_API`, the fake supervisorctl first on PATH, no inherited
     /// settings (nor proxies).
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bin-proxy"));
+        let mut cmd = Command::new(super::bin("bin-proxy"));
         cmd.args(args)
             .arg("--config")
             .arg(&self.manifest)
