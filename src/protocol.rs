@@ -446,5 +446,81 @@ mod tests {
     fn encoding() {
         assert_eq!(encode("my app/../x"), "my%20app%2F..%2Fx");
         assert_eq!(encode("a-b_c.d~e"), "a-b_c.d~e");
+        assert_eq!(encode("é+"), "%C3%A9%2B");
+    }
+
+    #[test]
+    fn registration_carries_failures_and_labels_when_there_are_some() {
+        let r = Registration {
+            name: "n".into(),
+            cpu_arch: "aarch64".into(),
+            os_release: "".into(),
+            proxy_version: "1.0.0".into(),
+            binaries: vec![],
+            last_seen: "2026-11-24T08:00:01Z".into(),
+            failures: vec![FailureFact {
+                name: "a".into(),
+                hash: H.into(),
+                error: "exit 1".into(),
+                at: "2026-11-24T08:00:00Z".into(),
+            }],
+            labels: vec![("zone".into(), "eu".into())],
+        };
+        assert_eq!(
+            r.to_json(),
+            format!(
+                r#"{{"name":"n","cpuArch":"aarch64","osRelease":"","proxyVersion":"1.0.0","binaries":[],"lastSeen":"2026-11-24T08:00:01Z","failures":[{{"name":"a","hash":"{H}","error":"exit 1","at":"2026-11-24T08:00:00Z"}}],"labels":{{"zone":"eu"}}}}"#
+            )
+        );
+    }
+
+    #[test]
+    fn signature_and_key_statements_are_passed_on() {
+        let body = format!(
+            r#"{{"data":{{"hash":"{H}","signature":"sig doc","keyStatements":["k1",7,"k2"]}}}}"#
+        );
+        let info = bin_info("u", &answer(200, &body).unwrap()).unwrap();
+        assert_eq!(info.signature.as_deref(), Some("sig doc"));
+        assert_eq!(info.key_statements, ["k1", "k2"], "non-strings are skipped");
+        let plain = bin_info("u", &answer(200, &format!(r#"{{"hash":"{H}"}}"#)).unwrap()).unwrap();
+        assert_eq!((plain.signature, plain.key_statements), (None, vec![]));
+    }
+
+    #[test]
+    fn envelopes_are_the_seeds_form() {
+        assert_eq!(
+            envelope(200, "Success", Value::obj([("hash", Value::str(H))])),
+            format!(r#"{{"code":200,"message":"Success","data":{{"hash":"{H}"}}}}"#)
+        );
+        assert_eq!(
+            envelope(404, "no \"x\"", Value::Null),
+            r#"{"code":404,"message":"no \"x\"","data":null}"#
+        );
+    }
+
+    #[test]
+    fn urls_must_be_http_or_https() {
+        assert_eq!(url_problem("http://m/api"), None);
+        let https = url_problem("https://m/api");
+        if cfg!(feature = "tls") {
+            assert_eq!(https, None);
+        } else {
+            assert!(https.unwrap().contains("built without TLS"), "{https:?}");
+        }
+        for bad in ["ftp://m", "m/api", "", "HTTP//m"] {
+            assert_eq!(
+                url_problem(bad),
+                Some("must start with http:// or https://"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn quoted_text_is_one_capped_line() {
+        assert_eq!(one_line("a\nb\tc", 10), "a b c");
+        assert_eq!(one_line("abc", 3), "abc", "exactly max: no ellipsis");
+        assert_eq!(one_line("abcd", 3), "abc…");
+        assert_eq!(one_line("ééé", 2), "éé…", "characters, not bytes");
     }
 }

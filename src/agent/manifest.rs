@@ -640,6 +640,181 @@ mod tests {
     }
 
     #[test]
+    fn node_labels_are_short_plain_strings() {
+        let m = Manifest::parse(
+            r#"{"node":{"name":"n","labels":{"zone":"eu-1","k8s.io/role":"a:b_c"}},"binaries":[]}"#,
+        )
+        .unwrap();
+        let pairs = [("zone", "eu-1"), ("k8s.io/role", "a:b_c")];
+        let want: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(m.node.labels, want);
+        assert_eq!(
+            Manifest::parse(&m.to_json()).unwrap(),
+            m,
+            "labels are written back"
+        );
+        let max = "v".repeat(128);
+        let m = Manifest::parse(&format!(
+            r#"{{"node":{{"labels":{{"{max}":"{max}"}}}},"binaries":[]}}"#
+        ))
+        .unwrap();
+        assert_eq!(m.node.labels, [(max.clone(), max.clone())]);
+        let not_a_label = |k: &str, v: &str| {
+            format!("\"node\".\"labels\": \"{k}\": \"{v}\" is not a label (1 to 128 of letters, digits, '.', '_', '-', '/', ':')")
+        };
+        let long = "v".repeat(129);
+        for (k, v) in [
+            ("", "x"),
+            ("x", ""),
+            (long.as_str(), "x"),
+            ("x", long.as_str()),
+            ("a b", "x"),
+            ("x", "a=b"),
+        ] {
+            check_err(
+                &format!(r#"{{"node":{{"labels":{{"{k}":"{v}"}}}},"binaries":[]}}"#),
+                &not_a_label(k, v),
+            );
+        }
+        check_err(
+            r#"{"node":{"labels":{"zone":1}},"binaries":[]}"#,
+            "\"node\".\"labels\".\"zone\" must be a string, not a number",
+        );
+        check_err(
+            r#"{"node":{"labels":["zone"]},"binaries":[]}"#,
+            "\"node\".\"labels\" must be an object, not an array",
+        );
+        let none = Manifest::parse(r#"{"node":{"labels":null},"binaries":[]}"#).unwrap();
+        assert!(none.node.labels.is_empty());
+    }
+
+    #[test]
+    fn binary_defaults() {
+        let m = Manifest::parse(&with_binary(r#""name":"b","path":"/x/b","version":"""#)).unwrap();
+        let (a, b) = (&m.binaries[0], &m.binaries[1]);
+        assert_eq!(a.service(), "a", "the service is the name by default");
+        assert_eq!(a.confirm_window(), std::time::Duration::from_secs(3));
+        assert_eq!(a.backup_path(), PathBuf::from("/x/a.bak"));
+        assert_eq!(
+            (a.pinned_version(), b.pinned_version()),
+            (None, None),
+            "unset and empty"
+        );
+        let m = Manifest::parse(&with_binary(
+            r#""name":"b","path":"/x/b","confirmSeconds":7"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            m.binaries[1].confirm_window(),
+            std::time::Duration::from_secs(7)
+        );
+    }
+
+    #[test]
+    fn restart_and_service_are_checked() {
+        check_err(
+            &with_binary(r#""name":"b","path":"/x/b","restart":"  ""#),
+            "binaries[1] (\"b\"): key \"restart\" must be \"supervisor\", \"none\", \"signal:NAME:PIDFILE\" or a command",
+        );
+        let spaced = "binaries[1] (\"my b\"): key \"service\" must name a supervisor program without spaces (set \"service\" when the name has one)";
+        check_err(&with_binary(r#""name":"my b","path":"/x/b""#), spaced);
+        check_err(
+            &with_binary(r#""name":"my b","path":"/x/b","restart":"supervisor""#),
+            spaced,
+        );
+        for ok in [
+            r#""name":"my b","path":"/x/b","service":"my_b""#,
+            r#""name":"my b","path":"/x/b","restart":"none""#,
+            r#""name":"my b","path":"/x/b","restart":"/bin/true""#,
+            r#""name":"my b","path":"/x/b","restart":"signal:HUP:/run/b.pid""#,
+        ] {
+            let m = Manifest::parse(&with_binary(ok)).unwrap();
+            assert_eq!(m.binaries[1].name, "my b", "{ok}");
+        }
+    }
+
+    #[test]
+    fn a_path_may_not_be_another_binarys_backup() {
+        check_err(
+            r#"{"binaries":[{"name":"a","path":"/x/c.bak"},{"name":"b","path":"/x/c"}]}"#,
+            "binaries[1] (\"b\"): path \"/x/c\" collides with binaries[0] (\"a\")",
+        );
+    }
+
+    #[test]
+    fn the_manager_section_is_written_when_any_key_is_set() {
+        for manager in [
+            r#"{"api":"http://m/api/v1"}"#,
+            r#"{"downloadUrl":"http://cdn"}"#,
+            r#"{"tokenFile":"/etc/t"}"#,
+            r#"{"trustedKeys":["/etc/k.pub"]}"#,
+        ] {
+            let m = Manifest::parse(&format!(
+                r#"{{"manager":{manager},"metricsFile":"/m.prom","binaries":[]}}"#
+            ))
+            .unwrap();
+            assert_eq!(Manifest::parse(&m.to_json()).unwrap(), m, "{manager}");
+        }
+        let bare = Manifest::parse(r#"{"manager":{},"binaries":[]}"#).unwrap();
+        assert!(!bare.to_json().contains("manager"));
+    }
+
+    #[test]
+    fn load_names_the_file_and_the_problem() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-manifest-load-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.json");
+        let e = Manifest::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("m.json") && e.contains("no manifest here"),
+            "{e}"
+        );
+        std::fs::write(&path, b"{\"binaries\":[\"\xff\"]}").unwrap();
+        let e = Manifest::load(&path).unwrap_err().to_string();
+        assert!(e.contains("m.json") && e.contains("not valid UTF-8"), "{e}");
+        std::fs::write(&path, b"{}").unwrap();
+        let e = Manifest::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("m.json") && e.contains("missing key \"binaries\""),
+            "{e}"
+        );
+        std::fs::write(&path, SEED).unwrap();
+        assert_eq!(
+            Manifest::load(&path).unwrap(),
+            Manifest::parse(SEED).unwrap()
+        );
+        let e = Manifest::load(&dir).unwrap_err().to_string();
+        assert!(e.contains("reading manifest"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn save_replaces_the_file_keeping_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-manifest-save-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.json");
+        let mut m = Manifest::parse(SEED).unwrap();
+        m.save(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), SEED);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o644, "a new manifest");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        m.binaries[0].hash = "9e107d9d372bb6826bd81d3542a419d6".into();
+        m.save(&path).unwrap();
+        assert_eq!(Manifest::load(&path).unwrap(), m);
+        assert_eq!(mode(&path), 0o600, "an operator's mode is kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn mistakes_are_named() {
         check_err(
             "{\"binaries\": [}",

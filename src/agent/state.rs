@@ -1108,6 +1108,120 @@ mod tests {
     }
 
     #[test]
+    fn every_record_survives_a_save_and_a_load() {
+        let dir = std::env::temp_dir().join(format!("bin-proxy-state-all-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let mut s = State::default();
+        let any = Stamp::of(&fs::metadata(&dir).unwrap());
+        s.remember(&dir.join("app"), any, "cafe");
+        s.add_quarantine(q("app", "aa"));
+        s.set_pending(p("app", "bb"));
+        s.set_node_token("n1", "tok");
+        s.add_block(Blocked {
+            name: "tool".into(),
+            hash: "cc".into(),
+            dir: PathBuf::from("/ro"),
+            why: "read-only".into(),
+            at: "t".into(),
+        });
+        s.set_staged_in("app", Path::new("/opt"));
+        s.raise_serial("app", 7);
+        s.count("app", Count::Failure);
+        s.set_partial(Partial {
+            name: "tool".into(),
+            url: "http://m/x".into(),
+            file: PathBuf::from("/opt/.tool.tmp"),
+            md5: "dd".into(),
+            sha256: None,
+            etag: "\"dd\"".into(),
+            size: None,
+            bytes: 3,
+        });
+        s.run_ended(true, true, 42);
+        s.set_backoff(99, "429");
+        s.set_no_check("http://m/api/v1", 17);
+        s.save_if_changed(&path).unwrap();
+        assert!(!s.dirty);
+        assert_eq!(State::load(&path), s);
+        assert_eq!(State::load_strict(&path), Ok(s.clone()));
+        // Optional keys left out read as their defaults.
+        fs::write(
+            &path,
+            br#"{"quarantine":[{"name":"a","hash":"h"}],"pending":[{"name":"a","new":"n"}],
+                "counters":[{"name":"a"}],"blocked":[{"name":"a","hash":"h","dir":"/d"}]}"#,
+        )
+        .unwrap();
+        let l = State::load(&path);
+        assert!(!l.dirty, "a valid file");
+        assert_eq!(
+            (l.quarantine[0].error.as_str(), l.quarantine[0].at.as_str()),
+            ("", "")
+        );
+        assert_eq!(
+            (l.pending[0].old.as_str(), l.pending[0].new.as_str()),
+            ("", "n")
+        );
+        assert_eq!(
+            l.counters_of("a"),
+            Counters {
+                name: "a".into(),
+                ..Counters::default()
+            }
+        );
+        assert_eq!(l.blocked_for("a").map(|b| b.why.as_str()), Some(""));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn load_strict_refuses_what_load_would_ignore() {
+        let dir =
+            std::env::temp_dir().join(format!("bin-proxy-state-strict-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        assert_eq!(State::load_strict(&path), Ok(State::default()), "missing");
+        fs::write(&path, b"{\"files\":7}").unwrap();
+        assert_eq!(
+            State::load_strict(&path),
+            Err("the state file cannot be read by this agent".to_string())
+        );
+        // Unreadable (a directory): the I/O error, not "damaged".
+        let e = State::load_strict(&dir).unwrap_err();
+        assert!(e.contains("directory"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn signed_serials_only_rise_per_binary() {
+        let mut s = State::default();
+        assert_eq!(s.serial("app"), None);
+        s.raise_serial("app", 5);
+        s.raise_serial("tool", 9);
+        assert!(s.dirty);
+        s.dirty = false;
+        s.raise_serial("app", 3);
+        s.raise_serial("app", 5);
+        assert!(!s.dirty, "a lower or equal serial is no change");
+        assert_eq!(s.serial("app"), Some(5));
+        s.raise_serial("app", 6);
+        assert!(s.dirty);
+        assert_eq!((s.serial("app"), s.serial("tool")), (Some(6), Some(9)));
+        assert_eq!(s.serials.len(), 2);
+    }
+
+    #[test]
+    fn no_check_is_remembered_per_api() {
+        let mut s = State::default();
+        assert_eq!(s.no_check_since("http://m/api/v1"), None);
+        s.set_no_check("http://m/api/v1", 17);
+        assert!(s.dirty);
+        assert_eq!(s.no_check_since("http://m/api/v1"), Some(17));
+        assert_eq!(s.no_check_since("http://other/api/v1"), None);
+    }
+
+    #[test]
     fn state_path_sits_beside_the_manifest() {
         assert_eq!(
             State::path_for(Path::new("/etc/bin-manifests.json")),
