@@ -220,6 +220,16 @@ impl Config {
                     other.kind()
                 ))),
             };
+            let limit = || {
+                value
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "key \"{key}\" must be a whole number (0: no limit)"
+                        ))
+                    })
+            };
             let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
             match key.as_str() {
                 "binDir" => self.bin_dir = text()?.into(),
@@ -233,35 +243,10 @@ impl Config {
                 "workersPerClient" => self.workers_per_client = count(number()?),
                 "maxNodes" => self.max_nodes = count(number()?),
                 "maxRequestsPerClientPerSecond" => {
-                    self.max_requests_per_client_per_second = value
-                        .as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| {
-                            bad(format!(
-                                "key \"{key}\" must be a whole number (0: no limit)"
-                            ))
-                        })?;
+                    self.max_requests_per_client_per_second = limit()?
                 }
-                "maxRequestsPerSecond" => {
-                    self.max_requests_per_second = value
-                        .as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| {
-                            bad(format!(
-                                "key \"{key}\" must be a whole number (0: no limit)"
-                            ))
-                        })?;
-                }
-                "registrationsPerMinute" => {
-                    self.registrations_per_minute = value
-                        .as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| {
-                            bad(format!(
-                                "key \"{key}\" must be a whole number (0: no limit)"
-                            ))
-                        })?
-                }
+                "maxRequestsPerSecond" => self.max_requests_per_second = limit()?,
+                "registrationsPerMinute" => self.registrations_per_minute = limit()?,
                 "requireSignatures" => self.require_signatures = flag()?,
                 "trustedKeys" => {
                     let Value::Arr(items) = value else {
@@ -339,6 +324,33 @@ mod tests {
             (c.token.as_deref(), c.admin_token.as_deref(), c.workers),
             (Some("file"), Some("adm"), 4)
         );
+
+        std::fs::write(
+            &file,
+            r#"{"maxRequestsPerSecond":50,"maxRequestsPerClientPerSecond":0,"registrationsPerMinute":7}"#,
+        )
+        .unwrap();
+        let c = Config::resolve(&args, &|_| None).unwrap();
+        assert_eq!(
+            (
+                c.max_requests_per_second,
+                c.max_requests_per_client_per_second,
+                c.registrations_per_minute
+            ),
+            (50, 0, 7)
+        );
+        for key in [
+            "maxRequestsPerSecond",
+            "maxRequestsPerClientPerSecond",
+            "registrationsPerMinute",
+        ] {
+            for bad in ["-1", "\"5\"", "4294967296"] {
+                std::fs::write(&file, format!("{{\"{key}\":{bad}}}")).unwrap();
+                let e = Config::resolve(&args, &|_| None).unwrap_err();
+                let want = format!("key \"{key}\" must be a whole number (0: no limit)");
+                assert!(e.to_string().contains(&want), "{key}={bad}: {e}");
+            }
+        }
 
         std::fs::write(&file, r#"{"bindir":"/x"}"#).unwrap();
         let e = Config::resolve(&args, &|_| None).unwrap_err();
