@@ -31,7 +31,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 mod writes;
 pub use writes::{Policy, Registered, Reported};
 
-/// The log is folded into the snapshot when it grows past this.
+/// The log is folded into the snapshot when it grows past this, or past
+/// the snapshot's own size when that is larger: a fold rewrites the whole
+/// snapshot, so folding a log smaller than it would write the fleet many
+/// times over while it grows (100,000 registrations of 50 binaries: 21
+/// rewrites of a 400 MB snapshot). With the log bounded by the snapshot,
+/// each byte is written at most about twice more, and a restart replays
+/// at most a snapshot's worth of log.
 const COMPACT_AT: u64 = 8 << 20;
 
 /// What the registry holds: the nodes and the rollouts.
@@ -49,6 +55,8 @@ struct Inner {
     seen: BTreeSet<String>,
     log: Arc<File>,
     log_len: u64,
+    /// The snapshot's size after the last fold.
+    snapshot_len: u64,
     /// A fold is running (at most one at a time).
     folding: bool,
     /// `--database`: the log is PostgreSQL's `registry_log` instead (the
@@ -185,6 +193,7 @@ impl Registry {
                 seen: BTreeSet::new(),
                 log: Arc::new(log),
                 log_len,
+                snapshot_len: 0,
                 folding: false,
                 db: None,
                 seq: 0,
@@ -224,6 +233,7 @@ impl Registry {
                 seen: BTreeSet::new(),
                 log: Arc::new(log),
                 log_len: 0,
+                snapshot_len: 0,
                 folding: true, // never: the database keeps the log
                 db: Some(db),
                 seq,
@@ -347,7 +357,8 @@ impl Registry {
                 .map_err(|e| Error::io("appending to", &self.files.log, e))?;
             inner.log_len += line.len() as u64;
             then(&mut inner, &op);
-            let fold = inner.log_len > self.compact_at && !inner.folding;
+            let fold =
+                fold_due(inner.log_len, inner.snapshot_len, self.compact_at) && !inner.folding;
             inner.folding |= fold;
             (inner.log.clone(), fold)
         };
@@ -422,6 +433,12 @@ impl Registry {
     }
 }
 
+/// Whether a log of `log_len` bytes is due to be folded into a snapshot of
+/// `snapshot_len` bytes (see [`COMPACT_AT`]).
+fn fold_due(log_len: u64, snapshot_len: u64, compact_at: u64) -> bool {
+    log_len > compact_at.max(snapshot_len)
+}
+
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // Every mutation is applied after its log line is written; a panic in
     // between leaves memory behind the disk, never ahead: keep serving.
@@ -458,6 +475,8 @@ fn fold(files: &Files, inner: &Mutex<Inner>) -> Result<()> {
             }
             w.write_all(b"\n]}\n")
         })?;
+        let written = fs::metadata(&files.snapshot).map_or(0, |m| m.len());
+        lock(inner).snapshot_len = written;
         match fs::remove_file(&files.folded) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(Error::io("removing", &files.folded, e));
@@ -826,6 +845,15 @@ mod tests {
             Registered::Stored { .. }
         ));
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_log_folds_past_the_threshold_or_the_snapshot_whichever_is_larger() {
+        assert!(!fold_due(100, 0, 100));
+        assert!(fold_due(101, 0, 100));
+        assert!(!fold_due(500, 500, 100));
+        assert!(fold_due(501, 500, 100));
+        assert!(fold_due(101, 50, 100));
     }
 
     #[test]
