@@ -264,18 +264,26 @@ impl Default for Sha256 {
 }
 
 /// The md5 and sha256 of everything `reader` yields, and its length, in one pass.
-pub fn digest_all(mut reader: impl Read, what: &Path) -> Result<(String, String, u64)> {
+pub fn digest_all(reader: impl Read, what: &Path) -> Result<(String, String, u64)> {
     let (mut md5, mut sha) = (Md5::new(), Sha256::new());
-    let mut buf = vec![0u8; BLOCK];
     let mut len = 0u64;
+    each_block(reader, what, |block| {
+        md5.update(block);
+        sha.update(block);
+        len += block.len() as u64;
+    })?;
+    Ok((md5.hex(), sha.hex(), len))
+}
+
+/// Feeds everything `reader` yields to `f`, a block at a time, until the
+/// end; a read interrupted by a signal is retried, any other error names
+/// `what`.
+fn each_block(mut reader: impl Read, what: &Path, mut f: impl FnMut(&[u8])) -> Result<()> {
+    let mut buf = vec![0u8; BLOCK];
     loop {
         match reader.read(&mut buf) {
-            Ok(0) => return Ok((md5.hex(), sha.hex(), len)),
-            Ok(n) => {
-                md5.update(&buf[..n]);
-                sha.update(&buf[..n]);
-                len += n as u64;
-            }
+            Ok(0) => return Ok(()),
+            Ok(n) => f(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Error::io("reading", what, e)),
         }
@@ -295,17 +303,10 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The md5 of a file's contents.
 pub fn md5_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).map_err(|e| Error::io("reading", path, e))?;
+    let file = File::open(path).map_err(|e| Error::io("reading", path, e))?;
     let mut md5 = Md5::new();
-    let mut buf = vec![0u8; BLOCK];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => return Ok(md5.hex()),
-            Ok(n) => md5.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("reading", path, e)),
-        }
-    }
+    each_block(file, path, |block| md5.update(block))?;
+    Ok(md5.hex())
 }
 
 /// Whether `s` is an md5 in hex (32 hex digits, either case).
@@ -321,6 +322,67 @@ pub fn same(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+
+    /// Yields `data` in two reads with `first` (an error) before them.
+    struct Flaky {
+        first: Option<std::io::ErrorKind>,
+        data: Vec<u8>,
+    }
+
+    impl Read for Flaky {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if let Some(kind) = self.first.take() {
+                return Err(kind.into());
+            }
+            let n = buf.len().min(self.data.len()).min(3);
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data.drain(..n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_interrupted_by_a_signal_is_retried_and_any_other_error_named() {
+        let data = b"hello world\n".to_vec();
+        let what = Path::new("/the/file");
+        let r = Flaky {
+            first: Some(std::io::ErrorKind::Interrupted),
+            data: data.clone(),
+        };
+        let (md5, sha, len) = digest_all(r, what).unwrap();
+        assert_eq!(md5, "6f5902ac237024bdd0c176cb93063dc4");
+        assert_eq!(len, 12);
+        let mut s = Sha256::new();
+        s.update(&data);
+        assert_eq!(sha, s.hex());
+        let r = Flaky {
+            first: Some(std::io::ErrorKind::PermissionDenied),
+            data,
+        };
+        let e = digest_all(r, what).unwrap_err().to_string();
+        assert!(e.contains("/the/file"), "{e}");
+    }
+
+    #[test]
+    fn md5_file_reads_the_whole_file_and_names_a_missing_one() {
+        let dir = std::env::temp_dir().join(format!("bin-proxy-md5file-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big");
+        // More than one block, and not a whole number of them.
+        let data: Vec<u8> = (0..BLOCK * 2 + 7).map(|i| (i * 31 % 251) as u8).collect();
+        fs::write(&path, &data).unwrap();
+        let mut h = Md5::new();
+        h.update(&data);
+        assert_eq!(md5_file(&path).unwrap(), h.hex());
+        assert_ne!(md5_file(&path).unwrap(), Md5::new().hex());
+        let missing = dir.join("missing");
+        let e = md5_file(&missing).unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+        assert!(md5_file(&dir).is_err(), "a directory is not a file to hash");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn known_digests() {
